@@ -1,0 +1,18 @@
+"""Test session set-up: an 8-device CPU mesh, float32 matmuls, before JAX initialises a backend."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def n_devices() -> int:
+  count = len(jax.devices())
+  assert count == 8, f"tests expect 8 fake CPU devices, got {count}; is XLA_FLAGS overridden?"
+  return count
