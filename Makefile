@@ -2,8 +2,6 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
-export JAX_PLATFORMS ?= cpu
 TEST_WORKERS ?= 2
 
 .PHONY: repro test test-full venv clean
@@ -19,6 +17,7 @@ venv: $(VENV)/.installed
 repro: venv
 	$(PY) -m experiments.reproduce --quick --results_dir=results
 
+# Tests set up their own 8-device CPU mesh in tests/conftest.py.
 test: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist=loadfile
 

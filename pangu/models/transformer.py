@@ -1,0 +1,167 @@
+"""Decoder-only language model: embedding -> L x (attention, SwiGLU) blocks -> final norm -> logits.
+
+Norm placement per block (Pangu Ultra, arXiv 2504.07866, eq. 1-2):
+  pre:      x = x + attn(norm(x));              x = x + mlp(norm(x))
+  sandwich: x = x + norm_post(attn(norm(x)));   x = x + norm_post(mlp(norm(x)))
+The post-norms normalise the sublayer output before the residual add; in `depth_scaled_sandwich` their
+gains start at c/sqrt(L).
+
+A uniform model scans one block over a stacked `layers` axis; a non-uniform one (per-layer widths after
+pruning) unrolls. `stack_layers` / `unstack_layers` convert between the two param layouts.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pangu.models.config import TransformerConfig
+from pangu.nn import init as inits
+from pangu.nn.attention import Attention, causal_mask
+from pangu.nn.mlp import SwiGLU
+from pangu.nn.norms import RMSNorm, depth_scaled_gain
+from pangu.parallel import rules
+
+LAYERS_KEY = "layers"
+
+
+def _post_gains(cfg: TransformerConfig) -> tuple[float, float]:
+  if cfg.norm_placement == "depth_scaled_sandwich":
+    return (depth_scaled_gain(cfg.post_gain_attn, cfg.n_layers), depth_scaled_gain(cfg.post_gain_mlp, cfg.n_layers))
+  return 1.0, 1.0
+
+
+class DecoderBlock(nn.Module):
+  """One decoder layer. Called as a scan body, so it returns (carry, None)."""
+
+  config: TransformerConfig
+  layer_index: int = 0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array):
+    cfg = self.config
+    shape = cfg.layer(self.layer_index)
+    sandwich = cfg.norm_placement != "pre"
+    gain_attn, gain_mlp = _post_gains(cfg)
+
+    h = Attention(cfg, shape.n_heads, shape.n_kv_heads, name="attn")(
+        RMSNorm(cfg.norm_eps, name="pre_attn_norm")(x), positions, mask)
+    if sandwich:
+      h = RMSNorm(cfg.norm_eps, gain_init=gain_attn, name="post_attn_norm")(h)
+    x = x + h
+    h = SwiGLU(cfg, shape.d_ff, name="mlp")(RMSNorm(cfg.norm_eps, name="pre_mlp_norm")(x))
+    if sandwich:
+      h = RMSNorm(cfg.norm_eps, gain_init=gain_mlp, name="post_mlp_norm")(h)
+    x = x + h
+    return rules.constrain(x, (rules.BATCH, rules.LENGTH, rules.ACT_EMBED)), None
+
+
+def _remat(block_cls, remat: str):
+  if remat == "none":
+    return block_cls
+  policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "selective"
+            else jax.checkpoint_policies.nothing_saveable)
+  return nn.remat(block_cls, policy=policy, prevent_cse=False)
+
+
+class Decoder(nn.Module):
+  """tokens [B, S] int32 -> logits [B, S, V] float32."""
+
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(inits.embedding_init(cfg), (rules.VOCAB, rules.EMBED)),
+        (cfg.vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype))
+    block = _remat(DecoderBlock, cfg.remat)
+    if cfg.scanned:
+      self.blocks = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+          metadata_params={nn.PARTITION_NAME: rules.LAYERS})(cfg, name=LAYERS_KEY)
+    else:
+      self.blocks = [block(cfg, i, name=f"layer_{i}") for i in range(cfg.n_layers)]
+    self.final_norm = RMSNorm(cfg.norm_eps)
+    if not cfg.tie_embeddings:
+      self.lm_head = self.param(
+          "lm_head", nn.with_logical_partitioning(inits.kernel_init(cfg), (rules.EMBED, rules.VOCAB)),
+          (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    cfg = self.config
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [B, S] int, got shape {tokens.shape}")
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    mask = causal_mask(positions, positions)
+    # Gather from a table replicated over the vocab axis: a gather from a vocab-sharded table would force
+    # the partitioner to rematerialise it anyway, with a warning.
+    table = rules.constrain(self.embedding, (None, rules.ACT_EMBED))
+    x = jnp.take(table, tokens, axis=0).astype(cfg.dtype)
+    x = rules.constrain(x, (rules.BATCH, rules.LENGTH, rules.ACT_EMBED))
+    if cfg.scanned:
+      x, _ = self.blocks(x, positions, mask)
+    else:
+      for block in self.blocks:
+        x, _ = block(x, positions, mask)
+    x = self.final_norm(x)
+    head = self.embedding.T if cfg.tie_embeddings else self.lm_head
+    logits = jnp.einsum("bsd,dv->bsv", x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+    return rules.constrain(logits, (rules.BATCH, rules.LENGTH, rules.ACT_VOCAB))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init_params(config: TransformerConfig, rng: jax.Array) -> dict:
+  """Unboxed float params (no logical metadata); use `abstract_params` for the partition specs."""
+  return nn.unbox(Decoder(config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+
+
+def abstract_params(config: TransformerConfig) -> dict:
+  """Boxed ShapeDtypeStructs with logical axis names, computed without allocating (works for 135B)."""
+  return jax.eval_shape(lambda: Decoder(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(config: TransformerConfig, params: dict, tokens: jax.Array) -> jax.Array:
+  """The one public entry point for a decoder: [B, S] int32 -> [B, S, V] float32 logits."""
+  return Decoder(config).apply({"params": params}, tokens)
+
+
+def stack_layers(params: dict, n_layers: int) -> dict:
+  """Unrolled layout (layer_0..layer_{L-1}) -> scanned layout (one `layers` subtree, leading axis L)."""
+  layers = [params[f"layer_{i}"] for i in range(n_layers)]
+  rest = {k: v for k, v in params.items() if not k.startswith("layer_")}
+  return {**rest, LAYERS_KEY: jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def unstack_layers(params: dict, n_layers: int) -> dict:
+  """Scanned layout -> unrolled layout."""
+  rest = {k: v for k, v in params.items() if k != LAYERS_KEY}
+  return {**rest, **{f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], params[LAYERS_KEY]) for i in range(n_layers)}}
+
+
+def layer_params(config: TransformerConfig, params: dict, i: int) -> dict:
+  """The params of layer i in either layout."""
+  if config.scanned:
+    return jax.tree.map(lambda x: x[i], params[LAYERS_KEY])
+  return params[f"layer_{i}"]
+
+
+def cross_entropy_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None,
+                       *, z_loss: float = 0.0) -> tuple[jax.Array, dict]:
+  """Mean next-token cross entropy over unmasked positions, plus z_loss * mean(logsumexp^2) (PaLM).
+
+  Returns (total loss, {"ce": ..., "z_loss": ..., "tokens": ...}).
+  """
+  logits = logits.astype(jnp.float32)
+  if mask is None:
+    mask = jnp.ones(targets.shape, jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  tokens = jnp.maximum(mask.sum(), 1.0)
+  ce = ((log_z - target_logit) * mask).sum() / tokens
+  zl = (jnp.square(log_z) * mask).sum() / tokens
+  return ce + z_loss * zl, {"ce": ce, "z_loss": zl, "tokens": mask.sum()}
+

@@ -1,0 +1,76 @@
+"""Grouped-query attention (GQA): H query heads share K key/value heads in groups of H/K."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pangu.models.config import TransformerConfig
+from pangu.nn import init as inits
+from pangu.nn.norms import rms_norm
+from pangu.nn.rope import apply_rope, rope_frequencies
+from pangu.parallel import rules
+
+_MASKED = -1e30
+
+
+def causal_mask(q_positions: jax.Array, kv_positions: jax.Array,
+                kv_valid: jax.Array | None = None) -> jax.Array:
+  """[B, S, T] bool: query s sees key t iff pos(t) <= pos(s) (and key t is valid, e.g. not padding)."""
+  mask = kv_positions[:, None, :] <= q_positions[:, :, None]
+  if kv_valid is not None:
+    mask &= kv_valid[:, None, :]
+  return mask
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Reference GQA: q [B, S, H, Dh], k/v [B, T, K, Dh], mask [B, S, T] -> [B, S, H, Dh].
+
+  Scores and softmax run in float32 whatever the input dtype.
+  """
+  b, s, h, dh = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, s, kv_heads, h // kv_heads, dh)
+  scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * dh ** -0.5
+  scores = jnp.where(mask[:, None, None], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+  return out.reshape(b, s, h, dh)
+
+
+class Attention(nn.Module):
+  """Self-attention with RoPE, optional q/k/v bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
+
+  config: TransformerConfig
+  n_heads: int
+  n_kv_heads: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    cfg = self.config
+    dh, pdt = cfg.head_dim, jnp.dtype(cfg.param_dtype)
+
+    def param(name, shape, axes, init):
+      return self.param(name, nn.with_logical_partitioning(init, axes), shape, pdt).astype(cfg.dtype)
+
+    def project(name, heads, head_axis):
+      w = param(name, (cfg.d_model, heads, dh), (rules.EMBED, head_axis, rules.HEAD_DIM), inits.kernel_init(cfg))
+      y = jnp.einsum("bsd,dnh->bsnh", x, w)
+      if cfg.attention_bias:
+        y += param(f"{name}_bias", (heads, dh), (head_axis, rules.HEAD_DIM), jax.nn.initializers.zeros)
+      return y
+
+    q = project("q", self.n_heads, rules.HEADS)
+    k = project("k", self.n_kv_heads, rules.KV_HEADS)
+    v = project("v", self.n_kv_heads, rules.KV_HEADS)
+    if cfg.qk_norm:
+      ones = jax.nn.initializers.ones
+      q = rms_norm(q, param("q_norm", (dh,), (rules.NORM,), ones), cfg.norm_eps)
+      k = rms_norm(k, param("k_norm", (dh,), (rules.NORM,), ones), cfg.norm_eps)
+    inv_freq = rope_frequencies(dh, cfg.rope_theta)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    q = rules.constrain(q, (rules.BATCH, rules.LENGTH, rules.ACT_HEADS, None))
+    k = rules.constrain(k, (rules.BATCH, rules.LENGTH, rules.ACT_KV_HEADS, None))
+    out = dot_product_attention(q, k, v, mask)
+    o = param("o", (self.n_heads, dh, cfg.d_model), (rules.HEADS, rules.HEAD_DIM, rules.EMBED),
+              inits.kernel_init(cfg, residual_output=True))
+    return jnp.einsum("bsnh,nhd->bsd", out, o)

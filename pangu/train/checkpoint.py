@@ -1,0 +1,107 @@
+"""Checkpoints of the full training state (the only Orbax import in the package).
+
+A checkpoint holds the TrainState (params, AdamW state, step, RNG, spike detector), the data iterator's
+position and the configs that produced it. Orbax writes each step to a temporary folder and renames it when
+complete, so a crash mid-save leaves the previous checkpoints intact. Restoring checks the stored configs
+against the caller's and names every field that differs, and any read failure is raised as
+`CheckpointError` naming the folder: a bad checkpoint never turns into a silent re-initialisation.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+_STATE, _DATA, _META = "state", "data", "meta"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint is corrupt, incomplete or does not match the run restoring it."""
+
+
+def _to_json(obj: Any) -> Any:
+  if dataclasses.is_dataclass(obj):
+    return {f.name: _to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+  if isinstance(obj, (list, tuple)):
+    return [_to_json(x) for x in obj]
+  if isinstance(obj, dict):
+    return {str(k): _to_json(v) for k, v in obj.items()}
+  return obj
+
+
+def _differences(stored: Any, expected: Any, prefix: str = "") -> list[str]:
+  if isinstance(stored, dict) and isinstance(expected, dict):
+    out = []
+    for key in sorted(set(stored) | set(expected)):
+      out += _differences(stored.get(key), expected.get(key), f"{prefix}.{key}" if prefix else key)
+    return out
+  return [] if stored == expected else [f"{prefix}: checkpoint has {stored!r}, run has {expected!r}"]
+
+
+def _raw_keys(state):
+  return state.replace(rng=jax.random.key_data(state.rng))
+
+
+class Checkpointer:
+  """Saves and restores TrainStates under `directory`, keeping the newest `keep` steps."""
+
+  def __init__(self, directory: str | os.PathLike, *, keep: int = 3):
+    if keep < 1:
+      raise ValueError(f"Checkpointer keep must be >= 1, got {keep!r}")
+    self.directory = os.path.abspath(os.fspath(directory))
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, state, *, data_state: dict, metadata: dict) -> None:
+    """Saves at step `state.step`; `metadata` (configs) is stored as JSON and checked on restore."""
+    step = int(state.step)
+    self._manager.save(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardSave(_raw_keys(state)),
+        _DATA: ocp.args.JsonSave(_to_json(data_state)),
+        _META: ocp.args.JsonSave(_to_json(metadata))}), force=True)
+    self._manager.wait_until_finished()
+
+  def restore(self, target_state, *, metadata: dict, step: int | None = None) -> tuple[Any, dict]:
+    """Restores into the shardings of `target_state` (arrays or ShapeDtypeStructs with .sharding).
+
+    Returns (state, data_state). Raises CheckpointError if nothing is there, if the stored configs differ
+    from `metadata`, or if the arrays cannot be read into the target's structure and shapes.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    where = f"checkpoint step {step} in {self.directory}"
+    try:
+      stored_meta = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+    except Exception as e:  # Orbax raises several types for missing / unreadable files.
+      raise CheckpointError(f"{where} is corrupt or incomplete: cannot read its metadata ({e})") from e
+    diffs = _differences(stored_meta, json.loads(json.dumps(_to_json(metadata))))
+    if diffs:
+      raise CheckpointError(f"{where} does not match this run:\n  " + "\n  ".join(diffs))
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        _raw_keys(target_state))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          _STATE: ocp.args.StandardRestore(abstract), _DATA: ocp.args.JsonRestore()}))
+    except Exception as e:
+      raise CheckpointError(f"{where} is corrupt or does not fit the model's parameter tree: {e}") from e
+    state = restored[_STATE]
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(abstract)):
+      if got.shape != want.shape or got.dtype != want.dtype:
+        raise CheckpointError(f"{where} holds an array of {got.shape} {got.dtype}, expected {want.shape} "
+                              f"{want.dtype}")
+    return state.replace(rng=jax.random.wrap_key_data(state.rng)), restored[_DATA]
+
+  def close(self) -> None:
+    self._manager.close()

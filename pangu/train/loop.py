@@ -1,0 +1,93 @@
+"""The training loop: init or resume, step, log, checkpoint. Experiments and scripts all call `train`."""
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from pangu.models.config import TransformerConfig
+from pangu.train.checkpoint import Checkpointer
+from pangu.train.config import TrainConfig
+from pangu.train.step import SPIKE_SIGNALS, TrainState, batch_sharding, init_train_state, make_train_step
+
+
+class ResumableBatches(Protocol):
+  """What the loop needs from a data source: host batches plus a JSON-able position."""
+
+  def __next__(self) -> dict[str, np.ndarray]: ...
+
+  def state(self) -> dict: ...
+
+  def restore(self, state: dict) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """steps: total optimizer steps; checkpoints every `save_every` steps into `checkpoint_dir` (None: off)."""
+
+  steps: int
+  seed: int = 0
+  checkpoint_dir: str | None = None
+  save_every: int = 100
+  keep_checkpoints: int = 3
+
+  def __post_init__(self):
+    if self.steps < 1:
+      raise ValueError(f"LoopConfig.steps must be >= 1, got {self.steps!r}")
+    if self.save_every < 1:
+      raise ValueError(f"LoopConfig.save_every must be >= 1, got {self.save_every!r}")
+
+
+def to_global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Places this process's rows of the global batch on its devices (the same call on one or many hosts)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def host_metrics(metrics: dict[str, jax.Array], spike_thresholds: tuple[float, ...]) -> dict[str, Any]:
+  """Device metrics -> plain Python numbers and lists, spike arrays split per signal."""
+  m = jax.device_get(metrics)
+  out = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
+  out["per_layer_grad_norm"] = [float(x) for x in m["per_layer_grad_norm"]]
+  for i, signal in enumerate(SPIKE_SIGNALS):
+    for j, k in enumerate(spike_thresholds):
+      out[f"{signal}_spike_k{k:g}"] = bool(m["spike_flags"][i, j])
+      out[f"{signal}_spike_events_k{k:g}"] = int(m["spike_events"][i, j])
+  return out
+
+
+def train(model_config: TransformerConfig, train_config: TrainConfig, loop_config: LoopConfig,
+          data: ResumableBatches, mesh: Mesh,
+          on_step: Callable[[int, dict], None] | None = None) -> tuple[TrainState, list[dict]]:
+  """Trains for `loop_config.steps` steps, resuming from the newest checkpoint if there is one.
+
+  Returns the final state and one metrics dict per step run in this call (with `step` and `tokens_per_s`).
+  """
+  state = init_train_state(model_config, train_config, jax.random.key(loop_config.seed), mesh)
+  checkpointer = None
+  metadata = {"model": model_config, "train": train_config, "seed": loop_config.seed}
+  if loop_config.checkpoint_dir is not None:
+    checkpointer = Checkpointer(loop_config.checkpoint_dir, keep=loop_config.keep_checkpoints)
+    if checkpointer.latest_step() is not None:
+      state, data_state = checkpointer.restore(state, metadata=metadata)
+      data.restore(data_state)
+  step_fn = make_train_step(model_config, train_config, mesh)
+  history = []
+  for step in range(int(state.step), loop_config.steps):
+    batch = to_global_batch(next(data), mesh)
+    start = time.perf_counter()
+    state, metrics = step_fn(state, batch)
+    record = host_metrics(metrics, train_config.spikes.thresholds)
+    record.update(step=step, tokens_per_s=record["tokens"] / (time.perf_counter() - start))
+    history.append(record)
+    if checkpointer is not None and (step + 1) % loop_config.save_every == 0:
+      checkpointer.save(state, data_state=data.state(), metadata=metadata)
+    if on_step is not None:
+      on_step(step, record)
+  if checkpointer is not None:
+    checkpointer.close()
+  return state, history

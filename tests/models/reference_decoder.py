@@ -1,0 +1,65 @@
+"""An independent float64 NumPy decoder (Llama layout + sandwich norms) to check the JAX model against."""
+
+import numpy as np
+
+
+def rms_norm(x, scale, eps):
+  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def rope(x, positions, theta):
+  """x [S, N, Dh]; pairs are (i, i + Dh/2) (rotate-half layout)."""
+  dh = x.shape[-1]
+  inv = 1.0 / theta ** (np.arange(0, dh, 2) / dh)
+  ang = positions[:, None] * inv[None, :]
+  cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+  a, b = x[..., : dh // 2], x[..., dh // 2:]
+  return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+
+def attention(x, p, n_heads, n_kv, theta, eps, qk_norm, bias):
+  s = x.shape[0]
+  q = np.einsum("sd,dnh->snh", x, p["q"])
+  k = np.einsum("sd,dnh->snh", x, p["k"])
+  v = np.einsum("sd,dnh->snh", x, p["v"])
+  if bias:
+    q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+  if qk_norm:
+    q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
+  pos = np.arange(s, dtype=np.float64)
+  q, k = rope(q, pos, theta), rope(k, pos, theta)
+  group = n_heads // n_kv
+  out = np.zeros_like(q)
+  for h in range(n_heads):
+    scores = q[:, h] @ k[:, h // group].T / np.sqrt(q.shape[-1])
+    scores = np.where(np.tril(np.ones((s, s), bool)), scores, -np.inf)
+    w = np.exp(scores - scores.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    out[:, h] = w @ v[:, h // group]
+  return np.einsum("snh,nhd->sd", out, p["o"])
+
+
+def silu(x):
+  return x / (1 + np.exp(-x))
+
+
+def decoder_logits(cfg, params, tokens):
+  """tokens [S] -> logits [S, V], params in the unrolled layout, all float64."""
+  p = {k: v for k, v in params.items()}
+  x = p["embedding"][tokens]
+  for i in range(cfg.n_layers):
+    lp = p[f"layer_{i}"]
+    shape = cfg.layer(i)
+    h = attention(rms_norm(x, lp["pre_attn_norm"]["scale"], cfg.norm_eps), lp["attn"], shape.n_heads,
+                  shape.n_kv_heads, cfg.rope_theta, cfg.norm_eps, cfg.qk_norm, cfg.attention_bias)
+    if cfg.norm_placement != "pre":
+      h = rms_norm(h, lp["post_attn_norm"]["scale"], cfg.norm_eps)
+    x = x + h
+    m = rms_norm(x, lp["pre_mlp_norm"]["scale"], cfg.norm_eps)
+    h = (silu(m @ lp["mlp"]["gate"]) * (m @ lp["mlp"]["up"])) @ lp["mlp"]["down"]
+    if cfg.norm_placement != "pre":
+      h = rms_norm(h, lp["post_mlp_norm"]["scale"], cfg.norm_eps)
+    x = x + h
+  x = rms_norm(x, p["final_norm"]["scale"], cfg.norm_eps)
+  head = p["embedding"].T if cfg.tie_embeddings else p["lm_head"]
+  return x @ head
