@@ -69,7 +69,7 @@ def per_layer_grad_norms(model_config: TransformerConfig, grads: Any) -> jax.Arr
     sq = [jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
           for g in jax.tree.leaves(grads[LAYERS_KEY])]
     return jnp.sqrt(sum(sq))
-  return jnp.stack([optax.global_norm(grads[f"layer_{i}"]) for i in range(model_config.n_layers)])
+  return jnp.stack([optax.tree.norm(grads[f"layer_{i}"]) for i in range(model_config.n_layers)])
 
 
 def _microbatches(batch: Batch, n: int) -> Batch:
@@ -111,13 +111,13 @@ def make_train_step(model_config: TransformerConfig, train_config: TrainConfig, 
 
   def step(state: TrainState, batch: Batch):
     (loss, aux), grads = gradients(state.params, batch)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     spikes = update_spike_state(train_config.spikes, state.spikes, jnp.stack([loss, jnp.log(grad_norm)]))
     metrics = {
         "loss": loss, "ce": aux["ce"], "z_loss": aux["z_loss"], "tokens": batch["mask"].sum(),
-        "grad_norm": grad_norm, "update_norm": optax.global_norm(updates),
+        "grad_norm": grad_norm, "update_norm": optax.tree.norm(updates),
         "learning_rate": schedule(state.step), "per_layer_grad_norm": per_layer_grad_norms(model_config, grads),
         "spike_flags": spikes.flagged, "spike_events": spikes.events,
     }

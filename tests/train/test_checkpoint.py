@@ -1,0 +1,75 @@
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from pangu import models
+from pangu.parallel import cpu_mesh
+from pangu.train.checkpoint import Checkpointer, CheckpointError
+from pangu.train.config import TrainConfig
+from pangu.train.step import init_train_state
+
+MODEL = models.tiny()
+TRAIN = TrainConfig(warmup_steps=1, total_steps=10)
+META = {"model": MODEL, "train": TRAIN}
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return cpu_mesh(data=2, fsdp=2, tensor=2)
+
+
+@pytest.fixture(scope="module")
+def state(mesh):
+  s = init_train_state(MODEL, TRAIN, jax.random.key(3), mesh)
+  return s.replace(step=s.step + 5)
+
+
+def test_round_trip_is_exact_and_keeps_shardings(tmp_path, mesh, state):
+  ckpt = Checkpointer(tmp_path, keep=2)
+  ckpt.save(state, data_state={"epoch": 1, "batch_index": 7}, metadata=META)
+  target = init_train_state(MODEL, TRAIN, jax.random.key(99), mesh)
+  restored, data_state = ckpt.restore(target, metadata=META)
+  assert data_state == {"epoch": 1, "batch_index": 7}
+  assert int(restored.step) == 5
+  np.testing.assert_array_equal(jax.random.key_data(restored.rng), jax.random.key_data(state.rng))
+  for got, want in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(got, want)
+    assert got.sharding == want.sharding
+
+
+def test_keeps_only_the_newest_checkpoints(tmp_path, state):
+  ckpt = Checkpointer(tmp_path, keep=2)
+  for step in (1, 2, 3):
+    ckpt.save(state.replace(step=state.step * 0 + step), data_state={}, metadata=META)
+  assert ckpt.all_steps() == [2, 3]
+
+
+def test_mismatched_config_names_the_field(tmp_path, mesh, state):
+  Checkpointer(tmp_path).save(state, data_state={}, metadata=META)
+  other = MODEL.replace(d_ff=256)
+  with pytest.raises(CheckpointError, match="model.d_ff: checkpoint has 128, run has 256"):
+    Checkpointer(tmp_path).restore(init_train_state(other, TRAIN, jax.random.key(0), mesh),
+                                   metadata={"model": other, "train": TRAIN})
+
+
+def test_corrupt_checkpoint_is_an_error_not_a_reinit(tmp_path, mesh, state):
+  Checkpointer(tmp_path).save(state, data_state={}, metadata=META)
+  step_dir = tmp_path / "5" / "state"
+  damaged = 0
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      if os.path.getsize(path) > 0:
+        with open(path, "r+b") as f:
+          f.truncate(os.path.getsize(path) // 2)
+        damaged += 1
+  assert damaged
+  with pytest.raises(CheckpointError, match="corrupt"):
+    Checkpointer(tmp_path).restore(state, metadata=META)
+
+
+def test_empty_directory_is_an_error(tmp_path, state):
+  with pytest.raises(CheckpointError, match="no checkpoint"):
+    Checkpointer(tmp_path).restore(state, metadata=META)
