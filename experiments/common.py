@@ -1,0 +1,73 @@
+"""What every experiment script shares: the --quick / --results_dir flags, result JSON, plots and tables.
+
+Importing this module before JAX gives CPU runs the 8 fake devices the experiments are written for (an
+explicit XLA_FLAGS wins).
+"""
+
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+from absl import flags  # noqa: E402
+
+QUICK = flags.DEFINE_bool("quick", False, "Run the fast configuration (the one `make repro` uses).")
+RESULTS_DIR = flags.DEFINE_string("results_dir", "results", "Folder for <name>.json and <name>.png.")
+
+
+def machine_info() -> dict[str, Any]:
+  import jax
+  return {"jax": jax.__version__, "backend": jax.default_backend(), "devices": len(jax.devices()),
+          "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()}
+
+
+def write_json(name: str, payload: dict[str, Any], results_dir: str | None = None) -> str:
+  """Writes <results_dir>/<name>.json atomically (temp file + rename), so readers never see half a file."""
+  results_dir = results_dir or RESULTS_DIR.value
+  os.makedirs(results_dir, exist_ok=True)
+  path = os.path.join(results_dir, f"{name}.json")
+  with tempfile.NamedTemporaryFile("w", dir=results_dir, delete=False, suffix=".tmp") as f:
+    json.dump(payload, f, indent=2, sort_keys=False, allow_nan=True)
+  os.replace(f.name, path)
+  return path
+
+
+def save_figure(fig, name: str, results_dir: str | None = None) -> str:
+  results_dir = results_dir or RESULTS_DIR.value
+  os.makedirs(results_dir, exist_ok=True)
+  path = os.path.join(results_dir, f"{name}.png")
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  return path
+
+
+def new_figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (5.0, 3.5)):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+
+
+def write_table(name: str, table: str, results_dir: str | None = None) -> str:
+  """Prints the table and keeps it as <results_dir>/<name>.md for the reproduction report."""
+  print(table)
+  results_dir = results_dir or RESULTS_DIR.value
+  os.makedirs(results_dir, exist_ok=True)
+  path = os.path.join(results_dir, f"{name}.md")
+  with open(path, "w") as f:
+    f.write(table + "\n")
+  return path
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+  """A GitHub-markdown table (it prints readably and pastes into REPORT.md)."""
+  def cell(v):
+    if isinstance(v, float):
+      return f"{v:.4g}"
+    return str(v)
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+  return "\n".join(lines)

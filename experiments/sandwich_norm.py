@@ -1,0 +1,132 @@
+"""Pangu Ultra's depth-scaled sandwich norm vs Pre-LN and plain sandwich on a deep, narrow LM at a high LR.
+
+  python -m experiments.sandwich_norm --quick
+
+Variants (spec pangu_ultra.md, section 4): (A) `pre`: Pre-LN + small init, the paper's baseline;
+(B) `sandwich`: post gains 1, TinyInit; (C) `depth_scaled_sandwich`: DSSN + TinyInit, the paper's method;
+(D) `dssn_small_init`: DSSN + small init, isolating TinyInit. Same data order, seeds, optimizer and schedule.
+Writes results/sandwich_norm.json: {"variants": {name: {final_loss, val_loss, loss_spikes, grad_norm_spikes,
+max_grad_norm, diverged, ...}}, "setup": {...}} and sandwich_norm.png (loss and log grad norm per step).
+"""
+
+import math
+
+from absl import app, flags
+
+from experiments import common
+
+_STEPS = flags.DEFINE_integer("steps", None, "Steps per variant.", lower_bound=1)
+_LR = flags.DEFINE_float("lr", None, "Peak learning rate, shared by every variant.")
+_LAYERS = flags.DEFINE_integer("layers", None, "Depth of the narrow model.", lower_bound=1)
+_WIDTH = flags.DEFINE_integer("width", None, "Model width.", lower_bound=8)
+_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Sequence length.", lower_bound=8)
+_SEEDS = flags.DEFINE_integer("seeds", None, "Seeds per variant (different init and data order).", lower_bound=1)
+_VARIANTS = flags.DEFINE_list("variants", None, "Variants to run.")
+
+# Unset flags take these; --quick is sized for `make repro` on 2 cores.
+FULL = dict(steps=600, lr=1e-2, layers=32, width=64, seq_len=128, seeds=2,
+            variants=["pre", "sandwich", "depth_scaled_sandwich", "dssn_small_init"])
+QUICK = dict(FULL, steps=100, width=32, seq_len=64, seeds=1, variants=["pre", "sandwich", "depth_scaled_sandwich"])
+
+VARIANTS = {
+    "pre": dict(norm_placement="pre", init="small"),
+    "sandwich": dict(norm_placement="sandwich", init="tiny"),
+    "depth_scaled_sandwich": dict(norm_placement="depth_scaled_sandwich", init="tiny"),
+    "dssn_small_init": dict(norm_placement="depth_scaled_sandwich", init="small"),
+}
+BATCH, WARMUP = 16, 20
+
+
+def run_variant(name: str, seed: int, setup: dict, mesh, train_data, val_data) -> dict:
+  import jax
+  import numpy as np
+
+  from pangu import data, models
+  from pangu.train.config import TrainConfig
+  from pangu.train.loop import LoopConfig, train
+
+  model = models.TransformerConfig(
+      vocab_size=384, d_model=setup["width"], n_layers=setup["layers"], n_heads=4, n_kv_heads=2,
+      d_ff=int(setup["width"] * 8 / 3) // 8 * 8, **VARIANTS[name])
+  steps, lr = setup["steps"], setup["lr"]
+  train_config = TrainConfig(peak_lr=lr, end_lr=lr / 10, warmup_steps=WARMUP, total_steps=steps)
+  batches = data.BatchIterator(train_data, global_batch_size=BATCH, seed=seed)
+  state, history = train(model, train_config, LoopConfig(steps=steps, seed=seed), batches, mesh)
+  forward = jax.jit(lambda p, x: models.forward(model, p, x))
+  val = [float(models.cross_entropy_loss(forward(state.params, b["inputs"]), b["targets"], b["mask"])[0])
+         for b in data.eval_batches(val_data, global_batch_size=BATCH, max_batches=8)]
+  losses = np.array([h["loss"] for h in history])
+  grad_norms = np.array([h["grad_norm"] for h in history])
+  thresholds = train_config.spikes.thresholds
+  last = history[-1]
+  diverged = bool(not np.all(np.isfinite(losses)) or losses[WARMUP:].max() > losses[0])
+  result = {
+      "final_loss": float(np.mean(losses[-10:])),
+      "val_loss": float(np.mean(val)),
+      "loss_spikes": last[f"loss_spike_events_k{thresholds[0]:g}"],
+      "grad_norm_spikes": last[f"log_grad_norm_spike_events_k{thresholds[0]:g}"],
+      "spikes_by_threshold": {f"k{k:g}": {"loss": last[f"loss_spike_events_k{k:g}"],
+                                           "grad_norm": last[f"log_grad_norm_spike_events_k{k:g}"]}
+                              for k in thresholds},
+      "max_grad_norm": float(np.nanmax(grad_norms)),
+      "diverged": diverged,
+      "config": {k: getattr(model, k) for k in ("norm_placement", "init", "n_layers", "d_model")},
+      "loss_curve": losses.tolist(),
+      "grad_norm_curve": grad_norms.tolist(),
+  }
+  if model.norm_placement != "pre":
+    gains = state.params["layers"]
+    result["post_gain_mean_by_layer"] = {
+        k: np.asarray(gains[k]["scale"]).mean(axis=1).tolist() for k in ("post_attn_norm", "post_mlp_norm")}
+  return result
+
+
+def plot(variants: dict) -> None:
+  fig, axes = common.new_figure(ncols=2, size=(6, 4))
+  for name, r in variants.items():
+    axes[0, 0].plot(r["loss_curve"], label=name, lw=1)
+    axes[0, 1].semilogy(r["grad_norm_curve"], label=name, lw=1)
+  axes[0, 0].set(xlabel="step", ylabel="training loss", title="loss")
+  axes[0, 1].set(xlabel="step", ylabel="grad norm (before clipping)", title="gradient norm")
+  axes[0, 0].legend(fontsize=8)
+  common.save_figure(fig, "sandwich_norm")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  defaults = QUICK if common.QUICK.value else FULL
+  setup = {k: (getattr(flag, "value") if flag.value is not None else defaults[k]) for k, flag in (
+      ("steps", _STEPS), ("lr", _LR), ("layers", _LAYERS), ("width", _WIDTH), ("seq_len", _SEQ_LEN),
+      ("seeds", _SEEDS), ("variants", _VARIANTS))}
+  unknown = set(setup["variants"]) - set(VARIANTS)
+  if unknown:
+    raise app.UsageError(f"unknown --variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
+  from pangu import data
+  from pangu.parallel import cpu_mesh
+
+  corpus = data.CorpusConfig(max_files=200 if common.QUICK.value else None)
+  tokenizer = data.ByteTokenizer()
+  train_data = data.LMDataset.build(tokenizer, corpus, split="train", seq_len=setup["seq_len"])
+  val_data = data.LMDataset.build(tokenizer, data.CorpusConfig(), split="validation", seq_len=setup["seq_len"])
+  mesh = cpu_mesh(data=len(__import__("jax").devices()))
+  variants = {}
+  for name in setup["variants"]:
+    runs = [run_variant(name, seed, setup, mesh, train_data, val_data) for seed in range(setup["seeds"])]
+    variants[name] = runs[0] if len(runs) == 1 else {**runs[0], "seeds": runs}
+    print(f"{name}: final_loss {runs[0]['final_loss']:.3f} spikes {runs[0]['loss_spikes']} "
+          f"max_grad_norm {runs[0]['max_grad_norm']:.3g} diverged {runs[0]['diverged']}", flush=True)
+  payload = {"variants": variants,
+             "setup": {**setup, "batch": BATCH, "warmup_steps": WARMUP, "quick": common.QUICK.value,
+                       "spike_rule": "x_t > ema_mean + k * ema_std (decay 0.98, 20 warmup steps), k in (3, 6)",
+                       **common.machine_info()}}
+  common.write_json("sandwich_norm", payload)
+  plot(variants)
+  rows = [{"variant": n, **{k: v[k] for k in ("final_loss", "val_loss", "loss_spikes", "grad_norm_spikes",
+                                               "max_grad_norm", "diverged")}} for n, v in variants.items()]
+  common.write_table("sandwich_norm", common.format_table(rows, ["variant", "final_loss", "val_loss", "loss_spikes", "grad_norm_spikes",
+                                   "max_grad_norm", "diverged"]))
+
+
+if __name__ == "__main__":
+  app.run(main)
