@@ -17,7 +17,7 @@ import jax.numpy as jnp
 class SpikeConfig:
   """decay: EMA decay; thresholds: the k values; warmup_steps: steps fed to the EMA but never flagged."""
 
-  decay: float = 0.98
+  decay: float = 0.9
   thresholds: tuple[float, ...] = (3.0, 6.0)
   warmup_steps: int = 20
 
