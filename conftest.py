@@ -1,4 +1,4 @@
-"""Test session set-up: an 8-device CPU mesh, float32 matmuls, before JAX initialises a backend."""
+"""Test session set-up for tests/ and kernels/: an 8-device CPU mesh and float32 matmuls, before JAX starts."""
 
 import os
 
