@@ -19,6 +19,8 @@ from experiments import common
 EXPERIMENTS = (
     ("sandwich_norm", "Pangu Ultra: depth-scaled sandwich norm + TinyInit trains a deep model without loss "
                       "spikes at an LR where Pre-LN spikes."),
+    ("moge_balance", "Pangu Pro MoE: MoGE has Imbalance Score 0 and max/mean expert-parallel device load exactly "
+                     "1.0 where top-K does not, at comparable quality."),
 )
 _ONLY = flags.DEFINE_list("only", None, "Run only these experiments.")
 

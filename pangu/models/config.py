@@ -7,6 +7,8 @@ K kv heads, Dh head dim, F ffn width, E experts, G expert groups, V vocab, L lay
 import dataclasses
 from typing import Literal
 
+from pangu.nn.moe.config import MoEConfig
+
 NormPlacement = Literal["pre", "sandwich", "depth_scaled_sandwich"]
 InitScheme = Literal["tiny", "small", "normal"]
 Remat = Literal["none", "block", "selective"]
@@ -28,6 +30,40 @@ def _choice(obj, name: str, allowed: tuple[str, ...]) -> None:
   value = getattr(obj, name)
   if value not in allowed:
     raise ValueError(f"{type(obj).__name__}.{name} must be one of {allowed}, got {value!r}")
+
+
+RopeKind = Literal["linear", "llama3"]
+ROPE_KINDS = ("linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Stretches RoPE's wavelengths so a model reaches past the context it was trained on.
+
+  Attributes:
+    kind: `linear` divides every inverse frequency by `factor` (position interpolation, Chen et al. 2023);
+      `llama3` divides only the low frequencies, whose wavelength exceeds
+      original_max_position_embeddings / low_freq_factor, keeps the high frequencies (wavelength below
+      original_max_position_embeddings / high_freq_factor) and interpolates smoothly in between (Llama 3.1).
+    factor: the context-extension factor.
+    low_freq_factor, high_freq_factor, original_max_position_embeddings: the `llama3` band edges.
+  """
+
+  kind: RopeKind
+  factor: float
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    _choice(self, "kind", ROPE_KINDS)
+    for name in ("factor", "low_freq_factor", "high_freq_factor"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"RopeScaling.{name} must be > 0, got {getattr(self, name)!r}")
+    _positive(self, "original_max_position_embeddings")
+    if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+      raise ValueError(f"RopeScaling.high_freq_factor={self.high_freq_factor} must exceed "
+                       f"low_freq_factor={self.low_freq_factor}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +99,7 @@ class TransformerConfig:
     embed_init_std: embedding std; None means the scheme's default (0.5 for tiny, as the paper).
     tie_embeddings: reuse the embedding as the output projection.
     rope_theta: RoPE base frequency.
+    rope_scaling: optional RoPE frequency scaling for long contexts (Llama 3.1, linear interpolation).
     norm_eps: RMSNorm epsilon.
     attention_bias: q/k/v projections carry a bias (Qwen2).
     qk_norm: RMSNorm on each query and key head before RoPE (Qwen3).
@@ -70,6 +107,9 @@ class TransformerConfig:
       outputs, recompute the cheap elementwise work).
     scan_layers: scan a uniform model's layers (one compiled layer, fast compile for deep models).
     dtype: compute dtype of activations; parameters stay in `param_dtype` (fp32 masters).
+    moe: the sparse feed-forward of MoE layers (top-K / group-limited MoE or MoGE); None: every layer dense.
+    first_k_dense: with `moe`, layers [0, first_k_dense) keep the dense SwiGLU of width d_ff and the rest are
+      sparse. A model that mixes both is unrolled, not scanned (a scan needs identical layers).
   """
 
   vocab_size: int
@@ -87,6 +127,7 @@ class TransformerConfig:
   embed_init_std: float | None = None
   tie_embeddings: bool = False
   rope_theta: float = 10_000.0
+  rope_scaling: RopeScaling | None = None
   norm_eps: float = 1e-5
   attention_bias: bool = False
   qk_norm: bool = False
@@ -94,6 +135,8 @@ class TransformerConfig:
   scan_layers: bool = True
   dtype: str = "float32"
   param_dtype: str = "float32"
+  moe: MoEConfig | None = None
+  first_k_dense: int = 0
 
   def __post_init__(self):
     _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
@@ -121,17 +164,30 @@ class TransformerConfig:
     for name in ("rope_theta", "norm_eps", "post_gain_attn", "post_gain_mlp"):
       if not getattr(self, name) > 0:
         raise ValueError(f"TransformerConfig.{name} must be > 0, got {getattr(self, name)!r}")
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+      raise ValueError(f"TransformerConfig.rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
     if self.embed_init_std is not None and not self.embed_init_std > 0:
       raise ValueError(f"TransformerConfig.embed_init_std must be > 0, got {self.embed_init_std!r}")
+    if self.moe is not None and not isinstance(self.moe, MoEConfig):
+      raise ValueError(f"TransformerConfig.moe must be a MoEConfig or None, got {self.moe!r}")
+    max_dense = 0 if self.moe is None else self.n_layers - 1
+    if not isinstance(self.first_k_dense, int) or not 0 <= self.first_k_dense <= max_dense:
+      raise ValueError(f"TransformerConfig.first_k_dense must be an int in [0, {max_dense}] (moe="
+                       f"{'set' if self.moe else 'None'}, n_layers={self.n_layers}), got {self.first_k_dense!r}")
 
   def layer(self, i: int) -> LayerShape:
     if self.layer_shapes is not None:
       return self.layer_shapes[i]
     return LayerShape(self.n_heads, self.n_kv_heads, self.d_ff)
 
+  def is_moe_layer(self, i: int) -> bool:
+    """Whether layer i runs the sparse feed-forward `moe` instead of the dense SwiGLU."""
+    return self.moe is not None and i >= self.first_k_dense
+
   @property
   def is_uniform(self) -> bool:
-    return self.layer_shapes is None or len(set(self.layer_shapes)) == 1
+    same_shapes = self.layer_shapes is None or len(set(self.layer_shapes)) == 1
+    return same_shapes and self.first_k_dense == 0
 
   @property
   def scanned(self) -> bool:
@@ -149,4 +205,8 @@ class TransformerConfig:
     d = dict(d)
     if d.get("layer_shapes") is not None:
       d["layer_shapes"] = tuple(LayerShape(**s) for s in d["layer_shapes"])
+    if d.get("rope_scaling") is not None:
+      d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    if d.get("moe") is not None:
+      d["moe"] = MoEConfig(**d["moe"])
     return cls(**d)

@@ -14,6 +14,26 @@ def param_count(config: TransformerConfig) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(abstract_params(config))))
 
 
+def active_param_count(config: TransformerConfig) -> int:
+  """Parameters one token uses: every parameter except the N - K routed experts it skips in each MoE layer."""
+  skipped = 0
+  if config.moe is not None:
+    moe = config.moe
+    per_layer = (moe.num_experts - moe.top_k) * 3 * config.d_model * moe.expert_dim
+    skipped = per_layer * sum(config.is_moe_layer(i) for i in range(config.n_layers))
+  return param_count(config) - skipped
+
+
+def _ffn_weights_per_token(config: TransformerConfig, i: int) -> int:
+  """FFN weights one token multiplies by in layer i: the dense SwiGLU, or the router, K routed experts and the
+  shared experts of a MoE layer."""
+  d = config.d_model
+  if config.is_moe_layer(i):
+    moe = config.moe
+    return d * moe.num_experts + 3 * d * (moe.top_k * moe.expert_dim + moe.shared_dim)
+  return 3 * d * config.layer(i).d_ff
+
+
 def forward_matmul_flops_per_token(config: TransformerConfig, seq_len: int) -> float:
   """Matmul FLOPs of one forward pass per token at sequence length S, as the model executes them.
 
@@ -25,7 +45,7 @@ def forward_matmul_flops_per_token(config: TransformerConfig, seq_len: int) -> f
   total = 0.0
   for i in range(config.n_layers):
     shape = config.layer(i)
-    projections = d * dh * (2 * shape.n_heads + 2 * shape.n_kv_heads) + 3 * d * shape.d_ff
+    projections = d * dh * (2 * shape.n_heads + 2 * shape.n_kv_heads) + _ffn_weights_per_token(config, i)
     total += 2 * projections + 4 * seq_len * shape.n_heads * dh
   total += 2 * d * config.vocab_size
   return total

@@ -1,6 +1,7 @@
-"""Named model shapes: tiny (tests), small (experiments, benchmarks) and the published Pangu Ultra 135B."""
+"""Named model shapes: tiny (tests), small (experiments, benchmarks) and the published Pangu models."""
 
 from pangu.models.config import TransformerConfig
+from pangu.nn.moe.config import MoEConfig
 
 
 def tiny(**overrides) -> TransformerConfig:
@@ -22,7 +23,21 @@ def pangu_ultra_135b(**overrides) -> TransformerConfig:
   return TransformerConfig(**{**base, **overrides})
 
 
-PRESETS = {"tiny": tiny, "small": small, "pangu_ultra_135b": pangu_ultra_135b}
+def pangu_pro_moe_72b(**overrides) -> TransformerConfig:
+  """Pangu Pro MoE 72B-A16B (arXiv 2505.21411, Table 1): 48 MoGE layers, 64 experts in 8 groups, 1 per group.
+
+  GQA 40 / 8 heads of 128, vocab 153,376, untied embeddings, plain pre-norm, q/k/v bias; experts of width 1,344
+  and 4 shared experts (one SwiGLU of 5,376). Every layer is sparse; `d_ff` = K * 1344 + 5376 is the dense
+  width of equal active FFN parameters (unused unless `first_k_dense` is set).
+  """
+  moe = MoEConfig(num_experts=64, top_k=8, expert_dim=1344, router="moge", num_groups=8, num_shared_experts=4)
+  base = dict(vocab_size=153_376, d_model=5120, n_layers=48, n_heads=40, n_kv_heads=8, head_dim=128,
+              d_ff=8 * 1344 + 4 * 1344, attention_bias=True, moe=moe)
+  return TransformerConfig(**{**base, **overrides})
+
+
+PRESETS = {"tiny": tiny, "small": small, "pangu_ultra_135b": pangu_ultra_135b,
+           "pangu_pro_moe_72b": pangu_pro_moe_72b}
 
 
 def get_preset(name: str, **overrides) -> TransformerConfig:

@@ -6,20 +6,30 @@ Norm placement per block (Pangu Ultra, arXiv 2504.07866, eq. 1-2):
 The post-norms normalise the sublayer output before the residual add; in `depth_scaled_sandwich` their
 gains start at c/sqrt(L).
 
+The feed-forward is the dense SwiGLU (`mlp`) or, with `config.moe`, the sparse `MoEFeedForward` (`moe`), whose
+losses and load metrics go to the `moe` collection (apply with `mutable=[MOE_COLLECTION]` to read them).
+
 A uniform model scans one block over a stacked `layers` axis; a non-uniform one (per-layer widths after
-pruning) unrolls. `stack_layers` / `unstack_layers` convert between the two param layouts.
+pruning, or first-k-dense layers before MoE ones) unrolls. `stack_layers` / `unstack_layers` convert between
+the two param layouts.
+
+`extend` runs the same layers over new tokens appended to a `KVCache` (prefill and decode steps); the cache
+follows the param layout: one stacked (keys, values) pair carried through the scan, or one pair per layer.
 """
 
 import functools
 
+import chex
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from pangu.models.config import TransformerConfig
 from pangu.nn import init as inits
-from pangu.nn.attention import Attention, causal_mask
+from pangu.nn.attention import Attention, LayerKV, causal_mask
 from pangu.nn.mlp import SwiGLU
+from pangu.nn.moe import MOE_COLLECTION, MoEFeedForward
 from pangu.nn.norms import RMSNorm, depth_scaled_gain
 from pangu.parallel import rules
 
@@ -32,29 +42,57 @@ def _post_gains(cfg: TransformerConfig) -> tuple[float, float]:
   return 1.0, 1.0
 
 
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer in preallocated slots; the layout is documented in pangu.infer.kv_cache.
+
+  Attributes:
+    layers: a scanned model's one (keys, values) pair, each [L, B, T_max, K, Dh], or an unrolled model's
+      tuple of L pairs of [B, T_max, K_l, Dh].
+    length: int32 [], slots written so far (the same for every row).
+    start: int32 [B], first real slot of each row; slots before it are left padding, and a token in slot t
+      has position t - start.
+  """
+
+  layers: LayerKV | tuple[LayerKV, ...]
+  length: jax.Array
+  start: jax.Array
+
+  @property
+  def max_length(self) -> int:
+    return jax.tree.leaves(self.layers)[0].shape[-3]
+
+
 class DecoderBlock(nn.Module):
-  """One decoder layer. Called as a scan body, so it returns (carry, None)."""
+  """One decoder layer. Called as a scan body, so it returns (carry, the layer's updated KV cache or None)."""
 
   config: TransformerConfig
   layer_index: int = 0
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array):
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache_index: jax.Array | None = None,
+               kv_cache: LayerKV | None = None):
     cfg = self.config
     shape = cfg.layer(self.layer_index)
     sandwich = cfg.norm_placement != "pre"
     gain_attn, gain_mlp = _post_gains(cfg)
 
-    h = Attention(cfg, shape.n_heads, shape.n_kv_heads, name="attn")(
-        RMSNorm(cfg.norm_eps, name="pre_attn_norm")(x), positions, mask)
+    h, kv_cache = Attention(cfg, shape.n_heads, shape.n_kv_heads, name="attn")(
+        RMSNorm(cfg.norm_eps, name="pre_attn_norm")(x), positions, mask, kv_cache, cache_index)
     if sandwich:
       h = RMSNorm(cfg.norm_eps, gain_init=gain_attn, name="post_attn_norm")(h)
     x = x + h
-    h = SwiGLU(cfg, shape.d_ff, name="mlp")(RMSNorm(cfg.norm_eps, name="pre_mlp_norm")(x))
+    h = RMSNorm(cfg.norm_eps, name="pre_mlp_norm")(x)
+    if cfg.is_moe_layer(self.layer_index):
+      h = MoEFeedForward(cfg.moe, cfg.d_model, kernel_init=inits.kernel_init(cfg),
+                         output_init=inits.kernel_init(cfg, residual_output=True), dtype=cfg.dtype,
+                         param_dtype=cfg.param_dtype, name="moe")(h)
+    else:
+      h = SwiGLU(cfg, shape.d_ff, name="mlp")(h)
     if sandwich:
       h = RMSNorm(cfg.norm_eps, gain_init=gain_mlp, name="post_mlp_norm")(h)
     x = x + h
-    return rules.constrain(x, (rules.BATCH, rules.LENGTH, rules.ACT_EMBED)), None
+    return rules.constrain(x, (rules.BATCH, rules.LENGTH, rules.ACT_EMBED)), kv_cache
 
 
 def _remat(block_cls, remat: str):
@@ -78,8 +116,8 @@ class Decoder(nn.Module):
     block = _remat(DecoderBlock, cfg.remat)
     if cfg.scanned:
       self.blocks = nn.scan(
-          block, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+          block, variable_axes={"params": 0, MOE_COLLECTION: 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.n_layers,
           metadata_params={nn.PARTITION_NAME: rules.LAYERS})(cfg, name=LAYERS_KEY)
     else:
       self.blocks = [block(cfg, i, name=f"layer_{i}") for i in range(cfg.n_layers)]
@@ -90,22 +128,49 @@ class Decoder(nn.Module):
           (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-    cfg = self.config
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [B, S] int, got shape {tokens.shape}")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    mask = causal_mask(positions, positions)
+    x, _ = self._layers(self._embed(tokens), positions, causal_mask(positions, positions))
+    return self._logits(x)
+
+  def extend(self, tokens: jax.Array, cache: KVCache, last_only: bool = False) -> tuple[jax.Array, KVCache]:
+    """Appends tokens [B, S] to the cache: prefill when it is empty, one decode step when S = 1.
+
+    Returns logits [B, S, V] float32 ([B, 1, V] for the last token only with `last_only`, which spares the
+    vocab projection of every prompt token) and the cache with S more slots written.
+    """
+    b, s = tokens.shape
+    chex.assert_shape(cache.start, (b,))
+    slots = jnp.arange(cache.max_length, dtype=jnp.int32)
+    positions = cache.length + jnp.arange(s, dtype=jnp.int32)[None, :] - cache.start[:, None]
+    kv_positions = slots[None, :] - cache.start[:, None]
+    mask = causal_mask(positions, kv_positions, kv_positions >= 0)
+    x, layers = self._layers(self._embed(tokens), positions, mask, cache.length, cache.layers)
+    if last_only:
+      x = x[:, -1:]
+    return self._logits(x), cache.replace(layers=layers, length=cache.length + s)
+
+  def _embed(self, tokens: jax.Array) -> jax.Array:
     # Gather from a table replicated over the vocab axis: a gather from a vocab-sharded table would force
     # the partitioner to rematerialise it anyway, with a warning.
     table = rules.constrain(self.embedding, (None, rules.ACT_EMBED))
-    x = jnp.take(table, tokens, axis=0).astype(cfg.dtype)
-    x = rules.constrain(x, (rules.BATCH, rules.LENGTH, rules.ACT_EMBED))
-    if cfg.scanned:
-      x, _ = self.blocks(x, positions, mask)
-    else:
-      for block in self.blocks:
-        x, _ = block(x, positions, mask)
+    x = jnp.take(table, tokens, axis=0).astype(self.config.dtype)
+    return rules.constrain(x, (rules.BATCH, rules.LENGTH, rules.ACT_EMBED))
+
+  def _layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache_index: jax.Array | None = None,
+              kv: LayerKV | tuple[LayerKV, ...] | None = None):
+    if self.config.scanned:
+      return self.blocks(x, positions, mask, cache_index, kv)
+    new_kv = []
+    for i, block in enumerate(self.blocks):
+      x, layer_kv = block(x, positions, mask, cache_index, None if kv is None else kv[i])
+      new_kv.append(layer_kv)
+    return x, None if kv is None else tuple(new_kv)
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
     x = self.final_norm(x)
     head = self.embedding.T if cfg.tie_embeddings else self.lm_head
     logits = jnp.einsum("bsd,dv->bsv", x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
@@ -127,6 +192,13 @@ def abstract_params(config: TransformerConfig) -> dict:
 def forward(config: TransformerConfig, params: dict, tokens: jax.Array) -> jax.Array:
   """The one public entry point for a decoder: [B, S] int32 -> [B, S, V] float32 logits."""
   return Decoder(config).apply({"params": params}, tokens)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="last_only")
+def extend(config: TransformerConfig, params: dict, tokens: jax.Array, cache: KVCache, *,
+           last_only: bool = False) -> tuple[jax.Array, KVCache]:
+  """Runs tokens [B, S] after the cached ones (see `Decoder.extend`): (logits, updated cache)."""
+  return Decoder(config).apply({"params": params}, tokens, cache, last_only, method=Decoder.extend)
 
 
 def stack_layers(params: dict, n_layers: int) -> dict:

@@ -21,6 +21,12 @@ VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, EXPERT, LAYERS, NORM = (
 BATCH, LENGTH, ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB = (
     "activation_batch", "activation_length", "activation_embed", "activation_heads",
     "activation_kv_heads", "activation_mlp", "activation_vocab")
+# The slots of a KV cache: its own name so long caches can be split over devices without splitting the
+# sequence axis of every other activation.
+CACHE_LENGTH = "cache_length"
+# Tokens grouped by the expert that processes them (the [E, C, D] buffers of capacity dispatch): split over the
+# devices that hold those experts.
+ACT_EXPERT = "activation_expert"
 
 DEFAULT_RULES: LogicalRules = (
     # Parameters: FSDP shards the model dimension, tensor parallelism the head / ffn / vocab dimension.
@@ -41,6 +47,8 @@ DEFAULT_RULES: LogicalRules = (
     (ACT_KV_HEADS, "tensor"),
     (ACT_MLP, "tensor"),
     (ACT_VOCAB, "tensor"),
+    (CACHE_LENGTH, None),
+    (ACT_EXPERT, "expert"),
 )
 
 

@@ -53,6 +53,8 @@ def host_metrics(metrics: dict[str, jax.Array], spike_thresholds: tuple[float, .
   m = jax.device_get(metrics)
   out = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
   out["per_layer_grad_norm"] = [float(x) for x in m["per_layer_grad_norm"]]
+  if "moe_device_load" in m:
+    out["moe_device_load"] = [float(x) for x in m["moe_device_load"]]
   for i, signal in enumerate(SPIKE_SIGNALS):
     for j, k in enumerate(spike_thresholds):
       out[f"{signal}_spike_k{k:g}"] = bool(m["spike_flags"][i, j])

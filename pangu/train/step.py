@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pangu.models.config import TransformerConfig
 from pangu.models.transformer import LAYERS_KEY, Decoder, cross_entropy_loss
+from pangu.nn.moe import MOE_COLLECTION, moe_metrics
 from pangu.parallel import rules
 from pangu.train.config import TrainConfig
 from pangu.train.optim import learning_rate_schedule, make_optimizer
@@ -87,7 +88,10 @@ def make_train_step(model_config: TransformerConfig, train_config: TrainConfig, 
 
   batch: {"inputs": [B, S] int32, "targets": [B, S] int32, "mask": [B, S] float32}.
   Metrics: loss, ce, z_loss, grad_norm (before clipping), update_norm, learning_rate, per_layer_grad_norm [L],
-  spike flags / event counts per (signal, threshold).
+  spike flags / event counts per (signal, threshold). A MoE model adds its layers' balance and router z-losses
+  to the loss and reports moe_aux_loss, moe_router_z_loss, moe_imbalance_score (mean over MoE layers),
+  moe_max_over_mean_device_load, moe_dropped (assignments dropped by capacity dispatch) and moe_device_load
+  [P] (assignments per expert device, summed over MoE layers); see `pangu.nn.moe.moe_metrics`.
   """
   model = Decoder(model_config)
   tx = make_optimizer(train_config)
@@ -95,8 +99,13 @@ def make_train_step(model_config: TransformerConfig, train_config: TrainConfig, 
   accum = train_config.grad_accum_steps
 
   def loss_fn(params, micro):
-    logits = model.apply({"params": params}, micro["inputs"])
-    return cross_entropy_loss(logits, micro["targets"], micro["mask"], z_loss=train_config.z_loss)
+    logits, variables = model.apply({"params": params}, micro["inputs"], mutable=[MOE_COLLECTION])
+    loss, aux = cross_entropy_loss(logits, micro["targets"], micro["mask"], z_loss=train_config.z_loss)
+    if model_config.moe is not None:
+      moe = moe_metrics(variables[MOE_COLLECTION])
+      loss = loss + moe["aux_loss"] + moe["router_z_loss"]
+      aux = {**aux, "moe": moe}
+    return loss, aux
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -121,6 +130,11 @@ def make_train_step(model_config: TransformerConfig, train_config: TrainConfig, 
         "learning_rate": schedule(state.step), "per_layer_grad_norm": per_layer_grad_norms(model_config, grads),
         "spike_flags": spikes.flagged, "spike_events": spikes.events,
     }
+    if model_config.moe is not None:
+      moe = aux["moe"]
+      metrics.update({f"moe_{name}": moe[name] for name in
+                      ("aux_loss", "router_z_loss", "imbalance_score", "max_over_mean_device_load", "dropped")})
+      metrics["moe_device_load"] = moe["device_load"].sum(axis=0)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, spikes=spikes)
     return new_state, metrics
 
