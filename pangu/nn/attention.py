@@ -1,4 +1,8 @@
-"""Grouped-query attention (GQA): H query heads share K key/value heads in groups of H/K."""
+"""Grouped-query attention (GQA): H query heads share K key/value heads in groups of H/K.
+
+With a KV cache (see pangu.infer.kv_cache for the layout) the layer writes its new keys and values into
+preallocated slots [B, T_max, K, Dh] and attends over every slot the mask allows.
+"""
 
 import flax.linen as nn
 import jax
@@ -11,6 +15,8 @@ from pangu.nn.rope import apply_rope, rope_frequencies
 from pangu.parallel import rules
 
 _MASKED = -1e30
+
+LayerKV = tuple[jax.Array, jax.Array]  # one layer's cached (keys, values), each [B, T_max, K, Dh]
 
 
 def causal_mask(q_positions: jax.Array, kv_positions: jax.Array,
@@ -45,7 +51,13 @@ class Attention(nn.Module):
   n_kv_heads: int
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, kv_cache: LayerKV | None = None,
+               cache_index: jax.Array | None = None) -> tuple[jax.Array, LayerKV | None]:
+    """x [B, S, D] -> ([B, S, D], updated cache or None).
+
+    Without a cache, mask is [B, S, S]. With one, the new keys/values go to slots
+    cache_index .. cache_index + S - 1 and mask is [B, S, T_max] over the slots.
+    """
     cfg = self.config
     dh, pdt = cfg.head_dim, jnp.dtype(cfg.param_dtype)
 
@@ -66,11 +78,19 @@ class Attention(nn.Module):
       ones = jax.nn.initializers.ones
       q = rms_norm(q, param("q_norm", (dh,), (rules.NORM,), ones), cfg.norm_eps)
       k = rms_norm(k, param("k_norm", (dh,), (rules.NORM,), ones), cfg.norm_eps)
-    inv_freq = rope_frequencies(dh, cfg.rope_theta)
+    inv_freq = rope_frequencies(dh, cfg.rope_theta, cfg.rope_scaling)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     q = rules.constrain(q, (rules.BATCH, rules.LENGTH, rules.ACT_HEADS, None))
     k = rules.constrain(k, (rules.BATCH, rules.LENGTH, rules.ACT_KV_HEADS, None))
+    if kv_cache is not None:
+      k, v = (rules.constrain(jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), cache_index, 1),
+                              (rules.BATCH, rules.CACHE_LENGTH, rules.ACT_KV_HEADS, None))
+              for cached, new in zip(kv_cache, (k, v)))
+      kv_cache = (k, v)
     out = dot_product_attention(q, k, v, mask)
     o = param("o", (self.n_heads, dh, cfg.d_model), (rules.HEADS, rules.HEAD_DIM, rules.EMBED),
               inits.kernel_init(cfg, residual_output=True))
-    return jnp.einsum("bsnh,nhd->bsd", out, o)
+    # Contract over the flattened (H, Dh): with the 3-D einsum XLA:CPU transposes the weight, not the
+    # activation, on every call, which dominates a decode step.
+    b, s = x.shape[:2]
+    return jnp.einsum("bsf,fd->bsd", out.reshape(b, s, -1), o.reshape(-1, cfg.d_model)), kv_cache

@@ -1,0 +1,244 @@
+"""Prefill and decode tokens/s of pangu.infer on the small preset, beside Hugging Face transformers (PyTorch)
+running the very same weights on CPU in the same run.
+
+  python -m experiments.bench_decode --quick
+
+The small preset with random weights is exported with pangu.interop.hf.save_pretrained; pangu reads it back
+with load_pretrained and transformers with LlamaForCausalLM.from_pretrained, so both run identical float32
+weights (their greedy tokens are compared too). What is timed:
+  prefill: one prompt of --prompt_len tokens -> first new token, KV cache filled (batch 1).
+  decode:  --new_tokens - 1 greedy steps after prefill, batch 1 and batch 8; tokens/s = batch * steps / time.
+transformers' decode is a plain loop of model(token, past_key_values=...) + argmax, without generate()'s
+per-step bookkeeping: the stricter baseline (generate() is timed beside it for reference).
+
+Fairness on a shared CPU: each engine runs in its own worker process, in two thread settings (one thread, and
+the library default of one per core); PyTorch's spinning OpenMP threads in particular lose several fold when
+another job holds a core. The parent interleaves the timed runs of all workers, so load that comes and goes
+hits every engine alike, and keeps per engine and metric the median over --repeats of its faster setting.
+The 1-minute load average is recorded before and after.
+
+Writes <results_dir>/bench_decode.json: {"ours": {"prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b8"},
+"transformers": {same keys, "generate_tok_s_b1", "generate_tok_s_b8"} | {"skipped": reason},
+"speedup": {...}, "greedy_match": bool, "threads": {...}, "shape": {...}, "machine": {...}},
+bench_decode.png and bench_decode.md.
+"""
+
+import importlib.util
+import multiprocessing
+import os
+import statistics
+import tempfile
+import time
+
+from absl import app, flags
+
+from experiments import common
+
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", None, "Prompt tokens (default 128, --quick 64).", lower_bound=1)
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", None, "Generated tokens (default 128, --quick 16).", lower_bound=2)
+_REPEATS = flags.DEFINE_integer("repeats", None, "Timed runs per measurement (default 5, --quick 3).", lower_bound=1)
+_TORCH = flags.DEFINE_bool("torch", True, "Also time transformers' LlamaForCausalLM (skipped if not installed).")
+
+KEYS = ("prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b8")
+EXTRA_TORCH_KEYS = ("generate_tok_s_b1", "generate_tok_s_b8")
+# XLA flags of the two pangu thread settings; one device, as a single-host decode runs.
+_XLA_THREADS = {"default": "--xla_force_host_platform_device_count=1",
+                "1": "--xla_force_host_platform_device_count=1 --xla_cpu_multi_thread_eigen=false "
+                     "intra_op_parallelism_threads=1"}
+
+
+def _prompt(vocab: int, batch: int, length: int):
+  import numpy as np
+  return np.random.default_rng(batch).integers(0, vocab, (batch, length)).astype(np.int32)
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def _pangu_runs(folder: str, prompt_len: int, new_tokens: int) -> tuple[dict, list]:
+  """Metric -> a function that times one run (untimed set-up inside), and the batch-1 greedy tokens."""
+  import jax
+  import numpy as np
+
+  from pangu import infer
+  from pangu.interop import hf
+
+  config, params = hf.load_pretrained(folder, scan_layers=False)
+  gen = infer.GenerationConfig(max_new_tokens=new_tokens)
+  rng = jax.random.key(0)
+
+  def prefill(batch):
+    return infer.prefill(config, gen, params, _prompt(config.vocab_size, batch, prompt_len),
+                         np.zeros((batch,), np.int32), rng)
+
+  def decode(batch):
+    state = prefill(batch)
+    state.last.block_until_ready()
+    return _timed(lambda: infer.decode(config, gen, params, state).tokens.block_until_ready())
+
+  runs = {"prefill_tok_s": lambda: _timed(lambda: prefill(1).last.block_until_ready()),
+          "decode_tok_s_b1": lambda: decode(1), "decode_tok_s_b8": lambda: decode(8)}
+  greedy = np.asarray(infer.decode(config, gen, params, prefill(1)).tokens[0]).tolist()
+  return runs, greedy
+
+
+def _transformers_runs(folder: str, prompt_len: int, new_tokens: int) -> tuple[dict, list]:
+  import torch
+  import transformers
+
+  model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+  vocab = model.config.vocab_size
+
+  def prefill(batch):
+    result = model(torch.from_numpy(_prompt(vocab, batch, prompt_len)).long(), use_cache=True, logits_to_keep=1)
+    return result.logits[:, -1].argmax(-1, keepdim=True), result.past_key_values
+
+  def steps(token, cache):
+    generated = [token]
+    for _ in range(new_tokens - 1):
+      result = model(token, past_key_values=cache, use_cache=True)
+      token, cache = result.logits[:, -1].argmax(-1, keepdim=True), result.past_key_values
+      generated.append(token)
+    return torch.cat(generated, dim=1)
+
+  def decode(batch):
+    state = prefill(batch)
+    return _timed(lambda: steps(*state))
+
+  def generate(batch):
+    tokens = torch.from_numpy(_prompt(vocab, batch, prompt_len)).long()
+    return _timed(lambda: model.generate(tokens, attention_mask=torch.ones_like(tokens), do_sample=False,
+                                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0))
+
+  no_grad = torch.inference_mode()
+  runs = {"prefill_tok_s": no_grad(lambda: _timed(lambda: prefill(1))), "decode_tok_s_b1": no_grad(lambda: decode(1)),
+          "decode_tok_s_b8": no_grad(lambda: decode(8)), "generate_tok_s_b1": no_grad(lambda: generate(1)),
+          "generate_tok_s_b8": no_grad(lambda: generate(8))}
+  with no_grad:
+    return runs, steps(*prefill(1))[0].tolist()
+
+
+def _worker(engine: str, threads: str, folder: str, prompt_len: int, new_tokens: int, conn) -> None:
+  """Serves timed runs of one engine in one thread setting: receives a metric name, sends seconds."""
+  if engine == "pangu":
+    os.environ["XLA_FLAGS"] = _XLA_THREADS[threads]  # before JAX starts in this process
+    runs, greedy = _pangu_runs(folder, prompt_len, new_tokens)
+  else:
+    import torch
+    torch.set_num_threads(1 if threads == "1" else os.cpu_count())
+    runs, greedy = _transformers_runs(folder, prompt_len, new_tokens)
+  for run in runs.values():
+    run()  # warm-up: compilation, allocator, thread pools
+  conn.send((sorted(runs), greedy))
+  while (metric := conn.recv()) is not None:
+    conn.send(runs[metric]())
+
+
+def _tokens(metric: str, prompt_len: int, new_tokens: int) -> int:
+  if metric == "prefill_tok_s":
+    return prompt_len
+  batch = int(metric[-1])
+  return batch * (new_tokens if metric.startswith("generate") else new_tokens - 1)
+
+
+def measure(folder: str, prompt_len: int, new_tokens: int, repeats: int, with_torch: bool) -> dict:
+  """{engine: {"tok_s": {metric: best rate}, "threads": {metric: setting}, "greedy": tokens}}."""
+  engines = ["pangu"]
+  skipped = None
+  if with_torch:
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+      skipped = f"{' and '.join(missing)} not installed; pip install -e '.[bench]' to compare"
+    else:
+      engines.append("transformers")
+  else:
+    skipped = "--notorch"
+  context = multiprocessing.get_context("spawn")
+  workers = {}
+  for engine in engines:
+    for threads in ("1", "default"):
+      parent, child = context.Pipe()
+      process = context.Process(target=_worker, args=(engine, threads, folder, prompt_len, new_tokens, child))
+      process.start()
+      workers[engine, threads] = (process, parent, *parent.recv())
+  seconds = {key: {m: [] for m in metrics} for key, (_, _, metrics, _) in workers.items()}
+  for _ in range(repeats):
+    for metric in (*KEYS, *EXTRA_TORCH_KEYS):
+      for key, (_, conn, metrics, _) in workers.items():
+        if metric in metrics:
+          conn.send(metric)
+          seconds[key][metric].append(conn.recv())
+  for process, conn, _, _ in workers.values():
+    conn.send(None)
+    process.join()
+  out = {}
+  for engine in engines:
+    rates = {threads: {m: _tokens(m, prompt_len, new_tokens) / statistics.median(s)
+                       for m, s in seconds[engine, threads].items()} for threads in ("1", "default")}
+    best = {m: max(rates, key=lambda t: rates[t][m]) for m in rates["1"]}
+    out[engine] = {"tok_s": {m: rates[t][m] for m, t in best.items()}, "threads": best,
+                   "by_threads": rates, "greedy": workers[engine, "1"][3]}
+  if skipped:
+    out["transformers"] = {"skipped": skipped}
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax
+
+  from pangu import models
+  from pangu.interop import hf
+
+  quick = common.QUICK.value
+  prompt_len = _PROMPT_LEN.value or (64 if quick else 128)
+  new_tokens = _NEW_TOKENS.value or (16 if quick else 128)
+  repeats = _REPEATS.value or (3 if quick else 5)
+  config = models.small()
+  load_before = os.getloadavg()[0]
+  with tempfile.TemporaryDirectory() as folder:
+    hf.save_pretrained(config, models.init_params(config, jax.random.key(0)), folder)
+    measured = measure(folder, prompt_len, new_tokens, repeats, _TORCH.value)
+
+  ours, theirs = measured["pangu"], measured["transformers"]
+  result = {"ours": ours["tok_s"], "transformers": theirs.get("tok_s", theirs),
+            "threads": {"ours": ours["threads"], "transformers": theirs.get("threads")},
+            "by_threads": {"ours": ours["by_threads"], "transformers": theirs.get("by_threads")},
+            "shape": {"preset": "small", "params": models.param_count(config), "d_model": config.d_model,
+                      "n_layers": config.n_layers, "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
+                      "d_ff": config.d_ff, "vocab_size": config.vocab_size, "dtype": "float32",
+                      "prompt_len": prompt_len, "new_tokens": new_tokens, "decode_batches": [1, 8],
+                      "prefill_batch": 1, "repeats": repeats},
+            "machine": {**common.machine_info(), "load_avg_1min_before": load_before,
+                        "load_avg_1min_after": os.getloadavg()[0]}}
+  rows = [{"metric": k, "pangu": ours["tok_s"][k]} for k in KEYS]
+  if "skipped" in theirs:
+    print(f"transformers part skipped: {theirs['skipped']}")
+  else:
+    result["speedup"] = {k: ours["tok_s"][k] / theirs["tok_s"][k] for k in KEYS}
+    result["greedy_match"] = ours["greedy"] == theirs["greedy"]
+    for row in rows:
+      row.update(transformers=theirs["tok_s"][row["metric"]], speedup=result["speedup"][row["metric"]])
+  common.write_json("bench_decode", result)
+  common.write_table("bench_decode", common.format_table(rows, ["metric", "pangu", "transformers", "speedup"]))
+
+  _, axes = common.new_figure(size=(6.0, 3.5))
+  ax = axes[0][0]
+  positions = range(len(KEYS))
+  ax.bar([p - 0.2 for p in positions], [ours["tok_s"][k] for k in KEYS], width=0.4, label="pangu (JAX)")
+  if "skipped" not in theirs:
+    ax.bar([p + 0.2 for p in positions], [theirs["tok_s"][k] for k in KEYS], width=0.4,
+           label="transformers (PyTorch)")
+  ax.set_xticks(list(positions), ["prefill b1", "decode b1", "decode b8"])
+  ax.set_ylabel("tokens / s")
+  ax.set_title(f"small preset, CPU, prompt {prompt_len}, {new_tokens} new tokens")
+  ax.legend()
+  common.save_figure(ax.figure, "bench_decode")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,445 @@
+"""Hugging Face checkpoints in and out: Llama, Qwen2 and Qwen3 folders (config.json + safetensors), no torch.
+
+Tensor names and layouts (HF Linear weights are [out, in]; ours put the input first and split heads):
+  model.embed_tokens.weight              [V, D]       -> embedding [V, D]
+  model.layers.i.input_layernorm         [D]          -> pre_attn_norm.scale
+  model.layers.i.self_attn.q_proj.weight [H*Dh, D]    -> attn.q [D, H, Dh]   (k, v: K heads)
+  model.layers.i.self_attn.q_proj.bias   [H*Dh]       -> attn.q_bias [H, Dh] (Qwen2)
+  model.layers.i.self_attn.q_norm.weight [Dh]         -> attn.q_norm [Dh]    (Qwen3, also k_norm)
+  model.layers.i.self_attn.o_proj.weight [D, H*Dh]    -> attn.o [H, Dh, D]
+  model.layers.i.post_attention_layernorm [D]         -> pre_mlp_norm.scale
+  model.layers.i.mlp.{gate,up}_proj.weight [F, D]     -> mlp.{gate,up} [D, F]
+  model.layers.i.mlp.down_proj.weight    [D, F]       -> mlp.down [F, D]
+  model.norm.weight                      [D]          -> final_norm.scale
+  lm_head.weight                         [V, D]       -> lm_head [D, V] (absent when embeddings are tied)
+Both sides use RoPE's rotate-half pairing (i, i + Dh/2), so q/k need no permutation.
+
+Loading streams: each parameter is built shard by shard with `jax.make_array_from_callback`, every shard read
+from the memory-mapped file with `safe_open(...).get_slice`, so the host holds one tensor's slices at a time,
+never the model; a scanned leaf is preallocated as [L, ...] and filled one layer at a time (donated, in place).
+Measured by experiments/hf_load_memory.py on a 286 MB float32 Llama, 8 CPU devices, fsdp=4 x tensor=2: peak
+RSS rose 1.69x the checkpoint size above the JAX-started baseline, against 2.00x for reading the whole file
+and then placing it. On CPU the device arrays are host memory, which is the 1x; of the rest, ~0.25x stays
+after loading (the loader's compiled update programs, allocator slack: a fixed cost, not per byte) and the
+remainder is transient, the host slices and mapped pages of the largest tensor (the 49 MB embedding).
+
+Per-layer shapes of a pruned (non-uniform) model cannot be said in HF's config.json; `save_pretrained`
+stores them under the extra key "pangu_layer_shapes" (a list of {"n_heads", "n_kv_heads", "d_ff"}), which
+`load_pretrained` reads back. Other tools ignore the key and fail on the tensor shapes rather than run a
+wrong model.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from pangu.models.config import LayerShape, RopeScaling, TransformerConfig
+from pangu.models.transformer import LAYERS_KEY, abstract_params
+from pangu.parallel import rules
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+LAYER_SHAPES_KEY = "pangu_layer_shapes"
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+# Tensors some exporters add that carry nothing the model needs.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointFormatError(ValueError):
+  """A folder is not a checkpoint this module can read: unknown architecture, missing or extra tensors."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layouts: how one of our tensors is a reshape + transpose of its HF tensor.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """HF axis j splits row-major into our axes `groups[j]`; `perm` lists those split axes in our order.
+
+  E.g. q: HF [H*Dh, D] splits into (H, Dh), (D,) = split axes 0, 1, 2; ours is [D, H, Dh], so perm (2, 0, 1).
+  """
+
+  groups: tuple[tuple[int, ...], ...]
+  perm: tuple[int, ...]
+
+  def hf_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
+    split = self._split_shape(ours)
+    return tuple(math.prod(split[a] for a in group) for group in self.groups)
+
+  def _split_shape(self, ours: tuple[int, ...]) -> list[int]:
+    split = [0] * len(ours)
+    for our_axis, split_axis in enumerate(self.perm):
+      split[split_axis] = ours[our_axis]
+    return split
+
+  def to_hf(self, ours: np.ndarray) -> np.ndarray:
+    return ours.transpose(np.argsort(self.perm)).reshape(self.hf_shape(ours.shape))
+
+  def read(self, tensor, ours_shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+    """Reads ours[index] from an HF tensor slice handle, touching only the HF rows/columns it needs.
+
+    The outer axis of each HF group selects a contiguous HF range; inner axes are cut after the read.
+    """
+    split = self._split_shape(ours_shape)
+    split_index = [slice(None)] * len(ours_shape)
+    for our_axis, split_axis in enumerate(self.perm):
+      split_index[split_axis] = slice(*index[our_axis].indices(ours_shape[our_axis])[:2])
+    hf_index, read_shape, inner_index = [], [], []
+    for group in self.groups:
+      outer, inner = group[0], group[1:]
+      inner_size = math.prod(split[a] for a in inner)
+      start, stop = split_index[outer].start, split_index[outer].stop
+      hf_index.append(slice(start * inner_size, stop * inner_size))
+      read_shape += [stop - start, *(split[a] for a in inner)]
+      inner_index += [slice(None), *(split_index[a] for a in inner)]
+    block = np.asarray(tensor[tuple(hf_index)]).reshape(read_shape)
+    return block[tuple(inner_index)].transpose(self.perm)
+
+
+_SAME_1D = _Layout(((0,),), (0,))
+_SAME_2D = _Layout(((0,), (1,)), (0, 1))
+_TRANSPOSED = _Layout(((0,), (1,)), (1, 0))
+_HEADS_IN = _Layout(((0, 1), (2,)), (2, 0, 1))  # [N*Dh, D] -> [D, N, Dh]
+_HEADS_BIAS = _Layout(((0, 1),), (0, 1))  # [N*Dh] -> [N, Dh]
+_HEADS_OUT = _Layout(((0,), (1, 2)), (1, 2, 0))  # [D, N*Dh] -> [N, Dh, D]
+
+# Our path inside one layer -> (HF name inside model.layers.i, layout).
+_LAYER_TENSORS = {
+    ("pre_attn_norm", "scale"): ("input_layernorm.weight", _SAME_1D),
+    ("attn", "q"): ("self_attn.q_proj.weight", _HEADS_IN),
+    ("attn", "k"): ("self_attn.k_proj.weight", _HEADS_IN),
+    ("attn", "v"): ("self_attn.v_proj.weight", _HEADS_IN),
+    ("attn", "q_bias"): ("self_attn.q_proj.bias", _HEADS_BIAS),
+    ("attn", "k_bias"): ("self_attn.k_proj.bias", _HEADS_BIAS),
+    ("attn", "v_bias"): ("self_attn.v_proj.bias", _HEADS_BIAS),
+    ("attn", "q_norm"): ("self_attn.q_norm.weight", _SAME_1D),
+    ("attn", "k_norm"): ("self_attn.k_norm.weight", _SAME_1D),
+    ("attn", "o"): ("self_attn.o_proj.weight", _HEADS_OUT),
+    ("pre_mlp_norm", "scale"): ("post_attention_layernorm.weight", _SAME_1D),
+    ("mlp", "gate"): ("mlp.gate_proj.weight", _TRANSPOSED),
+    ("mlp", "up"): ("mlp.up_proj.weight", _TRANSPOSED),
+    ("mlp", "down"): ("mlp.down_proj.weight", _TRANSPOSED),
+}
+_TOP_TENSORS = {
+    ("embedding",): ("model.embed_tokens.weight", _SAME_2D),
+    ("final_norm", "scale"): ("model.norm.weight", _SAME_1D),
+    ("lm_head",): ("lm_head.weight", _TRANSPOSED),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  """One of our param leaves and the HF tensors it is made of (one per layer for a scanned leaf)."""
+
+  path: tuple[str, ...]
+  hf_names: tuple[str, ...]
+  layout: _Layout
+  shape: tuple[int, ...]  # of one HF tensor's worth of ours (one layer for a scanned leaf)
+  stacked: bool
+
+
+def _path_keys(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", k)) for k in path)
+
+
+def _entries(config: TransformerConfig) -> list[_Entry]:
+  """Every param leaf of `config`'s model with its HF names, in our tree order."""
+  out = []
+  leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params(config)))[0]
+  for path, leaf in leaves:
+    keys = _path_keys(path)
+    if keys in _TOP_TENSORS:
+      name, layout = _TOP_TENSORS[keys]
+      out.append(_Entry(keys, (name,), layout, tuple(leaf.shape), False))
+      continue
+    layer_key, inner = keys[0], keys[1:]
+    if inner not in _LAYER_TENSORS:
+      raise CheckpointFormatError(f"parameter {'/'.join(keys)} has no Hugging Face counterpart")
+    name, layout = _LAYER_TENSORS[inner]
+    if layer_key == LAYERS_KEY:
+      names = tuple(f"model.layers.{i}.{name}" for i in range(config.n_layers))
+      out.append(_Entry(keys, names, layout, tuple(leaf.shape[1:]), True))
+    else:
+      out.append(_Entry(keys, (f"model.layers.{layer_key.removeprefix('layer_')}.{name}",), layout,
+                        tuple(leaf.shape), False))
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config.json
+
+
+def _rope_from_hf(hf: dict, where: str) -> tuple[float, RopeScaling | None]:
+  """Reads RoPE settings in either transformers 5 (`rope_parameters`) or 4 (`rope_theta`, `rope_scaling`)."""
+  params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+  theta = params.pop("rope_theta", hf.get("rope_theta", 10_000.0))
+  kind = params.pop("rope_type", params.pop("type", "default"))
+  if params.pop("partial_rotary_factor", 1.0) != 1.0:
+    raise CheckpointFormatError(f"{where}: partial_rotary_factor is not supported")
+  if kind == "default":
+    return theta, None
+  if kind == "linear":
+    return theta, RopeScaling("linear", float(params["factor"]))
+  if kind == "llama3":
+    return theta, RopeScaling("llama3", float(params["factor"]), float(params["low_freq_factor"]),
+                              float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
+  raise CheckpointFormatError(f"{where}: rope type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def config_from_hf(hf: dict, *, dtype: str = "float32", where: str = "config.json") -> TransformerConfig:
+  """Our config for an HF config.json dict; raises CheckpointFormatError for what our decoder cannot run."""
+  family = hf.get("model_type")
+  if family not in _ARCHITECTURES:
+    raise CheckpointFormatError(f"{where}: unsupported architecture model_type={family!r} "
+                                f"(architectures={hf.get('architectures')}); supported: {sorted(_ARCHITECTURES)}")
+  unsupported = []
+  if hf.get("hidden_act", "silu") != "silu":
+    unsupported.append(f"hidden_act={hf['hidden_act']!r}")
+  if hf.get("mlp_bias"):
+    unsupported.append("mlp_bias=true")
+  if family != "qwen2" and hf.get("attention_bias"):
+    unsupported.append("attention_bias=true (an o_proj bias)")
+  if hf.get("use_sliding_window"):
+    unsupported.append("use_sliding_window=true")
+  if unsupported:
+    raise CheckpointFormatError(f"{where}: {family} options not supported: {', '.join(unsupported)}")
+  theta, scaling = _rope_from_hf(hf, where)
+  shapes = hf.get(LAYER_SHAPES_KEY)
+  return TransformerConfig(
+      vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+      n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+      d_ff=hf["intermediate_size"], head_dim=hf.get("head_dim"),
+      layer_shapes=None if shapes is None else tuple(LayerShape(**s) for s in shapes),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_theta=float(theta), rope_scaling=scaling,
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)), attention_bias=family == "qwen2", qk_norm=family == "qwen3",
+      dtype=dtype, param_dtype=dtype)
+
+
+def config_to_hf(config: TransformerConfig, *, max_position_embeddings: int = 4096) -> dict:
+  """The config.json of `config`: Qwen2 when it has q/k/v biases, Qwen3 with q/k norms, else Llama."""
+  if config.norm_placement != "pre":
+    raise ValueError(f"norm_placement={config.norm_placement!r} has post-norms that Llama/Qwen checkpoints "
+                     "cannot express; only 'pre' can be saved")
+  if config.moe is not None:
+    raise ValueError("MoE feed-forward layers have no counterpart in Llama/Qwen2/Qwen3 checkpoints")
+  if config.attention_bias and config.qk_norm:
+    raise ValueError("attention_bias and qk_norm together match no Hugging Face family (Qwen3's bias covers o_proj)")
+  family = "qwen2" if config.attention_bias else "qwen3" if config.qk_norm else "llama"
+  hf = {
+      "architectures": [_ARCHITECTURES[family]], "model_type": family, "vocab_size": config.vocab_size,
+      "hidden_size": config.d_model, "intermediate_size": config.d_ff, "num_hidden_layers": config.n_layers,
+      "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
+      "head_dim": config.head_dim, "hidden_act": "silu", "max_position_embeddings": max_position_embeddings,
+      "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta, "rope_scaling": None,
+      "tie_word_embeddings": config.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+      "torch_dtype": config.param_dtype,
+  }
+  if family == "qwen2":
+    hf["use_sliding_window"] = False
+  scaling = config.rope_scaling
+  if scaling is not None:
+    hf["rope_scaling"] = {"rope_type": scaling.kind, "factor": scaling.factor}
+    if scaling.kind == "llama3":
+      hf["rope_scaling"].update(low_freq_factor=scaling.low_freq_factor, high_freq_factor=scaling.high_freq_factor,
+                                original_max_position_embeddings=scaling.original_max_position_embeddings)
+  if not config.is_uniform:
+    hf[LAYER_SHAPES_KEY] = [dataclasses.asdict(s) for s in config.layer_shapes]
+  return hf
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _weight_files(path: str) -> dict[str, str]:
+  """HF tensor name -> the safetensors file holding it."""
+  index = os.path.join(path, INDEX_FILE)
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    return {name: os.path.join(path, file) for name, file in weight_map.items()}
+  single = os.path.join(path, SINGLE_FILE)
+  if not os.path.isfile(single):
+    raise FileNotFoundError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+  with safe_open(single, framework="np") as f:
+    return {name: single for name in f.keys()}
+
+
+def _tensor_info(files: dict[str, str]) -> dict[str, tuple[tuple[int, ...], str]]:
+  """Shape and safetensors dtype of every tensor in `files`, from the file headers only."""
+  info = {}
+  for file in sorted(set(files.values())):
+    with safe_open(file, framework="np") as f:
+      for name in f.keys():
+        if files.get(name) == file:
+          tensor = f.get_slice(name)
+          info[name] = (tuple(tensor.get_shape()), tensor.get_dtype())
+  return info
+
+
+def _check_tensors(entries: list[_Entry], files: dict[str, str], info: dict[str, tuple[tuple[int, ...], str]],
+                   where: str) -> dict[str, str]:
+  """Maps every needed HF name to its file; raises naming missing, unexpected or misshapen tensors."""
+  expected = {name: e.layout.hf_shape(e.shape) for e in entries for name in e.hf_names}
+  tied_head = "lm_head.weight" if "lm_head.weight" not in expected else None
+  missing = sorted(set(expected) - set(info))
+  unexpected = sorted(n for n in set(info) - set(expected) if n != tied_head and not n.endswith(_IGNORED_SUFFIXES))
+  problems = [f"missing {missing}"] * bool(missing) + [f"unexpected {unexpected}"] * bool(unexpected)
+  for name in sorted(set(expected) & set(info)):
+    shape, dtype = info[name]
+    if shape != expected[name]:
+      problems.append(f"{name} has shape {list(shape)}, config expects {list(expected[name])}")
+    if dtype not in _SAFETENSORS_DTYPES:
+      problems.append(f"{name} has unsupported dtype {dtype}")
+  if problems:
+    raise CheckpointFormatError(f"{where}: tensors do not match the config: " + "; ".join(problems))
+  return {name: files[name] for name in expected}
+
+
+def _read_array(file: str, name: str, layout: _Layout, shape: tuple[int, ...], sharding, dtype) -> jax.Array:
+  """One HF tensor as our [shape] array in `sharding`, each distinct device slice read once from disk."""
+  with safe_open(file, framework="np") as f:
+    tensor = f.get_slice(name)
+    slices = {}
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+      key = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+      if key not in slices:
+        slices[key] = layout.read(tensor, shape, index).astype(dtype)
+      return slices[key]
+
+    return jax.make_array_from_callback(shape, sharding, shard)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: jax.Array, layer: jax.Array, i: jax.Array) -> jax.Array:
+  return jax.lax.dynamic_update_index_in_dim(stacked, layer, i, 0)
+
+
+def _layer_sharding(sharding) -> Any:
+  if isinstance(sharding, NamedSharding):
+    return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+  return sharding
+
+
+def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: str | None = None,
+                    scan_layers: bool = True,
+                    logical_rules: rules.LogicalRules = rules.DEFAULT_RULES) -> tuple[TransformerConfig, dict]:
+  """Reads an HF Llama / Qwen2 / Qwen3 folder into (config, params).
+
+  Args:
+    path: folder with config.json and model.safetensors (or shards + model.safetensors.index.json).
+    mesh: shard every parameter by the logical-axis rules on this mesh; None puts them on the default device.
+    dtype: parameter and compute dtype (float32, bfloat16, float16); None keeps the checkpoint's.
+    scan_layers: the config's `scan_layers` (a uniform model's params are then stacked over layers).
+  """
+  path = os.fspath(path)
+  config_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{path}: no {CONFIG_FILE}")
+  with open(config_path) as f:
+    hf = json.load(f)
+  files = _weight_files(path)
+  info = _tensor_info(files)
+  stored_dtype = info.get("model.embed_tokens.weight", next(iter(info.values())))[1]
+  dtype = dtype or _SAFETENSORS_DTYPES.get(stored_dtype, "float32")
+  config = config_from_hf(hf, dtype=dtype, where=config_path).replace(scan_layers=scan_layers)
+  entries = _entries(config)
+  files = _check_tensors(entries, files, info, path)
+
+  abstract = abstract_params(config)
+  if mesh is None:
+    device = SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, nn.unbox(abstract))
+  else:
+    shardings = rules.param_shardings(abstract, mesh, logical_rules)
+  flat_shardings = {_path_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+  # Per-leaf dtypes: norm gains stay float32 whatever the param dtype, as the model creates them.
+  dtypes = {_path_keys(p): x.dtype for p, x in jax.tree_util.tree_flatten_with_path(nn.unbox(abstract))[0]}
+
+  leaves = {}
+  for e in entries:
+    sharding, leaf_dtype = flat_shardings[e.path], dtypes[e.path]
+    if not e.stacked:
+      leaves[e.path] = _read_array(files[e.hf_names[0]], e.hf_names[0], e.layout, e.shape, sharding, leaf_dtype)
+      continue
+    stacked = jnp.zeros((len(e.hf_names), *e.shape), leaf_dtype, device=sharding)
+    for i, name in enumerate(e.hf_names):
+      layer = _read_array(files[name], name, e.layout, e.shape, _layer_sharding(sharding), leaf_dtype)
+      stacked = _set_layer(stacked, layer, jnp.int32(i))
+    leaves[e.path] = stacked
+  treedef = jax.tree.structure(shardings)
+  ordered = [leaves[_path_keys(p)] for p, _ in jax.tree_util.tree_flatten_with_path(shardings)[0]]
+  return config, jax.tree.unflatten(treedef, ordered)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def _hf_tensors(config: TransformerConfig, params: dict) -> Iterator[tuple[str, Callable[[], np.ndarray], int]]:
+  """(HF name, a function producing that tensor on the host, its byte size), in HF order."""
+  flat = {_path_keys(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  by_name = {}
+  for e in _entries(config):
+    leaf = flat[e.path]
+    for i, name in enumerate(e.hf_names):
+      get = (lambda leaf=leaf, i=i, e=e: e.layout.to_hf(np.asarray(leaf[i] if e.stacked else leaf)))
+      by_name[name] = (get, math.prod(e.shape) * leaf.dtype.itemsize)
+  layer_names = sorted((n for n in by_name if n.startswith("model.layers.")),
+                       key=lambda n: (int(n.split(".")[2]), n))
+  order = ["model.embed_tokens.weight", *layer_names, "model.norm.weight", "lm_head.weight"]
+  for name in order:
+    if name in by_name:
+      yield name, *by_name[name]
+
+
+def save_pretrained(config: TransformerConfig, params: dict, path: str | os.PathLike, *,
+                    max_shard_bytes: int = 2 << 30, max_position_embeddings: int = 4096) -> None:
+  """Writes config.json + model.safetensors (or numbered shards and an index when over max_shard_bytes).
+
+  Tensors keep the params' dtype bit for bit, so `load_pretrained` gives back the same arrays. The host
+  holds at most one shard's tensors at a time.
+  """
+  hf_config = config_to_hf(config, max_position_embeddings=max_position_embeddings)
+  path = os.fspath(path)
+  os.makedirs(path, exist_ok=True)
+  tensors = list(_hf_tensors(config, params))
+  shards, size = [[]], 0
+  for item in tensors:
+    if shards[-1] and size + item[2] > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(item)
+    size += item[2]
+  names = [SINGLE_FILE] if len(shards) == 1 else [
+      f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  weight_map = {}
+  for file, shard in zip(names, shards):
+    save_file({name: np.ascontiguousarray(get()) for name, get, _ in shard}, os.path.join(path, file),
+              metadata={"format": "pt"})
+    weight_map.update({name: file for name, _, _ in shard})
+  index = os.path.join(path, INDEX_FILE)
+  if len(shards) > 1:
+    with open(index, "w") as f:
+      json.dump({"metadata": {"total_size": sum(t[2] for t in tensors)}, "weight_map": weight_map}, f, indent=2)
+  elif os.path.exists(index):  # left by an earlier sharded save; it would shadow the new single file
+    os.remove(index)
+  with open(os.path.join(path, CONFIG_FILE), "w") as f:
+    json.dump(hf_config, f, indent=2)
