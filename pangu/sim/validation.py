@@ -1,0 +1,170 @@
+"""Validation of the simulator against measurement: small configs timed with our own train step on the
+8-device CPU mesh, then predicted with the calibrated `cpu(8)` topology (Ultra MoE spec §4.2).
+
+Each case is a `TransformerConfig` (dense, MoGE or top-K MoE) and a `ParallelPlan` over (data, fsdp, expert,
+tensor). `step_benchmarks` compiles every case first; `calibrate.time_rounds` then times one step of each case per
+round, interleaved with the calibration microbenchmarks, so that drift of the shared machine hits them all
+alike, and the medians over rounds are compared. `to_sim` maps a case
+to the simulator's inputs: dp = data · fsdp · expert (the batch axes), ZeRO-3 over the fsdp axis,
+fp32 parameters and activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+import scipy.stats
+
+from pangu.models.config import TransformerConfig
+from pangu.nn.moe.config import MoEConfig
+from pangu.nn.moe.parallel import exchange_for
+from pangu.parallel.mesh import ParallelPlan
+from pangu.sim import shapes
+from pangu.sim.calibrate import Benchmark, Calibration
+from pangu.sim.plan import FP32, Plan, TrainWorkload
+from pangu.sim.training import simulate_training
+
+DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "calibration", "cpu8_steps.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationCase:
+  """One measured configuration.
+
+  Attributes:
+    name: label.
+    d_model, n_layers: the decoder's width and depth (4 heads of d_model / 4, 4 kv heads, FFN 2.75 D).
+    mesh: sizes of the mesh axes data, fsdp, expert, tensor (product 8).
+    batch, seq_len: the global batch of one step.
+    moe: the MoE layer of every decoder layer, or None for a dense model.
+    vocab_size: V.
+  """
+
+  name: str
+  d_model: int
+  n_layers: int
+  mesh: tuple[tuple[str, int], ...]
+  batch: int = 16
+  seq_len: int = 128
+  moe: MoEConfig | None = None
+  vocab_size: int = 2048
+
+  def model_config(self) -> TransformerConfig:
+    return TransformerConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers, n_heads=4,
+                             n_kv_heads=4, d_ff=int(2.75 * self.d_model) // 8 * 8, moe=self.moe)
+
+  def parallel_plan(self) -> ParallelPlan:
+    return ParallelPlan(**dict(self.mesh))
+
+  def to_sim(self) -> tuple[shapes.ModelShape, Plan, TrainWorkload]:
+    sizes = self.parallel_plan().axis_sizes
+    dp = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    # The exchange our CPU MoE layer picks: the fixed all-to-all for MoGE with whole groups per device, else
+    # the ring (all-gather + reduce-scatter).
+    ring = self.moe is not None and sizes["expert"] > 1 and exchange_for(self.moe, sizes["expert"]) == "ring"
+    plan = Plan(tp=sizes["tensor"], dp=dp, ep=sizes["expert"], micro_batch=self.batch // dp, sequence_parallel=False,
+                zero_stage=3 if sizes["fsdp"] > 1 else 0, zero_shards=sizes["fsdp"], expert_zero_shards=sizes["fsdp"],
+                ep_dispatch="ring" if ring else "flat")
+    return shapes.from_config(self.model_config(), self.name), plan, TrainWorkload(self.seq_len, self.batch)
+
+
+def _mesh(**sizes: int) -> tuple[tuple[str, int], ...]:
+  return tuple(sizes.items())
+
+
+_MOGE = MoEConfig(num_experts=8, top_k=2, expert_dim=128, router="moge", num_groups=2, aux_loss_coef=0.0)
+_MOGE8 = MoEConfig(num_experts=16, top_k=8, expert_dim=64, router="moge", num_groups=8, aux_loss_coef=0.0)
+_TOPK = MoEConfig(num_experts=8, top_k=2, expert_dim=128, router="topk", aux_loss_coef=0.0)
+
+# Width, depth, sequence, TP / DP / FSDP / EP splits, MoGE and top-K experts; each step a few seconds at most.
+CASES = (
+    ValidationCase("d128_l2_dp8", 128, 2, _mesh(data=8)),
+    ValidationCase("d256_l2_dp8", 256, 2, _mesh(data=8)),
+    ValidationCase("d256_l4_dp8", 256, 4, _mesh(data=8)),
+    ValidationCase("d256_l2_fsdp8", 256, 2, _mesh(fsdp=8)),
+    ValidationCase("d256_l2_dp4_tp2", 256, 2, _mesh(data=4, tensor=2)),
+    ValidationCase("d256_l2_dp2_tp4", 256, 2, _mesh(data=2, tensor=4)),
+    ValidationCase("d384_l2_fsdp4_tp2", 384, 2, _mesh(fsdp=4, tensor=2)),
+    ValidationCase("d512_l2_fsdp8", 512, 2, _mesh(fsdp=8)),
+    ValidationCase("d128_l6_dp2_fsdp4", 128, 6, _mesh(data=2, fsdp=4)),
+    ValidationCase("d256_l2_dp8_s256", 256, 2, _mesh(data=8), batch=8, seq_len=256),
+    ValidationCase("moge_d128_l2_dp4_ep2", 128, 2, _mesh(data=4, expert=2), moe=_MOGE),
+    ValidationCase("moge_d256_l2_fsdp2_ep4", 256, 2, _mesh(fsdp=2, expert=4), moe=_MOGE),
+    ValidationCase("moge8_d128_l2_ep8", 128, 2, _mesh(expert=8), moe=_MOGE8),
+    ValidationCase("topk_d256_l2_dp4_ep2", 256, 2, _mesh(data=4, expert=2), moe=_TOPK),
+)
+
+
+def step_benchmarks(cases: tuple[ValidationCase, ...] = CASES,
+                    log: Callable[[str], None] = print) -> list[Benchmark]:
+  """One compiled, warmed-up train step per case (our `make_train_step` on the 8-device CPU mesh)."""
+  import jax
+
+  from pangu.parallel.mesh import make_mesh
+  from pangu.parallel.topology import cpu
+  from pangu.train.config import TrainConfig
+  from pangu.train.step import init_train_state, make_train_step
+
+  train_config = TrainConfig(warmup_steps=1, total_steps=1000)
+  result = []
+  for case in cases:
+    config, mesh = case.model_config(), make_mesh(cpu(8), case.parallel_plan())
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (case.batch, case.seq_len + 1)).astype(np.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+             "mask": np.ones((case.batch, case.seq_len), np.float32)}
+    step = make_train_step(config, train_config, mesh)
+    state = [init_train_state(config, train_config, jax.random.key(0), mesh)]
+
+    def run(step=step, state=state, batch=batch):
+      state[0], metrics = step(state[0], batch)
+      jax.block_until_ready(metrics["loss"])
+
+    start = time.perf_counter()
+    run()
+    run()
+    log(f"compiled {case.name} in {time.perf_counter() - start:.1f}s")
+    result.append(Benchmark(case.name, run))
+  return result
+
+
+def save_measurements(times: dict[str, list[float]], path: str = DEFAULT_PATH) -> str:
+  import jax
+  record = {"command": "python -m experiments.simulate_ascend --measure", "cpu_count": os.cpu_count(),
+            "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "step_seconds": times}
+  with open(path, "w") as f:
+    json.dump(record, f, indent=1)
+  return path
+
+
+def load_measurements(path: str = DEFAULT_PATH) -> dict[str, list[float]]:
+  with open(path) as f:
+    return json.load(f)["step_seconds"]
+
+
+def predict(case: ValidationCase, calibration: Calibration) -> float:
+  """Simulated step seconds of a case on the calibrated CPU topology."""
+  shape, plan, workload = case.to_sim()
+  return simulate_training(shape, plan, workload, calibration.topology, FP32, calibration.options).step_seconds
+
+
+def compare(times: dict[str, list[float]], calibration: Calibration,
+            cases: tuple[ValidationCase, ...] = CASES) -> dict:
+  """Spearman rank correlation and mean absolute percentage error of predicted vs median measured step times."""
+  rows = []
+  for case in cases:
+    if case.name not in times:
+      continue
+    measured = float(np.median(times[case.name]))
+    predicted = predict(case, calibration)
+    spread = np.percentile(times[case.name], [25, 75])
+    rows.append({"name": case.name, "measured_s": measured, "predicted_s": predicted,
+                 "error": predicted / measured - 1, "measured_iqr_s": [float(v) for v in spread]})
+  measured = np.array([row["measured_s"] for row in rows])
+  predicted = np.array([row["predicted_s"] for row in rows])
+  return {"spearman": float(scipy.stats.spearmanr(measured, predicted).statistic),
+          "mape": float(np.mean(np.abs(predicted / measured - 1))), "n_configs": len(rows), "configs": rows}
