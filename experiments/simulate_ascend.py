@@ -186,7 +186,8 @@ def pro_moe_section() -> tuple[dict, dict]:
                      for e in ranked]
 
   pro = get_shape("pro-moe-72b")
-  point = simulate_decode(pro, Plan(tp=4, dp=1), DecodeWorkload(batch=456, context=DECODE_CONTEXT),
+  point = simulate_decode(pro, Plan(tp=4, dp=1, zero_stage=0, sequence_parallel=False),
+                          DecodeWorkload(batch=456, context=DECODE_CONTEXT),
                           instance("atlas-800i-a2", 4))
   chips, workload = 3840, TrainWorkload(seq_len=4096, global_batch=960)
   topology = pod("atlas-800t-a2", chips)
@@ -233,7 +234,7 @@ def moge_vs_topk_section() -> dict:
   node = pod("atlas-800i-a2", 8)
   decode = []
   for batch in MOGE_BATCHES:
-    plan = Plan(tp=1, dp=8, ep=8)
+    plan = Plan(tp=1, dp=8, ep=8, zero_stage=0, sequence_parallel=False)
     estimates = {name: simulate_decode(shape, plan, DecodeWorkload(batch=batch, context=DECODE_CONTEXT), node)
                  for name, shape in (("moge", moge), ("topk", topk))}
     decode.append({"batch": batch, "moge_tpot_s": estimates["moge"].tpot_seconds,
