@@ -42,12 +42,12 @@ def build_step(variant: str, num_devices: int, tokens: int, d_model: int, expert
   import jax.numpy as jnp
 
   from pangu.nn import moe
-  from pangu.parallel import ParallelPlan, cpu, cpu_mesh, make_mesh, rules
+  from pangu.parallel import cpu_mesh, rules, single_device_mesh
 
   config = moe.MoEConfig(num_experts=64, top_k=8, expert_dim=expert_dim, num_groups=8, **VARIANTS[variant])
   layer = moe.MoEFeedForward(config, d_model=d_model)
   mesh = (cpu_mesh(expert=num_devices) if num_devices > 1
-          else make_mesh(cpu(1), ParallelPlan(), devices=jax.devices()[:1]))
+          else single_device_mesh())
   x = jax.random.normal(jax.random.key(1), (tokens // SEQ_LEN, SEQ_LEN, d_model), jnp.float32)
   boxed = jax.eval_shape(layer.init, jax.random.key(0), x)["params"]
   params = jax.jit(lambda k: nn.unbox(layer.init(k, x)["params"]),

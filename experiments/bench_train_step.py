@@ -48,12 +48,12 @@ def jax_train_tokens_per_s(model, batch: int, seq: int, steps: int) -> float:
   import jax
   import numpy as np
 
-  from pangu.parallel import ParallelPlan, cpu, cpu_mesh, make_mesh
+  from pangu.parallel import cpu_mesh, single_device_mesh
   from pangu.train.config import TrainConfig
   from pangu.train.step import init_train_state, make_train_step
 
   mesh = (cpu_mesh(data=len(jax.devices())) if _DATA_PARALLEL.value
-          else make_mesh(cpu(1), ParallelPlan(), devices=jax.devices()[:1]))
+          else single_device_mesh())
   train_config = TrainConfig(warmup_steps=1, total_steps=1000)
   state = [init_train_state(model, train_config, jax.random.key(0), mesh)]
   step = make_train_step(model, train_config, mesh)

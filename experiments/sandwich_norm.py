@@ -102,6 +102,8 @@ def main(argv):
   unknown = set(setup["variants"]) - set(VARIANTS)
   if unknown:
     raise app.UsageError(f"unknown --variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
+  import jax
+
   from pangu import data
   from pangu.parallel import cpu_mesh
 
@@ -109,7 +111,7 @@ def main(argv):
   tokenizer = data.ByteTokenizer()
   train_data = data.LMDataset.build(tokenizer, corpus, split="train", seq_len=setup["seq_len"])
   val_data = data.LMDataset.build(tokenizer, data.CorpusConfig(), split="validation", seq_len=setup["seq_len"])
-  mesh = cpu_mesh(data=len(__import__("jax").devices()))
+  mesh = cpu_mesh(data=len(jax.devices()))
   variants = {}
   for name in setup["variants"]:
     runs = [run_variant(name, seed, setup, mesh, train_data, val_data) for seed in range(setup["seeds"])]

@@ -34,7 +34,7 @@ def _load_training_checkpoint(path: str):
   import jax
 
   from pangu.models.config import TransformerConfig
-  from pangu.parallel import ParallelPlan, cpu, make_mesh
+  from pangu.parallel import single_device_mesh
   from pangu.train.checkpoint import Checkpointer
   from pangu.train.config import TrainConfig
   from pangu.train.spikes import SpikeConfig
@@ -51,7 +51,7 @@ def _load_training_checkpoint(path: str):
   train = dict(meta["train"])
   spikes = {k: tuple(v) if isinstance(v, list) else v for k, v in train.pop("spikes").items()}
   train_config = TrainConfig(**train, spikes=SpikeConfig(**spikes))
-  mesh = make_mesh(cpu(1), ParallelPlan(), devices=jax.devices()[:1])
+  mesh = single_device_mesh()
   state = init_train_state(model_config, train_config, jax.random.key(0), mesh)
   state, _ = checkpointer.restore(state, metadata=meta)
   checkpointer.close()

@@ -118,3 +118,8 @@ def make_mesh(topology: Topology,
 def cpu_mesh(**plan_sizes: int) -> jax.sharding.Mesh:
   """A mesh over all local JAX devices treated as one CPU host, e.g. `cpu_mesh(data=2, fsdp=2, tensor=2)`."""
   return make_mesh(cpu(len(jax.devices())), ParallelPlan(**plan_sizes))
+
+
+def single_device_mesh() -> jax.sharding.Mesh:
+  """A mesh over the first local device alone: the reference layout sharded runs are compared with."""
+  return make_mesh(cpu(1), ParallelPlan(), devices=jax.devices()[:1])

@@ -8,7 +8,7 @@ import pytest
 
 from pangu import models
 from pangu.nn import moe
-from pangu.parallel import ParallelPlan, cpu, cpu_mesh, make_mesh, rules
+from pangu.parallel import cpu_mesh, rules, single_device_mesh
 from pangu.train.config import TrainConfig
 from pangu.train.step import init_train_state, make_train_step
 
@@ -103,7 +103,7 @@ def test_expert_parallel_training_adds_moe_losses_and_matches_one_device():
       history.append(jax.device_get(metrics))
     return history
 
-  want = run(make_mesh(cpu(1), ParallelPlan(), devices=jax.devices()[:1]))
+  want = run(single_device_mesh())
   for got, ref in zip(run(cpu_mesh(data=2, expert=4)), want):
     np.testing.assert_allclose(got["loss"], got["ce"] + got["moe_aux_loss"] + got["moe_router_z_loss"], rtol=1e-6)
     # Two MoGE layers of 8 x 16 tokens x 8 experts over 4 expert devices: 256 assignments per device each.

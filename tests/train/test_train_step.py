@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from pangu import models
-from pangu.parallel import cpu_mesh
+from pangu.parallel import cpu_mesh, single_device_mesh
 from pangu.train.config import TrainConfig
 from pangu.train.optim import learning_rate_schedule, weight_decay_mask
 from pangu.train.spikes import SpikeConfig, init_spike_state, update_spike_state
@@ -37,12 +37,7 @@ def _run(mesh, model=MODEL, train=TRAIN, steps=3):
 
 @pytest.fixture(scope="module")
 def single_device_run():
-  return _run(cpu_mesh_on_first_device())
-
-
-def cpu_mesh_on_first_device():
-  from pangu.parallel import ParallelPlan, cpu, make_mesh
-  return make_mesh(cpu(1), ParallelPlan(), devices=jax.devices()[:1])
+  return _run(single_device_mesh())
 
 
 def test_sharded_2x2x2_training_matches_one_device(single_device_run):
@@ -69,7 +64,7 @@ def test_sharded_2x2x2_training_matches_one_device(single_device_run):
 
 
 def test_gradient_accumulation_matches_the_full_batch(single_device_run):
-  mesh = cpu_mesh_on_first_device()
+  mesh = single_device_mesh()
   _, history = _run(mesh, train=TrainConfig(peak_lr=1e-2, warmup_steps=1, total_steps=10, grad_accum_steps=4))
   _, want = single_device_run
   for got, ref in zip(history, want):
