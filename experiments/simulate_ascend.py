@@ -2,10 +2,12 @@
 
   python -m experiments.simulate_ascend --quick            # stored calibration and step times
   python -m experiments.simulate_ascend --measure          # re-measure both first (15-25 min on 2 cores)
+  python -m experiments.simulate_ascend --measure --validation_only   # re-measure and validate, nothing else
 
 1. Validation (Ultra MoE spec §4): the cpu(8) calibration (`pangu/sim/calibration/cpu8.json`) and the median
    step times of small configs trained with our own train step (`cpu8_steps.json`), measured in interleaved
-   rounds; the calibrated simulator predicts each config; Spearman rank correlation and MAPE. Without
+   rounds; the calibrated simulator predicts each config; Spearman rank correlation and MAPE, and how far the
+   shared machine's noise reaches (each config's IQR over rounds, the Spearman of single rounds). Without
    --measure (and always with --quick) the stored files are used; --measure rewrites them.
 2. Ultra MoE: a full plan search for the 718B shape on 6,144 Atlas 800T A2 NPUs (timed); the best plans, their
    MFU and memory; where the reported layout (TP8 / PP16 / VPP2 / EP4, micro-batch 2; secondary) ranks against
@@ -34,6 +36,8 @@ from experiments import common
 _MEASURE = flags.DEFINE_bool("measure", False, "Re-run the CPU calibration and step-time measurements and store them "
                              "(ignored with --quick).")
 _ROUNDS = flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds when measuring.", lower_bound=3)
+_VALIDATION_ONLY = flags.DEFINE_bool("validation_only", False, "Run only the validation (section 1) and print it; "
+                                     "writes no results (with --measure the calibration files are still stored).")
 
 ULTRA_CHIPS, ULTRA_SEQ, ULTRA_BATCH = 6144, 4096, 1536
 ULTRA_BATCH_SENSITIVITY = (1536, 3072, 6144)  # the global batch is not published
@@ -304,11 +308,24 @@ def _plot(validation: dict, ranked: list, reported_plans: list[str], scatter: di
   common.save_figure(fig, "simulate_ascend")
 
 
+def _validation_table(validation: dict) -> str:
+  return "\n".join([
+      "Validation on the 8-device CPU mesh (measured vs predicted step seconds):", "",
+      common.format_table(validation["configs"], ["name", "measured_s", "predicted_s", "error"]), "",
+      f"Spearman {validation['spearman']:.3f}, MAPE {validation['mape']:.1%}, n = {validation['n_configs']}; "
+      f"median IQR over rounds {validation['median_relative_iqr']:.1%} of the step, Spearman of single rounds "
+      f"{min(validation['round_spearman']):.3f}-{max(validation['round_spearman']):.3f}."])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   start = time.perf_counter()
   validation = validation_section()
+  table = _validation_table(validation)
+  if _VALIDATION_ONLY.value:
+    print(table)
+    return
   ultra, ranked = ultra_moe_section()
   pro, scatter = pro_moe_section()
   moge = moge_vs_topk_section()
@@ -318,9 +335,7 @@ def main(argv):
   reported = [reading["best_variant"] for reading in ultra["reported"]["readings"].values()]
   _plot(validation, ranked, [row["plan"] for row in reported], scatter)
   tables = [
-      "Validation on the 8-device CPU mesh (measured vs predicted step seconds):", "",
-      common.format_table(validation["configs"], ["name", "measured_s", "predicted_s", "error"]), "",
-      f"Spearman {validation['spearman']:.3f}, MAPE {validation['mape']:.1%}, n = {validation['n_configs']}.", "",
+      table, "",
       f"Ultra MoE 718B on {ULTRA_CHIPS} Atlas 800T A2 ({ultra['search']['evaluated']} plans, "
       f"{ultra['search']['feasible']} feasible, {ultra['search']['seconds']:.1f} s):", "",
       common.format_table([{**row, "memory_gib": row["memory_gib"]["total"]} for row in ultra["best"][:5]]

@@ -13,13 +13,25 @@ once (one `shard_map` over a (`node` = 2, `npu` = 4) mesh), as the measured trai
   output, a copy the difference does not remove); α (per step) and β (seconds per byte) of each axis are
   fitted by least squares on relative error to s·α + (n − 1)/n · V · β per phase (two phases for psum), and
   checked on a held-out size.
-- operator profiles (the Pangu simulators profile operators, then compose them; Ultra MoE, secondary): one
-  library operator per family (`operators.FAMILIES`), chained R times, forward and under `jax.grad`: an
-  RMSNorm + SwiGLU block (`dense`), `dot_product_attention` (`attention`) and the blocked dropless
-  `routed_experts` (`experts`). Each family's forward scale is the measured time over the roofline model of
-  the same ops with the constants above; its backward factor is measured backward / forward.
-- optimizer: our AdamW update with its clip and norms (`pangu.train.optim`) on replicated parameters, as a
-  data-parallel step runs it; stored as effective HBM bytes per parameter at the copy bandwidth.
+- operator profiles (the Pangu simulators profile operators, then compose them; Ultra MoE, secondary): each
+  family of `operators.FAMILIES` is profiled as our decoder runs it: the library's own modules on [B, S, D]
+  activations, chained R times, forward and under `jax.grad`; the layers' families by a `jax.lax.scan` over
+  stacked per-layer parameters (what the decoder's `nn.scan` lowers to). `attention` is the attention half of
+  a pre-norm layer (RMSNorm, `Attention`: projections, RoPE, core, output; residual), `dense` a whole
+  `DecoderBlock` less that half at the same shape (its FFN, norm and residual), `experts` the blocked dropless
+  `routed_experts`, `head` the final norm, vocab projection and `cross_entropy_loss` (unscanned, as the
+  decoder runs it once). A family's forward scale is the geometric mean over its reference shapes (on either
+  side of the validated range, none a validated config) of the measured time over the roofline model of the
+  same ops with the constants above. Its backward pass is fitted as a FLOP-bound part (`backward_factor` x
+  the forward roofline) plus an activation-bound part (`saved_passes` passes over the saved activations):
+  XLA:CPU transposes the [B, S, *] activations and gradients for the weight gradients and the layer scan
+  stacks every saved activation in the forward pass and slices it back in the backward pass, so the
+  backward costs 4-10x the forward, more for narrow layers, not the 2x of proxies (2-D matmuls in an
+  unrolled chain), which is what the simulator under-predicted before.
+- optimizer: the AdamW update of our train step (clip, update, the gradient, update and per-layer norms) on a
+  reference decoder's replicated parameters, as a data-parallel step runs it; stored as effective HBM bytes
+  per parameter at the copy bandwidth. The cost per parameter grows with the leaves' sizes (small leaves stay
+  in cache between the update's passes), so the reference has our decoder's stacked layer leaves.
 - step overhead: a jitted call on a state-sized pytree of tiny sharded arrays (dispatch and host work).
 
 Compile time is excluded (each benchmark is built and warmed first), every call is blocked on, and the
@@ -36,16 +48,20 @@ import json
 import os
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.optimize
+import scipy.stats
 from jax.sharding import NamedSharding, PartitionSpec
 
+from pangu.models.config import TransformerConfig
 from pangu.nn.moe.config import MoEConfig
 from pangu.parallel.topology import AxisSpec, DeviceSpec, LinkKind, Topology, cpu
 from pangu.sim import operators
-from pangu.sim.shapes import GQA, ModelShape
+from pangu.sim.shapes import GQA, ModelShape, from_config
 from pangu.sim.training import SimOptions
 
 DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "calibration", "cpu8.json")
@@ -58,15 +74,68 @@ COLLECTIVE_BYTES = (1 << 17, 1 << 19, 1 << 21, 1 << 23)
 HELD_OUT_BYTES = 1 << 21
 CHAIN = (1, 9)
 PROFILE_CHAIN = (1, 4)
-# Per-device reference shapes of the operator profiles.
-DENSE_PROFILE = {"tokens": 256, "d": 256, "f": 704}
-ATTENTION_PROFILE = {"batch": 2, "seq": 128, "heads": 4, "head_dim": 64}
-EXPERTS_PROFILE = {"tokens": 512, "d": 128, "f": 128, "experts": 4, "top_k": 2}
 STATIC_CHAIN = (1, 33)  # long chains of tiny ops: the per-op static cost stands out of the noise
 TINY = 16
 # Leaves of the state-sized pytree for the step overhead: a small decoder's params + two AdamW moments + batch.
 OVERHEAD_LEAVES = 64
-OPTIMIZER_PARAMS = 1 << 20
+
+
+def decoder_config(d_model: int, n_layers: int, *, vocab_size: int = 2048, moe: MoEConfig | None = None
+                   ) -> TransformerConfig:
+  """The small decoders of our CPU measurements: 4 heads of d_model / 4, 4 kv heads, FFN 2.75 D."""
+  return TransformerConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=4, n_kv_heads=4,
+                           d_ff=int(2.75 * d_model) // 8 * 8, moe=moe)
+
+
+def _check_positive_ints(obj, *names: str) -> None:
+  for name in names:
+    value = getattr(obj, name)
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{type(obj).__name__}.{name} must be a positive int, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerProfile:
+  """Per-device reference shape of the layer profiles: x [batch, seq, d_model] through the attention half, a
+  dense layer and a MoE layer whose routed experts are `moe`."""
+
+  batch: int
+  seq: int
+  d_model: int
+  moe: MoEConfig
+
+  def __post_init__(self):
+    _check_positive_ints(self, "batch", "seq", "d_model")
+
+  def config(self, *, sparse: bool = False) -> TransformerConfig:
+    return decoder_config(self.d_model, PROFILE_CHAIN[1], vocab_size=8, moe=self.moe if sparse else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadProfile:
+  """Per-device reference shape of the `head` profile: x [batch, seq, d_model] to logits over `vocab_size`."""
+
+  batch: int
+  seq: int
+  d_model: int
+  vocab_size: int
+
+  def __post_init__(self):
+    _check_positive_ints(self, "batch", "seq", "d_model", "vocab_size")
+
+
+# Reference shapes on either side of the validated range, from many narrow tokens to few wide ones; top-K and
+# MoGE routers, 6 to 12 experts.
+LAYER_PROFILES = (
+    LayerProfile(4, 128, 160, MoEConfig(num_experts=6, top_k=2, expert_dim=96, router="topk", aux_loss_coef=0.0)),
+    LayerProfile(2, 128, 288, MoEConfig(num_experts=12, top_k=4, expert_dim=160, router="moge", num_groups=4,
+                                        aux_loss_coef=0.0)),
+    LayerProfile(1, 192, 448, MoEConfig(num_experts=8, top_k=2, expert_dim=224, router="topk", aux_loss_coef=0.0)),
+)
+HEAD_PROFILES = (HeadProfile(batch=3, seq=128, d_model=160, vocab_size=1536),
+                 HeadProfile(batch=1, seq=192, d_model=448, vocab_size=3072))
+# The decoder whose replicated parameters the optimizer benchmark updates.
+OPTIMIZER_DECODER = {"d_model": 192, "n_layers": 4, "vocab_size": 1024}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,12 +195,16 @@ def _matmul_chain(repeat: int):
   return body
 
 
-def _profile_chain(step: Callable, grad: bool):
-  """R residual applications of `step(x, params_i)`; under `grad` the gradient w.r.t. x and every params_i."""
+def _chain(step: Callable, grad: bool, *, scanned: bool):
+  """R applications of `x = step(x, params_i)`, by a scan over the first R of the stacked parameters as the
+  decoder scans its layers (`scanned`) or unrolled; under `grad` the gradient w.r.t. x and every params_i."""
   def make(repeat: int):
     def forward(x, params):
+      if scanned:
+        x, _ = jax.lax.scan(lambda h, p: (step(h, p), None), x, jax.tree.map(lambda p: p[:repeat], params))
+        return x
       for i in range(repeat):
-        x = x + step(x, jax.tree.map(lambda p: p[i], params))
+        x = step(x, jax.tree.map(lambda p: p[i], params))
       return x
 
     def body(x, params):
@@ -143,47 +216,72 @@ def _profile_chain(step: Callable, grad: bool):
   return make
 
 
-def _dense_step(x, params):
-  from pangu.nn.moe.experts import swiglu
-  from pangu.nn.norms import rms_norm
-  return swiglu(rms_norm(x, params["scale"], 1e-5), params["gate"], params["up"], params["down"])
+def _layer_profile(profile: LayerProfile, part: Literal["attention", "dense", "moe"]
+                   ) -> tuple[tuple[int, ...], Callable, dict]:
+  """(per-device input shape, step, stacked parameters) of the library's pre-norm `DecoderBlock`, dense or MoE
+  (its `moe` collection of losses and load metrics folded into the output, as the train step uses them), or
+  of its attention half."""
+  import flax.linen as nn
+
+  from pangu.models.transformer import DecoderBlock
+  from pangu.nn.attention import Attention, causal_mask
+  from pangu.nn.moe import MOE_COLLECTION
+  from pangu.nn.norms import RMSNorm
+
+  class AttentionHalf(nn.Module):
+    """x + Attention(RMSNorm(x)), the first half of `DecoderBlock`."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+      cfg = self.config
+      h, _ = Attention(cfg, cfg.n_heads, cfg.n_kv_heads)(RMSNorm(cfg.norm_eps)(x), positions, mask)
+      return x + h, None
+
+  config = profile.config(sparse=part == "moe")
+  module = AttentionHalf(config) if part == "attention" else DecoderBlock(config)
+  shape = (profile.batch, profile.seq, profile.d_model)
+  positions = jnp.broadcast_to(jnp.arange(profile.seq), shape[:2])
+  mask = causal_mask(positions, positions)
+  x = jnp.zeros(shape, jnp.float32)
+  params = jax.vmap(lambda key: nn.unbox(module.init(key, x, positions, mask)["params"]))(
+      jax.random.split(jax.random.key(2), PROFILE_CHAIN[1]))
+
+  def step(h, p):
+    (h, _), metrics = module.apply({"params": p}, h, positions, mask, mutable=[MOE_COLLECTION])
+    return h + 1e-9 * sum(jnp.sum(leaf) for leaf in jax.tree.leaves(metrics))
+  return shape, step, params
 
 
-def _attention_step(x, params):
-  from pangu.nn.attention import causal_mask, dot_product_attention
-  b, s = x.shape[:2]
-  heads, dh = ATTENTION_PROFILE["heads"], ATTENTION_PROFILE["head_dim"]
-  positions = jnp.broadcast_to(jnp.arange(s), (b, s))
-  q = x.reshape(b, s, heads, dh) * params["scale"]
-  return dot_product_attention(q, q, q, causal_mask(positions, positions)).reshape(x.shape)
+def _head_profile(profile: HeadProfile) -> tuple[tuple[int, ...], Callable, dict]:
+  """(per-device input shape, step, stacked parameters) of the decoder's output head and loss
+  (`Decoder._logits`, `cross_entropy_loss`); each step feeds its loss back into x so the chain is serial."""
+  import flax.linen as nn
+
+  from pangu.models.transformer import cross_entropy_loss
+  from pangu.nn.norms import RMSNorm
+
+  shape, d, v = (profile.batch, profile.seq, profile.d_model), profile.d_model, profile.vocab_size
+  norm = RMSNorm()
+  targets = jax.random.randint(jax.random.key(4), shape[:2], 0, v)
+  keys = jax.random.split(jax.random.key(2), PROFILE_CHAIN[1])
+  params = {"norm": jax.vmap(lambda key: nn.unbox(norm.init(key, jnp.zeros(shape))["params"]))(keys),
+            "lm_head": jax.random.normal(keys[0], (PROFILE_CHAIN[1], d, v), jnp.float32) * d**-0.5}
+
+  def step(x, p):
+    logits = jnp.einsum("bsd,dv->bsv", norm.apply({"params": p["norm"]}, x), p["lm_head"],
+                        preferred_element_type=jnp.float32)
+    return x * (1.0 + 1e-6 * cross_entropy_loss(logits, targets)[0])
+  return shape, step, params
 
 
-def _experts_step(x, params):
-  from pangu.nn.moe.experts import ExpertWeights, routed_experts
-  experts = ExpertWeights(params["gate"], params["up"], params["down"])
-  return routed_experts(x, params["weights"], params["ids"].astype(jnp.int32), experts, implementation="blocked")
-
-
-def _profile_params() -> dict[str, tuple[tuple[int, ...], dict]]:
-  """(per-device input shape, stacked per-step parameters) of each family's profile."""
-  n, key = PROFILE_CHAIN[1], jax.random.key(2)
-  normal = lambda shape, scale: jax.random.normal(key, (n, *shape), jnp.float32) * scale
-  d, f = DENSE_PROFILE["d"], DENSE_PROFILE["f"]
-  dense = {"scale": jnp.ones((n, d)), "gate": normal((d, f), d**-0.5), "up": normal((d, f), d**-0.5),
-           "down": normal((f, d), f**-0.5)}
-  attention = {"scale": jnp.full((n,), 0.1)}
-  e, k, t = EXPERTS_PROFILE["experts"], EXPERTS_PROFILE["top_k"], EXPERTS_PROFILE["tokens"]
-  d, f = EXPERTS_PROFILE["d"], EXPERTS_PROFILE["f"]
-  ids = jax.random.randint(key, (n, t, k), 0, e).astype(jnp.float32)  # float: jax.grad skips it as a constant
-  experts = {"gate": normal((e, d, f), d**-0.5), "up": normal((e, d, f), d**-0.5), "down": normal((e, f, d), f**-0.5),
-             "weights": jnp.full((n, t, k), 0.5), "ids": ids}
-  a = ATTENTION_PROFILE
-  return {"dense": ((DENSE_PROFILE["tokens"], DENSE_PROFILE["d"]), dense),
-          "attention": ((a["batch"], a["seq"], a["heads"] * a["head_dim"]), attention),
-          "experts": ((t, EXPERTS_PROFILE["d"]), experts)}
-
-
-PROFILE_STEPS = {"dense": _dense_step, "attention": _attention_step, "experts": _experts_step}
+def _profiles() -> dict[str, tuple[tuple[tuple[int, ...], Callable, dict], ...]]:
+  """Each family's profiles: `dense` and `experts` hold whole layers, less what other families explain when
+  fitted."""
+  layers = {family: tuple(_layer_profile(p, part) for p in LAYER_PROFILES)
+            for family, part in (("attention", "attention"), ("dense", "dense"), ("experts", "moe"))}
+  return {**layers, "head": tuple(_head_profile(p) for p in HEAD_PROFILES)}
 
 
 def _weights(size: int, count: int) -> jax.Array:
@@ -218,21 +316,37 @@ def _collective_chain(kind: str | None, axis: str):
   return make
 
 
+def _optimizer_config() -> TransformerConfig:
+  return decoder_config(OPTIMIZER_DECODER["d_model"], OPTIMIZER_DECODER["n_layers"],
+                        vocab_size=OPTIMIZER_DECODER["vocab_size"])
+
+
+def optimizer_params() -> int:
+  """Parameters of the optimizer benchmark's decoder."""
+  from pangu.models.transformer import init_params
+  abstract = jax.eval_shape(functools.partial(init_params, _optimizer_config()), jax.random.key(0))
+  return sum(leaf.size for leaf in jax.tree.leaves(abstract))
+
+
 def _optimizer_benchmark(mesh) -> Benchmark:
   import optax
 
+  from pangu.models.transformer import init_params
   from pangu.train.config import TrainConfig
   from pangu.train.optim import make_optimizer
+  from pangu.train.step import per_layer_grad_norms
+  config = _optimizer_config()
   tx = make_optimizer(TrainConfig(warmup_steps=1, total_steps=10))
-  leaves = 16
-  params = {f"w{i}": jnp.full((OPTIMIZER_PARAMS // leaves,), 0.1, jnp.float32) for i in range(leaves)}
   replicated = NamedSharding(mesh, PartitionSpec())
-  params = jax.device_put(params, replicated)
+  params = jax.device_put(init_params(config, jax.random.key(3)), replicated)
   state = jax.device_put(tx.init(params), replicated)
 
   def update(params, grads, state):
+    """The optimizer part of `pangu.train.step.make_train_step` (grads stand in with the parameters)."""
+    grad_norm = optax.tree.norm(grads)
     updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, optax.tree.norm(grads), optax.tree.norm(updates)
+    return (optax.apply_updates(params, updates), state, grad_norm, optax.tree.norm(updates),
+            per_layer_grad_norms(config, grads))
   return _benchmark("optimizer", jax.jit(update), params, params, state)
 
 
@@ -246,10 +360,11 @@ def benchmarks(*, quick: bool = False) -> list[Benchmark]:
   for size in MATMUL_SIZES[:3] if quick else MATMUL_SIZES:
     result += _chains(f"matmul/{size}", mesh, _matmul_chain, (size, size), CHAIN, _weights(size, CHAIN[1]))
   result += _chains(f"matmul/{TINY}", mesh, _matmul_chain, (TINY, TINY), STATIC_CHAIN, _weights(TINY, STATIC_CHAIN[1]))
-  for family, (shape, params) in _profile_params().items():
-    for grad in (False, True):
-      result += _chains(f"profile/{family}/{'grad' if grad else 'forward'}", mesh,
-                        _profile_chain(PROFILE_STEPS[family], grad), shape, PROFILE_CHAIN, params)
+  for family, profiles in _profiles().items():
+    for index, (shape, step, params) in enumerate(profiles[:1] if quick else profiles):
+      for grad in (False, True):
+        result += _chains(f"profile/{family}/{index}/{'grad' if grad else 'forward'}", mesh,
+                          _chain(step, grad, scanned=family != "head"), shape, PROFILE_CHAIN, params)
   result += _chains("normalise", mesh, _normalise_chain, (8, 64), STATIC_CHAIN)
   copy_elements = (1 << 21) if quick else (1 << 22)
   result.append(_per_device(f"copy/{copy_elements}", mesh, lambda x: x * 1.0001 + 1.0, (copy_elements,)))
@@ -292,37 +407,82 @@ def _device_spec(fitted: dict) -> DeviceSpec:
       vector_static_cost=fitted["vector_static_cost"], hbm_bytes=16 * 1024**3)
 
 
-def _profile_ops(family: str) -> list[operators.Op]:
-  """The simulator's operators for one step of a family's profile (float32, one device)."""
-  if family == "dense":
-    tokens, d, f = DENSE_PROFILE["tokens"], DENSE_PROFILE["d"], DENSE_PROFILE["f"]
-    ctx = operators.OpContext(tokens=tokens, kv_len=1, activation_bytes=4, weight_bytes=4)
-    return [operators.norm_op("norm", ctx, d)] + operators.swiglu_ops("ffn", ctx, d, f)
-  if family == "attention":
-    a = ATTENTION_PROFILE
-    ctx = operators.OpContext(tokens=a["batch"] * a["seq"], kv_len=a["seq"], activation_bytes=4, weight_bytes=4,
-                              fused_attention=False)
-    return operators.attention_core_ops(ctx, a["heads"], a["head_dim"], a["head_dim"], 2 * a["heads"] * a["head_dim"])
-  e = EXPERTS_PROFILE
-  moe = MoEConfig(num_experts=e["experts"], top_k=e["top_k"], expert_dim=e["f"], router="topk")
-  shape = ModelShape(name="profile", vocab_size=8, d_model=e["d"], n_layers=1, attention=GQA(1, 1, 8), d_ff=8,
-                     moe=moe)
-  ctx = operators.OpContext(tokens=e["tokens"], kv_len=1, activation_bytes=4, weight_bytes=4, expert_block_rows=128)
-  return [op for op in operators.moe_ops(shape, ctx) if op.family == "experts"]
+def layer_profile_ops(profile: LayerProfile, kind: str) -> list[operators.Op]:
+  """The simulator's operators for one layer (`kind` dense or moe) of a layer profile: float32 on one device,
+  our unfused attention core and blocked experts."""
+  ctx = operators.OpContext(tokens=profile.batch * profile.seq, kv_len=profile.seq, activation_bytes=4,
+                            weight_bytes=4, fused_attention=False, expert_block_rows=128)
+  return operators.layer_ops(from_config(profile.config(sparse=kind == "moe"), "profile"), kind, ctx)
 
 
-def _fit_op_costs(medians: dict[str, float], fitted_device: dict) -> dict[str, dict[str, float]]:
-  """Forward scale (measured / modelled) and backward factor (measured backward / forward) per family."""
+def head_ops(profile: HeadProfile) -> list[operators.Op]:
+  """The simulator's head operators (final norm, vocab projection, cross-entropy) for one head profile step."""
+  shape = ModelShape(name="profile", vocab_size=profile.vocab_size, d_model=profile.d_model, n_layers=1,
+                     attention=GQA(1, 1, 8), d_ff=8)
+  ctx = operators.OpContext(tokens=profile.batch * profile.seq, kv_len=profile.seq, activation_bytes=4,
+                            weight_bytes=4)
+  return operators.head_ops(shape, ctx)
+
+
+def _family_point(forward: float, both: float, ops: list[operators.Op], device: DeviceSpec) -> dict[str, float]:
+  """One reference shape of a family: measured forward and backward seconds and the model's terms."""
+  return {"measured_forward_s": forward, "measured_backward_s": both - forward,
+          "modelled_forward_s": operators.forward_seconds(ops, device, "float32"),
+          "roofline_s": sum(operators.roofline_seconds(op, device, "float32") for op in ops),
+          "backward_static_s": sum(operators.static_seconds(op, device, backward=True) for op in ops),
+          "saved_traffic_s": sum(operators.saved_traffic_seconds(op, device) for op in ops)}
+
+
+def _fit_family(points: list[dict[str, float]]) -> dict:
+  """FamilyCost fields from a family's reference shapes.
+
+  forward_scale: geometric mean of measured / modelled forward. Then the backward, measured = scale ·
+  (backward_factor · roofline + static) + saved_passes · saved traffic, by non-negative least squares on
+  relative error: the FLOP-bound and the activation-bound parts of the backward pass, which the shapes weigh
+  differently (narrow layers move more activations per FLOP).
+  """
+  scale = float(scipy.stats.gmean([max(p["measured_forward_s"], 1e-9) / p["modelled_forward_s"] for p in points]))
+  measured = np.array([max(p["measured_backward_s"], 1e-9) for p in points])
+  design = np.array([[scale * p["roofline_s"], p["saved_traffic_s"]] for p in points])
+  target = measured - scale * np.array([p["backward_static_s"] for p in points])
+  (factor, passes), _ = scipy.optimize.nnls(design / measured[:, None], target / measured)
+  factor = max(float(factor), 1e-3)
+  predicted = design @ np.array([factor, passes]) + measured - target
+  return {"forward_scale": scale, "backward_factor": factor, "saved_passes": float(passes),
+          "backward_fit_errors": [float(e) for e in predicted / measured - 1], "shapes": points}
+
+
+def fit_op_costs(medians: dict[str, float], fitted_device: dict) -> dict[str, dict]:
+  """Each family's `FamilyCost` fields from its profiles (`_fit_family`), each shape's numbers kept under
+  `shapes`: `attention` from the attention halves; `dense` from the dense layers less their attention halves;
+  `experts` from the MoE layers less their attention halves and the dense family's ops (the FFN norm and
+  residual) at the fitted dense cost; `head` from the head profiles."""
   device = _device_spec(fitted_device)
-  result = {}
-  for family in operators.FAMILIES:
-    forward = _slope(medians, f"profile/{family}/forward", PROFILE_CHAIN)
-    both = _slope(medians, f"profile/{family}/grad", PROFILE_CHAIN)
-    modelled = operators.forward_seconds(_profile_ops(family), device, "float32")
-    result[family] = {"forward_scale": forward / modelled, "backward_factor": max(both - forward, 0.0) / forward,
-                      "measured_forward_s": forward, "measured_forward_backward_s": both,
-                      "modelled_forward_s": modelled}
-  return result
+  slope = lambda name: _slope(medians, name, PROFILE_CHAIN)
+  measured = lambda family, index: np.array([slope(f"profile/{family}/{index}/{kind}")
+                                             for kind in ("forward", "grad")])
+  select = lambda ops, family: [op for op in ops if op.family == family]
+  points = {family: [] for family in operators.FAMILIES}
+  indices = [i for i in range(len(LAYER_PROFILES)) if f"profile/attention/{i}/forward/{PROFILE_CHAIN[0]}" in medians]
+  for index in indices:
+    attention = measured("attention", index)
+    ops = layer_profile_ops(LAYER_PROFILES[index], "dense")
+    points["attention"].append(_family_point(*attention, select(ops, "attention"), device))
+    points["dense"].append(_family_point(*(measured("dense", index) - attention), select(ops, "dense"), device))
+  for index, profile in enumerate(HEAD_PROFILES):
+    if f"profile/head/{index}/forward/{PROFILE_CHAIN[0]}" in medians:
+      points["head"].append(_family_point(*measured("head", index), head_ops(profile), device))
+  fits = {family: _fit_family(points[family]) for family in ("attention", "dense", "head")}
+  dense_cost = {"dense": operators.FamilyCost(fits["dense"]["forward_scale"], fits["dense"]["backward_factor"],
+                                              fits["dense"]["saved_passes"])}
+  for index in indices:
+    ops = layer_profile_ops(LAYER_PROFILES[index], "moe")
+    dense = np.array([operators.forward_seconds(select(ops, "dense"), device, "float32", dense_cost, backward=b)
+                      for b in (False, True)])
+    remainder = measured("experts", index) - measured("attention", index) - np.array([dense[0], dense.sum()])
+    points["experts"].append(_family_point(*remainder, select(ops, "experts"), device))
+  fits["experts"] = _fit_family(points["experts"])
+  return {family: fits[family] for family in operators.FAMILIES}
 
 
 def fit(times: dict[str, list[float]]) -> dict:
@@ -355,8 +515,8 @@ def fit(times: dict[str, list[float]]) -> dict:
       "command": "python -m pangu.sim calibrate --out=pangu/sim/calibration/cpu8.json",
       "mesh": dict(zip(MESH_AXES, MESH_SHAPE)),
       "device": device,
-      "op_costs": _fit_op_costs(medians, device),
-      "optimizer_bytes_per_param": medians["optimizer"] * copy_bandwidth / OPTIMIZER_PARAMS,
+      "op_costs": fit_op_costs(medians, device),
+      "optimizer_bytes_per_param": medians["optimizer"] * copy_bandwidth / optimizer_params(),
       "step_overhead": medians["dispatch"],
       "axes": axes,
       "matmul": matmul,
@@ -400,7 +560,7 @@ def load(path: str = DEFAULT_PATH) -> Calibration:
   axes = tuple(AxisSpec(name=name, size=fit["size"], bandwidth=1.0 / fit["beta"], latency=fit["alpha"],
                         kind=LinkKind.FULL_MESH, fabric="shared-memory", intra_node=True, efficiency=1.0)
                for name, fit in record["axes"].items())
-  costs = tuple((family, operators.FamilyCost(cost["forward_scale"], cost["backward_factor"]))
+  costs = tuple((family, operators.FamilyCost(cost["forward_scale"], cost["backward_factor"], cost["saved_passes"]))
                 for family, cost in record["op_costs"].items())
   options = SimOptions(fused_attention=False, overlap_grad_reduce=False, expert_block_rows=128,
                        step_overhead=record["step_overhead"],

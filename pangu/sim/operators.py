@@ -25,10 +25,11 @@ from pangu.sim.imbalance import expected_distinct_experts
 from pangu.sim.shapes import GQA, MLA, ModelShape
 
 OpKind = Literal["matmul", "vector"]
-# Operator families whose measured cost may differ from the roofline (calibrated on CPU by profiling one
-# operator of each family): projections, norms and element-wise work; the attention core; the routed experts
-# with their permutation.
-FAMILIES = ("dense", "attention", "experts")
+# Operator families whose measured cost may differ from the roofline, one library module each (calibrated on
+# CPU by profiling it): the dense FFN, norms, residuals and embedding; the attention block (its norm,
+# projections, RoPE and core); the MoE feed-forward (router, permutation, routed and shared experts); the
+# output head (final norm, vocab projection, cross-entropy).
+FAMILIES = ("dense", "attention", "experts", "head")
 FLOAT32_BYTES = 4
 # Element-wise FLOPs per element of a norm, softmax or SwiGLU gate (a rough constant; these ops are
 # memory-bound at every realistic shape, so it rarely matters).
@@ -71,15 +72,23 @@ class FamilyCost:
   Attributes:
     forward_scale: measured forward time / modelled forward time (1: the roofline holds).
     backward_factor: backward time / forward time (2: the input and weight gradients' FLOPs, the standard).
+    saved_passes: passes over the op's saved activations, at the memory roofline, that its backward pass
+      adds beyond `backward_factor`: what scales with the activations rather than the FLOPs. On CPU our layer
+      scan stacks every saved activation in the forward pass and slices it back in the backward pass, and
+      XLA transposes activations and gradients for the weight gradients; this is what makes the backward of
+      narrow layers (many tokens per FLOP) costlier than that of wide ones. 0: not measured (presets).
   """
 
   forward_scale: float = 1.0
   backward_factor: float = 2.0
+  saved_passes: float = 0.0
 
   def __post_init__(self):
     if not (self.forward_scale > 0 and self.backward_factor > 0):
       raise ValueError(f"FamilyCost.forward_scale and backward_factor must be > 0, got {self.forward_scale} and "
                        f"{self.backward_factor}")
+    if not self.saved_passes >= 0:
+      raise ValueError(f"FamilyCost.saved_passes must be >= 0, got {self.saved_passes}")
 
 
 Costs = dict[str, FamilyCost]
@@ -132,20 +141,35 @@ class OpContext:
     return self.tokens / self.tp if self.sequence_parallel and self.tp > 1 else self.tokens
 
 
+def roofline_seconds(op: Op, device: DeviceSpec, dtype: str) -> float:
+  """max(FLOPs / compute rate, bytes / memory rate): matrix ops at the dtype's matrix rate, others at the
+  vector rate."""
+  rate = device.peak_flops(dtype) if op.kind == "matmul" else device.vector_flops
+  memory = op.bytes / (device.hbm_bandwidth * device.memory_efficiency)
+  return max(op.flops / (rate * device.compute_efficiency), memory)
+
+
+def static_seconds(op: Op, device: DeviceSpec, *, backward: bool = False) -> float:
+  """Launch costs: one per kernel, two per matmul kernel in the backward pass (input and weight gradients)."""
+  static = device.matmul_static_cost if op.kind == "matmul" else device.vector_static_cost
+  return static * op.launches * (2 if backward and op.kind == "matmul" else 1)
+
+
+def saved_traffic_seconds(op: Op, device: DeviceSpec) -> float:
+  """One pass over the op's saved activations at the memory roofline."""
+  return op.saved / (device.hbm_bandwidth * device.memory_efficiency)
+
+
 def op_seconds(op: Op, device: DeviceSpec, dtype: str, cost: FamilyCost = FamilyCost(), *,
                backward: bool = False) -> float:
   """Roofline time of an op plus its static launch cost, scaled by its family's measured cost.
 
-  The backward pass takes `cost.backward_factor` times the forward's roofline time, and two launches per
-  matmul (input and weight gradients).
+  The backward pass takes `cost.backward_factor` times the forward's roofline time, two launches per matmul
+  (input and weight gradients) and `cost.saved_passes` passes over the op's saved activations.
   """
-  factor = cost.backward_factor if backward else 1.0
-  rate = device.peak_flops(dtype) if op.kind == "matmul" else device.vector_flops
-  compute = factor * op.flops / (rate * device.compute_efficiency)
-  memory = factor * op.bytes / (device.hbm_bandwidth * device.memory_efficiency)
-  static = device.matmul_static_cost if op.kind == "matmul" else device.vector_static_cost
-  launches = op.launches * (2 if backward and op.kind == "matmul" else 1)
-  return cost.forward_scale * (max(compute, memory) + static * launches)
+  seconds = cost.forward_scale * ((cost.backward_factor if backward else 1.0) * roofline_seconds(op, device, dtype)
+                                  + static_seconds(op, device, backward=backward))
+  return seconds + (cost.saved_passes * saved_traffic_seconds(op, device) if backward else 0.0)
 
 
 def _matmul(name: str, ctx: OpContext, rows: float, d_in: float, d_out: float, *, saved_input: bool = True,
@@ -158,10 +182,10 @@ def _matmul(name: str, ctx: OpContext, rows: float, d_in: float, d_out: float, *
 
 
 def _vector(name: str, elements: float, element_bytes: float, *, passes: float = 2.0, saved: float = 0.0,
-            selective: bool = False, routed: bool = False, family: str = "dense") -> Op:
+            selective: bool = False, routed: bool = False) -> Op:
   """An element-wise op touching `elements` values `passes` times (a read and a write by default)."""
   return Op(name, "vector", VECTOR_FLOPS_PER_ELEMENT * elements, passes * elements * element_bytes, saved=saved,
-            selective=selective, routed=routed, family=family)
+            selective=selective, routed=routed)
 
 
 def _heads(count: int, tp: int) -> float:
@@ -185,20 +209,21 @@ def attention_core_ops(ctx: OpContext, heads: float, qk_dim: int, v_dim: int, kv
     causal = 0.5 if not ctx.decode else 1.0  # masked blocks of a causal prefill/training step are skipped
     flops = causal * 2.0 * t * s * heads * (qk_dim + v_dim)
     saved = qkv_bytes + a * out_elements + FLOAT32_BYTES * t * heads  # inputs, output, softmax statistics
-    return [Op("attention_core", "matmul", flops, qkv_bytes + a * out_elements, saved=saved, family="attention")]
+    return [Op("attention_core", "matmul", flops, qkv_bytes + a * out_elements, saved=saved)]
   scores = t * s * heads
   return [
-      Op("attention_scores", "matmul", 2.0 * scores * qk_dim, qkv_bytes + FLOAT32_BYTES * scores, saved=qkv_bytes,
-         family="attention"),
-      _vector("softmax", scores, FLOAT32_BYTES, passes=3, saved=FLOAT32_BYTES * scores, selective=True,
-              family="attention"),
-      Op("attention_values", "matmul", 2.0 * scores * v_dim, FLOAT32_BYTES * scores + a * out_elements,
-         family="attention"),
+      Op("attention_scores", "matmul", 2.0 * scores * qk_dim, qkv_bytes + FLOAT32_BYTES * scores, saved=qkv_bytes),
+      _vector("softmax", scores, FLOAT32_BYTES, passes=3, saved=FLOAT32_BYTES * scores, selective=True),
+      Op("attention_values", "matmul", 2.0 * scores * v_dim, FLOAT32_BYTES * scores + a * out_elements),
   ]
 
 
 def attention_ops(shape: ModelShape, ctx: OpContext) -> list[Op]:
-  """Norm, projections, RoPE and the attention core of one layer (GQA or MLA)."""
+  """Norm, projections, RoPE and the attention core of one layer (GQA or MLA), all of the `attention` family."""
+  return [dataclasses.replace(op, family="attention") for op in _attention_block_ops(shape, ctx)]
+
+
+def _attention_block_ops(shape: ModelShape, ctx: OpContext) -> list[Op]:
   d, attn, t, a = shape.d_model, shape.attention, ctx.tokens, ctx.activation_bytes
   heads = _heads(attn.n_heads, ctx.tp)
   ops = [norm_op("attention_norm", ctx, d)]
@@ -261,7 +286,7 @@ def dispatch_rows(shape: ModelShape, ep: int) -> float:
 
 
 def moe_ops(shape: ModelShape, ctx: OpContext, exchange: str = "flat") -> list[Op]:
-  """Router, permutation, routed experts, unpermutation and shared experts of one MoE layer.
+  """Router, permutation, routed experts, unpermutation and shared experts of one MoE layer (`experts` family).
 
   The routed experts see t · K · etp / tp rows of width F / etp on an average device (t · K when they split
   over TP like the other layers) and read the weights of the local experts that at least one of the EP
@@ -279,19 +304,20 @@ def moe_ops(shape: ModelShape, ctx: OpContext, exchange: str = "flat") -> list[O
   sent = ctx.norm_tokens * dispatch_rows(shape, ctx.ep)  # under SP a TP rank dispatches only its share
   sorted_rows = (ctx.ep if exchange == "ring" else 1) * assignments
   moved = (sent + sorted_rows) * d
-  return [
+  ops = [
       Op("router", "matmul", 2.0 * t * d * moe.num_experts, a * t * d + FLOAT32_BYTES * (d + t) * moe.num_experts,
          weights=FLOAT32_BYTES * d * moe.num_experts, saved=a * t * d),
       _vector("routing", t * moe.num_experts, FLOAT32_BYTES, passes=3),
       # The experts' input rows are saved here: permute recomputation (named in Pro MoE) drops them under
       # selective recomputation and gathers them again in the backward pass.
-      _vector("permute", moved, a, routed=True, saved=a * rows * d, selective=True, family="experts"),
+      _vector("permute", moved, a, routed=True, saved=a * rows * d, selective=True),
       Op("routed_experts", "matmul", 6.0 * rows * d * width,
          a * rows * (2 * d + 3 * width) + ctx.weight_bytes * 3 * d * width * touched,
          weights=ctx.weight_bytes * 3 * d * width * touched, saved=a * rows * 3 * width, routed=True,
-         launches=launches, family="experts"),
-      _vector("unpermute", moved, a, routed=True, saved=a * sent * d, selective=True, family="experts"),
+         launches=launches),
+      _vector("unpermute", moved, a, routed=True, saved=a * sent * d, selective=True),
   ] + (swiglu_ops("shared_expert", ctx, d, moe.shared_dim / ctx.tp) if moe.shared_dim else [])
+  return [dataclasses.replace(op, family="experts") for op in ops]
 
 
 def layer_ops(shape: ModelShape, kind: str, ctx: OpContext, exchange: str = "flat") -> list[Op]:
@@ -323,7 +349,7 @@ def head_ops(shape: ModelShape, ctx: OpContext, *, with_loss: bool = True) -> li
   if with_loss:
     one.append(_vector("cross_entropy", t * vocab, FLOAT32_BYTES, passes=4, saved=FLOAT32_BYTES * t * vocab))
   mtp = [_matmul("mtp_projection", ctx, t, 2 * d, d)] if shape.mtp_layers else []
-  return one + (mtp + one) * shape.mtp_layers
+  return [dataclasses.replace(op, family="head") for op in one + (mtp + one) * shape.mtp_layers]
 
 
 def forward_seconds(ops: list[Op], device: DeviceSpec, dtype: str, costs: Costs | None = None, *,

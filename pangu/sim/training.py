@@ -42,7 +42,8 @@ class SimOptions:
     step_overhead: fixed seconds per step (dispatch, host work); calibrated on CPU, 0 for the presets.
     op_costs: measured cost of each operator family relative to the roofline (`operators.FamilyCost`: forward
       scale, backward / forward ratio), as (family, cost) pairs; a family not listed follows the roofline with
-      a 2x backward. Calibrated on CPU by profiling one operator per family.
+      a 2x backward. Calibrated on CPU by profiling each family's library module as our decoder runs it (in
+      its layer scan, on [B, S, D] activations), whose backward costs 4-6x its forward.
     optimizer_bytes_per_param: effective HBM bytes of one AdamW update per parameter; None: the precision's
       read/write count (`Precision.optimizer_traffic_bytes`); calibrated on CPU.
     max_noop_layers: no-op layers a plan may add so that pp · vpp divides the layers.

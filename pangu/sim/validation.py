@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -25,11 +26,12 @@ from pangu.nn.moe.config import MoEConfig
 from pangu.nn.moe.parallel import exchange_for
 from pangu.parallel.mesh import ParallelPlan
 from pangu.sim import shapes
-from pangu.sim.calibrate import Benchmark, Calibration
+from pangu.sim.calibrate import Benchmark, Calibration, decoder_config
 from pangu.sim.plan import FP32, Plan, TrainWorkload
 from pangu.sim.training import simulate_training
 
 DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "calibration", "cpu8_steps.json")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +56,16 @@ class ValidationCase:
   moe: MoEConfig | None = None
   vocab_size: int = 2048
 
+  def __post_init__(self):
+    sizes = dict(self.mesh)
+    if not set(sizes) <= set(MESH_AXES) or math.prod(sizes.values()) != 8:
+      raise ValueError(f"ValidationCase.mesh must size axes of {MESH_AXES} with product 8, got {self.mesh}")
+    batch_splits = math.prod(sizes.get(axis, 1) for axis in ("data", "fsdp", "expert"))
+    if self.batch % batch_splits:
+      raise ValueError(f"ValidationCase.batch={self.batch} is not divisible by the {batch_splits} batch splits")
+
   def model_config(self) -> TransformerConfig:
-    return TransformerConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers, n_heads=4,
-                             n_kv_heads=4, d_ff=int(2.75 * self.d_model) // 8 * 8, moe=self.moe)
+    return decoder_config(self.d_model, self.n_layers, vocab_size=self.vocab_size, moe=self.moe)
 
   def parallel_plan(self) -> ParallelPlan:
     return ParallelPlan(**dict(self.mesh))
@@ -79,9 +88,12 @@ def _mesh(**sizes: int) -> tuple[tuple[str, int], ...]:
 
 _MOGE = MoEConfig(num_experts=8, top_k=2, expert_dim=128, router="moge", num_groups=2, aux_loss_coef=0.0)
 _MOGE8 = MoEConfig(num_experts=16, top_k=8, expert_dim=64, router="moge", num_groups=8, aux_loss_coef=0.0)
+_MOGE32 = MoEConfig(num_experts=32, top_k=4, expert_dim=96, router="moge", num_groups=4, aux_loss_coef=0.0)
 _TOPK = MoEConfig(num_experts=8, top_k=2, expert_dim=128, router="topk", aux_loss_coef=0.0)
+_TOPK16 = MoEConfig(num_experts=16, top_k=4, expert_dim=64, router="topk", aux_loss_coef=0.0)
 
-# Width, depth, sequence, TP / DP / FSDP / EP splits, MoGE and top-K experts; each step a few seconds at most.
+# Width (128-640), depth (2-8), sequence, batch, TP / DP / FSDP / EP splits, MoGE and top-K experts (8-32):
+# steps from a fifth of a second to a few seconds on 2 cores.
 CASES = (
     ValidationCase("d128_l2_dp8", 128, 2, _mesh(data=8)),
     ValidationCase("d256_l2_dp8", 256, 2, _mesh(data=8)),
@@ -97,6 +109,11 @@ CASES = (
     ValidationCase("moge_d256_l2_fsdp2_ep4", 256, 2, _mesh(fsdp=2, expert=4), moe=_MOGE),
     ValidationCase("moge8_d128_l2_ep8", 128, 2, _mesh(expert=8), moe=_MOGE8),
     ValidationCase("topk_d256_l2_dp4_ep2", 256, 2, _mesh(data=4, expert=2), moe=_TOPK),
+    ValidationCase("d128_l8_dp8", 128, 8, _mesh(data=8)),
+    ValidationCase("d640_l2_fsdp8", 640, 2, _mesh(fsdp=8)),
+    ValidationCase("d384_l4_dp4_tp2_b32", 384, 4, _mesh(data=4, tensor=2), batch=32),
+    ValidationCase("moge32_d256_l4_dp2_ep4", 256, 4, _mesh(data=2, expert=4), moe=_MOGE32),
+    ValidationCase("topk16_d128_l4_fsdp2_ep4", 128, 4, _mesh(fsdp=2, expert=4), moe=_TOPK16),
 )
 
 
@@ -154,7 +171,12 @@ def predict(case: ValidationCase, calibration: Calibration) -> float:
 
 def compare(times: dict[str, list[float]], calibration: Calibration,
             cases: tuple[ValidationCase, ...] = CASES) -> dict:
-  """Spearman rank correlation and mean absolute percentage error of predicted vs median measured step times."""
+  """Spearman rank correlation and mean absolute percentage error of predicted vs median measured step times.
+
+  How far the noise of the shared machine reaches: each config's interquartile range over rounds, their median
+  relative to the step (`median_relative_iqr`), and the Spearman correlation of each round's times alone
+  (`round_spearman`: the rounds are interleaved, so each is one snapshot of every config).
+  """
   rows = []
   for case in cases:
     if case.name not in times:
@@ -166,5 +188,11 @@ def compare(times: dict[str, list[float]], calibration: Calibration,
                  "error": predicted / measured - 1, "measured_iqr_s": [float(v) for v in spread]})
   measured = np.array([row["measured_s"] for row in rows])
   predicted = np.array([row["predicted_s"] for row in rows])
+  rounds = min(len(times[row["name"]]) for row in rows)
+  per_round = [scipy.stats.spearmanr([times[row["name"]][r] for row in rows], predicted).statistic
+               for r in range(rounds)]
   return {"spearman": float(scipy.stats.spearmanr(measured, predicted).statistic),
-          "mape": float(np.mean(np.abs(predicted / measured - 1))), "n_configs": len(rows), "configs": rows}
+          "mape": float(np.mean(np.abs(predicted / measured - 1))), "n_configs": len(rows),
+          "median_relative_iqr": float(np.median([np.diff(row["measured_iqr_s"])[0] / row["measured_s"]
+                                                  for row in rows])),
+          "round_spearman": [float(v) for v in per_round], "configs": rows}

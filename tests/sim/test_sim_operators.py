@@ -87,6 +87,12 @@ def test_op_time_is_the_roofline_plus_static_cost():
   assert operators.op_seconds(big, device, "bfloat16", measured) == pytest.approx(1.5 * expected)
   assert operators.op_seconds(big, device, "bfloat16", measured, backward=True) == pytest.approx(
       1.5 * (3 * 1e12 / (353.9e12 * 0.7) + 2 * 5e-6))
+  # Passes over the saved activations add to the backward pass only, at the memory roofline.
+  activations = operators.Op("matmul", "matmul", flops=1e12, bytes=1e6, saved=3e9)
+  passes = operators.FamilyCost(forward_scale=1.5, backward_factor=3.0, saved_passes=2.0)
+  assert operators.op_seconds(activations, device, "bfloat16", passes) == pytest.approx(1.5 * expected)
+  assert operators.op_seconds(activations, device, "bfloat16", passes, backward=True) == pytest.approx(
+      1.5 * (3 * 1e12 / (353.9e12 * 0.7) + 2 * 5e-6) + 2 * 3e9 / (1.6 * 1024**4 * 0.6))
   streaming = operators.Op("copy", "vector", flops=1e6, bytes=1e9)
   assert operators.op_seconds(streaming, device, "bfloat16") == pytest.approx(1e9 / (1.6 * 1024**4 * 0.6) + 2e-6)
 
@@ -96,3 +102,8 @@ def test_head_counts_vocab_projection_per_tp_rank():
   head = _by_name(operators.head_ops(DENSE, ctx))
   assert head["lm_head"].flops == 2 * 10 * 512 * 500
   assert head["cross_entropy"].saved == 4 * 10 * 500
+
+
+def test_family_cost_rejects_negative_saved_passes():
+  with pytest.raises(ValueError, match="FamilyCost.saved_passes"):
+    operators.FamilyCost(saved_passes=-1.0)

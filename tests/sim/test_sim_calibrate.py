@@ -1,0 +1,85 @@
+"""The calibration's operator profiles: the modules it times are the layers the simulator models, and the fit
+recovers known family costs from synthetic profile times."""
+
+import jax
+import flax.linen as nn
+import pytest
+
+from pangu.models.transformer import DecoderBlock
+from pangu.nn.attention import causal_mask
+from pangu.sim import calibrate, operators
+from pangu.sim.shapes import from_config
+
+
+def _param_count(module: nn.Module, profile: calibrate.LayerProfile) -> int:
+  x = jax.ShapeDtypeStruct((profile.batch, profile.seq, profile.d_model), jax.numpy.float32)
+  positions = jax.numpy.zeros((profile.batch, profile.seq), jax.numpy.int32)
+  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jax.numpy.zeros(x.shape), positions,
+                                                causal_mask(positions, positions)))
+  return sum(leaf.size for leaf in jax.tree.leaves(nn.unbox(abstract["params"])))
+
+
+@pytest.mark.parametrize("profile", calibrate.LAYER_PROFILES)
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_layer_profile_times_the_layer_the_simulator_models(profile, kind):
+  config = profile.config(sparse=kind == "moe")
+  assert _param_count(DecoderBlock(config), profile) == from_config(config).layer_params(kind).total
+
+
+def test_optimizer_benchmark_updates_the_reference_decoder():
+  reference = calibrate.OPTIMIZER_DECODER
+  config = calibrate.decoder_config(reference["d_model"], reference["n_layers"], vocab_size=reference["vocab_size"])
+  assert calibrate.optimizer_params() == from_config(config).param_count()
+
+
+def test_profile_shapes_reject_bad_fields():
+  moe = calibrate.LAYER_PROFILES[0].moe
+  with pytest.raises(ValueError, match="LayerProfile.seq"):
+    calibrate.LayerProfile(batch=1, seq=0, d_model=64, moe=moe)
+  with pytest.raises(ValueError, match="HeadProfile.vocab_size"):
+    calibrate.HeadProfile(batch=1, seq=8, d_model=64, vocab_size=-1)
+
+
+def test_fit_recovers_family_costs_from_synthetic_profile_times():
+  calibration = calibrate.load()
+  device = calibration.topology.device
+  # Each family's true cost: a forward scale, a FLOP-bound backward factor, passes over saved activations.
+  truth = {"attention": operators.FamilyCost(1.5, 3.0, 10.0), "dense": operators.FamilyCost(0.7, 4.0, 20.0),
+           "experts": operators.FamilyCost(1.2, 6.0, 0.0), "head": operators.FamilyCost(0.9, 2.5, 5.0)}
+  medians = {}
+
+  def chain(name: str, ops: list[operators.Op], families: tuple[str, ...]):
+    """A chain's times: a fixed setup plus R steps of the ops' true forward (and backward, under grad)."""
+    costs = {family: truth[family] for family in families}
+    forward = operators.forward_seconds(ops, device, "float32", costs)
+    backward = operators.forward_seconds(ops, device, "float32", costs, backward=True)
+    for repeat in calibrate.PROFILE_CHAIN:
+      medians[f"{name}/forward/{repeat}"] = 0.01 + repeat * forward
+      medians[f"{name}/grad/{repeat}"] = 0.02 + repeat * (forward + backward)
+
+  for index, profile in enumerate(calibrate.LAYER_PROFILES):
+    dense, moe = (calibrate.layer_profile_ops(profile, kind) for kind in ("dense", "moe"))
+    chain(f"profile/attention/{index}", [op for op in dense if op.family == "attention"], ("attention",))
+    chain(f"profile/dense/{index}", dense, ("attention", "dense"))
+    chain(f"profile/experts/{index}", moe, ("attention", "dense", "experts"))
+  for index, profile in enumerate(calibrate.HEAD_PROFILES):
+    chain(f"profile/head/{index}", calibrate.head_ops(profile), ("head",))
+
+  fitted = calibrate.fit_op_costs(medians, calibration.record["device"])
+  for family, cost in truth.items():
+    assert fitted[family]["forward_scale"] == pytest.approx(cost.forward_scale, rel=1e-6)
+    assert fitted[family]["backward_factor"] == pytest.approx(cost.backward_factor, rel=1e-6)
+    assert fitted[family]["saved_passes"] == pytest.approx(cost.saved_passes, rel=1e-6, abs=1e-6)
+    assert fitted[family]["backward_fit_errors"] == pytest.approx([0.0] * len(fitted[family]["shapes"]), abs=1e-6)
+
+
+def test_attention_block_ops_form_the_attention_family():
+  config = calibrate.decoder_config(128, 2)
+  ctx = operators.OpContext(tokens=256, kv_len=128, activation_bytes=4, weight_bytes=4, fused_attention=False)
+  ops = operators.layer_ops(from_config(config), "dense", ctx)
+  families = {op.name: op.family for op in ops}
+  assert {name for name, family in families.items() if family == "attention"} == {
+      "attention_norm", "qkv_projection", "rope", "attention_scores", "softmax", "attention_values",
+      "output_projection"}
+  assert families["ffn_gate_up"] == families["ffn_norm"] == "dense"
+  assert {op.family for op in operators.head_ops(from_config(config), ctx)} == {"head"}
