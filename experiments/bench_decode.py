@@ -4,9 +4,11 @@ running the very same weights on CPU in the same run.
   python -m experiments.bench_decode --quick
 
 The small preset with random weights is exported with pangu.interop.hf.save_pretrained; pangu reads it back
-with load_pretrained and transformers with LlamaForCausalLM.from_pretrained, so both run identical float32
-weights (their greedy tokens are compared too). What is timed:
-  prefill: one prompt of --prompt_len tokens -> first new token, KV cache filled (batch 1).
+with load_pretrained into its decode layout (pangu.infer.decode_layout: layers unrolled, kernels stored
+[out, in]) and transformers with LlamaForCausalLM.from_pretrained, so both run identical float32 weights
+(their greedy tokens are compared too). What is timed:
+  prefill: one prompt of --prompt_len tokens -> first new token, KV cache filled (batch 1), PREFILL_CALLS
+           times back to back per timed run, so that one run lasts about as long as a decode run.
   decode:  --new_tokens - 1 greedy steps after prefill, batch 1 and batch 8; tokens/s = batch * steps / time.
 transformers' decode is a plain loop of model(token, past_key_values=...) + argmax, without generate()'s
 per-step bookkeeping: the stricter baseline (generate() is timed beside it for reference).
@@ -40,6 +42,7 @@ _REPEATS = flags.DEFINE_integer("repeats", None, "Timed runs per measurement (de
 _TORCH = flags.DEFINE_bool("torch", True, "Also time transformers' LlamaForCausalLM (skipped if not installed).")
 
 KEYS = ("prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b8")
+PREFILL_CALLS = 4
 EXTRA_TORCH_KEYS = ("generate_tok_s_b1", "generate_tok_s_b8")
 # XLA flags of the two pangu thread settings; one device, as a single-host decode runs.
 _XLA_THREADS = {"default": "--xla_force_host_platform_device_count=1",
@@ -66,7 +69,7 @@ def _pangu_runs(folder: str, prompt_len: int, new_tokens: int) -> tuple[dict, li
   from pangu import infer
   from pangu.interop import hf
 
-  config, params = hf.load_pretrained(folder, scan_layers=False)
+  config, params = infer.decode_layout(*hf.load_pretrained(folder, scan_layers=False))
   gen = infer.GenerationConfig(max_new_tokens=new_tokens)
   rng = jax.random.key(0)
 
@@ -79,8 +82,12 @@ def _pangu_runs(folder: str, prompt_len: int, new_tokens: int) -> tuple[dict, li
     state.last.block_until_ready()
     return _timed(lambda: infer.decode(config, gen, params, state).tokens.block_until_ready())
 
-  runs = {"prefill_tok_s": lambda: _timed(lambda: prefill(1).last.block_until_ready()),
-          "decode_tok_s_b1": lambda: decode(1), "decode_tok_s_b8": lambda: decode(8)}
+  def prefills():
+    for _ in range(PREFILL_CALLS):
+      prefill(1).last.block_until_ready()
+
+  runs = {"prefill_tok_s": lambda: _timed(prefills), "decode_tok_s_b1": lambda: decode(1),
+          "decode_tok_s_b8": lambda: decode(8)}
   greedy = np.asarray(infer.decode(config, gen, params, prefill(1)).tokens[0]).tolist()
   return runs, greedy
 
@@ -114,7 +121,8 @@ def _transformers_runs(folder: str, prompt_len: int, new_tokens: int) -> tuple[d
                                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0))
 
   no_grad = torch.inference_mode()
-  runs = {"prefill_tok_s": no_grad(lambda: _timed(lambda: prefill(1))), "decode_tok_s_b1": no_grad(lambda: decode(1)),
+  runs = {"prefill_tok_s": no_grad(lambda: _timed(lambda: [prefill(1) for _ in range(PREFILL_CALLS)])),
+          "decode_tok_s_b1": no_grad(lambda: decode(1)),
           "decode_tok_s_b8": no_grad(lambda: decode(8)), "generate_tok_s_b1": no_grad(lambda: generate(1)),
           "generate_tok_s_b8": no_grad(lambda: generate(8))}
   with no_grad:
@@ -139,7 +147,7 @@ def _worker(engine: str, threads: str, folder: str, prompt_len: int, new_tokens:
 
 def _tokens(metric: str, prompt_len: int, new_tokens: int) -> int:
   if metric == "prefill_tok_s":
-    return prompt_len
+    return PREFILL_CALLS * prompt_len
   batch = int(metric[-1])
   return batch * (new_tokens if metric.startswith("generate") else new_tokens - 1)
 

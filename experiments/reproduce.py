@@ -21,6 +21,8 @@ EXPERIMENTS = (
                       "spikes at an LR where Pre-LN spikes."),
     ("moge_balance", "Pangu Pro MoE: MoGE has Imbalance Score 0 and max/mean expert-parallel device load exactly "
                      "1.0 where top-K does not, at comparable quality."),
+    ("mole", "MoLE: the lookup table reproduces the trained experts exactly; decoding with the table off the "
+             "device is about as fast as dense and far faster than offloaded MoE."),
 )
 _ONLY = flags.DEFINE_list("only", None, "Run only these experiments.")
 

@@ -1,11 +1,11 @@
 """Generation: a KV cache, samplers and batched prefill + decode (`python -m pangu.infer.generate` runs it)."""
 
 from pangu.infer.decoding import (DecodeState, GenerationConfig, decode, decode_layout, generate, left_pad,
-                                  prefill)
+                                  prefill, prompt_bucket)
 from pangu.infer.kv_cache import cache_bytes, init_cache
 from pangu.infer.sampling import SamplingConfig, filter_logits, sample
 
 __all__ = [
-    "DecodeState", "GenerationConfig", "SamplingConfig", "cache_bytes", "decode", "decode_layout", "filter_logits", "generate",
-    "init_cache", "left_pad", "prefill", "sample",
+    "DecodeState", "GenerationConfig", "SamplingConfig", "cache_bytes", "decode", "decode_layout", "filter_logits",
+    "generate", "init_cache", "left_pad", "prefill", "prompt_bucket", "sample",
 ]

@@ -23,8 +23,13 @@ from jax.sharding import Mesh
 from pangu.infer.kv_cache import init_cache
 from pangu.infer.sampling import SamplingConfig, sample
 from pangu.models.config import TransformerConfig
+from pangu.models.param_layout import convert_param_layout
 from pangu.models.transformer import Decoder, KVCache, unstack_layers
 from pangu.parallel import rules
+
+
+# Prompts are padded to at least this many slots (see `prompt_bucket`).
+MIN_PROMPT_BUCKET = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,22 +72,42 @@ class DecodeState:
 
 
 def decode_layout(config: TransformerConfig, params: dict) -> tuple[TransformerConfig, dict]:
-  """The unrolled layer layout, which decoding should use on CPU.
+  """The layout decoding should use on CPU: layers unrolled and kernels stored [out, in] (`param_layout="decode"`).
 
   In a scanned model XLA:CPU copies every layer's weights out of the stacked [L, ...] arrays on every step
   (a dynamic-slice feeding each matmul), doubling the memory traffic that bounds a decode step: 54 ms vs
-  15 ms per step for the small preset at batch 1. Unstacking once costs one copy of the weights.
+  15 ms per step for the small preset at batch 1. The skinny [B, D] x kernel matmuls of a step also run faster
+  on [out, in] kernels (pangu.nn.linear). Each conversion costs one copy of the weights. MoE layers switch
+  from `blocked` experts, which pay one padded block per expert, to the `selected` loop over the few experts
+  a step's tokens chose.
   """
-  if not config.scanned:
-    return config, params
-  return config.replace(scan_layers=False), unstack_layers(params, config.n_layers)
+  if config.moe is not None and config.moe.experts_implementation in ("auto", "blocked"):
+    config = config.replace(moe=config.moe.replace(experts_implementation="selected"))
+  if config.scanned:
+    config, params = config.replace(scan_layers=False), unstack_layers(params, config.n_layers)
+  return convert_param_layout(config, params, "decode")
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Prompts of different lengths -> (tokens [B, S] int32 right-aligned, start [B] = first real slot)."""
+def prompt_bucket(length: int, smallest: int = MIN_PROMPT_BUCKET) -> int:
+  """The padded prompt width for a longest prompt of `length`: the next power of two, at least `smallest`.
+
+  Prefill and decode compile once per (batch, width), so padding to a few widths spares a compile for every
+  new prompt length; the extra left padding is masked, which changes no output.
+  """
+  return max(smallest, 1 << (length - 1).bit_length())
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Prompts of different lengths -> (tokens [B, S] int32 right-aligned, start [B] = first real slot).
+
+  S is `width` (see `prompt_bucket`), or the longest prompt's length when None.
+  """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError(f"need at least one prompt and no empty prompt, got lengths {[len(p) for p in prompts]}")
-  width = max(len(p) for p in prompts)
+  longest = max(len(p) for p in prompts)
+  width = longest if width is None else width
+  if width < longest:
+    raise ValueError(f"left_pad width={width} is shorter than the longest prompt ({longest} tokens)")
   tokens = np.full((len(prompts), width), pad_id, np.int32)
   for row, prompt in enumerate(prompts):
     tokens[row, width - len(prompt):] = prompt
@@ -158,8 +183,11 @@ def decode(config: TransformerConfig, gen: GenerationConfig, params: dict, state
 def generate(config: TransformerConfig, params: dict, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
              rng: jax.Array, *, mesh: Mesh | None = None,
              logical_rules: rules.LogicalRules = rules.DEFAULT_RULES) -> list[np.ndarray]:
-  """Continues each prompt (a list of token ids): one int32 array per prompt, ending at its stop token."""
-  tokens, start = left_pad(prompts, gen.pad_id)
+  """Continues each prompt (a list of token ids): one int32 array per prompt, ending at its stop token.
+
+  Prompts are left-padded to a `prompt_bucket` width, so prompt lengths within a bucket share one compile.
+  """
+  tokens, start = left_pad(prompts, gen.pad_id, prompt_bucket(max(len(p) for p in prompts)))
   state = prefill(config, gen, params, tokens, start, rng, mesh=mesh, logical_rules=logical_rules)
   state = decode(config, gen, params, state, mesh=mesh, logical_rules=logical_rules)
   out, lengths = jax.device_get((state.tokens, state.lengths))

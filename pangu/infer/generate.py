@@ -6,7 +6,8 @@
 --model is a folder with config.json + *.safetensors (Llama, Qwen2, Qwen3; see pangu.interop.hf) or a
 checkpoint folder written by pangu.train (its newest step). The tokenizer is the folder's tokenizer.json when
 there is one, else the byte tokenizer; --tokenizer overrides. Repeat --prompt for a batch (left-padded).
-Generation stops at the tokenizer's EOS and the config's eos_token_id(s).
+Generation stops at the tokenizer's EOS and the config's eos_token_id(s). Prompts are left-padded to a
+power-of-two width (pangu.infer.prompt_bucket), so most new prompt lengths reuse the compiled programs.
 """
 
 import json
@@ -30,37 +31,30 @@ _WARMUP = flags.DEFINE_bool("warmup", True, "Compile with one untimed run first,
 
 
 def _load_training_checkpoint(path: str):
-  """(config, params) of the newest step of a pangu.train checkpoint folder (the full state is restored)."""
+  """(config, params) of the newest step of a pangu.train checkpoint folder; only the params are read."""
+  import flax.linen as nn
   import jax
 
+  from pangu.models import abstract_params
   from pangu.models.config import TransformerConfig
-  from pangu.parallel import single_device_mesh
+  from pangu.parallel import rules, single_device_mesh
   from pangu.train.checkpoint import Checkpointer
-  from pangu.train.config import TrainConfig
-  from pangu.train.spikes import SpikeConfig
-  from pangu.train.step import init_train_state
 
   checkpointer = Checkpointer(path)
   step = checkpointer.latest_step()
-  meta_file = os.path.join(path, str(step), "meta", "metadata")
-  if step is None or not os.path.isfile(meta_file):
+  if step is None or not os.path.isfile(os.path.join(path, str(step), "meta", "metadata")):
     raise FileNotFoundError(f"{path} is neither a Hugging Face folder (no config.json) nor a pangu checkpoint")
-  with open(meta_file) as f:
-    meta = json.load(f)
-  model_config = TransformerConfig.from_dict(meta["model"])
-  train = dict(meta["train"])
-  spikes = {k: tuple(v) if isinstance(v, list) else v for k, v in train.pop("spikes").items()}
-  train_config = TrainConfig(**train, spikes=SpikeConfig(**spikes))
-  mesh = single_device_mesh()
-  state = init_train_state(model_config, train_config, jax.random.key(0), mesh)
-  state, _ = checkpointer.restore(state, metadata=meta)
+  config = TransformerConfig.from_dict(checkpointer.metadata(step)["model"])
+  target = rules.param_shardings(abstract_params(config), single_device_mesh())
+  abstract = jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target,
+                          nn.unbox(abstract_params(config)))
+  params = checkpointer.restore_params(abstract, step=step)
   checkpointer.close()
-  return model_config, state.params
+  return config, params
 
 
-def _stop_ids(hf_config: dict, tokenizer) -> tuple[int, ...]:
-  eos = hf_config.get("eos_token_id")
-  return tuple(sorted({tokenizer.eos_id, *(eos if isinstance(eos, list) else [] if eos is None else [eos])}))
+def _stop_ids(config, tokenizer) -> tuple[int, ...]:
+  return tuple(sorted({tokenizer.eos_id, *config.eos_token_ids}))
 
 
 def main(argv):
@@ -90,15 +84,15 @@ def main(argv):
     raise app.UsageError(f"tokenizer {tokenizer_spec!r} has {tokenizer.vocab_size} ids but the model only "
                          f"{config.vocab_size}; pass --tokenizer")
   # Llama checkpoints expect BOS first; pangu's packed training data puts the previous document's EOS there.
-  if hf_config.get("model_type") == "llama" and hf_config.get("bos_token_id") is not None:
-    prefix = [hf_config["bos_token_id"]]
+  if hf_config.get("model_type") == "llama" and config.bos_token_id is not None:
+    prefix = [config.bos_token_id]
   else:
     prefix = [] if hf_config else [tokenizer.eos_id]
   prompts = [prefix + tokenizer.encode(text).tolist() for text in _PROMPT.value]
   gen = infer.GenerationConfig(
       max_new_tokens=_MAX_NEW.value, sampling=infer.SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
-      stop_tokens=_stop_ids(hf_config, tokenizer), pad_id=tokenizer.pad_id)
-  tokens, start = infer.left_pad(prompts, gen.pad_id)
+      stop_tokens=_stop_ids(config, tokenizer), pad_id=tokenizer.pad_id)
+  tokens, start = infer.left_pad(prompts, gen.pad_id, infer.prompt_bucket(max(len(p) for p in prompts)))
 
   def run():
     t0 = time.perf_counter()
@@ -116,7 +110,8 @@ def main(argv):
     print(f"{text}{tokenizer.decode(row[:n])}")
     print("-" * 40)
   note = "" if _WARMUP.value else " (including compilation)"
-  print(f"prefill: {tokens.size} tokens in {prefill_s:.3f} s = {tokens.size / prefill_s:.1f} tokens/s{note}")
+  prompt_tokens = sum(len(p) for p in prompts)  # the bucket's left padding is not counted
+  print(f"prefill: {prompt_tokens} tokens in {prefill_s:.3f} s = {prompt_tokens / prefill_s:.1f} tokens/s{note}")
   decoded = int(lengths.sum()) - len(prompts)
   print(f"decode: {decoded} tokens in {decode_s:.3f} s = {decoded / max(decode_s, 1e-9):.1f} tokens/s{note}")
 

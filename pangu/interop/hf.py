@@ -7,12 +7,20 @@ Tensor names and layouts (HF Linear weights are [out, in]; ours put the input fi
   model.layers.i.self_attn.q_proj.bias   [H*Dh]       -> attn.q_bias [H, Dh] (Qwen2)
   model.layers.i.self_attn.q_norm.weight [Dh]         -> attn.q_norm [Dh]    (Qwen3, also k_norm)
   model.layers.i.self_attn.o_proj.weight [D, H*Dh]    -> attn.o [H, Dh, D]
+  model.layers.i.self_attn.o_proj.bias   [D]          -> attn.o_bias [D]     (Llama / Qwen3 attention_bias)
   model.layers.i.post_attention_layernorm [D]         -> pre_mlp_norm.scale
   model.layers.i.mlp.{gate,up}_proj.weight [F, D]     -> mlp.{gate,up} [D, F]
   model.layers.i.mlp.down_proj.weight    [D, F]       -> mlp.down [F, D]
+  model.layers.i.mlp.{gate,up,down}_proj.bias         -> mlp.{gate,up,down}_bias (Llama mlp_bias)
   model.norm.weight                      [D]          -> final_norm.scale
   lm_head.weight                         [V, D]       -> lm_head [D, V] (absent when embeddings are tied)
-Both sides use RoPE's rotate-half pairing (i, i + Dh/2), so q/k need no permutation.
+Both sides use RoPE's rotate-half pairing (i, i + Dh/2), so q/k need no permutation. The tables are in the
+`training` param layout; `save_pretrained` converts other layouts first.
+
+Biases by family, as transformers builds them: Llama's `attention_bias` covers q, k, v and o, its `mlp_bias`
+gate, up and down; Qwen2 always has q/k/v biases and nothing else; Qwen3's `attention_bias` covers q, k, v, o.
+config.json's max_position_embeddings, bos_token_id and eos_token_id travel in our config's fields of the
+same names (eos_token_ids, a tuple).
 
 Loading streams: each parameter is built shard by shard with `jax.make_array_from_callback`, every shard read
 from the memory-mapped file with `safe_open(...).get_slice`, so the host holds one tensor's slices at a time,
@@ -46,6 +54,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from pangu.models.config import LayerShape, RopeScaling, TransformerConfig
+from pangu.models.param_layout import convert_param_layout
 from pangu.models.transformer import LAYERS_KEY, abstract_params
 from pangu.parallel import rules
 
@@ -53,6 +62,8 @@ CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 LAYER_SHAPES_KEY = "pangu_layer_shapes"
+# config.json's max_position_embeddings for a model whose config does not know its context length.
+DEFAULT_MAX_POSITION_EMBEDDINGS = 4096
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -131,10 +142,14 @@ _LAYER_TENSORS = {
     ("attn", "q_norm"): ("self_attn.q_norm.weight", _SAME_1D),
     ("attn", "k_norm"): ("self_attn.k_norm.weight", _SAME_1D),
     ("attn", "o"): ("self_attn.o_proj.weight", _HEADS_OUT),
+    ("attn", "o_bias"): ("self_attn.o_proj.bias", _SAME_1D),
     ("pre_mlp_norm", "scale"): ("post_attention_layernorm.weight", _SAME_1D),
     ("mlp", "gate"): ("mlp.gate_proj.weight", _TRANSPOSED),
     ("mlp", "up"): ("mlp.up_proj.weight", _TRANSPOSED),
     ("mlp", "down"): ("mlp.down_proj.weight", _TRANSPOSED),
+    ("mlp", "gate_bias"): ("mlp.gate_proj.bias", _SAME_1D),
+    ("mlp", "up_bias"): ("mlp.up_proj.bias", _SAME_1D),
+    ("mlp", "down_bias"): ("mlp.down_proj.bias", _SAME_1D),
 }
 _TOP_TENSORS = {
     ("embedding",): ("model.embed_tokens.weight", _SAME_2D),
@@ -186,7 +201,12 @@ def _entries(config: TransformerConfig) -> list[_Entry]:
 
 
 def _rope_from_hf(hf: dict, where: str) -> tuple[float, RopeScaling | None]:
-  """Reads RoPE settings in either transformers 5 (`rope_parameters`) or 4 (`rope_theta`, `rope_scaling`)."""
+  """Reads RoPE settings in either transformers 5 (`rope_parameters`) or 4 (`rope_theta`, `rope_scaling`).
+
+  A yarn `attention_factor` left out is inferred as transformers does: from `mscale` / `mscale_all_dim` when
+  both are given, else from `factor` (then RopeScaling's own default); a missing `factor` is
+  max_position_embeddings / original_max_position_embeddings.
+  """
   params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
   theta = params.pop("rope_theta", hf.get("rope_theta", 10_000.0))
   kind = params.pop("rope_type", params.pop("type", "default"))
@@ -199,7 +219,23 @@ def _rope_from_hf(hf: dict, where: str) -> tuple[float, RopeScaling | None]:
   if kind == "llama3":
     return theta, RopeScaling("llama3", float(params["factor"]), float(params["low_freq_factor"]),
                               float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
-  raise CheckpointFormatError(f"{where}: rope type {kind!r} is not supported (supported: default, linear, llama3)")
+  if kind == "yarn":
+    context = int(params["original_max_position_embeddings"])
+    factor = params.get("factor") or hf["max_position_embeddings"] / context
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None and params.get("mscale") and params.get("mscale_all_dim"):
+
+      def mscale(m: float) -> float:
+        return 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+      attention_factor = mscale(params["mscale"]) / mscale(params["mscale_all_dim"])
+    return theta, RopeScaling(
+        "yarn", float(factor), original_max_position_embeddings=context,
+        beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+        truncate=bool(params.get("truncate", True)),
+        attention_factor=None if attention_factor is None else float(attention_factor))
+  raise CheckpointFormatError(f"{where}: rope type {kind!r} is not supported (supported: default, linear, llama3, "
+                              "yarn)")
 
 
 def config_from_hf(hf: dict, *, dtype: str = "float32", where: str = "config.json") -> TransformerConfig:
@@ -211,53 +247,82 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", where: str = "config.jso
   unsupported = []
   if hf.get("hidden_act", "silu") != "silu":
     unsupported.append(f"hidden_act={hf['hidden_act']!r}")
-  if hf.get("mlp_bias"):
-    unsupported.append("mlp_bias=true")
-  if family != "qwen2" and hf.get("attention_bias"):
-    unsupported.append("attention_bias=true (an o_proj bias)")
   if hf.get("use_sliding_window"):
     unsupported.append("use_sliding_window=true")
   if unsupported:
     raise CheckpointFormatError(f"{where}: {family} options not supported: {', '.join(unsupported)}")
   theta, scaling = _rope_from_hf(hf, where)
   shapes = hf.get(LAYER_SHAPES_KEY)
+  # transformers' Qwen2 reads neither bias key (its q/k/v always have biases); Qwen3 reads no mlp_bias.
+  attention_bias = family != "qwen2" and bool(hf.get("attention_bias"))
+  eos = hf.get("eos_token_id")
   return TransformerConfig(
       vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
       n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
       d_ff=hf["intermediate_size"], head_dim=hf.get("head_dim"),
       layer_shapes=None if shapes is None else tuple(LayerShape(**s) for s in shapes),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_theta=float(theta), rope_scaling=scaling,
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)), attention_bias=family == "qwen2", qk_norm=family == "qwen3",
-      dtype=dtype, param_dtype=dtype)
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)), attention_bias=family == "qwen2" or attention_bias,
+      attention_output_bias=attention_bias, mlp_bias=family == "llama" and bool(hf.get("mlp_bias")),
+      qk_norm=family == "qwen3", dtype=dtype, param_dtype=dtype,
+      max_position_embeddings=hf.get("max_position_embeddings"), bos_token_id=hf.get("bos_token_id"),
+      eos_token_ids=tuple(eos if isinstance(eos, list) else () if eos is None else (eos,)))
 
 
-def config_to_hf(config: TransformerConfig, *, max_position_embeddings: int = 4096) -> dict:
-  """The config.json of `config`: Qwen2 when it has q/k/v biases, Qwen3 with q/k norms, else Llama."""
+def _hf_family(config: TransformerConfig) -> str:
+  """The one family whose biases and norms match `config`'s, or a ValueError naming the mismatch."""
   if config.norm_placement != "pre":
     raise ValueError(f"norm_placement={config.norm_placement!r} has post-norms that Llama/Qwen checkpoints "
                      "cannot express; only 'pre' can be saved")
   if config.moe is not None:
     raise ValueError("MoE feed-forward layers have no counterpart in Llama/Qwen2/Qwen3 checkpoints")
-  if config.attention_bias and config.qk_norm:
-    raise ValueError("attention_bias and qk_norm together match no Hugging Face family (Qwen3's bias covers o_proj)")
-  family = "qwen2" if config.attention_bias else "qwen3" if config.qk_norm else "llama"
+  if config.mlp_activation != "swiglu":
+    raise ValueError(f"mlp_activation={config.mlp_activation!r}: Llama/Qwen feed-forwards are SwiGLU")
+  if config.attention_bias and not config.attention_output_bias and not config.qk_norm and not config.mlp_bias:
+    return "qwen2"
+  if config.attention_bias != config.attention_output_bias:
+    raise ValueError(f"attention_bias={config.attention_bias} with attention_output_bias="
+                     f"{config.attention_output_bias} matches no Hugging Face family: q/k/v biases alone are "
+                     "Qwen2's (no q/k norms, no mlp_bias), Llama's and Qwen3's attention_bias covers o_proj too")
+  if config.qk_norm and config.mlp_bias:
+    raise ValueError("qk_norm with mlp_bias matches no Hugging Face family (Qwen3 has no MLP biases)")
+  return "qwen3" if config.qk_norm else "llama"
+
+
+def config_to_hf(config: TransformerConfig) -> dict:
+  """The config.json of `config`: Qwen2 when it has q/k/v biases only, Qwen3 with q/k norms, else Llama.
+
+  max_position_embeddings is the config's, or DEFAULT_MAX_POSITION_EMBEDDINGS when it does not know.
+  """
+  family = _hf_family(config)
   hf = {
       "architectures": [_ARCHITECTURES[family]], "model_type": family, "vocab_size": config.vocab_size,
       "hidden_size": config.d_model, "intermediate_size": config.d_ff, "num_hidden_layers": config.n_layers,
       "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
-      "head_dim": config.head_dim, "hidden_act": "silu", "max_position_embeddings": max_position_embeddings,
+      "head_dim": config.head_dim, "hidden_act": "silu",
+      "max_position_embeddings": config.max_position_embeddings or DEFAULT_MAX_POSITION_EMBEDDINGS,
       "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta, "rope_scaling": None,
-      "tie_word_embeddings": config.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-      "torch_dtype": config.param_dtype,
+      "tie_word_embeddings": config.tie_embeddings, "attention_bias": config.attention_output_bias,
+      "mlp_bias": config.mlp_bias, "torch_dtype": config.param_dtype,
   }
+  if config.bos_token_id is not None:
+    hf["bos_token_id"] = config.bos_token_id
+  if config.eos_token_ids:
+    eos = config.eos_token_ids
+    hf["eos_token_id"] = eos[0] if len(eos) == 1 else list(eos)
   if family == "qwen2":
     hf["use_sliding_window"] = False
   scaling = config.rope_scaling
   if scaling is not None:
     hf["rope_scaling"] = {"rope_type": scaling.kind, "factor": scaling.factor}
+    if scaling.kind in ("llama3", "yarn"):
+      hf["rope_scaling"]["original_max_position_embeddings"] = scaling.original_max_position_embeddings
     if scaling.kind == "llama3":
-      hf["rope_scaling"].update(low_freq_factor=scaling.low_freq_factor, high_freq_factor=scaling.high_freq_factor,
-                                original_max_position_embeddings=scaling.original_max_position_embeddings)
+      hf["rope_scaling"].update(low_freq_factor=scaling.low_freq_factor, high_freq_factor=scaling.high_freq_factor)
+    if scaling.kind == "yarn":
+      hf["rope_scaling"].update(beta_fast=scaling.beta_fast, beta_slow=scaling.beta_slow, truncate=scaling.truncate)
+      if scaling.attention_factor is not None:
+        hf["rope_scaling"]["attention_factor"] = scaling.attention_factor
   if not config.is_uniform:
     hf[LAYER_SHAPES_KEY] = [dataclasses.asdict(s) for s in config.layer_shapes]
   return hf
@@ -411,13 +476,15 @@ def _hf_tensors(config: TransformerConfig, params: dict) -> Iterator[tuple[str, 
 
 
 def save_pretrained(config: TransformerConfig, params: dict, path: str | os.PathLike, *,
-                    max_shard_bytes: int = 2 << 30, max_position_embeddings: int = 4096) -> None:
+                    max_shard_bytes: int = 2 << 30) -> None:
   """Writes config.json + model.safetensors (or numbered shards and an index when over max_shard_bytes).
 
-  Tensors keep the params' dtype bit for bit, so `load_pretrained` gives back the same arrays. The host
-  holds at most one shard's tensors at a time.
+  Tensors keep the params' dtype bit for bit, so `load_pretrained` gives back the same arrays (in the
+  `training` layout: `decode`-layout params are transposed back first). The host holds at most one shard's
+  tensors at a time.
   """
-  hf_config = config_to_hf(config, max_position_embeddings=max_position_embeddings)
+  hf_config = config_to_hf(config)
+  config, params = convert_param_layout(config, params, "training")
   path = os.fspath(path)
   os.makedirs(path, exist_ok=True)
   tensors = list(_hf_tensors(config, params))

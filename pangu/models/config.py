@@ -7,15 +7,20 @@ K kv heads, Dh head dim, F ffn width, E experts, G expert groups, V vocab, L lay
 import dataclasses
 from typing import Literal
 
+from pangu.nn.mole import MoLEConfig
 from pangu.nn.moe.config import MoEConfig
 
 NormPlacement = Literal["pre", "sandwich", "depth_scaled_sandwich"]
 InitScheme = Literal["tiny", "small", "normal"]
 Remat = Literal["none", "block", "selective"]
+MlpActivation = Literal["swiglu", "gelu"]
+ParamLayout = Literal["training", "decode"]
 
 NORM_PLACEMENTS = ("pre", "sandwich", "depth_scaled_sandwich")
 INIT_SCHEMES = ("tiny", "small", "normal")
 REMATS = ("none", "block", "selective")
+MLP_ACTIVATIONS = ("swiglu", "gelu")
+PARAM_LAYOUTS = ("training", "decode")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -32,8 +37,8 @@ def _choice(obj, name: str, allowed: tuple[str, ...]) -> None:
     raise ValueError(f"{type(obj).__name__}.{name} must be one of {allowed}, got {value!r}")
 
 
-RopeKind = Literal["linear", "llama3"]
-ROPE_KINDS = ("linear", "llama3")
+RopeKind = Literal["linear", "llama3", "yarn"]
+ROPE_KINDS = ("linear", "llama3", "yarn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +49,15 @@ class RopeScaling:
     kind: `linear` divides every inverse frequency by `factor` (position interpolation, Chen et al. 2023);
       `llama3` divides only the low frequencies, whose wavelength exceeds
       original_max_position_embeddings / low_freq_factor, keeps the high frequencies (wavelength below
-      original_max_position_embeddings / high_freq_factor) and interpolates smoothly in between (Llama 3.1).
+      original_max_position_embeddings / high_freq_factor) and interpolates smoothly in between (Llama 3.1);
+      `yarn` divides the dimensions that turn fewer than beta_slow times over the original context by
+      `factor`, keeps those turning more than beta_fast times, ramps linearly between the two, and scales
+      cos/sin by `attention_factor` (YaRN, Peng et al. 2023; Qwen's long-context configs).
     factor: the context-extension factor.
     low_freq_factor, high_freq_factor, original_max_position_embeddings: the `llama3` band edges.
+    beta_fast, beta_slow, truncate: the `yarn` ramp, in rotations over original_max_position_embeddings;
+      `truncate` rounds its ends outwards to whole dimensions (Hugging Face's default).
+    attention_factor: `yarn`'s cos/sin scale; None means 0.1 ln(factor) + 1.
   """
 
   kind: RopeKind
@@ -54,16 +65,22 @@ class RopeScaling:
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_position_embeddings: int = 8192
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  truncate: bool = True
+  attention_factor: float | None = None
 
   def __post_init__(self):
     _choice(self, "kind", ROPE_KINDS)
-    for name in ("factor", "low_freq_factor", "high_freq_factor"):
+    for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
       if not getattr(self, name) > 0:
         raise ValueError(f"RopeScaling.{name} must be > 0, got {getattr(self, name)!r}")
     _positive(self, "original_max_position_embeddings")
     if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
       raise ValueError(f"RopeScaling.high_freq_factor={self.high_freq_factor} must exceed "
                        f"low_freq_factor={self.low_freq_factor}")
+    if self.attention_factor is not None and not self.attention_factor > 0:
+      raise ValueError(f"RopeScaling.attention_factor must be > 0 or None, got {self.attention_factor!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +118,9 @@ class TransformerConfig:
     rope_theta: RoPE base frequency.
     rope_scaling: optional RoPE frequency scaling for long contexts (Llama 3.1, linear interpolation).
     norm_eps: RMSNorm epsilon.
-    attention_bias: q/k/v projections carry a bias (Qwen2).
+    attention_bias: q/k/v projections carry a bias (Qwen2; Llama's `attention_bias` also sets the next one).
+    attention_output_bias: the attention output projection `o` carries a bias.
+    mlp_bias: the dense feed-forward's projections carry biases (Llama's `mlp_bias`).
     qk_norm: RMSNorm on each query and key head before RoPE (Qwen3).
     remat: activation rematerialisation: `none`, `block` (recompute each layer) or `selective` (keep matmul
       outputs, recompute the cheap elementwise work).
@@ -110,6 +129,15 @@ class TransformerConfig:
     moe: the sparse feed-forward of MoE layers (top-K / group-limited MoE or MoGE); None: every layer dense.
     first_k_dense: with `moe`, layers [0, first_k_dense) keep the dense SwiGLU of width d_ff and the rest are
       sparse. A model that mixes both is unrolled, not scanned (a scan needs identical layers).
+    mlp_activation: the dense feed-forward: `swiglu` (gate, up, down) or `gelu` (up, down; GPT-2 / Pythia).
+    mole: lookup experts (MoLE) added to every layer's dense feed-forward, which becomes their shared FFN.
+    param_layout: how projection kernels are stored: `training` ([in, out], checkpoints and the optimizer) or
+      `decode` ([out, in], faster skinny matmuls on CPU; see pangu.nn.linear and
+      pangu.models.param_layout.convert_param_layout).
+    max_position_embeddings: the context length the model was trained for, when known (written to and read
+      from Hugging Face's config.json).
+    bos_token_id, eos_token_ids: the tokenizer's begin / end-of-sequence ids, when known; generation stops at
+      any of `eos_token_ids`.
   """
 
   vocab_size: int
@@ -130,6 +158,8 @@ class TransformerConfig:
   rope_scaling: RopeScaling | None = None
   norm_eps: float = 1e-5
   attention_bias: bool = False
+  attention_output_bias: bool = False
+  mlp_bias: bool = False
   qk_norm: bool = False
   remat: Remat = "none"
   scan_layers: bool = True
@@ -137,6 +167,12 @@ class TransformerConfig:
   param_dtype: str = "float32"
   moe: MoEConfig | None = None
   first_k_dense: int = 0
+  mlp_activation: MlpActivation = "swiglu"
+  mole: MoLEConfig | None = None
+  param_layout: ParamLayout = "training"
+  max_position_embeddings: int | None = None
+  bos_token_id: int | None = None
+  eos_token_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
     _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
@@ -161,6 +197,20 @@ class TransformerConfig:
     _choice(self, "remat", REMATS)
     _choice(self, "dtype", DTYPES)
     _choice(self, "param_dtype", DTYPES)
+    _choice(self, "mlp_activation", MLP_ACTIVATIONS)
+    _choice(self, "param_layout", PARAM_LAYOUTS)
+    if self.max_position_embeddings is not None:
+      _positive(self, "max_position_embeddings")
+    object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+    for name, ids in (("bos_token_id", () if self.bos_token_id is None else (self.bos_token_id,)),
+                      ("eos_token_ids", self.eos_token_ids)):
+      if any(not isinstance(i, int) or i < 0 for i in ids):
+        raise ValueError(f"TransformerConfig.{name} must hold ints >= 0, got {getattr(self, name)!r}")
+    if self.mole is not None and not isinstance(self.mole, MoLEConfig):
+      raise ValueError(f"TransformerConfig.mole must be a MoLEConfig or None, got {self.mole!r}")
+    if self.mole is not None and self.moe is not None:
+      raise ValueError("TransformerConfig.mole and TransformerConfig.moe are exclusive: a MoLE layer's experts "
+                       "are lookup experts beside a dense shared FFN")
     for name in ("rope_theta", "norm_eps", "post_gain_attn", "post_gain_mlp"):
       if not getattr(self, name) > 0:
         raise ValueError(f"TransformerConfig.{name} must be > 0, got {getattr(self, name)!r}")
@@ -209,4 +259,6 @@ class TransformerConfig:
       d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
     if d.get("moe") is not None:
       d["moe"] = MoEConfig(**d["moe"])
+    if d.get("mole") is not None:
+      d["mole"] = MoLEConfig(**d["mole"])
     return cls(**d)

@@ -25,13 +25,19 @@ def active_param_count(config: TransformerConfig) -> int:
 
 
 def _ffn_weights_per_token(config: TransformerConfig, i: int) -> int:
-  """FFN weights one token multiplies by in layer i: the dense SwiGLU, or the router, K routed experts and the
-  shared experts of a MoE layer."""
+  """FFN weights one token multiplies by in layer i: the dense MLP (3 D F for SwiGLU, 2 D F for GELU), or the
+  router, K routed experts and the shared experts of a MoE layer; plus, with MoLE, the router and (training
+  form) every lookup expert, since MoLE's routing is dense."""
   d = config.d_model
   if config.is_moe_layer(i):
     moe = config.moe
     return d * moe.num_experts + 3 * d * (moe.top_k * moe.expert_dim + moe.shared_dim)
-  return 3 * d * config.layer(i).d_ff
+  dense = (3 if config.mlp_activation == "swiglu" else 2) * d * config.layer(i).d_ff
+  mole = config.mole
+  if mole is None:
+    return dense
+  experts = 0 if mole.lookup else mole.num_experts * 2 * d * mole.expert_dim
+  return dense + d * mole.num_experts + experts
 
 
 def forward_matmul_flops_per_token(config: TransformerConfig, seq_len: int) -> float:

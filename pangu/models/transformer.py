@@ -6,8 +6,10 @@ Norm placement per block (Pangu Ultra, arXiv 2504.07866, eq. 1-2):
 The post-norms normalise the sublayer output before the residual add; in `depth_scaled_sandwich` their
 gains start at c/sqrt(L).
 
-The feed-forward is the dense SwiGLU (`mlp`) or, with `config.moe`, the sparse `MoEFeedForward` (`moe`), whose
-losses and load metrics go to the `moe` collection (apply with `mutable=[MOE_COLLECTION]` to read them).
+The feed-forward is the dense SwiGLU or GELU MLP (`mlp`) or, with `config.moe`, the sparse `MoEFeedForward`
+(`moe`), whose losses and load metrics go to the `moe` collection (apply with `mutable=[MOE_COLLECTION]` to read
+them). With `config.mole`, lookup experts (`mole`) read the embedding output beside the dense `mlp`; in their
+lookup form the layers read table rows fetched once per call from wherever the table lives (pangu.nn.mole).
 
 A uniform model scans one block over a stacked `layers` axis; a non-uniform one (per-layer widths after
 pruning, or first-k-dense layers before MoE ones) unrolls. `stack_layers` / `unstack_layers` convert between
@@ -27,8 +29,10 @@ import jax.numpy as jnp
 
 from pangu.models.config import TransformerConfig
 from pangu.nn import init as inits
+from pangu.nn import linear
 from pangu.nn.attention import Attention, LayerKV, causal_mask
-from pangu.nn.mlp import SwiGLU
+from pangu.nn.mlp import MLP
+from pangu.nn.mole import LookupExperts, StoredTable, TableShape, lookup_rows
 from pangu.nn.moe import MOE_COLLECTION, MoEFeedForward
 from pangu.nn.norms import RMSNorm, depth_scaled_gain
 from pangu.parallel import rules
@@ -47,8 +51,8 @@ class KVCache:
   """Keys and values of every layer in preallocated slots; the layout is documented in pangu.infer.kv_cache.
 
   Attributes:
-    layers: a scanned model's one (keys, values) pair, each [L, B, T_max, K, Dh], or an unrolled model's
-      tuple of L pairs of [B, T_max, K_l, Dh].
+    layers: a scanned model's one (keys, values) pair, each [L, B, K, T_max, Dh], or an unrolled model's
+      tuple of L pairs of [B, K_l, T_max, Dh].
     length: int32 [], slots written so far (the same for every row).
     start: int32 [B], first real slot of each row; slots before it are left padding, and a token in slot t
       has position t - start.
@@ -60,7 +64,7 @@ class KVCache:
 
   @property
   def max_length(self) -> int:
-    return jax.tree.leaves(self.layers)[0].shape[-3]
+    return jax.tree.leaves(self.layers)[0].shape[-2]
 
 
 class DecoderBlock(nn.Module):
@@ -71,7 +75,7 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache_index: jax.Array | None = None,
-               kv_cache: LayerKV | None = None):
+               kv_cache: LayerKV | None = None, expert_input: jax.Array | None = None):
     cfg = self.config
     shape = cfg.layer(self.layer_index)
     sandwich = cfg.norm_placement != "pre"
@@ -82,13 +86,15 @@ class DecoderBlock(nn.Module):
     if sandwich:
       h = RMSNorm(cfg.norm_eps, gain_init=gain_attn, name="post_attn_norm")(h)
     x = x + h
-    h = RMSNorm(cfg.norm_eps, name="pre_mlp_norm")(x)
+    u = RMSNorm(cfg.norm_eps, name="pre_mlp_norm")(x)
+    kernel_inits = dict(kernel_init=inits.kernel_init(cfg), output_init=inits.kernel_init(cfg, residual_output=True),
+                        dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     if cfg.is_moe_layer(self.layer_index):
-      h = MoEFeedForward(cfg.moe, cfg.d_model, kernel_init=inits.kernel_init(cfg),
-                         output_init=inits.kernel_init(cfg, residual_output=True), dtype=cfg.dtype,
-                         param_dtype=cfg.param_dtype, name="moe")(h)
+      h = MoEFeedForward(cfg.moe, cfg.d_model, **kernel_inits, name="moe")(u)
     else:
-      h = SwiGLU(cfg, shape.d_ff, name="mlp")(h)
+      h = MLP(cfg, shape.d_ff, name="mlp")(u)
+    if cfg.mole is not None:
+      h = h + LookupExperts(cfg.mole, cfg.d_model, cfg.norm_eps, **kernel_inits, name="mole")(u, expert_input)
     if sandwich:
       h = RMSNorm(cfg.norm_eps, gain_init=gain_mlp, name="post_mlp_norm")(h)
     x = x + h
@@ -115,24 +121,28 @@ class Decoder(nn.Module):
         (cfg.vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype))
     block = _remat(DecoderBlock, cfg.remat)
     if cfg.scanned:
+      per_layer_expert_input = cfg.mole is not None and cfg.mole.lookup
       self.blocks = nn.scan(
           block, variable_axes={"params": 0, MOE_COLLECTION: 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.n_layers,
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0 if per_layer_expert_input else nn.broadcast),
+          length=cfg.n_layers,
           metadata_params={nn.PARTITION_NAME: rules.LAYERS})(cfg, name=LAYERS_KEY)
     else:
       self.blocks = [block(cfg, i, name=f"layer_{i}") for i in range(cfg.n_layers)]
+    if cfg.mole is not None and cfg.mole.lookup and cfg.mole.table_storage in ("device", "host"):
+      self.mole_table = StoredTable(mole_table_shape(cfg), cfg.mole.table_format)
     self.final_norm = RMSNorm(cfg.norm_eps)
     if not cfg.tie_embeddings:
-      self.lm_head = self.param(
-          "lm_head", nn.with_logical_partitioning(inits.kernel_init(cfg), (rules.EMBED, rules.VOCAB)),
-          (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
+      self.lm_head = linear.kernel(self, cfg, "lm_head", (cfg.d_model,), (cfg.vocab_size,), (rules.EMBED,),
+                                   (rules.VOCAB,), inits.kernel_init(cfg))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [B, S] int, got shape {tokens.shape}")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    x, _ = self._layers(self._embed(tokens), positions, causal_mask(positions, positions))
+    x = self._embed(tokens)
+    x, _ = self._layers(x, positions, causal_mask(positions, positions), expert_input=self._expert_input(tokens, x))
     return self._logits(x)
 
   def extend(self, tokens: jax.Array, cache: KVCache, last_only: bool = False) -> tuple[jax.Array, KVCache]:
@@ -147,7 +157,8 @@ class Decoder(nn.Module):
     positions = cache.length + jnp.arange(s, dtype=jnp.int32)[None, :] - cache.start[:, None]
     kv_positions = slots[None, :] - cache.start[:, None]
     mask = causal_mask(positions, kv_positions, kv_positions >= 0)
-    x, layers = self._layers(self._embed(tokens), positions, mask, cache.length, cache.layers)
+    x = self._embed(tokens)
+    x, layers = self._layers(x, positions, mask, cache.length, cache.layers, self._expert_input(tokens, x))
     if last_only:
       x = x[:, -1:]
     return self._logits(x), cache.replace(layers=layers, length=cache.length + s)
@@ -159,22 +170,43 @@ class Decoder(nn.Module):
     x = jnp.take(table, tokens, axis=0).astype(self.config.dtype)
     return rules.constrain(x, (rules.BATCH, rules.LENGTH, rules.ACT_EMBED))
 
+  def _expert_input(self, tokens: jax.Array, x: jax.Array) -> jax.Array | None:
+    """What MoLE experts read: the embedding output (training form) or table rows [L, B, S, N, D] (lookup)."""
+    mole = self.config.mole
+    if mole is None:
+      return None
+    if not mole.lookup:
+      return x
+    table = self.mole_table() if mole.table_storage in ("device", "host") else None
+    rows = lookup_rows(mole, mole_table_shape(self.config), table, tokens, self.config.dtype)
+    return jnp.moveaxis(rows, 2, 0)
+
   def _layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache_index: jax.Array | None = None,
-              kv: LayerKV | tuple[LayerKV, ...] | None = None):
-    if self.config.scanned:
-      return self.blocks(x, positions, mask, cache_index, kv)
+              kv: LayerKV | tuple[LayerKV, ...] | None = None, expert_input: jax.Array | None = None):
+    cfg = self.config
+    if cfg.scanned:
+      return self.blocks(x, positions, mask, cache_index, kv, expert_input)
+    per_layer = cfg.mole is not None and cfg.mole.lookup
     new_kv = []
     for i, block in enumerate(self.blocks):
-      x, layer_kv = block(x, positions, mask, cache_index, None if kv is None else kv[i])
+      layer_input = expert_input[i] if per_layer else expert_input
+      x, layer_kv = block(x, positions, mask, cache_index, None if kv is None else kv[i], layer_input)
       new_kv.append(layer_kv)
     return x, None if kv is None else tuple(new_kv)
 
   def _logits(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     x = self.final_norm(x)
-    head = self.embedding.T if cfg.tie_embeddings else self.lm_head
-    logits = jnp.einsum("bsd,dv->bsv", x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+    if cfg.tie_embeddings:  # the embedding [V, D] is an [out, in] kernel in either layout
+      logits = linear.project_out_in(x, self.embedding.astype(cfg.dtype), cfg, preferred_element_type=jnp.float32)
+    else:
+      logits = linear.project(x, self.lm_head, cfg, preferred_element_type=jnp.float32)
     return rules.constrain(logits, (rules.BATCH, rules.LENGTH, rules.ACT_VOCAB))
+
+
+def mole_table_shape(config: TransformerConfig) -> TableShape:
+  """The geometry of a MoLE model's lookup table: V rows of L x N vectors of width D."""
+  return TableShape(config.vocab_size, config.n_layers, config.mole.num_experts, config.d_model)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -1,7 +1,8 @@
 """Checkpoints of the full training state (the only Orbax import in the package).
 
 A checkpoint holds the TrainState (params, AdamW state, step, RNG, spike detector), the data iterator's
-position and the configs that produced it. Orbax writes each step to a temporary folder and renames it when
+position and the configs that produced it. Serving reads the params alone (`restore_params`), never allocating
+the optimizer moments (twice the params for AdamW). Orbax writes each step to a temporary folder and renames it when
 complete, so a crash mid-save leaves the previous checkpoints intact. Restoring checks the stored configs
 against the caller's and names every field that differs, and any read failure is raised as
 `CheckpointError` naming the folder: a bad checkpoint never turns into a silent re-initialisation.
@@ -45,6 +46,17 @@ def _raw_keys(state):
   return state.replace(rng=jax.random.key_data(state.rng))
 
 
+def _abstract(tree: Any) -> Any:
+  """ShapeDtypeStructs (with the sharding, where there is one) of a tree of arrays or structs."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def _check_arrays(restored: Any, abstract: Any, where: str) -> None:
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract)):
+    if got.shape != want.shape or got.dtype != want.dtype:
+      raise CheckpointError(f"{where} holds an array of {got.shape} {got.dtype}, expected {want.shape} {want.dtype}")
+
+
 class Checkpointer:
   """Saves and restores TrainStates under `directory`, keeping the newest `keep` steps."""
 
@@ -77,31 +89,54 @@ class Checkpointer:
     Returns (state, data_state). Raises CheckpointError if nothing is there, if the stored configs differ
     from `metadata`, or if the arrays cannot be read into the target's structure and shapes.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f"no checkpoint in {self.directory}")
-    where = f"checkpoint step {step} in {self.directory}"
-    try:
-      stored_meta = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
-    except Exception as e:  # Orbax raises several types for missing / unreadable files.
-      raise CheckpointError(f"{where} is corrupt or incomplete: cannot read its metadata ({e})") from e
-    diffs = _differences(stored_meta, json.loads(json.dumps(_to_json(metadata))))
+    step, where = self._step(step)
+    diffs = _differences(self.metadata(step), json.loads(json.dumps(_to_json(metadata))))
     if diffs:
       raise CheckpointError(f"{where} does not match this run:\n  " + "\n  ".join(diffs))
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        _raw_keys(target_state))
+    abstract = _abstract(_raw_keys(target_state))
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**{
           _STATE: ocp.args.StandardRestore(abstract), _DATA: ocp.args.JsonRestore()}))
     except Exception as e:
       raise CheckpointError(f"{where} is corrupt or does not fit the model's parameter tree: {e}") from e
     state = restored[_STATE]
-    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(abstract)):
-      if got.shape != want.shape or got.dtype != want.dtype:
-        raise CheckpointError(f"{where} holds an array of {got.shape} {got.dtype}, expected {want.shape} "
-                              f"{want.dtype}")
+    _check_arrays(state, abstract, where)
     return state.replace(rng=jax.random.wrap_key_data(state.rng)), restored[_DATA]
+
+  def metadata(self, step: int | None = None) -> dict:
+    """The configs stored with a step (the newest by default) as JSON-decoded dicts."""
+    step, where = self._step(step)
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+    except Exception as e:  # Orbax raises several types for missing / unreadable files.
+      raise CheckpointError(f"{where} is corrupt or incomplete: cannot read its metadata ({e})") from e
+
+  def restore_params(self, target_params: Any, *, step: int | None = None) -> Any:
+    """Only the params of a step, restored into the shardings of `target_params` (arrays or
+    ShapeDtypeStructs with .sharding); the optimizer state and the rest are not read."""
+    step, where = self._step(step)
+    abstract = _abstract(target_params)
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract)
+    # A fresh manager: this one may already hold the full-state handler for the state item.
+    manager = ocp.CheckpointManager(self.directory)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.PyTreeRestore(
+          item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True)}))
+    except Exception as e:
+      raise CheckpointError(f"{where} is corrupt or does not fit the model's parameter tree: {e}") from e
+    finally:
+      manager.close()
+    params = restored[_STATE]["params"]
+    if jax.tree.structure(params) != jax.tree.structure(abstract):
+      raise CheckpointError(f"{where} holds params of another structure than the model's")
+    _check_arrays(params, abstract, where)
+    return params
+
+  def _step(self, step: int | None) -> tuple[int, str]:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    return step, f"checkpoint step {step} in {self.directory}"
 
   def close(self) -> None:
     self._manager.close()

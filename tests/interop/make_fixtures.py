@@ -7,8 +7,9 @@ Each fixtures/<family>/ holds what `save_pretrained` of transformers wrote (conf
 and reference.npz: `tokens` [2, 24] with the reference `logits` [2, 24, V], plus a greedy continuation
 (`prompt`, `prompt_mask` left-padded [2, 10], `generated` [2, 8]) from `generate`. Weights are drawn at unit
 scale (not HF's 0.02), so that every layer visibly moves the logits, and the model settings cover what
-load_pretrained translates: llama3 RoPE scaling and a sharded checkpoint (Llama), q/k/v biases, linear RoPE
-scaling and tied embeddings (Qwen2), q/k norms and a head_dim that is not hidden_size / heads (Qwen3).
+load_pretrained translates: llama3 RoPE scaling, q/k/v/o and MLP biases and a sharded checkpoint (Llama),
+q/k/v biases, linear RoPE scaling and tied embeddings (Qwen2), q/k norms, q/k/v/o biases, yarn RoPE scaling
+and a head_dim that is not hidden_size / heads (Qwen3).
 """
 
 import os
@@ -23,14 +24,17 @@ SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_la
              num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=128)
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
-        rope_theta=10_000.0, tie_word_embeddings=False,
+        rope_theta=10_000.0, tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
         rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 32})),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
         rope_theta=1e6, tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(
-        rope_theta=1e6, tie_word_embeddings=False, head_dim=32)),
+        rope_theta=1e6, tie_word_embeddings=False, head_dim=32, attention_bias=True,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})),
 }
+# Per-family seeds, each chosen so that the greedy reference has no near-tie.
+SEEDS = {"llama": 3, "qwen2": 1, "qwen3": 4}
 # Llama is written in 100 KB shards to exercise model.safetensors.index.json.
 SHARD_SIZE = {"llama": "100KB"}
 
@@ -50,8 +54,8 @@ def randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
 
 
 def main() -> None:
-  for seed, (family, (config_cls, model_cls, options)) in enumerate(sorted(FAMILIES.items())):
-    generator = torch.Generator().manual_seed(seed)
+  for family, (config_cls, model_cls, options) in sorted(FAMILIES.items()):
+    generator = torch.Generator().manual_seed(SEEDS[family])
     model = model_cls(config_cls(**SHAPE, **options)).float().eval()
     randomise(model, generator)
     tokens = torch.randint(0, SHAPE["vocab_size"], (2, 24), generator=generator)

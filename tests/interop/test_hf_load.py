@@ -26,15 +26,18 @@ def family(request):
 def test_config_translates_each_family(family):
   name, _, config, _, _ = family
   expected = {
-      "llama": dict(attention_bias=False, qk_norm=False, tie_embeddings=False, head_dim=16, rope_theta=1e4,
+      "llama": dict(attention_bias=True, attention_output_bias=True, mlp_bias=True, qk_norm=False,
+                    tie_embeddings=False, head_dim=16, rope_theta=1e4, bos_token_id=1, eos_token_ids=(2,),
                     rope_scaling=models.RopeScaling("llama3", 4.0, 1.0, 4.0, 32)),
-      "qwen2": dict(attention_bias=True, qk_norm=False, tie_embeddings=True, head_dim=16, rope_theta=1e6,
-                    rope_scaling=models.RopeScaling("linear", 2.0)),
-      "qwen3": dict(attention_bias=False, qk_norm=True, tie_embeddings=False, head_dim=32, rope_theta=1e6,
-                    rope_scaling=None),
+      "qwen2": dict(attention_bias=True, attention_output_bias=False, mlp_bias=False, qk_norm=False,
+                    tie_embeddings=True, head_dim=16, rope_theta=1e6, rope_scaling=models.RopeScaling("linear", 2.0)),
+      "qwen3": dict(attention_bias=True, attention_output_bias=True, mlp_bias=False, qk_norm=True,
+                    tie_embeddings=False, head_dim=32, rope_theta=1e6, bos_token_id=None, eos_token_ids=(),
+                    rope_scaling=models.RopeScaling("yarn", 4.0, original_max_position_embeddings=16)),
   }[name]
   assert {k: getattr(config, k) for k in expected} == expected
   assert (config.n_heads, config.n_kv_heads, config.d_ff, config.norm_eps) == (4, 2, 96, 1e-6)
+  assert config.max_position_embeddings == 128
 
 
 def test_logits_match_transformers(family):
@@ -87,8 +90,8 @@ def test_unknown_architecture_is_named(tmp_path):
 
 def test_unsupported_rope_type_is_named(tmp_path):
   folder = _copy_fixture(tmp_path)
-  _edit_config(folder, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
-  with pytest.raises(hf.CheckpointFormatError, match="'yarn'"):
+  _edit_config(folder, rope_parameters={"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4})
+  with pytest.raises(hf.CheckpointFormatError, match="'longrope'"):
     hf.load_pretrained(folder)
 
 
@@ -117,6 +120,6 @@ def test_shape_mismatch_is_named(tmp_path):
 
 def test_unsupported_options_are_named(tmp_path):
   folder = _copy_fixture(tmp_path)
-  _edit_config(folder, attention_bias=True, hidden_act="gelu")
-  with pytest.raises(hf.CheckpointFormatError, match="hidden_act='gelu', attention_bias=true"):
+  _edit_config(folder, use_sliding_window=True, hidden_act="gelu")
+  with pytest.raises(hf.CheckpointFormatError, match="hidden_act='gelu', use_sliding_window=true"):
     hf.load_pretrained(folder)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from pangu import models
+from pangu import infer, models
 from pangu.interop import hf
 from pangu.models import LayerShape
 
@@ -43,12 +43,20 @@ def test_resaving_a_fixture_reproduces_transformers_tensors(family, tmp_path):
   assert hf.load_pretrained(tmp_path)[0] == config
 
 
+CONTEXT = dict(max_position_embeddings=512)
 CONFIGS = {
-    "non_uniform_qwen3": models.tiny(qk_norm=True, layer_shapes=(LayerShape(4, 2, 128), LayerShape(2, 1, 96))),
+    "non_uniform_qwen3": models.tiny(qk_norm=True, layer_shapes=(LayerShape(4, 2, 128), LayerShape(2, 1, 96)),
+                                     **CONTEXT),
     "bf16_qwen2_tied": models.tiny(attention_bias=True, tie_embeddings=True, param_dtype="bfloat16",
-                                   dtype="bfloat16"),
+                                   dtype="bfloat16", **CONTEXT),
     "llama3_rope_unrolled": models.tiny(scan_layers=False,
-                                        rope_scaling=models.RopeScaling("llama3", 8.0, 1.0, 4.0, 64)),
+                                        rope_scaling=models.RopeScaling("llama3", 8.0, 1.0, 4.0, 64), **CONTEXT),
+    "llama_biases_token_ids": models.tiny(attention_bias=True, attention_output_bias=True, mlp_bias=True,
+                                          bos_token_id=1, eos_token_ids=(2, 7), **CONTEXT),
+    "qwen3_biases_yarn": models.tiny(qk_norm=True, attention_bias=True, attention_output_bias=True,
+                                     rope_scaling=models.RopeScaling("yarn", 4.0, original_max_position_embeddings=64,
+                                                                     beta_fast=16.0, attention_factor=1.2),
+                                     **CONTEXT),
 }
 
 
@@ -66,6 +74,29 @@ def test_round_trip_is_exact(name, tmp_path):
   for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_config_json_carries_context_and_token_ids():
+  hf_config = hf.config_to_hf(CONFIGS["llama_biases_token_ids"])
+  assert hf_config["max_position_embeddings"] == 512
+  assert (hf_config["bos_token_id"], hf_config["eos_token_id"]) == (1, [2, 7])
+  assert (hf_config["attention_bias"], hf_config["mlp_bias"]) == (True, True)
+  unknown = hf.config_to_hf(models.tiny(eos_token_ids=(5,)))
+  assert unknown["max_position_embeddings"] == hf.DEFAULT_MAX_POSITION_EMBEDDINGS
+  assert "bos_token_id" not in unknown and unknown["eos_token_id"] == 5
+
+
+def test_decode_layout_saves_the_training_layout_tensors(tmp_path):
+  config = CONFIGS["llama_biases_token_ids"]
+  params = _random_params(config)
+  hf.save_pretrained(config, params, tmp_path / "training")
+  decode_config, decode_params = infer.decode_layout(config, params)
+  hf.save_pretrained(decode_config, decode_params, tmp_path / "decode")
+  training, decode = _tensors(tmp_path / "training"), _tensors(tmp_path / "decode")
+  assert sorted(training) == sorted(decode)
+  for name in training:
+    np.testing.assert_array_equal(decode[name], training[name], err_msg=name)
+  assert (tmp_path / "training" / "config.json").read_text() == (tmp_path / "decode" / "config.json").read_text()
 
 
 def test_non_uniform_shapes_go_to_an_extra_config_key(tmp_path):
@@ -88,7 +119,10 @@ def test_single_file_save_replaces_an_old_index(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(norm_placement="sandwich"), "norm_placement='sandwich'"),
-    (dict(attention_bias=True, qk_norm=True), "attention_bias and qk_norm"),
+    (dict(attention_bias=True, qk_norm=True), "attention_output_bias=False matches no Hugging Face family"),
+    (dict(attention_output_bias=True), "attention_bias=False with attention_output_bias=True"),
+    (dict(qk_norm=True, mlp_bias=True), "qk_norm with mlp_bias"),
+    (dict(mlp_activation="gelu"), "mlp_activation='gelu'"),
 ])
 def test_configs_hf_cannot_express_are_refused(overrides, message, tmp_path):
   config = models.tiny(**overrides)

@@ -1,6 +1,7 @@
 """An independent float64 NumPy decoder (Llama layout + sandwich norms) to check the JAX model against."""
 
 import numpy as np
+from scipy.special import erf
 
 
 def rms_norm(x, scale, eps):
@@ -43,10 +44,29 @@ def silu(x):
   return x / (1 + np.exp(-x))
 
 
+def gelu(x):
+  return 0.5 * x * (1 + erf(x / np.sqrt(2)))
+
+
+def mlp(x, p):
+  if "gate" in p:
+    return (silu(x @ p["gate"]) * (x @ p["up"])) @ p["down"]
+  return gelu(x @ p["up"]) @ p["down"]
+
+
+def lookup_experts(u, e, p, eps):
+  """MoLE: softmax(u R) over all experts, each a GELU MLP of the normed embedding output e."""
+  logits = u @ p["router"]
+  g = np.exp(logits - logits.max(-1, keepdims=True))
+  g /= g.sum(-1, keepdims=True)
+  e = rms_norm(e, p["expert_norm"]["scale"], eps)
+  return sum(g[:, j, None] * (gelu(e @ p["up"][j]) @ p["down"][j]) for j in range(p["up"].shape[0]))
+
+
 def decoder_logits(cfg, params, tokens):
   """tokens [S] -> logits [S, V], params in the unrolled layout, all float64."""
   p = {k: v for k, v in params.items()}
-  x = p["embedding"][tokens]
+  x = embedded = p["embedding"][tokens]
   for i in range(cfg.n_layers):
     lp = p[f"layer_{i}"]
     shape = cfg.layer(i)
@@ -56,7 +76,9 @@ def decoder_logits(cfg, params, tokens):
       h = rms_norm(h, lp["post_attn_norm"]["scale"], cfg.norm_eps)
     x = x + h
     m = rms_norm(x, lp["pre_mlp_norm"]["scale"], cfg.norm_eps)
-    h = (silu(m @ lp["mlp"]["gate"]) * (m @ lp["mlp"]["up"])) @ lp["mlp"]["down"]
+    h = mlp(m, lp["mlp"])
+    if "mole" in lp:
+      h = h + lookup_experts(m, embedded, lp["mole"], cfg.norm_eps)
     if cfg.norm_placement != "pre":
       h = rms_norm(h, lp["post_mlp_norm"]["scale"], cfg.norm_eps)
     x = x + h

@@ -49,7 +49,7 @@ def problem():
 routed = jax.jit(moe.routed_experts, static_argnames="implementation")
 
 
-@pytest.mark.parametrize("implementation", ["dense", "ragged", "blocked"])
+@pytest.mark.parametrize("implementation", ["dense", "ragged", "blocked", "selected"])
 def test_routed_experts_match_float64_numpy(problem, implementation):
   x, weights, ids, experts = problem
   got = routed(x, weights, ids, experts, implementation=implementation)
@@ -72,10 +72,12 @@ def test_grouped_gradients_match_dense_reference(problem, implementation):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_invalid_assignments_contribute_nothing(problem):
+@pytest.mark.parametrize("implementation", ["blocked", "selected"])
+def test_invalid_assignments_contribute_nothing(problem, implementation):
   x, weights, ids, experts = problem
   valid = np.random.default_rng(2).random(ids.shape) < 0.6
-  got = routed(x, weights, jnp.where(valid, ids, 99), experts, valid=jnp.asarray(valid), implementation="blocked")
+  got = routed(x, weights, jnp.where(valid, ids, 99), experts, valid=jnp.asarray(valid),
+               implementation=implementation)
   want = _numpy_routed(x, np.asarray(weights), np.asarray(ids), experts, keep=valid)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 

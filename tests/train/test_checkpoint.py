@@ -73,3 +73,20 @@ def test_corrupt_checkpoint_is_an_error_not_a_reinit(tmp_path, mesh, state):
 def test_empty_directory_is_an_error(tmp_path, state):
   with pytest.raises(CheckpointError, match="no checkpoint"):
     Checkpointer(tmp_path).restore(state, metadata=META)
+
+
+def test_restore_params_reads_the_params_alone_into_the_target_shardings(tmp_path, mesh, state):
+  ckpt = Checkpointer(tmp_path)
+  ckpt.save(state, data_state={"epoch": 1}, metadata=META)  # the same manager then restores a part of it
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params)
+  params = ckpt.restore_params(target)
+  assert jax.tree.structure(params) == jax.tree.structure(state.params)
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(got, want)
+    assert got.sharding == want.sharding
+  assert ckpt.metadata()["model"]["d_ff"] == MODEL.d_ff
+  wider = init_train_state(MODEL.replace(d_ff=256), TRAIN, jax.random.key(0), mesh).params
+  with pytest.raises(CheckpointError, match="checkpoint step 5"):
+    ckpt.restore_params(wider)
+  with pytest.raises(CheckpointError, match="no checkpoint"):
+    Checkpointer(tmp_path / "empty").restore_params(target)

@@ -10,12 +10,14 @@ from typing import Literal
 Router = Literal["topk", "group_limited", "moge"]
 Dispatch = Literal["dropless", "capacity"]
 AuxScores = Literal["global", "group_local"]
-ExpertsImplementation = Literal["auto", "ragged", "blocked", "dense"]
+ExpertsImplementation = Literal["auto", "ragged", "blocked", "dense", "selected"]
+ExpertStorage = Literal["device", "host"]
 
 ROUTERS = ("topk", "group_limited", "moge")
 DISPATCHES = ("dropless", "capacity")
 AUX_SCORES = ("global", "group_local")
-EXPERTS_IMPLEMENTATIONS = ("auto", "ragged", "blocked", "dense")
+EXPERTS_IMPLEMENTATIONS = ("auto", "ragged", "blocked", "dense", "selected")
+EXPERT_STORAGES = ("device", "host")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +51,10 @@ class MoEConfig:
       `pangu.nn.moe.parallel.use_hierarchical_dispatch` to decide it from the topology.
     experts_implementation: grouped matmul of the dropless path: `ragged` (jax.lax.ragged_dot), `blocked`
       (groups padded to row blocks, a scan of dense matmuls), `dense` (every expert on every token, the readable
-      reference) or `auto` (ragged on GPU/TPU, blocked on CPU, where ragged_dot computes every group densely).
+      reference), `selected` (a loop over the chosen experts; few rows, inference only) or `auto` (ragged on
+      GPU/TPU, blocked on CPU, where ragged_dot computes every group densely).
+    expert_storage: `device`, or `host`: the routed expert kernels live in pinned host memory and each call
+      copies in the distinct experts its tokens selected (inference offloading; see pangu.nn.moe.offload).
   """
 
   num_experts: int
@@ -67,6 +72,7 @@ class MoEConfig:
   capacity_factor: float = 1.25
   hierarchical_dispatch: bool = False
   experts_implementation: ExpertsImplementation = "auto"
+  expert_storage: ExpertStorage = "device"
 
   def __post_init__(self):
     for name in ("num_experts", "top_k", "expert_dim", "num_groups"):
@@ -74,7 +80,8 @@ class MoEConfig:
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
     for name, allowed in (("router", ROUTERS), ("dispatch", DISPATCHES), ("aux_scores", AUX_SCORES),
-                          ("experts_implementation", EXPERTS_IMPLEMENTATIONS)):
+                          ("experts_implementation", EXPERTS_IMPLEMENTATIONS),
+                          ("expert_storage", EXPERT_STORAGES)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"MoEConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
     if self.num_experts % self.num_groups:

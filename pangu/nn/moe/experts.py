@@ -1,7 +1,7 @@
 """Routed SwiGLU experts: y_t = sum_k w_{t,k} E_{e_{t,k}}(x_t), with E_e(x) = down_e(silu(x gate_e) * x up_e).
 
 T tokens (rows), W choices per row, E experts, D model width, F expert width. One interface,
-`routed_experts(x, weights, expert_ids, experts)`, with three implementations:
+`routed_experts(x, weights, expert_ids, experts)`, with four implementations:
 
 - `dense`: every expert on every token, then a weighted sum. Readable, O(T E D F); the test oracle.
 - `ragged`: sort assignments by expert (`dispatch.sort_by_expert`) and run `jax.lax.ragged_dot`, a grouped
@@ -10,10 +10,16 @@ T tokens (rows), W choices per row, E experts, D model width, F expert width. On
 - `blocked`: the same sort, with each expert's rows padded to whole blocks (MegaBlocks' layout) and a scan of
   dense [block, D] x [D, F] matmuls, one expert per block. Touches each assignment once plus at most one block
   of padding per expert; the fast choice on CPU.
+- `selected`: a loop over the distinct experts the rows chose, each applied to all T rows with the weight of
+  the rows that chose it (zero elsewhere). O(U T D F) for U <= min(E, T W) chosen experts, and it reads only
+  their kernels: the fast choice for a handful of rows, as in decoding, where `blocked` pays a block per
+  expert. Inference only: the loop's trip count is dynamic, which reverse-mode differentiation does not
+  support. `pangu.nn.moe.offload` runs the same loop on kernels copied in from host memory.
 
 `capacity_experts` is the capacity-factor variant: fixed [E, C] slots per expert and exact dropped counts.
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import chex
@@ -54,6 +60,27 @@ def resolve_implementation(implementation: str) -> str:
   if implementation != "auto":
     return implementation
   return "ragged" if jax.default_backend() in ("gpu", "tpu") else "blocked"
+
+
+def selected_experts(expert_ids: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+  """expert_ids [T, W] -> (ids [E] with the chosen experts first, in increasing order; how many were chosen)."""
+  chosen = jnp.zeros((num_experts,), bool).at[expert_ids.reshape(-1)].set(True)
+  return jnp.argsort(~chosen, stable=True), chosen.sum()
+
+
+def loop_over_selected(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, num_experts: int,
+                       load: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
+  """sum over the chosen experts e of coef_e * E_e(x), with E_e's kernels from `load(e)` (a while loop, so
+  only the chosen experts are loaded). x [T, D], weights / expert_ids [T, W]; weights of unchosen slots 0."""
+  order, count = selected_experts(expert_ids, num_experts)
+
+  def apply_one(carry):
+    i, y = carry
+    expert = order[i]
+    coef = jnp.sum(jnp.where(expert_ids == expert, weights, 0), axis=-1).astype(x.dtype)
+    return i + 1, y + coef[:, None] * swiglu(x, *load(expert))
+
+  return jax.lax.while_loop(lambda c: c[0] < count, apply_one, (jnp.zeros((), jnp.int32), jnp.zeros_like(x)))[1]
 
 
 def _block_rows(num_rows: int, num_experts: int) -> int:
@@ -130,6 +157,10 @@ def routed_experts(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, expe
   if valid is not None:
     weights = jnp.where(valid, weights, 0)
   implementation = resolve_implementation(implementation)
+  if implementation == "selected":
+    ids = expert_ids if valid is None else jnp.where(valid, expert_ids, num_experts)  # out of range: never loaded
+    return loop_over_selected(x, weights, ids, num_experts,
+                              lambda e: [jax.lax.dynamic_index_in_dim(w, e, keepdims=False) for w in experts])
   if implementation == "dense":
     ids = expert_ids if valid is None else jnp.where(valid, expert_ids, num_experts)
     combine = jnp.zeros((num_tokens, num_experts + 1), x.dtype).at[jnp.arange(num_tokens)[:, None], ids].add(weights)

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pangu.nn.moe import parallel, routing
+from pangu.nn.moe import offload, parallel, routing
 from pangu.nn.moe.config import MoEConfig
 from pangu.nn.moe.experts import ExpertWeights, capacity_experts, routed_experts, swiglu
 from pangu.parallel import rules
@@ -39,7 +39,8 @@ class MoEFeedForward(nn.Module):
 
   1. Router logits = x W_r in float32 (W_r [D, N], no bias); route with `config.router`.
   2. Routed experts: one `jax.shard_map` exchange under expert parallelism (`parallel.py`), else the
-     dropless grouped matmul or the capacity variant on the local device.
+     dropless grouped matmul or the capacity variant on the local device, or, with experts kept in host
+     memory, a copy-in of the selected experts (`offload.py`).
   3. Add the shared experts, one SwiGLU of width num_shared_experts * expert_dim.
   4. Sow the losses and load metrics into `MOE_COLLECTION`.
 
@@ -80,17 +81,23 @@ class MoEFeedForward(nn.Module):
         gate=self._param("gate", (n, d, f), (rules.EXPERT, rules.EMBED, rules.MLP), self.kernel_init),
         up=self._param("up", (n, d, f), (rules.EXPERT, rules.EMBED, rules.MLP), self.kernel_init),
         down=self._param("down", (n, f, d), (rules.EXPERT, rules.MLP, rules.EMBED), self.output_init))
-    experts = ExpertWeights(*(w.astype(self.dtype) for w in experts))
     tokens = tokens.astype(self.dtype)
     # Initialisation sees a dummy batch that need not split over the mesh; the parameters are the same.
     layout = None if self.is_initializing() else parallel.current_layout(cfg)
-    if layout is not None:
-      y, dropped = parallel.expert_parallel_experts(tokens, weights, expert_ids, experts, config=cfg, layout=layout)
-    elif cfg.dispatch == "capacity":
-      y, dropped = capacity_experts(tokens, weights, expert_ids, experts, capacity_factor=cfg.capacity_factor)
+    dropped = jnp.zeros((), jnp.int32)
+    if cfg.expert_storage == "host" and not self.is_initializing():
+      if layout is not None:
+        raise ValueError("MoEConfig.expert_storage='host' is single-device inference, without expert parallelism")
+      y = offload.offloaded_experts(tokens, weights, expert_ids, experts, self.dtype)
     else:
-      y = routed_experts(tokens, weights, expert_ids, experts, implementation=cfg.experts_implementation)
-      dropped = jnp.zeros((), jnp.int32)
+      experts = ExpertWeights(*(w.astype(self.dtype) for w in experts))
+      if layout is not None:
+        y, dropped = parallel.expert_parallel_experts(tokens, weights, expert_ids, experts, config=cfg,
+                                                      layout=layout)
+      elif cfg.dispatch == "capacity":
+        y, dropped = capacity_experts(tokens, weights, expert_ids, experts, capacity_factor=cfg.capacity_factor)
+      else:
+        y = routed_experts(tokens, weights, expert_ids, experts, implementation=cfg.experts_implementation)
 
     if cfg.num_shared_experts:
       shared = (self._param("shared_gate", (d, cfg.shared_dim), (rules.EMBED, rules.MLP), self.kernel_init),

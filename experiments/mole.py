@@ -1,0 +1,319 @@
+"""MoLE vs dense vs MoE: quality at equal trainable parameters, and decode latency with experts off the device.
+
+  python -m experiments.mole --quick
+
+Mixture of Lookup Experts (arXiv 2503.15798), spec mole.md section 4:
+1. Quality: dense (GELU MLP 4D), MoE-10E (top-2, no shared expert, 40 D^2 expert weights per layer like
+   MoLE-4E's 1 + 4 FFNs of 8 D^2), MoLE-4E and MoLE-16E, trained on the embedded corpus (byte tokens) with the
+   same data, seed, steps and optimiser; validation loss of each. MoLE is then re-parameterised, and the lookup
+   form's logits are compared with the training form's (max abs error per table format).
+   The MoE experts are SwiGLU (this codebase's expert) of width 4D/3, so each holds 4 D^2 weights like the
+   paper's GELU expert of width 2D: equal total and active parameters, equal bytes per offloaded expert.
+2. Decode latency per generated token (one decode step) at batch 1 and 16, all systems interleaved in one run,
+   on a larger shape with random weights (--latency_width / --latency_layers; latency does not depend on the
+   weights): dense; MoE-34E (pairs with MoLE-16E: 136 D^2 = 17 x 8 D^2) with experts in device memory; the same
+   with experts in pinned host memory, each step copying in the distinct experts its tokens chose (the paper's
+   offloading baseline); MoLE-16E with the table (float16 by default, as the paper) in pinned host memory and
+   memory-mapped on disk.
+   Device-resident bytes of each and bytes moved per generated token (MoLE: one table row, L N D values;
+   offloaded MoE: distinct experts per step x expert bytes, from the actual routing of the decoded tokens).
+   On a CPU, host and device are the same RAM: "offloading" is a copy, so the bytes are reported beside the times.
+
+Paper's prediction: MoLE's latency is close to dense and flat in batch, far below offloaded MoE, whose latency
+grows with batch (more distinct experts to load), at dense-sized device memory.
+
+Writes <results_dir>/mole.json: {"val_loss": {model: loss}, "lut_max_abs_err", "lut_formats": {...},
+"decode_ms_per_token": {model: {"b1", "b16"}} with model in dense, moe, moe_offload, mole_host, mole_disk,
+"device_bytes": {...}, "per_token_transfer_bytes": {...}, "goals": {...}, "setup": {...}}, mole.png (latency
+vs device bytes, like the paper's Fig. 1; validation loss) and mole.md.
+"""
+
+import statistics
+import tempfile
+import time
+
+from absl import app, flags
+
+from experiments import common
+
+_STEPS = flags.DEFINE_integer("steps", None, "Training steps per model (default 400, --quick 40).", lower_bound=2)
+_WIDTH = flags.DEFINE_integer("width", None, "Width D of the trained models (default 96, --quick 48); a "
+                              "multiple of 3 so that MoE experts of width 4D/3 hold 4 D^2 weights.", lower_bound=6)
+_LAYERS = flags.DEFINE_integer("layers", None, "Layers of the trained models (default 6, --quick 4).", lower_bound=1)
+_LATENCY_WIDTH = flags.DEFINE_integer("latency_width", None, "Width of the latency models (default 768, --quick "
+                                      "384).", lower_bound=6)
+_LATENCY_LAYERS = flags.DEFINE_integer("latency_layers", None, "Layers of the latency models (default 12, --quick "
+                                       "4).", lower_bound=1)
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", None, "Decoded tokens per timed run (default 32, --quick 12).",
+                                   lower_bound=3)
+_TABLE_FORMAT = flags.DEFINE_enum("table_format", "float16", ["float32", "bfloat16", "float16", "int8", "nf4"],
+                                  "Table format of the latency MoLE (the paper stores float16).")
+_REPEATS = flags.DEFINE_integer("repeats", None, "Timed runs per system and batch (default 5, --quick 3).",
+                                lower_bound=1)
+
+SEQ_LEN, BATCH, PROMPT_LEN, HEADS = 128, 16, 16, 4
+LATENCY_BATCHES = (1, 16)
+TABLE_FORMATS = ("float32", "bfloat16", "float16", "int8", "nf4")
+SYSTEMS = ("dense", "moe", "moe_offload", "mole_host", "mole_disk")
+
+
+def model_configs(width: int, layers: int, vocab: int, heads: int) -> dict:
+  """The four systems at equal trainable FFN parameters (see the module docstring)."""
+  from pangu import models
+  from pangu.nn.mole import MoLEConfig
+  from pangu.nn.moe import MoEConfig
+
+  dense = models.TransformerConfig(vocab_size=vocab, d_model=width, n_layers=layers, n_heads=heads,
+                                   n_kv_heads=heads, d_ff=4 * width, mlp_activation="gelu")
+
+  def moe(num_experts):
+    return dense.replace(mlp_activation="swiglu", moe=MoEConfig(
+        num_experts=num_experts, top_k=2, expert_dim=4 * width // 3, router="topk", aux_loss_coef=1e-2))
+
+  def mole(num_experts):
+    return dense.replace(mole=MoLEConfig(num_experts=num_experts, expert_dim=4 * width))
+
+  return {"dense": dense, "moe_10e": moe(10), "moe_34e": moe(34), "mole_4e": mole(4), "mole_16e": mole(16)}
+
+
+def train_models(configs: dict, steps: int, quick: bool) -> tuple[dict, dict, object]:
+  """Trains each config on the same batches: name -> (params, validation loss), and the validation batches."""
+  import jax
+  import numpy as np
+  from pangu import data, models
+  from pangu.parallel import cpu_mesh
+  from pangu.train.config import TrainConfig
+  from pangu.train.loop import LoopConfig, train
+
+  tokenizer = data.ByteTokenizer()
+  train_data = data.LMDataset.build(tokenizer, data.CorpusConfig(max_files=200 if quick else None), split="train",
+                                    seq_len=SEQ_LEN)
+  val_data = data.LMDataset.build(tokenizer, data.CorpusConfig(), split="validation", seq_len=SEQ_LEN)
+  val_batches = list(data.eval_batches(val_data, global_batch_size=BATCH, max_batches=4 if quick else 16))
+  mesh = cpu_mesh(data=len(jax.devices()))
+  train_config = TrainConfig(peak_lr=3e-3, end_lr=3e-4, warmup_steps=max(steps // 100, 2), total_steps=steps)
+  params, val_loss = {}, {}
+  for name, config in configs.items():
+    batches = data.BatchIterator(train_data, global_batch_size=BATCH, seed=0)
+    state, _ = train(config, train_config, LoopConfig(steps=steps, seed=0), batches, mesh)
+    params[name] = jax.device_get(state.params)
+    losses = [models.cross_entropy_loss(models.forward(config, params[name], b["inputs"]), b["targets"],
+                                        b["mask"])[0] for b in val_batches]
+    val_loss[name] = float(np.mean(losses))
+  return params, val_loss, val_batches
+
+
+def lut_errors(configs: dict, params: dict, val_batches: list) -> dict:
+  """Per MoLE model and table format: max |lookup logits - training logits| and the lookup model's val loss."""
+  import jax
+
+  out = {}
+  # Full float32 matmuls on both sides (GPUs default to TF32), so the error is the table's alone.
+  with jax.default_matmul_precision("highest"):
+    for name in ("mole_4e", "mole_16e"):
+      out[name] = _lut_errors(configs[name], params[name], val_batches)
+  return out
+
+
+def _lut_errors(config, params, val_batches: list) -> dict:
+  import numpy as np
+  from pangu import models
+  from pangu.models import mole
+
+  want = [models.forward(config, params, b["inputs"]) for b in val_batches]
+  out = {}
+  for table_format in TABLE_FORMATS:
+    lut_config, lut_params = mole.reparameterize(config, params, table_format=table_format)
+    got = [models.forward(lut_config, lut_params, b["inputs"]) for b in val_batches]
+    losses = [models.cross_entropy_loss(g, b["targets"], b["mask"])[0] for g, b in zip(got, val_batches)]
+    out[table_format] = {
+        "max_abs_err": float(max(np.abs(np.asarray(g) - np.asarray(w)).max() for g, w in zip(got, want))),
+        "val_loss": float(np.mean(losses)), "table_bytes": mole.table_bytes(lut_config)}
+  return out
+
+
+def latency_systems(width: int, layers: int, vocab: int, heads: int, table_format: str, table_dir: str) -> dict:
+  """name -> (config, params) of the five decode systems, random weights, unrolled layers (decode layout)."""
+  import jax
+  from pangu import infer, models
+  from pangu.infer.offload import offload_experts
+  from pangu.models import mole
+
+  configs = model_configs(width, layers, vocab, heads)
+
+  def init(config):
+    return infer.decode_layout(config, models.init_params(config, jax.random.key(0)))
+
+  dense, moe = init(configs["dense"]), init(configs["moe_34e"])
+  lut = mole.reparameterize(*init(configs["mole_16e"]), table_format=table_format)
+  return {"dense": dense, "moe": moe, "moe_offload": offload_experts(*moe),
+          "mole_host": mole.place_table(*lut, "host"),
+          "mole_disk": mole.place_table(*lut, "disk", path=f"{table_dir}/mole_16e")}
+
+
+def device_bytes(params: dict) -> int:
+  """Bytes of the params that live in device memory (pinned-host leaves and off-device tables excluded)."""
+  import jax
+  return sum(x.nbytes for x in jax.tree.leaves(params) if getattr(x, "sharding", None) is None
+             or x.sharding.memory_kind in (None, "device"))
+
+
+def measure_latency(systems: dict, new_tokens: int, repeats: int) -> dict:
+  """name -> {"b1", "b16"}: median ms per decode step, runs interleaved across systems so load hits all alike."""
+  import jax
+  import numpy as np
+  from pangu import infer
+
+  gen = infer.GenerationConfig(max_new_tokens=new_tokens)
+  times = {name: {b: [] for b in LATENCY_BATCHES} for name in systems}
+
+  def run(config, params, batch):
+    tokens = np.random.default_rng(batch).integers(0, config.vocab_size, (batch, PROMPT_LEN)).astype(np.int32)
+    state = infer.prefill(config, gen, params, tokens, np.zeros((batch,), np.int32), jax.random.key(0))
+    state.last.block_until_ready()
+    start = time.perf_counter()
+    infer.decode(config, gen, params, state).tokens.block_until_ready()
+    return time.perf_counter() - start
+
+  for name, (config, params) in systems.items():  # compile outside the timed runs
+    for batch in LATENCY_BATCHES:
+      run(config, params, batch)
+  for _ in range(repeats):
+    for batch in LATENCY_BATCHES:
+      for name, (config, params) in systems.items():
+        times[name][batch].append(run(config, params, batch))
+  return {name: {f"b{b}": 1e3 * statistics.median(t) / (new_tokens - 1) for b, t in per_batch.items()}
+          for name, per_batch in times.items()}
+
+
+def transfer_bytes(systems: dict, new_tokens: int) -> dict:
+  """name -> bytes moved to the device per generated token at batch 1 and 16.
+
+  MoLE: counted by the disk table's host gather during one decode run. Offloaded MoE: from the routing of the
+  decoded tokens (the full forward over prompt + output routes every position as the cached decode did), the
+  distinct experts each step selects per layer, times the bytes of one expert.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from pangu import infer, models
+  from pangu.infer.offload import expert_bytes
+  from pangu.models import mole
+  from pangu.nn import lookup_table
+  from pangu.nn.moe import topk_route
+
+  gen = infer.GenerationConfig(max_new_tokens=new_tokens)
+  out = {name: {} for name in SYSTEMS}
+  for batch in LATENCY_BATCHES:
+    rng = np.random.default_rng(batch)
+    config, params = systems["mole_disk"]
+    prompts = rng.integers(0, config.vocab_size, (batch, PROMPT_LEN)).tolist()
+    lookup_table.TRANSFERS.reset()
+    outputs = infer.generate(config, params, prompts, gen, jax.random.key(0))
+    generated = sum(len(o) for o in outputs)
+    # Prefill moves the prompt rows too; per generated token count the decode steps' rows only.
+    decode_bytes = (lookup_table.TRANSFERS.bytes[config.mole.table_path]
+                    - batch * PROMPT_LEN * mole.row_bytes_per_token(config))
+    out["mole_disk"][f"b{batch}"] = out["mole_host"][f"b{batch}"] = decode_bytes / (generated - batch)
+
+    config, params = systems["moe"]
+    outputs = infer.generate(config, params, prompts, gen, jax.random.key(0))
+    sequences = jnp.asarray([p + o.tolist() for p, o in zip(prompts, outputs)])
+    _, captured = models.Decoder(config).apply(
+        {"params": params}, sequences, capture_intermediates=lambda m, _: m.name == "pre_mlp_norm",
+        mutable=["intermediates", "moe"])
+    loaded = 0
+    for i in range(config.n_layers):
+      u = captured["intermediates"][f"layer_{i}"]["pre_mlp_norm"]["__call__"][0]
+      logits = jnp.einsum("bsd,dn->bsn", u, params[f"layer_{i}"]["moe"]["router"])
+      _, ids = topk_route(logits.reshape(-1, logits.shape[-1]), k=config.moe.top_k)
+      ids = np.asarray(ids).reshape(batch, -1, config.moe.top_k)[:, PROMPT_LEN:-1]  # inputs of decode steps
+      loaded += sum(len(np.unique(ids[:, t])) for t in range(ids.shape[1]))
+    out["moe_offload"][f"b{batch}"] = loaded * expert_bytes(config) / (ids.shape[1] * batch)
+    out["dense"][f"b{batch}"] = out["moe"][f"b{batch}"] = 0.0
+  return out
+
+
+def plot(latency: dict, device: dict, val_loss: dict) -> None:
+  fig, axes = common.new_figure(ncols=2, size=(5, 3.8))
+  for name in SYSTEMS:
+    axes[0, 0].scatter([device[name] / 2**20] * 2, [latency[name]["b1"], latency[name]["b16"]],
+                       marker="o", label=name)
+    axes[0, 0].annotate(name, (device[name] / 2**20, latency[name]["b16"]), fontsize=7)
+  axes[0, 0].set(xscale="log", yscale="log", xlabel="device-resident MiB", ylabel="ms per decode step (b1, b16)",
+                 title="decode latency vs device memory")
+  axes[0, 0].legend(fontsize=7)
+  names = list(val_loss)
+  axes[0, 1].bar(range(len(names)), [val_loss[n] for n in names])
+  axes[0, 1].set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+  axes[0, 1].set(ylabel="validation loss (nats / byte)", ylim=(min(val_loss.values()) - 0.1,
+                                                              max(val_loss.values()) + 0.05), title="quality")
+  common.save_figure(fig, "mole")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax
+  from pangu import data
+  quick = common.QUICK.value
+
+  def pick(flag, full, fast):
+    return flag.value if flag.value is not None else (fast if quick else full)
+
+  steps, width, layers = pick(_STEPS, 400, 40), pick(_WIDTH, 96, 48), pick(_LAYERS, 6, 4)
+  lat_width, lat_layers = pick(_LATENCY_WIDTH, 768, 384), pick(_LATENCY_LAYERS, 12, 4)
+  new_tokens, repeats = pick(_NEW_TOKENS, 32, 12), pick(_REPEATS, 5, 3)
+  if width % 3 or lat_width % 3:
+    raise app.UsageError(f"--width={width} and --latency_width={lat_width} must be multiples of 3")
+  vocab = data.ByteTokenizer().vocab_size
+
+  configs = {k: v for k, v in model_configs(width, layers, vocab, HEADS).items() if k != "moe_34e"}
+  params, val_loss, val_batches = train_models(configs, steps, quick)
+  formats = lut_errors(configs, params, val_batches)
+  with tempfile.TemporaryDirectory() as table_dir:
+    systems = latency_systems(lat_width, lat_layers, vocab, HEADS, _TABLE_FORMAT.value, table_dir)
+    latency = measure_latency(systems, new_tokens, repeats)
+    transfer = transfer_bytes(systems, new_tokens)
+    device = {name: device_bytes(p) for name, (_, p) in systems.items()}
+
+  mole_b16 = min(latency["mole_host"]["b16"], latency["mole_disk"]["b16"])
+  goals = {"mole_over_dense_b16": mole_b16 / latency["dense"]["b16"],
+           "mole_over_moe_offload_b16": mole_b16 / latency["moe_offload"]["b16"],
+           "targets": {"mole_over_dense_b16": 1.2, "mole_over_moe_offload_b16": 0.2}}
+  payload = {
+      "val_loss": val_loss,
+      "lut_max_abs_err": max(formats[m]["float32"]["max_abs_err"] for m in formats),
+      "lut_formats": formats,
+      "decode_ms_per_token": latency,
+      "device_bytes": device,
+      "per_token_transfer_bytes": transfer,
+      "goals": goals,
+      "setup": {"steps": steps, "width": width, "layers": layers, "heads": HEADS, "seq_len": SEQ_LEN,
+                "batch": BATCH, "vocab": vocab, "latency_width": lat_width, "latency_layers": lat_layers,
+                "prompt_len": PROMPT_LEN, "latency_table_format": _TABLE_FORMAT.value, "new_tokens": new_tokens,
+                "repeats": repeats,
+                "moe_baseline": "top-2 of 10 (quality) / 34 (latency) SwiGLU experts of width 4D/3, no shared "
+                                "expert, balance loss 1e-2",
+                "latency_pairs": {"moe": "moe_34e", "mole": "mole_16e"},
+                "params": {name: sum(x.size for x in jax.tree.leaves(p)) for name, p in params.items()},
+                "latency_unit": "ms per decode step (one token per row)", "quick": quick,
+                **common.machine_info()},
+  }
+  common.write_json("mole", payload)
+  plot(latency, device, val_loss)
+  rows = [{"system": s, "b1_ms": latency[s]["b1"], "b16_ms": latency[s]["b16"], "device_MiB": device[s] / 2**20,
+           "bytes_per_token_b16": transfer[s]["b16"]} for s in SYSTEMS]
+  loss_rows = [{"model": n, "val_loss": v, "params": payload["setup"]["params"][n]} for n, v in val_loss.items()]
+  common.write_table("mole", "\n\n".join([
+      f"Validation loss after {steps} steps (D={width}, L={layers}):",
+      common.format_table(loss_rows, ["model", "val_loss", "params"]),
+      f"Lookup vs training logits, max abs error (float32 table): {payload['lut_max_abs_err']:.2e}",
+      f"Decode latency (D={lat_width}, L={lat_layers}, random weights, ms per step):",
+      common.format_table(rows, ["system", "b1_ms", "b16_ms", "device_MiB", "bytes_per_token_b16"]),
+      f"MoLE / dense at b16: {goals['mole_over_dense_b16']:.2f} (goal <= 1.2); MoLE / offloaded MoE at b16: "
+      f"{goals['mole_over_moe_offload_b16']:.3f} (goal <= 0.2)"]))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,43 @@
+"""Inference placement of a MoE model's routed experts in pinned host memory (the offloading baseline)."""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from pangu.models.config import TransformerConfig
+from pangu.models.transformer import unstack_layers
+
+ROUTED_KERNELS = ("gate", "up", "down")
+
+
+def offload_experts(config: TransformerConfig, params: dict, *,
+                    device: jax.Device | None = None) -> tuple[TransformerConfig, dict]:
+  """(config, params) -> the same model with every routed expert kernel in `device`'s pinned host memory.
+
+  Layers are unrolled (a layer scan would slice the stacked host arrays on the device); each call then copies
+  in only the experts its tokens selected (pangu.nn.moe.offload).
+  """
+  if config.moe is None:
+    raise ValueError("offload_experts needs a MoE model (config.moe is None)")
+  device = device or jax.devices()[0]
+  kinds = {m.kind for m in device.addressable_memories()}
+  if "pinned_host" not in kinds:
+    raise ValueError(f"{device.platform} devices have no pinned_host memory (memory kinds {sorted(kinds)})")
+  host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+  if config.scanned:
+    params = unstack_layers(params, config.n_layers)
+  config = config.replace(scan_layers=False, moe=dataclasses.replace(config.moe, expert_storage="host"))
+
+  def place(layer: dict) -> dict:
+    if "moe" not in layer:
+      return layer
+    moe = {k: jax.device_put(np.asarray(v), host) if k in ROUTED_KERNELS else v for k, v in layer["moe"].items()}
+    return {**layer, "moe": moe}
+
+  return config, {k: place(v) if k.startswith("layer_") else v for k, v in params.items()}
+
+
+def expert_bytes(config: TransformerConfig) -> int:
+  """Bytes of one routed expert (gate, up and down kernels), what offloading copies per selected expert."""
+  return 3 * config.d_model * config.moe.expert_dim * np.dtype(config.param_dtype).itemsize

@@ -1,0 +1,35 @@
+"""Inside a compiled step: move values between device and pinned host memory, and compute on the host.
+
+These wrap `jax.experimental.compute_on`, whose API changed in jax 0.11 (a context manager before, a function
+transform with explicit output memory spaces since), and the memory-space enum, which jax only exposes through
+avals (`jax.typeof(x).memory_space`).
+"""
+
+import inspect
+from collections.abc import Callable
+
+import jax
+from jax.experimental import compute_on as _compute_on
+
+
+def _space(x: jax.Array, name: str):
+  return getattr(type(jax.typeof(x).memory_space), name)
+
+
+def to_host(tree):
+  """Copies every array of `tree` to pinned host memory (inside jit)."""
+  return jax.tree.map(lambda x: jax.device_put(x, _space(x, "Host")), tree)
+
+
+def to_device(tree):
+  """Copies every array of `tree` to device memory (inside jit)."""
+  return jax.tree.map(lambda x: jax.device_put(x, _space(x, "Device")), tree)
+
+
+def compute_on_host(fn: Callable, *args):
+  """fn(*args) computed by the host, on operands in host memory; the outputs stay in host memory."""
+  if "out_memory_spaces" in inspect.signature(_compute_on.compute_on).parameters:
+    host = _space(jax.tree.leaves(args)[0], "Host")
+    return _compute_on.compute_on(compute_type="device_host", out_memory_spaces=host)(fn)(*args)
+  with _compute_on.compute_on("device_host"):
+    return fn(*args)

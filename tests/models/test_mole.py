@@ -1,0 +1,207 @@
+"""MoLE: the lookup form equals the training form, wherever the table lives and however it is encoded."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pangu import models
+from pangu.infer.decoding import GenerationConfig, generate
+from pangu.models import mole
+from pangu.nn import lookup_table
+from pangu.nn.lookup_table import LookupTableError, TableShape
+from pangu.nn.mole import MoLEConfig
+
+from reference_decoder import gelu, rms_norm
+
+# Distinct L, N, D so that a wrong flatten order of the table cannot go unnoticed.
+V, L, N, D = 29, 3, 5, 16
+
+
+def _config(**changes):
+  base = dict(vocab_size=V, d_model=D, n_layers=L, n_heads=4, n_kv_heads=2, d_ff=48, mlp_activation="gelu",
+              mole=MoLEConfig(num_experts=N, expert_dim=24), init="normal")
+  return models.TransformerConfig(**{**base, **changes})
+
+
+@functools.cache
+def _trained(scan_layers: bool = True):
+  """A model trained for a few steps on ids < V // 2 only, so ids >= V // 2 were never seen in training."""
+  cfg = _config(scan_layers=scan_layers)
+  params = models.init_params(cfg, jax.random.key(0))
+  opt = optax.adam(3e-2)
+  state = opt.init(params)
+  tokens = jax.random.randint(jax.random.key(1), (4, 9), 0, V // 2)
+
+  @jax.jit
+  def step(params, state):
+    loss = lambda p: models.cross_entropy_loss(models.forward(cfg, p, tokens[:, :-1]), tokens[:, 1:])[0]
+    grads = jax.grad(loss)(params)
+    updates, state = opt.update(grads, state)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(5):
+    params, state = step(params, state)
+  return cfg, params
+
+
+def _unseen_tokens():
+  return jax.random.randint(jax.random.key(2), (2, 11), V // 2, V)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_table_holds_each_expert_on_each_vocab_row(scan_layers):
+  cfg, params = _trained(scan_layers)
+  table = mole.expert_table(cfg, params, chunk_size=8)  # chunks that do not divide V
+  assert table.shape == (V, L, N, D)
+  emb = np.asarray(params["embedding"], np.float64)
+  for layer in (0, L - 1):
+    p = jax.tree.map(lambda x: np.asarray(x, np.float64), models.layer_params(cfg, params, layer)["mole"])
+    e = rms_norm(emb, p["expert_norm"]["scale"], cfg.norm_eps)
+    for j in (0, N - 1):
+      want = gelu(e @ p["up"][j]) @ p["down"][j]
+      np.testing.assert_allclose(table[:, layer, j], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_lookup_form_equals_training_form_on_unseen_ids(scan_layers):
+  cfg, params = _trained(scan_layers)
+  tokens = _unseen_tokens()
+  lut_cfg, lut_params = mole.reparameterize(cfg, params)
+  want = models.forward(cfg, params, tokens)
+  np.testing.assert_allclose(models.forward(lut_cfg, lut_params, tokens), want, atol=1e-5, rtol=0)
+  for layer in range(L):
+    assert set(models.layer_params(lut_cfg, lut_params, layer)["mole"]) == {"router"}
+
+
+@pytest.mark.parametrize("storage", ["host", "numpy", "disk"])
+def test_every_storage_gives_the_same_logits_and_moves_one_row_per_token(storage, tmp_path):
+  cfg, params = _trained()
+  lut_cfg, lut_params = mole.reparameterize(cfg, params)
+  placed_cfg, placed = mole.place_table(lut_cfg, lut_params, storage, path=str(tmp_path / "table"))
+  assert placed_cfg.mole.table_storage == storage
+  if storage == "host":
+    assert {x.sharding.memory_kind for x in placed[mole.TABLE_KEY].values()} == {"pinned_host"}
+  else:
+    assert mole.TABLE_KEY not in placed
+  tokens = _unseen_tokens()
+  lookup_table.TRANSFERS.reset()
+  got = models.forward(placed_cfg, placed, tokens)
+  np.testing.assert_allclose(got, models.forward(cfg, params, tokens), atol=1e-5, rtol=0)
+  if storage != "host":
+    # float32: L * N * D values of 4 bytes for each of the B * S tokens.
+    assert lookup_table.TRANSFERS.bytes[str(tmp_path / "table")] == tokens.size * L * N * D * 4
+
+
+def test_quantised_tables_move_encoded_bytes(tmp_path):
+  cfg, params = _trained()
+  tokens = _unseen_tokens()
+  for table_format, per_token in (("bfloat16", L * N * D * 2), ("int8", L * N * (D + 4)),
+                                  ("nf4", L * N * (D // 2 + 4))):
+    lut_cfg, lut_params = mole.reparameterize(cfg, params, table_format=table_format)
+    assert mole.row_bytes_per_token(lut_cfg) == per_token
+    path = str(tmp_path / table_format)
+    disk_cfg, disk_params = mole.place_table(lut_cfg, lut_params, "disk", path=path)
+    lookup_table.TRANSFERS.reset()
+    models.forward(disk_cfg, disk_params, tokens)
+    assert lookup_table.TRANSFERS.bytes[path] == tokens.size * per_token
+
+
+@pytest.mark.parametrize("table_format", ["bfloat16", "float16", "int8", "nf4"])
+def test_encoding_error_stays_within_the_documented_bound(table_format):
+  cfg, params = _trained()
+  table = mole.expert_table(cfg, params)
+  shape = TableShape(V, L, N, D)
+  decoded = lookup_table.decode_rows(
+      {k: jnp.asarray(v) for k, v in lookup_table.encode_table(table, table_format).items()}, shape, table_format,
+      jnp.float32)
+  err = np.abs(np.asarray(decoded) - table)
+  bound = lookup_table.error_bound(table, table_format)
+  assert np.all(err <= bound), float((err - bound).max())
+  assert err.max() > 0  # the encodings are lossy on these values; the bound is not vacuous
+  if table_format == "nf4":  # NF4 is coarse: it must still beat the trivial all-zero table by far.
+    assert err.mean() < 0.2 * np.abs(table).mean()
+
+
+def test_lookup_model_generates_the_same_tokens_with_a_kv_cache(tmp_path):
+  cfg, params = _trained()
+  gen = GenerationConfig(max_new_tokens=5)
+  prompts = [[3, 20, 7], [25, 1]]
+  want = generate(cfg, params, prompts, gen, jax.random.key(0))
+  lut_cfg, lut_params = mole.place_table(*mole.reparameterize(cfg, params), "disk", path=str(tmp_path / "t"))
+  got = generate(lut_cfg, lut_params, prompts, gen, jax.random.key(0))
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("field, changes", [
+    ("vocab_size", dict(vocab_size=V + 1)),
+    ("n_layers", dict(n_layers=L + 1)),
+    ("num_experts", dict(mole=MoLEConfig(num_experts=N + 1, expert_dim=24))),
+    ("d_model", dict(d_model=2 * D)),
+])
+def test_a_table_from_another_model_is_rejected_naming_the_field(field, changes, tmp_path):
+  cfg, params = _trained()
+  path = str(tmp_path / "t")
+  mole.place_table(*mole.reparameterize(cfg, params), "disk", path=path)
+  other = _config(**changes)
+  other = other.replace(mole=dataclasses.replace(other.mole, lookup=True, table_storage="disk", table_path=path))
+  with pytest.raises(LookupTableError, match=f"does not match the model: {field}: file"):
+    models.init_params(other, jax.random.key(0))
+
+
+def test_a_table_in_another_format_or_corrupt_is_rejected(tmp_path):
+  cfg, params = _trained()
+  path = str(tmp_path / "t")
+  disk_cfg, _ = mole.place_table(*mole.reparameterize(cfg, params, table_format="int8"), "disk", path=path)
+  shape = TableShape(V, L, N, D)
+  with pytest.raises(LookupTableError, match="table_format: file int8, model float16"):
+    lookup_table.load_table(path, expected_shape=shape, expected_format="float16")
+  with open(tmp_path / "t" / "values.npy", "r+b") as f:
+    f.truncate(100)
+  with pytest.raises(LookupTableError, match="values.npy"):
+    lookup_table.load_table(path)
+  (tmp_path / "t" / "table.json").write_text("{not json")
+  with pytest.raises(LookupTableError, match="not a readable lookup table"):
+    lookup_table.load_table(path)
+
+
+def test_rewriting_a_table_replaces_it_whole(tmp_path):
+  shape = TableShape(3, 1, 2, 4)
+  path = str(tmp_path / "t")
+  first = lookup_table.encode_table(np.ones((3, 1, 2, 4)), "float32")
+  second = lookup_table.encode_table(2 * np.ones((3, 1, 2, 4)), "int8")
+  lookup_table.save_table(path, shape, "float32", first)
+  lookup_table.save_table(path, shape, "int8", second)
+  _, table_format, stored = lookup_table.load_table(path)
+  assert table_format == "int8" and set(stored) == {"values", "scales"}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]  # no temporary directory left behind
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(num_experts=0, expert_dim=4), "num_experts"),
+    (dict(num_experts=2, expert_dim=4, lookup=True, table_format="int4"), "table_format"),
+    (dict(num_experts=2, expert_dim=4, lookup=True, table_storage="disk"), "table_path"),
+    (dict(num_experts=2, expert_dim=4, table_format="int8"), "training form"),
+])
+def test_bad_mole_config_names_the_problem(kwargs, field):
+  with pytest.raises(ValueError, match=field):
+    MoLEConfig(**kwargs)
+
+
+def test_mole_and_moe_are_exclusive():
+  from pangu.nn.moe import MoEConfig
+  with pytest.raises(ValueError, match="exclusive"):
+    _config(moe=MoEConfig(num_experts=4, top_k=2, expert_dim=8))
+
+
+def test_a_quantised_table_gives_the_same_logits_on_host_and_device():
+  cfg, params = _trained()
+  lut_cfg, lut_params = mole.reparameterize(cfg, params, table_format="nf4")
+  tokens = _unseen_tokens()
+  np.testing.assert_allclose(models.forward(*mole.place_table(lut_cfg, lut_params, "host"), tokens),
+                             models.forward(lut_cfg, lut_params, tokens), atol=1e-6, rtol=0)
