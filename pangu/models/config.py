@@ -7,6 +7,7 @@ K kv heads, Dh head dim, F ffn width, E experts, G expert groups, V vocab, L lay
 import dataclasses
 from typing import Literal
 
+from pangu.config_checks import one_of, positive_ints
 from pangu.nn.mole import MoLEConfig
 from pangu.nn.moe.config import MoEConfig
 
@@ -22,19 +23,6 @@ REMATS = ("none", "block", "selective")
 MLP_ACTIVATIONS = ("swiglu", "gelu")
 PARAM_LAYOUTS = ("training", "decode")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _positive(obj, *names: str) -> None:
-  for name in names:
-    value = getattr(obj, name)
-    if not isinstance(value, int) or value <= 0:
-      raise ValueError(f"{type(obj).__name__}.{name} must be a positive int, got {value!r}")
-
-
-def _choice(obj, name: str, allowed: tuple[str, ...]) -> None:
-  value = getattr(obj, name)
-  if value not in allowed:
-    raise ValueError(f"{type(obj).__name__}.{name} must be one of {allowed}, got {value!r}")
 
 
 RopeKind = Literal["linear", "llama3", "yarn"]
@@ -71,11 +59,11 @@ class RopeScaling:
   attention_factor: float | None = None
 
   def __post_init__(self):
-    _choice(self, "kind", ROPE_KINDS)
+    one_of(self, "kind", ROPE_KINDS)
     for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
       if not getattr(self, name) > 0:
         raise ValueError(f"RopeScaling.{name} must be > 0, got {getattr(self, name)!r}")
-    _positive(self, "original_max_position_embeddings")
+    positive_ints(self, "original_max_position_embeddings")
     if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
       raise ValueError(f"RopeScaling.high_freq_factor={self.high_freq_factor} must exceed "
                        f"low_freq_factor={self.low_freq_factor}")
@@ -92,7 +80,7 @@ class LayerShape:
   d_ff: int
 
   def __post_init__(self):
-    _positive(self, "n_heads", "n_kv_heads", "d_ff")
+    positive_ints(self, "n_heads", "n_kv_heads", "d_ff")
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"LayerShape.n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
 
@@ -175,13 +163,13 @@ class TransformerConfig:
   eos_token_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
-    _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
+    positive_ints(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
     if self.head_dim is None:
       if self.d_model % self.n_heads:
         raise ValueError(f"TransformerConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
                          "set head_dim explicitly")
       object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
-    _positive(self, "head_dim")
+    positive_ints(self, "head_dim")
     if self.head_dim % 2:
       raise ValueError(f"TransformerConfig.head_dim={self.head_dim} must be even for RoPE")
     if self.n_heads % self.n_kv_heads:
@@ -192,15 +180,15 @@ class TransformerConfig:
       if len(self.layer_shapes) != self.n_layers:
         raise ValueError(f"TransformerConfig.layer_shapes has {len(self.layer_shapes)} entries, "
                          f"n_layers={self.n_layers}")
-    _choice(self, "norm_placement", NORM_PLACEMENTS)
-    _choice(self, "init", INIT_SCHEMES)
-    _choice(self, "remat", REMATS)
-    _choice(self, "dtype", DTYPES)
-    _choice(self, "param_dtype", DTYPES)
-    _choice(self, "mlp_activation", MLP_ACTIVATIONS)
-    _choice(self, "param_layout", PARAM_LAYOUTS)
+    one_of(self, "norm_placement", NORM_PLACEMENTS)
+    one_of(self, "init", INIT_SCHEMES)
+    one_of(self, "remat", REMATS)
+    one_of(self, "dtype", DTYPES)
+    one_of(self, "param_dtype", DTYPES)
+    one_of(self, "mlp_activation", MLP_ACTIVATIONS)
+    one_of(self, "param_layout", PARAM_LAYOUTS)
     if self.max_position_embeddings is not None:
-      _positive(self, "max_position_embeddings")
+      positive_ints(self, "max_position_embeddings")
     object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
     for name, ids in (("bos_token_id", () if self.bos_token_id is None else (self.bos_token_id,)),
                       ("eos_token_ids", self.eos_token_ids)):

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pangu.config_checks import one_of, positive_ints
 from pangu.nn import lookup_table
 from pangu.nn.lookup_table import TableShape, stored_row_shapes
 from pangu.nn.norms import RMSNorm
@@ -56,15 +57,9 @@ class MoLEConfig:
   table_path: str | None = None
 
   def __post_init__(self):
-    for name in ("num_experts", "expert_dim"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"MoLEConfig.{name} must be a positive int, got {value!r}")
-    if self.table_format not in lookup_table.TABLE_FORMATS:
-      raise ValueError(f"MoLEConfig.table_format must be one of {lookup_table.TABLE_FORMATS}, "
-                       f"got {self.table_format!r}")
-    if self.table_storage not in TABLE_STORAGES:
-      raise ValueError(f"MoLEConfig.table_storage must be one of {TABLE_STORAGES}, got {self.table_storage!r}")
+    positive_ints(self, "num_experts", "expert_dim")
+    one_of(self, "table_format", lookup_table.TABLE_FORMATS)
+    one_of(self, "table_storage", TABLE_STORAGES)
     file_backed = self.table_storage in ("numpy", "disk")
     if file_backed != (self.table_path is not None):
       raise ValueError(f"MoLEConfig.table_path is needed exactly for table_storage 'numpy' and 'disk', got "

@@ -17,6 +17,7 @@ import jax
 from absl import logging
 from jax.typing import DTypeLike
 
+from pangu.config_checks import positive_ints
 from pangu.parallel.topology import Topology, cpu
 
 MESH_AXES = ("pipeline", "data", "fsdp", "expert", "tensor")
@@ -41,10 +42,7 @@ class ParallelPlan:
   pipeline: int = 1
 
   def __post_init__(self):
-    for name in MESH_AXES:
-      size = getattr(self, name)
-      if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise ValueError(f"ParallelPlan.{name} must be a positive int, got {size!r}")
+    positive_ints(self, *MESH_AXES)
 
   @property
   def axis_sizes(self) -> dict[str, int]:

@@ -57,6 +57,7 @@ import scipy.optimize
 import scipy.stats
 from jax.sharding import NamedSharding, PartitionSpec
 
+from pangu.config_checks import positive_ints
 from pangu.models.config import TransformerConfig
 from pangu.nn.moe.config import MoEConfig
 from pangu.parallel.topology import AxisSpec, DeviceSpec, LinkKind, Topology, cpu
@@ -87,13 +88,6 @@ def decoder_config(d_model: int, n_layers: int, *, vocab_size: int = 2048, moe: 
                            d_ff=int(2.75 * d_model) // 8 * 8, moe=moe)
 
 
-def _check_positive_ints(obj, *names: str) -> None:
-  for name in names:
-    value = getattr(obj, name)
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"{type(obj).__name__}.{name} must be a positive int, got {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class LayerProfile:
   """Per-device reference shape of the layer profiles: x [batch, seq, d_model] through the attention half, a
@@ -105,7 +99,7 @@ class LayerProfile:
   moe: MoEConfig
 
   def __post_init__(self):
-    _check_positive_ints(self, "batch", "seq", "d_model")
+    positive_ints(self, "batch", "seq", "d_model")
 
   def config(self, *, sparse: bool = False) -> TransformerConfig:
     return decoder_config(self.d_model, PROFILE_CHAIN[1], vocab_size=8, moe=self.moe if sparse else None)
@@ -121,7 +115,7 @@ class HeadProfile:
   vocab_size: int
 
   def __post_init__(self):
-    _check_positive_ints(self, "batch", "seq", "d_model", "vocab_size")
+    positive_ints(self, "batch", "seq", "d_model", "vocab_size")
 
 
 # Reference shapes on either side of the validated range, from many narrow tokens to few wide ones; top-K and

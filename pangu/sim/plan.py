@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from pangu.config_checks import positive_ints
+
 Recompute = Literal["none", "selective", "full"]
 Dispatch = Literal["flat", "hierarchical", "ring"]
 RECOMPUTES = ("none", "selective", "full")
@@ -28,13 +30,6 @@ class Infeasible(ValueError):
     super().__init__(f"{kind}: {reason}")
     self.kind = kind
     self.reason = reason
-
-
-def _positive_ints(obj, *names: str) -> None:
-  for name in names:
-    value = getattr(obj, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"{type(obj).__name__}.{name} must be a positive int, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +81,7 @@ class Plan:
   expert_tp: int | None = None
 
   def __post_init__(self):
-    _positive_ints(self, "tp", "pp", "vpp", "cp", "dp", "ep", "micro_batch")
+    positive_ints(self, "tp", "pp", "vpp", "cp", "dp", "ep", "micro_batch")
     if self.zero_stage not in (0, 1, 2, 3):
       raise ValueError(f"Plan.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
     if self.recompute not in RECOMPUTES:
@@ -183,7 +178,7 @@ class Precision:
   kv_bytes: int
 
   def __post_init__(self):
-    _positive_ints(self, "weight_bytes", "activation_bytes", "grad_bytes", "optimizer_bytes", "kv_bytes")
+    positive_ints(self, "weight_bytes", "activation_bytes", "grad_bytes", "optimizer_bytes", "kv_bytes")
 
   @property
   def optimizer_traffic_bytes(self) -> int:
@@ -208,7 +203,7 @@ class TrainWorkload:
   global_batch: int
 
   def __post_init__(self):
-    _positive_ints(self, "seq_len", "global_batch")
+    positive_ints(self, "seq_len", "global_batch")
 
   @property
   def tokens(self) -> int:
@@ -233,4 +228,4 @@ class DecodeWorkload:
   context: int
 
   def __post_init__(self):
-    _positive_ints(self, "batch", "context")
+    positive_ints(self, "batch", "context")

@@ -13,15 +13,9 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+from pangu.config_checks import positive_ints
 from pangu.models.config import TransformerConfig
 from pangu.nn.moe.config import MoEConfig
-
-
-def _require_positive(obj, *names: str) -> None:
-  for name in names:
-    value = getattr(obj, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-      raise ValueError(f"{type(obj).__name__}.{name} must be a positive int, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +37,7 @@ class GQA:
   qk_norm: bool = False
 
   def __post_init__(self):
-    _require_positive(self, "n_heads", "n_kv_heads", "head_dim")
+    positive_ints(self, "n_heads", "n_kv_heads", "head_dim")
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"GQA.n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
 
@@ -85,7 +79,7 @@ class MLA:
   v_head_dim: int
 
   def __post_init__(self):
-    _require_positive(self, "n_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_dim", "qk_rope_dim", "v_head_dim")
+    positive_ints(self, "n_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_dim", "qk_rope_dim", "v_head_dim")
 
   @property
   def n_kv_heads(self) -> int:
@@ -158,7 +152,7 @@ class ModelShape:
   tie_embeddings: bool = False
 
   def __post_init__(self):
-    _require_positive(self, "vocab_size", "d_model", "n_layers", "d_ff")
+    positive_ints(self, "vocab_size", "d_model", "n_layers", "d_ff")
     if not isinstance(self.attention, (GQA, MLA)):
       raise ValueError(f"ModelShape.attention must be a GQA or MLA, got {self.attention!r}")
     if self.moe is not None and not isinstance(self.moe, MoEConfig):

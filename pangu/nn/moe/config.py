@@ -7,6 +7,8 @@ K experts per token, K' = K / M experts per group and token (MoGE), F expert wid
 import dataclasses
 from typing import Literal
 
+from pangu.config_checks import one_of, positive_ints
+
 Router = Literal["topk", "group_limited", "moge"]
 Dispatch = Literal["dropless", "capacity"]
 AuxScores = Literal["global", "group_local"]
@@ -75,15 +77,11 @@ class MoEConfig:
   expert_storage: ExpertStorage = "device"
 
   def __post_init__(self):
-    for name in ("num_experts", "top_k", "expert_dim", "num_groups"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
+    positive_ints(self, "num_experts", "top_k", "expert_dim", "num_groups")
     for name, allowed in (("router", ROUTERS), ("dispatch", DISPATCHES), ("aux_scores", AUX_SCORES),
                           ("experts_implementation", EXPERTS_IMPLEMENTATIONS),
                           ("expert_storage", EXPERT_STORAGES)):
-      if getattr(self, name) not in allowed:
-        raise ValueError(f"MoEConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+      one_of(self, name, allowed)
     if self.num_experts % self.num_groups:
       raise ValueError(f"MoEConfig.num_experts={self.num_experts} is not divisible by "
                        f"num_groups={self.num_groups}")
