@@ -14,7 +14,8 @@ Mixture of Lookup Experts (arXiv 2503.15798), spec mole.md section 4:
    weights): dense; MoE-34E (pairs with MoLE-16E: 136 D^2 = 17 x 8 D^2) with experts in device memory; the same
    with experts in pinned host memory, each step copying in the distinct experts its tokens chose (the paper's
    offloading baseline); MoLE-16E with the table (float16 by default, as the paper) in pinned host memory and
-   memory-mapped on disk.
+   memory-mapped on disk. Every system runs in pangu.infer.decode_layout (unrolled layers, [out, in] kernels,
+   MoE experts by the `selected` loop over the experts a step chose).
    Device-resident bytes of each and bytes moved per generated token (MoLE: one table row, L N D values;
    offloaded MoE: distinct experts per step x expert bytes, from the actual routing of the decoded tokens).
    On a CPU, host and device are the same RAM: "offloading" is a copy, so the bytes are reported beside the times.
@@ -200,7 +201,7 @@ def transfer_bytes(systems: dict, new_tokens: int) -> dict:
   from pangu.infer.offload import expert_bytes
   from pangu.models import mole
   from pangu.nn import lookup_table
-  from pangu.nn.moe import topk_route
+  from pangu.nn.moe import route
 
   gen = infer.GenerationConfig(max_new_tokens=new_tokens)
   out = {name: {} for name in SYSTEMS}
@@ -226,7 +227,7 @@ def transfer_bytes(systems: dict, new_tokens: int) -> dict:
     for i in range(config.n_layers):
       u = captured["intermediates"][f"layer_{i}"]["pre_mlp_norm"]["__call__"][0]
       logits = jnp.einsum("bsd,dn->bsn", u, params[f"layer_{i}"]["moe"]["router"])
-      _, ids = topk_route(logits.reshape(-1, logits.shape[-1]), k=config.moe.top_k)
+      _, ids = route(logits.reshape(-1, logits.shape[-1]), config.moe)
       ids = np.asarray(ids).reshape(batch, -1, config.moe.top_k)[:, PROMPT_LEN:-1]  # inputs of decode steps
       loaded += sum(len(np.unique(ids[:, t])) for t in range(ids.shape[1]))
     out["moe_offload"][f"b{batch}"] = loaded * expert_bytes(config) / (ids.shape[1] * batch)

@@ -7,6 +7,7 @@ import numpy as np
 
 from pangu.models.config import TransformerConfig
 from pangu.models.transformer import unstack_layers
+from pangu.parallel import host_memory
 
 ROUTED_KERNELS = ("gate", "up", "down")
 
@@ -21,10 +22,7 @@ def offload_experts(config: TransformerConfig, params: dict, *,
   if config.moe is None:
     raise ValueError("offload_experts needs a MoE model (config.moe is None)")
   device = device or jax.devices()[0]
-  kinds = {m.kind for m in device.addressable_memories()}
-  if "pinned_host" not in kinds:
-    raise ValueError(f"{device.platform} devices have no pinned_host memory (memory kinds {sorted(kinds)})")
-  host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+  host = host_memory.pinned_host_sharding(device, "keep the experts on the device")
   if config.scanned:
     params = unstack_layers(params, config.n_layers)
   config = config.replace(scan_layers=False, moe=dataclasses.replace(config.moe, expert_storage="host"))

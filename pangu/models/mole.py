@@ -19,6 +19,7 @@ from pangu.models.transformer import LAYERS_KEY, layer_params, mole_table_shape
 from pangu.nn import lookup_table
 from pangu.nn.mole import TABLE_STORAGES, expert_outputs
 from pangu.nn.norms import rms_norm
+from pangu.parallel import host_memory
 
 TABLE_KEY = "mole_table"
 EXPERT_PARAMS = ("up", "down", "expert_norm")
@@ -99,11 +100,9 @@ def place_table(config: TransformerConfig, params: dict, storage: str, *, path: 
     lookup_table.open_table.cache_clear()
     return config.replace(mole=dataclasses.replace(mole, table_storage=storage, table_path=path)), rest
   if storage == "host":
-    kinds = {m.kind for m in device.addressable_memories()}
-    if "pinned_host" not in kinds:
-      raise ValueError(f"{device.platform} devices have no pinned_host memory (memory kinds {sorted(kinds)}); "
-                       "use storage='numpy' or 'disk'")
-  sharding = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host" if storage == "host" else None)
+    sharding = host_memory.pinned_host_sharding(device, "use storage='numpy' or 'disk'")
+  else:
+    sharding = jax.sharding.SingleDeviceSharding(device)
   rest[TABLE_KEY] = {name: jax.device_put(np.asarray(array), sharding) for name, array in stored.items()}
   return config.replace(mole=dataclasses.replace(mole, table_storage=storage, table_path=None)), rest
 

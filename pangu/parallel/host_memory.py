@@ -1,4 +1,5 @@
-"""Inside a compiled step: move values between device and pinned host memory, and compute on the host.
+"""Pinned host memory: where off-device arrays live, and, inside a compiled step, copies to and from it and
+computation on the host.
 
 These wrap `jax.experimental.compute_on`, whose API changed in jax 0.11 (a context manager before, a function
 transform with explicit output memory spaces since), and the memory-space enum, which jax only exposes through
@@ -33,3 +34,13 @@ def compute_on_host(fn: Callable, *args):
     return _compute_on.compute_on(compute_type="device_host", out_memory_spaces=host)(fn)(*args)
   with _compute_on.compute_on("device_host"):
     return fn(*args)
+
+
+def pinned_host_sharding(device: jax.Device, fallback: str) -> jax.sharding.SingleDeviceSharding:
+  """Where to place arrays kept off `device`: its pinned host memory; a clear error (suggesting `fallback`)
+  on backends without that memory kind."""
+  kinds = {m.kind for m in device.addressable_memories()}
+  if "pinned_host" not in kinds:
+    raise ValueError(f"{device.platform} devices have no pinned_host memory (memory kinds {sorted(kinds)}); "
+                     f"{fallback}")
+  return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
