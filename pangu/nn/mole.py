@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from pangu.config_checks import one_of, positive_ints
-from pangu.nn import lookup_table
+from pangu.nn import linear, lookup_table
 from pangu.nn.lookup_table import TableShape, stored_row_shapes
 from pangu.nn.norms import RMSNorm
 from pangu.parallel import host_memory, rules
@@ -71,12 +71,12 @@ class MoLEConfig:
 
 def gelu_ffn_hidden(x: jax.Array, up: jax.Array) -> jax.Array:
   """Every expert's hidden activation: x [..., D], up [N, D, F] -> [..., N, F] (exact-erf GELU, no bias)."""
-  return jax.nn.gelu(jnp.einsum("...d,ndf->...nf", x, up), approximate=False)
+  return jax.nn.gelu(linear.weight_einsum("...d,ndf->...nf", x, up), approximate=False)
 
 
 def expert_outputs(x: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
   """Every expert on every input: x [..., D], up [N, D, F], down [N, F, D] -> [..., N, D]."""
-  return jnp.einsum("...nf,nfd->...nd", gelu_ffn_hidden(x, up), down)
+  return linear.weight_einsum("...nf,nfd->...nd", gelu_ffn_hidden(x, up), down)
 
 
 class LookupExperts(nn.Module):
@@ -111,7 +111,8 @@ class LookupExperts(nn.Module):
     chex.assert_rank(u, 3)
     chex.assert_axis_dimension(u, 2, d)
     router = self._param("router", (d, n), (rules.EMBED, None), self.kernel_init)
-    gates = jax.nn.softmax(jnp.einsum("bsd,dn->bsn", u.astype(jnp.float32), router.astype(jnp.float32)), axis=-1)
+    logits = linear.weight_einsum("bsd,dn->bsn", u.astype(jnp.float32), router.astype(jnp.float32))
+    gates = jax.nn.softmax(logits, axis=-1)
     if cfg.lookup:
       chex.assert_shape(expert_input, (*u.shape[:2], n, d))
       y = jnp.einsum("bsn,bsnd->bsd", gates, expert_input.astype(jnp.float32))
@@ -122,7 +123,7 @@ class LookupExperts(nn.Module):
     down = self._param("down", (n, f, d), (rules.EXPERT, rules.MLP, rules.EMBED), self.output_init)
     hidden = gelu_ffn_hidden(e.astype(self.dtype), up.astype(self.dtype))
     weighted = hidden * gates[..., None].astype(self.dtype)
-    return jnp.einsum("bsnf,nfd->bsd", weighted, down.astype(self.dtype))
+    return linear.weight_einsum("bsnf,nfd->bsd", weighted, down.astype(self.dtype))
 
 
 def lookup_rows(config: MoLEConfig, shape: TableShape, table: dict[str, jax.Array] | None, tokens: jax.Array,

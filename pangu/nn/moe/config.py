@@ -14,12 +14,14 @@ Dispatch = Literal["dropless", "capacity"]
 AuxScores = Literal["global", "group_local"]
 ExpertsImplementation = Literal["auto", "ragged", "blocked", "dense", "selected"]
 ExpertStorage = Literal["device", "host"]
+RoutingImplementation = Literal["auto", "xla", "pallas"]
 
 ROUTERS = ("topk", "group_limited", "moge")
 DISPATCHES = ("dropless", "capacity")
 AUX_SCORES = ("global", "group_local")
 EXPERTS_IMPLEMENTATIONS = ("auto", "ragged", "blocked", "dense", "selected")
 EXPERT_STORAGES = ("device", "host")
+ROUTING_IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,9 @@ class MoEConfig:
       GPU/TPU, blocked on CPU, where ragged_dot computes every group densely).
     expert_storage: `device`, or `host`: the routed expert kernels live in pinned host memory and each call
       copies in the distinct experts its tokens selected (inference offloading; see pangu.nn.moe.offload).
+    routing_implementation: how the `moge` router runs: `xla` (`routing.moge_route`), `pallas` (the fused
+      kernel of pangu_kernels.moe_routing; interpreted on CPU, slow, for tests) or `auto` (the kernel where
+      `pangu_kernels.moe_routing.pallas_supported`, else xla). Other routers have only the xla form.
   """
 
   num_experts: int
@@ -75,12 +80,13 @@ class MoEConfig:
   hierarchical_dispatch: bool = False
   experts_implementation: ExpertsImplementation = "auto"
   expert_storage: ExpertStorage = "device"
+  routing_implementation: RoutingImplementation = "auto"
 
   def __post_init__(self):
     positive_ints(self, "num_experts", "top_k", "expert_dim", "num_groups")
     for name, allowed in (("router", ROUTERS), ("dispatch", DISPATCHES), ("aux_scores", AUX_SCORES),
                           ("experts_implementation", EXPERTS_IMPLEMENTATIONS),
-                          ("expert_storage", EXPERT_STORAGES)):
+                          ("expert_storage", EXPERT_STORAGES), ("routing_implementation", ROUTING_IMPLEMENTATIONS)):
       one_of(self, name, allowed)
     if self.num_experts % self.num_groups:
       raise ValueError(f"MoEConfig.num_experts={self.num_experts} is not divisible by "
@@ -92,6 +98,9 @@ class MoEConfig:
       if self.k_per_group > self.group_size:
         raise ValueError(f"MoEConfig.top_k={self.top_k} asks for K'={self.k_per_group} experts per group, more "
                          f"than the group size {self.group_size}")
+    if self.routing_implementation == "pallas" and self.router != "moge":
+      raise ValueError(f"MoEConfig.routing_implementation='pallas' is the fused MoGE routing kernel; router="
+                       f"{self.router!r} has only the 'xla' form")
     if self.top_k > self.num_experts:
       raise ValueError(f"MoEConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}")
     if self.router == "group_limited":

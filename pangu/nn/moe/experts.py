@@ -17,6 +17,7 @@ T tokens (rows), W choices per row, E experts, D model width, F expert width. On
   support. `pangu.nn.moe.offload` runs the same loop on kernels copied in from host memory.
 
 `capacity_experts` is the capacity-factor variant: fixed [E, C] slots per expert and exact dropped counts.
+Every product with an expert kernel goes through `pangu.nn.linear` (`swiglu` and `weight_ragged_dot`).
 """
 
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from pangu.nn import linear
 from pangu.nn.moe import dispatch
 from pangu.parallel import rules
 
@@ -47,7 +49,9 @@ class ExpertWeights(NamedTuple):
 
 def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
   """One expert: x [..., D], gate/up [D, F], down [F, D] -> [..., D]."""
-  return (jax.nn.silu(x @ gate) * (x @ up)) @ down
+  hidden = (jax.nn.silu(linear.weight_einsum("...d,df->...f", x, gate))
+            * linear.weight_einsum("...d,df->...f", x, up))
+  return linear.weight_einsum("...f,fd->...d", hidden, down)
 
 
 def batched_swiglu(x: jax.Array, experts: ExpertWeights) -> jax.Array:
@@ -136,9 +140,9 @@ def grouped_swiglu(x: jax.Array, group_sizes: jax.Array, experts: ExpertWeights,
     return _blocked_swiglu(x, group_sizes, experts)
   if implementation != "ragged":
     raise ValueError(f"grouped_swiglu: implementation must be 'ragged' or 'blocked', got {implementation!r}")
-  hidden = (jax.nn.silu(jax.lax.ragged_dot(x, experts.gate, group_sizes))
-            * jax.lax.ragged_dot(x, experts.up, group_sizes))
-  return jax.lax.ragged_dot(hidden, experts.down, group_sizes)
+  hidden = (jax.nn.silu(linear.weight_ragged_dot(x, experts.gate, group_sizes))
+            * linear.weight_ragged_dot(x, experts.up, group_sizes))
+  return linear.weight_ragged_dot(hidden, experts.down, group_sizes)
 
 
 def routed_experts(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, experts: ExpertWeights, *,

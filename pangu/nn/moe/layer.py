@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pangu.nn import linear
 from pangu.nn.moe import offload, parallel, routing
 from pangu.nn.moe.config import MoEConfig
 from pangu.nn.moe.experts import ExpertWeights, capacity_experts, routed_experts, swiglu
@@ -73,7 +74,7 @@ class MoEFeedForward(nn.Module):
     tokens = x.reshape(b * s, d)
 
     router = self._param("router", (d, n), (rules.EMBED, None), self.kernel_init)
-    logits = jnp.einsum("td,dn->tn", tokens.astype(jnp.float32), router.astype(jnp.float32))
+    logits = linear.weight_einsum("td,dn->tn", tokens.astype(jnp.float32), router.astype(jnp.float32))
     scale = self._param("router_scale", (n,), (None,), jax.nn.initializers.ones) if cfg.router_scale else None
     weights, expert_ids = routing.route(logits, cfg, scale)
 

@@ -4,13 +4,18 @@ Pangu Pro MoE (arXiv 2505.21411). T tokens, N experts, M groups of G = N / M con
 per token, K' = K / M per group.
 
 Every router returns `(weights [T, K] float32, expert_ids [T, K] int32)`. Ties break towards the lowest expert
-id (`jax.lax.top_k` is stable), so sharded and single-device runs select the same experts.
+id (`jax.lax.top_k` is stable), so sharded and single-device runs select the same experts. MoGE also runs as
+the fused Pallas kernel of `pangu_kernels.moe_routing` (`MoEConfig.routing_implementation`).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from pangu.nn.moe.config import MoEConfig
+from pangu_kernels import moe_routing
+from pangu_kernels.moe_routing.pallas import DEFAULT_BLOCK_TOKENS
 
 
 def topk_route(logits: jax.Array, *, k: int) -> tuple[jax.Array, jax.Array]:
@@ -59,11 +64,50 @@ def moge_route(logits: jax.Array, *, num_groups: int, k_per_group: int) -> tuple
   return weights.reshape(t, -1), expert_ids.reshape(t, -1).astype(jnp.int32)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def pallas_moge_route(logits: jax.Array, num_groups: int, k_per_group: int) -> tuple[jax.Array, jax.Array]:
+  """`moge_route` by the fused Pallas kernel (interpreted on CPU): the same weights and ids, differentiable.
+
+  The kernel has no VJP. Its weights are the global softmax at the chosen ids, so the backward pass is that of
+  `take_along_axis(softmax(logits), expert_ids)`, recomputed from the saved logits. A custom VJP rather than the
+  straight-through `reference + stop_gradient(kernel - reference)`: the forward pass runs the kernel alone
+  (the straight-through form adds an XLA softmax over all N experts to every call, inference included).
+  """
+  routed = moe_routing.moge_routing(logits, num_groups=num_groups, k_per_group=k_per_group,
+                                    implementation="pallas")
+  return routed.weights, routed.expert_ids
+
+
+def _pallas_moge_route_forward(logits, num_groups, k_per_group):
+  weights, expert_ids = pallas_moge_route(logits, num_groups, k_per_group)
+  return (weights, expert_ids), (logits, expert_ids)
+
+
+def _pallas_moge_route_backward(num_groups, k_per_group, residuals, cotangents):
+  logits, expert_ids = residuals
+  gathered = lambda l: jnp.take_along_axis(jax.nn.softmax(l.astype(jnp.float32), axis=-1), expert_ids, axis=-1)
+  return jax.vjp(gathered, logits)[1](cotangents[0])
+
+
+pallas_moge_route.defvjp(_pallas_moge_route_forward, _pallas_moge_route_backward)
+
+
+def resolve_routing_implementation(config: MoEConfig) -> str:
+  """`config.routing_implementation` with `auto` resolved: the MoGE kernel where it compiles, else `xla`."""
+  if config.routing_implementation != "auto":
+    return config.routing_implementation
+  kernel = config.router == "moge" and moe_routing.pallas_supported(config.num_experts, config.top_k,
+                                                                    DEFAULT_BLOCK_TOKENS)
+  return "pallas" if kernel else "xla"
+
+
 def route(logits: jax.Array, config: MoEConfig,
           router_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """The configured router; `router_scale` [N] (optional) multiplies each selected weight by scale[id]."""
+  """The configured router and routing implementation; `router_scale` [N] (optional) multiplies each selected
+  weight by scale[id]."""
   if config.router == "moge":
-    weights, expert_ids = moge_route(logits, num_groups=config.num_groups, k_per_group=config.k_per_group)
+    moge = pallas_moge_route if resolve_routing_implementation(config) == "pallas" else moge_route
+    weights, expert_ids = moge(logits, num_groups=config.num_groups, k_per_group=config.k_per_group)
   elif config.router == "group_limited":
     weights, expert_ids = group_limited_route(logits, num_groups=config.num_groups,
                                               topk_groups=config.topk_groups, k=config.top_k)
