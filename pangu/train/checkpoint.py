@@ -5,7 +5,9 @@ position and the configs that produced it. Serving reads the params alone (`rest
 the optimizer moments (twice the params for AdamW). Orbax writes each step to a temporary folder and renames it when
 complete, so a crash mid-save leaves the previous checkpoints intact. Restoring checks the stored configs
 against the caller's and names every field that differs, and any read failure is raised as
-`CheckpointError` naming the folder: a bad checkpoint never turns into a silent re-initialisation.
+`CheckpointError` naming the folder: a bad checkpoint never turns into a silent re-initialisation. A config field
+added after a checkpoint was written is no difference while the run keeps the field's default: the checkpoint
+was made by a model that behaved as that default does (e.g. `attention_implementation="auto"`).
 """
 
 import dataclasses
@@ -33,11 +35,33 @@ def _to_json(obj: Any) -> Any:
   return obj
 
 
-def _differences(stored: Any, expected: Any, prefix: str = "") -> list[str]:
+_NO_DEFAULT = object()
+
+
+def _defaults(obj: Any) -> Any:
+  """`_to_json`'s structure with each dataclass field's JSON default (or _NO_DEFAULT) in place of its value."""
+  if dataclasses.is_dataclass(obj):
+    out = {}
+    for f in dataclasses.fields(obj):
+      default = (f.default if f.default is not dataclasses.MISSING else
+                 f.default_factory() if f.default_factory is not dataclasses.MISSING else _NO_DEFAULT)
+      nested = _defaults(getattr(obj, f.name))
+      out[f.name] = nested if isinstance(nested, dict) else _to_json(default)
+    return out
+  if isinstance(obj, dict):
+    return {str(k): _defaults(v) for k, v in obj.items()}
+  return _NO_DEFAULT
+
+
+def _differences(stored: Any, expected: Any, defaults: Any, prefix: str = "") -> list[str]:
   if isinstance(stored, dict) and isinstance(expected, dict):
     out = []
+    defaults = defaults if isinstance(defaults, dict) else {}
     for key in sorted(set(stored) | set(expected)):
-      out += _differences(stored.get(key), expected.get(key), f"{prefix}.{key}" if prefix else key)
+      if key not in stored and expected[key] == defaults.get(key, _NO_DEFAULT):
+        continue  # a field newer than the checkpoint, at its default
+      out += _differences(stored.get(key), expected.get(key), defaults.get(key),
+                          f"{prefix}.{key}" if prefix else key)
     return out
   return [] if stored == expected else [f"{prefix}: checkpoint has {stored!r}, run has {expected!r}"]
 
@@ -90,7 +114,7 @@ class Checkpointer:
     from `metadata`, or if the arrays cannot be read into the target's structure and shapes.
     """
     step, where = self._step(step)
-    diffs = _differences(self.metadata(step), json.loads(json.dumps(_to_json(metadata))))
+    diffs = _differences(self.metadata(step), json.loads(json.dumps(_to_json(metadata))), _defaults(metadata))
     if diffs:
       raise CheckpointError(f"{where} does not match this run:\n  " + "\n  ".join(diffs))
     abstract = _abstract(_raw_keys(target_state))

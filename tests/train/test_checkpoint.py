@@ -1,3 +1,4 @@
+import json
 import os
 
 import jax
@@ -90,3 +91,18 @@ def test_restore_params_reads_the_params_alone_into_the_target_shardings(tmp_pat
     ckpt.restore_params(wider)
   with pytest.raises(CheckpointError, match="no checkpoint"):
     Checkpointer(tmp_path / "empty").restore_params(target)
+
+
+def test_a_checkpoint_from_before_a_new_config_field_restores_at_its_default(tmp_path, mesh, state):
+  Checkpointer(tmp_path).save(state, data_state={}, metadata=META)
+  [meta_file] = [p for p in (tmp_path / "5").rglob("*") if p.is_file() and b"attention_implementation" in p.read_bytes()]
+  stored = json.loads(meta_file.read_text())
+  for field in ("attention_implementation", "sliding_window", "attention_logit_softcap"):
+    del stored["model"][field]  # as written before these fields existed
+  meta_file.write_text(json.dumps(stored))
+  restored, _ = Checkpointer(tmp_path).restore(init_train_state(MODEL, TRAIN, jax.random.key(0), mesh), metadata=META)
+  assert int(restored.step) == 5
+  windowed = MODEL.replace(sliding_window=8)
+  with pytest.raises(CheckpointError, match="model.sliding_window: checkpoint has None, run has 8"):
+    Checkpointer(tmp_path).restore(init_train_state(windowed, TRAIN, jax.random.key(0), mesh),
+                                   metadata={"model": windowed, "train": TRAIN})
