@@ -1,11 +1,13 @@
 """Batched generation: left-padded prefill, then a jitted while-loop of cached decode steps.
 
-The two phases are separate jitted functions so callers can time them (prefill is compute bound, decode is
-bound by reading the weights and the cache once per step) and so SpeCache / SDTP can swap either one:
-  1. `prefill`: one `Decoder.extend` over the padded prompts [B, S] into an empty cache of
-     S + max_new_tokens - 1 slots, then the first new token.
-  2. `decode`: `jax.lax.while_loop` of one-token `extend` calls until every row hit a stop token or
-     max_new_tokens were produced; the state (cache included) is donated, so the cache is updated in place.
+The engine is three public pieces that compose; the phases are separate jitted functions so callers can time
+them (prefill is compute bound, decode is bound by reading the weights and the cache once per step):
+  1. `prefill`: one `extend_cache` over the padded prompts [B, S] into an empty cache of
+     S + max_new_tokens - 1 slots, then the first new token. `layer_cache` chooses the cache implementation
+     (an offloaded or quantised one, pangu.infer.kv_cache) and `stages` a pruned prefill (SDTP).
+  2. `decode_step`: one token per row, a pure function of the state, for loops of one's own (draft and verify).
+  3. `decode`: `jax.lax.while_loop` of `decode_step` until every row hit a stop token or max_new_tokens were
+     produced; the state (cache included) is donated, so the cache is updated in place.
 """
 
 import dataclasses
@@ -20,12 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from pangu.infer.kv_cache import init_cache
+from pangu.infer.kv_cache import DenseLayerCache, KVCache, LayerCacheFactory, extend_cache, init_cache
 from pangu.infer.sampling import SamplingConfig, sample
 from pangu.models.config import TransformerConfig
 from pangu.models.param_layout import convert_param_layout
-from pangu.models.transformer import Decoder, KVCache, unstack_layers
+from pangu.models.stages import LayerStages
+from pangu.models.transformer import Decoder, unstack_layers
 from pangu.parallel import rules
+from pangu.parallel.mesh import require_no_pipeline
 
 
 # Prompts are padded to at least this many slots (see `prompt_bucket`).
@@ -114,8 +118,9 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: int | None = 
   return tokens, np.array([width - len(p) for p in prompts], np.int32)
 
 
-def _advance(model: Decoder, gen: GenerationConfig, params: dict, state: DecodeState) -> DecodeState:
-  logits, cache = model.apply({"params": params}, state.last[:, None], state.cache, method=Decoder.extend)
+def decode_step(config: TransformerConfig, gen: GenerationConfig, params: dict, state: DecodeState) -> DecodeState:
+  """One more token for every row (pad for rows that stopped); traceable, for use inside jit and loops."""
+  logits, cache = extend_cache(Decoder(config), params, state.last[:, None], state.cache)
   rng, key = jax.random.split(state.rng)
   token = jnp.where(state.done, gen.pad_id, sample(logits[:, 0], key, gen.sampling))
   return state.replace(
@@ -137,14 +142,15 @@ def _stop_array(gen: GenerationConfig) -> jax.Array:
   return jnp.asarray(padded)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("layer_cache", "stages"))
 def _prefill(config: TransformerConfig, gen: GenerationConfig, params: dict, tokens: jax.Array,
-             start: jax.Array, rng: jax.Array, stop_tokens: jax.Array) -> DecodeState:
+             start: jax.Array, rng: jax.Array, stop_tokens: jax.Array, *, layer_cache: LayerCacheFactory,
+             stages: LayerStages | None, stage_params) -> DecodeState:
   batch, width = tokens.shape
   chex.assert_shape(start, (batch,))
-  model = Decoder(config)
-  cache = init_cache(config, start, width + gen.max_new_tokens - 1)
-  logits, cache = model.apply({"params": params}, tokens, cache, True, method=Decoder.extend)
+  cache = init_cache(config, start, width + gen.max_new_tokens - 1, layer_cache=layer_cache)
+  logits, cache = extend_cache(Decoder(config), params, tokens, cache, last_only=True, stages=stages,
+                               stage_params=stage_params)
   rng, key = jax.random.split(rng)
   first = sample(logits[:, 0], key, gen.sampling)
   output = jnp.full((batch, gen.max_new_tokens), gen.pad_id, jnp.int32).at[:, 0].set(first)
@@ -155,23 +161,31 @@ def _prefill(config: TransformerConfig, gen: GenerationConfig, params: dict, tok
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
 def _decode(config: TransformerConfig, gen: GenerationConfig, params: dict, state: DecodeState) -> DecodeState:
-  model = Decoder(config)
   return jax.lax.while_loop(lambda s: (s.step < gen.max_new_tokens) & ~jnp.all(s.done),
-                            functools.partial(_advance, model, gen, params), state)
+                            functools.partial(decode_step, config, gen, params), state)
 
 
-def _in_mesh(mesh: Mesh | None, logical_rules: rules.LogicalRules, fn, *args):
+def _in_mesh(mesh: Mesh | None, logical_rules: rules.LogicalRules, fn, *args, **kwargs):
   if mesh is None:
-    return fn(*args)
+    return fn(*args, **kwargs)
+  require_no_pipeline(mesh, "generation")
   with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules):
-    return fn(*args)
+    return fn(*args, **kwargs)
 
 
 def prefill(config: TransformerConfig, gen: GenerationConfig, params: dict, tokens: jax.Array, start: jax.Array,
-            rng: jax.Array, *, mesh: Mesh | None = None,
-            logical_rules: rules.LogicalRules = rules.DEFAULT_RULES) -> DecodeState:
-  """Left-padded prompts tokens [B, S] with start [B] (see `left_pad`) -> state holding the first new token."""
-  return _in_mesh(mesh, logical_rules, _prefill, config, _static(gen), params, tokens, start, rng, _stop_array(gen))
+            rng: jax.Array, *, mesh: Mesh | None = None, logical_rules: rules.LogicalRules = rules.DEFAULT_RULES,
+            layer_cache: LayerCacheFactory = DenseLayerCache.empty, stages: LayerStages | None = None,
+            stage_params=None) -> DecodeState:
+  """Left-padded prompts tokens [B, S] with start [B] (see `left_pad`) -> state holding the first new token.
+
+  layer_cache: builds each layer's empty cache (see pangu.infer.kv_cache); a static argument, so pass the same
+    function object to reuse the compile.
+  stages, stage_params: run the prompt through the layers in stages with a hook between them (token pruning);
+    the hook must keep each row's last token.
+  """
+  return _in_mesh(mesh, logical_rules, _prefill, config, _static(gen), params, tokens, start, rng, _stop_array(gen),
+                  layer_cache=layer_cache, stages=stages, stage_params=stage_params)
 
 
 def decode(config: TransformerConfig, gen: GenerationConfig, params: dict, state: DecodeState, *,
@@ -181,14 +195,17 @@ def decode(config: TransformerConfig, gen: GenerationConfig, params: dict, state
 
 
 def generate(config: TransformerConfig, params: dict, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
-             rng: jax.Array, *, mesh: Mesh | None = None,
-             logical_rules: rules.LogicalRules = rules.DEFAULT_RULES) -> list[np.ndarray]:
+             rng: jax.Array, *, mesh: Mesh | None = None, logical_rules: rules.LogicalRules = rules.DEFAULT_RULES,
+             layer_cache: LayerCacheFactory = DenseLayerCache.empty, stages: LayerStages | None = None,
+             stage_params=None) -> list[np.ndarray]:
   """Continues each prompt (a list of token ids): one int32 array per prompt, ending at its stop token.
 
   Prompts are left-padded to a `prompt_bucket` width, so prompt lengths within a bucket share one compile.
+  `layer_cache`, `stages` and `stage_params` go to `prefill`.
   """
   tokens, start = left_pad(prompts, gen.pad_id, prompt_bucket(max(len(p) for p in prompts)))
-  state = prefill(config, gen, params, tokens, start, rng, mesh=mesh, logical_rules=logical_rules)
+  state = prefill(config, gen, params, tokens, start, rng, mesh=mesh, logical_rules=logical_rules,
+                  layer_cache=layer_cache, stages=stages, stage_params=stage_params)
   state = decode(config, gen, params, state, mesh=mesh, logical_rules=logical_rules)
   out, lengths = jax.device_get((state.tokens, state.lengths))
   return [row[:n] for row, n in zip(out, lengths)]

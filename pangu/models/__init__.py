@@ -4,11 +4,13 @@ from pangu.models.config import LayerShape, RopeScaling, TransformerConfig
 from pangu.models.counting import (active_param_count, forward_matmul_flops_per_token, param_count,
                                    train_flops_per_token)
 from pangu.models.presets import get_preset, pangu_pro_moe_72b, pangu_ultra_135b, small, tiny
-from pangu.models.transformer import (Decoder, KVCache, abstract_params, cross_entropy_loss, extend, forward,
+from pangu.models.stages import LayerStages, TokenState
+from pangu.models.transformer import (Decoder, abstract_params, cross_entropy_loss, forward, forward_in_stages,
                                       init_params, layer_params, stack_layers, unstack_layers)
 
 __all__ = [
-    "Decoder", "KVCache", "LayerShape", "RopeScaling", "TransformerConfig", "abstract_params", "active_param_count", "cross_entropy_loss",
-    "extend", "forward", "forward_matmul_flops_per_token", "get_preset", "init_params", "layer_params", "pangu_pro_moe_72b",
-    "pangu_ultra_135b", "param_count", "small", "stack_layers", "tiny", "train_flops_per_token", "unstack_layers",
+    "Decoder", "LayerShape", "LayerStages", "RopeScaling", "TokenState", "TransformerConfig", "abstract_params",
+    "active_param_count", "cross_entropy_loss", "forward", "forward_in_stages", "forward_matmul_flops_per_token",
+    "get_preset", "init_params", "layer_params", "pangu_pro_moe_72b", "pangu_ultra_135b", "param_count", "small",
+    "stack_layers", "tiny", "train_flops_per_token", "unstack_layers",
 ]

@@ -8,68 +8,20 @@ import dataclasses
 from typing import Literal
 
 from pangu.config_checks import one_of, positive_ints
+from pangu.nn.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from pangu.nn.attention import AttentionConfig
+from pangu.nn.init import INIT_SCHEMES, InitConfig, InitScheme
+from pangu.nn.linear import DTYPES, PARAM_LAYOUTS, ParamLayout, ProjectionConfig
+from pangu.nn.mlp import MLP_ACTIVATIONS, MlpActivation, MLPConfig
 from pangu.nn.mole import MoLEConfig
 from pangu.nn.moe.config import MoEConfig
+from pangu.nn.rope import RopeScaling
 
 NormPlacement = Literal["pre", "sandwich", "depth_scaled_sandwich"]
-InitScheme = Literal["tiny", "small", "normal"]
 Remat = Literal["none", "block", "selective"]
-MlpActivation = Literal["swiglu", "gelu"]
-ParamLayout = Literal["training", "decode"]
 
 NORM_PLACEMENTS = ("pre", "sandwich", "depth_scaled_sandwich")
-INIT_SCHEMES = ("tiny", "small", "normal")
 REMATS = ("none", "block", "selective")
-MLP_ACTIVATIONS = ("swiglu", "gelu")
-PARAM_LAYOUTS = ("training", "decode")
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-RopeKind = Literal["linear", "llama3", "yarn"]
-ROPE_KINDS = ("linear", "llama3", "yarn")
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-  """Stretches RoPE's wavelengths so a model reaches past the context it was trained on.
-
-  Attributes:
-    kind: `linear` divides every inverse frequency by `factor` (position interpolation, Chen et al. 2023);
-      `llama3` divides only the low frequencies, whose wavelength exceeds
-      original_max_position_embeddings / low_freq_factor, keeps the high frequencies (wavelength below
-      original_max_position_embeddings / high_freq_factor) and interpolates smoothly in between (Llama 3.1);
-      `yarn` divides the dimensions that turn fewer than beta_slow times over the original context by
-      `factor`, keeps those turning more than beta_fast times, ramps linearly between the two, and scales
-      cos/sin by `attention_factor` (YaRN, Peng et al. 2023; Qwen's long-context configs).
-    factor: the context-extension factor.
-    low_freq_factor, high_freq_factor, original_max_position_embeddings: the `llama3` band edges.
-    beta_fast, beta_slow, truncate: the `yarn` ramp, in rotations over original_max_position_embeddings;
-      `truncate` rounds its ends outwards to whole dimensions (Hugging Face's default).
-    attention_factor: `yarn`'s cos/sin scale; None means 0.1 ln(factor) + 1.
-  """
-
-  kind: RopeKind
-  factor: float
-  low_freq_factor: float = 1.0
-  high_freq_factor: float = 4.0
-  original_max_position_embeddings: int = 8192
-  beta_fast: float = 32.0
-  beta_slow: float = 1.0
-  truncate: bool = True
-  attention_factor: float | None = None
-
-  def __post_init__(self):
-    one_of(self, "kind", ROPE_KINDS)
-    for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
-      if not getattr(self, name) > 0:
-        raise ValueError(f"RopeScaling.{name} must be > 0, got {getattr(self, name)!r}")
-    positive_ints(self, "original_max_position_embeddings")
-    if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
-      raise ValueError(f"RopeScaling.high_freq_factor={self.high_freq_factor} must exceed "
-                       f"low_freq_factor={self.low_freq_factor}")
-    if self.attention_factor is not None and not self.attention_factor > 0:
-      raise ValueError(f"RopeScaling.attention_factor must be > 0 or None, got {self.attention_factor!r}")
-
 
 @dataclasses.dataclass(frozen=True)
 class LayerShape:
@@ -88,6 +40,10 @@ class LayerShape:
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """A decoder-only transformer (Llama layout) with Pangu Ultra's norm and init options.
+
+  The fields are flat, in the vocabulary of a Hugging Face config.json, which is what checkpoints store. The
+  layers never see this class: they take their own small configs (`AttentionConfig`, `MLPConfig`, `MoEConfig`,
+  `MoLEConfig`, `ProjectionConfig`, `InitConfig`), which the methods below compose from these fields.
 
   Attributes:
     vocab_size: V, rows of the embedding table.
@@ -110,6 +66,9 @@ class TransformerConfig:
     attention_output_bias: the attention output projection `o` carries a bias.
     mlp_bias: the dense feed-forward's projections carry biases (Llama's `mlp_bias`).
     qk_norm: RMSNorm on each query and key head before RoPE (Qwen3).
+    attention_implementation: `xla`, `cudnn`, `pallas` or `auto` (pangu.nn.attention.dot_product_attention).
+    sliding_window: attend only to the last `sliding_window` positions; None: the whole context.
+    attention_logit_softcap: cap attention scores at +-softcap with a tanh (Gemma 2); None: off.
     remat: activation rematerialisation: `none`, `block` (recompute each layer) or `selective` (keep matmul
       outputs, recompute the cheap elementwise work).
     scan_layers: scan a uniform model's layers (one compiled layer, fast compile for deep models).
@@ -149,6 +108,9 @@ class TransformerConfig:
   attention_output_bias: bool = False
   mlp_bias: bool = False
   qk_norm: bool = False
+  attention_implementation: str = "auto"
+  sliding_window: int | None = None
+  attention_logit_softcap: float | None = None
   remat: Remat = "none"
   scan_layers: bool = True
   dtype: str = "float32"
@@ -187,6 +149,12 @@ class TransformerConfig:
     one_of(self, "param_dtype", DTYPES)
     one_of(self, "mlp_activation", MLP_ACTIVATIONS)
     one_of(self, "param_layout", PARAM_LAYOUTS)
+    one_of(self, "attention_implementation", ATTENTION_IMPLEMENTATIONS)
+    if self.sliding_window is not None:
+      positive_ints(self, "sliding_window")
+    if self.attention_logit_softcap is not None and not self.attention_logit_softcap > 0:
+      raise ValueError(f"TransformerConfig.attention_logit_softcap must be > 0 or None, "
+                       f"got {self.attention_logit_softcap!r}")
     if self.max_position_embeddings is not None:
       positive_ints(self, "max_position_embeddings")
     object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
@@ -221,6 +189,28 @@ class TransformerConfig:
   def is_moe_layer(self, i: int) -> bool:
     """Whether layer i runs the sparse feed-forward `moe` instead of the dense SwiGLU."""
     return self.moe is not None and i >= self.first_k_dense
+
+  @property
+  def projection(self) -> ProjectionConfig:
+    return ProjectionConfig(self.param_layout, self.dtype, self.param_dtype)
+
+  @property
+  def init_config(self) -> InitConfig:
+    return InitConfig(self.init, self.d_model, self.n_layers, self.embed_init_std)
+
+  def attention_config(self, i: int) -> AttentionConfig:
+    """Layer i's attention."""
+    shape = self.layer(i)
+    return AttentionConfig(
+        self.d_model, shape.n_heads, shape.n_kv_heads, self.head_dim, rope_theta=self.rope_theta,
+        rope_scaling=self.rope_scaling, qk_norm=self.qk_norm, norm_eps=self.norm_eps, qkv_bias=self.attention_bias,
+        output_bias=self.attention_output_bias, sliding_window=self.sliding_window,
+        logit_softcap=self.attention_logit_softcap, implementation=self.attention_implementation,
+        projection=self.projection)
+
+  def mlp_config(self, i: int) -> MLPConfig:
+    """Layer i's dense feed-forward (the shared FFN of a MoLE layer)."""
+    return MLPConfig(self.d_model, self.layer(i).d_ff, self.mlp_activation, self.mlp_bias, self.projection)
 
   @property
   def is_uniform(self) -> bool:

@@ -15,22 +15,24 @@ A uniform model scans one block over a stacked `layers` axis; a non-uniform one 
 pruning, or first-k-dense layers before MoE ones) unrolls. `stack_layers` / `unstack_layers` convert between
 the two param layouts.
 
-`extend` runs the same layers over new tokens appended to a `KVCache` (prefill and decode steps); the cache
-follows the param layout: one stacked (keys, values) pair carried through the scan, or one pair per layer.
+`Decoder.run` is the one forward: optionally over a KV cache (one `LayerCache` per layer, stacked for a
+scanned model; see pangu.infer.kv_cache) and optionally in stages with a hook between them
+(pangu.models.stages). Stages run a scanned model's layers as a `lax.scan` over slices of the stacked params;
+that path is for inference and pruning: it neither rematerialises nor collects MoE metrics.
 """
 
 import functools
 
 import chex
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 from pangu.models.config import TransformerConfig
+from pangu.models.stages import LayerStages, TokenState
 from pangu.nn import init as inits
 from pangu.nn import linear
-from pangu.nn.attention import Attention, LayerKV, causal_mask
+from pangu.nn.attention import Attention, AttentionMask, LayerCache
 from pangu.nn.mlp import MLP
 from pangu.nn.mole import LookupExperts, StoredTable, TableShape, lookup_rows
 from pangu.nn.moe import MOE_COLLECTION, MoEFeedForward
@@ -38,6 +40,8 @@ from pangu.nn.norms import RMSNorm, depth_scaled_gain
 from pangu.parallel import rules
 
 LAYERS_KEY = "layers"
+# One layer's cache, a scanned model's stacked caches or an unrolled model's tuple of them.
+LayerCaches = LayerCache | tuple[LayerCache, ...]
 
 
 def _post_gains(cfg: TransformerConfig) -> tuple[float, float]:
@@ -46,59 +50,39 @@ def _post_gains(cfg: TransformerConfig) -> tuple[float, float]:
   return 1.0, 1.0
 
 
-@flax.struct.dataclass
-class KVCache:
-  """Keys and values of every layer in preallocated slots; the layout is documented in pangu.infer.kv_cache.
-
-  Attributes:
-    layers: a scanned model's one (keys, values) pair, each [L, B, K, T_max, Dh], or an unrolled model's
-      tuple of L pairs of [B, K_l, T_max, Dh].
-    length: int32 [], slots written so far (the same for every row).
-    start: int32 [B], first real slot of each row; slots before it are left padding, and a token in slot t
-      has position t - start.
-  """
-
-  layers: LayerKV | tuple[LayerKV, ...]
-  length: jax.Array
-  start: jax.Array
-
-  @property
-  def max_length(self) -> int:
-    return jax.tree.leaves(self.layers)[0].shape[-2]
-
-
 class DecoderBlock(nn.Module):
-  """One decoder layer. Called as a scan body, so it returns (carry, the layer's updated KV cache or None)."""
+  """One decoder layer. Called as a scan body, so it returns (carry, the layer's updated cache or None)."""
 
   config: TransformerConfig
   layer_index: int = 0
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache_index: jax.Array | None = None,
-               kv_cache: LayerKV | None = None, expert_input: jax.Array | None = None):
+  def __call__(self, x: jax.Array, mask: AttentionMask, cache: LayerCache | None = None,
+               expert_input: jax.Array | None = None):
     cfg = self.config
-    shape = cfg.layer(self.layer_index)
     sandwich = cfg.norm_placement != "pre"
     gain_attn, gain_mlp = _post_gains(cfg)
+    init = cfg.init_config
+    kernel_inits = dict(kernel_init=inits.kernel_init(init), output_init=inits.kernel_init(init, residual_output=True))
 
-    h, kv_cache = Attention(cfg, shape.n_heads, shape.n_kv_heads, name="attn")(
-        RMSNorm(cfg.norm_eps, name="pre_attn_norm")(x), positions, mask, kv_cache, cache_index)
+    h, cache = Attention(cfg.attention_config(self.layer_index), **kernel_inits, name="attn")(
+        RMSNorm(cfg.norm_eps, name="pre_attn_norm")(x), mask, cache)
     if sandwich:
       h = RMSNorm(cfg.norm_eps, gain_init=gain_attn, name="post_attn_norm")(h)
     x = x + h
     u = RMSNorm(cfg.norm_eps, name="pre_mlp_norm")(x)
-    kernel_inits = dict(kernel_init=inits.kernel_init(cfg), output_init=inits.kernel_init(cfg, residual_output=True),
-                        dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    dtypes = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     if cfg.is_moe_layer(self.layer_index):
-      h = MoEFeedForward(cfg.moe, cfg.d_model, **kernel_inits, name="moe")(u)
+      h = MoEFeedForward(cfg.moe, cfg.d_model, **kernel_inits, **dtypes, name="moe")(u)
     else:
-      h = MLP(cfg, shape.d_ff, name="mlp")(u)
+      h = MLP(cfg.mlp_config(self.layer_index), **kernel_inits, name="mlp")(u)
     if cfg.mole is not None:
-      h = h + LookupExperts(cfg.mole, cfg.d_model, cfg.norm_eps, **kernel_inits, name="mole")(u, expert_input)
+      h = h + LookupExperts(cfg.mole, cfg.d_model, cfg.norm_eps, **kernel_inits, **dtypes, name="mole")(
+          u, expert_input)
     if sandwich:
       h = RMSNorm(cfg.norm_eps, gain_init=gain_mlp, name="post_mlp_norm")(h)
     x = x + h
-    return rules.constrain(x, (rules.BATCH, rules.LENGTH, rules.ACT_EMBED)), kv_cache
+    return rules.constrain(x, (rules.BATCH, rules.LENGTH, rules.ACT_EMBED)), cache
 
 
 def _remat(block_cls, remat: str):
@@ -109,6 +93,28 @@ def _remat(block_cls, remat: str):
   return nn.remat(block_cls, policy=policy, prevent_cse=False)
 
 
+def _kept(per_token: jax.Array | None, state: TokenState, axis: int, stage: int) -> jax.Array | None:
+  """The entries of the tokens in `state` along the token axis of `per_token` (an input of the whole call)."""
+  if per_token is None or stage == 0:
+    return per_token
+  index = state.indices.reshape(*(1,) * (axis - 1), *state.indices.shape, *(1,) * (per_token.ndim - axis - 1))
+  return jnp.take_along_axis(per_token, index, axis=axis)
+
+
+def _slice_layers(caches: LayerCaches | None, first: int, end: int, scanned: bool) -> LayerCaches | None:
+  if caches is None:
+    return None
+  return jax.tree.map(lambda a: a[first:end], caches) if scanned else caches[first:end]
+
+
+def _join_layers(parts: list, scanned: bool) -> LayerCaches | None:
+  if parts[0] is None:
+    return None
+  if len(parts) == 1:
+    return parts[0]
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts) if scanned else sum(parts, ())
+
+
 class Decoder(nn.Module):
   """tokens [B, S] int32 -> logits [B, S, V] float32."""
 
@@ -117,14 +123,13 @@ class Decoder(nn.Module):
   def setup(self):
     cfg = self.config
     self.embedding = self.param(
-        "embedding", nn.with_logical_partitioning(inits.embedding_init(cfg), (rules.VOCAB, rules.EMBED)),
+        "embedding", nn.with_logical_partitioning(inits.embedding_init(cfg.init_config), (rules.VOCAB, rules.EMBED)),
         (cfg.vocab_size, cfg.d_model), jnp.dtype(cfg.param_dtype))
     block = _remat(DecoderBlock, cfg.remat)
     if cfg.scanned:
-      per_layer_expert_input = cfg.mole is not None and cfg.mole.lookup
       self.blocks = nn.scan(
           block, variable_axes={"params": 0, MOE_COLLECTION: 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0 if per_layer_expert_input else nn.broadcast),
+          in_axes=(nn.broadcast, 0, 0 if self._per_layer_expert_input else nn.broadcast),
           length=cfg.n_layers,
           metadata_params={nn.PARTITION_NAME: rules.LAYERS})(cfg, name=LAYERS_KEY)
     else:
@@ -133,35 +138,41 @@ class Decoder(nn.Module):
       self.mole_table = StoredTable(mole_table_shape(cfg), cfg.mole.table_format)
     self.final_norm = RMSNorm(cfg.norm_eps)
     if not cfg.tie_embeddings:
-      self.lm_head = linear.kernel(self, cfg, "lm_head", (cfg.d_model,), (cfg.vocab_size,), (rules.EMBED,),
-                                   (rules.VOCAB,), inits.kernel_init(cfg))
+      self.lm_head = linear.kernel(self, cfg.projection, "lm_head", (cfg.d_model,), (cfg.vocab_size,),
+                                   (rules.EMBED,), (rules.VOCAB,), inits.kernel_init(cfg.init_config))
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """Logits [B, S, V] of tokens [B, S] at `positions` (default 0..S-1), attending only within their
+    `segment_ids` (packed sequences) when given."""
+    logits, _, _ = self.run(tokens, positions, segment_ids=segment_ids)
+    return logits
+
+  def run(self, tokens: jax.Array, positions: jax.Array | None = None, *, caches: LayerCaches | None = None,
+          segment_ids: jax.Array | None = None, stages: LayerStages | None = None, stage_params=None,
+          last_only: bool = False) -> tuple[jax.Array, LayerCaches | None, TokenState]:
+    """The forward of tokens [B, S] at positions [B, S]: (logits, updated caches, the tokens that came out).
+
+    With `caches` the tokens are written to every layer's cache and attend over it (prefill and decode
+    steps). With `stages` the hook between stages decides which tokens go on; the logits are those of the
+    tokens that came out of the last stage (`TokenState.indices` says which). `last_only` keeps the last
+    token's logits [B, 1, V] only, sparing the vocab projection of every other token.
+    """
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [B, S] int, got shape {tokens.shape}")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    chex.assert_equal_shape([tokens, positions])
     x = self._embed(tokens)
-    x, _ = self._layers(x, positions, causal_mask(positions, positions), expert_input=self._expert_input(tokens, x))
-    return self._logits(x)
+    indices = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    state = TokenState(x=x, positions=positions.astype(jnp.int32), indices=indices)
+    state, caches = self._layers(state, segment_ids, caches, self._expert_input(tokens, x), stages, stage_params)
+    x = state.x[:, -1:] if last_only else state.x
+    return self._logits(x), caches, state
 
-  def extend(self, tokens: jax.Array, cache: KVCache, last_only: bool = False) -> tuple[jax.Array, KVCache]:
-    """Appends tokens [B, S] to the cache: prefill when it is empty, one decode step when S = 1.
-
-    Returns logits [B, S, V] float32 ([B, 1, V] for the last token only with `last_only`, which spares the
-    vocab projection of every prompt token) and the cache with S more slots written.
-    """
-    b, s = tokens.shape
-    chex.assert_shape(cache.start, (b,))
-    slots = jnp.arange(cache.max_length, dtype=jnp.int32)
-    positions = cache.length + jnp.arange(s, dtype=jnp.int32)[None, :] - cache.start[:, None]
-    kv_positions = slots[None, :] - cache.start[:, None]
-    mask = causal_mask(positions, kv_positions, kv_positions >= 0)
-    x = self._embed(tokens)
-    x, layers = self._layers(x, positions, mask, cache.length, cache.layers, self._expert_input(tokens, x))
-    if last_only:
-      x = x[:, -1:]
-    return self._logits(x), cache.replace(layers=layers, length=cache.length + s)
+  @property
+  def _per_layer_expert_input(self) -> bool:
+    return self.config.mole is not None and self.config.mole.lookup
 
   def _embed(self, tokens: jax.Array) -> jax.Array:
     # Gather from a table replicated over the vocab axis: a gather from a vocab-sharded table would force
@@ -181,26 +192,62 @@ class Decoder(nn.Module):
     rows = lookup_rows(mole, mole_table_shape(self.config), table, tokens, self.config.dtype)
     return jnp.moveaxis(rows, 2, 0)
 
-  def _layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache_index: jax.Array | None = None,
-              kv: LayerKV | tuple[LayerKV, ...] | None = None, expert_input: jax.Array | None = None):
+  def _layers(self, state: TokenState, segment_ids: jax.Array | None, caches: LayerCaches | None,
+              expert_input: jax.Array | None, stages: LayerStages | None, stage_params
+              ) -> tuple[TokenState, LayerCaches | None]:
     cfg = self.config
-    if cfg.scanned:
-      return self.blocks(x, positions, mask, cache_index, kv, expert_input)
-    per_layer = cfg.mole is not None and cfg.mole.lookup
-    new_kv = []
-    for i, block in enumerate(self.blocks):
-      layer_input = expert_input[i] if per_layer else expert_input
-      x, layer_kv = block(x, positions, mask, cache_index, None if kv is None else kv[i], layer_input)
-      new_kv.append(layer_kv)
-    return x, None if kv is None else tuple(new_kv)
+    ranges = [(0, cfg.n_layers)] if stages is None else stages.ranges(cfg.n_layers)
+    token_axis = 2 if self._per_layer_expert_input else 1
+    stage_caches = []
+    for stage, (first, end) in enumerate(ranges):
+      if stage:
+        state = stages.between(stage - 1, state, stage_params)
+      mask = AttentionMask.self_attention(state.positions, segment_ids=_kept(segment_ids, state, 1, stage))
+      layer_input = _kept(expert_input, state, token_axis, stage)
+      layer_caches = _slice_layers(caches, first, end, cfg.scanned)
+      if stages is None:
+        x, layer_caches = self._all_layers(state.x, mask, layer_caches, layer_input)
+      elif cfg.scanned:
+        x, layer_caches = self._scan_layers(state.x, mask, first, end, layer_caches, layer_input)
+      else:
+        x, layer_caches = self._unrolled(state.x, mask, first, end, layer_caches, layer_input)
+      state = state.replace(x=x)
+      stage_caches.append(layer_caches)
+    return state, _join_layers(stage_caches, cfg.scanned)
+
+  def _all_layers(self, x, mask, caches, expert_input):
+    if self.config.scanned:
+      return self.blocks(x, mask, caches, expert_input)
+    return self._unrolled(x, mask, 0, self.config.n_layers, caches, expert_input)
+
+  def _unrolled(self, x, mask, first, end, caches, expert_input):
+    new_caches = []
+    for i in range(first, end):
+      layer_input = expert_input[i] if self._per_layer_expert_input else expert_input
+      x, cache = self.blocks[i](x, mask, None if caches is None else caches[i - first], layer_input)
+      new_caches.append(cache)
+    return x, None if caches is None else tuple(new_caches)
+
+  def _scan_layers(self, x, mask, first, end, caches, expert_input):
+    """Layers [first, end) of a scanned model, scanning a slice of the stacked params."""
+    params = jax.tree.map(lambda a: a[first:end], self.variables["params"][LAYERS_KEY])
+    block = DecoderBlock(self.config, parent=None)
+    per_layer = self._per_layer_expert_input
+
+    def body(x, layer):
+      p, cache, layer_input = layer
+      return block.apply({"params": p}, x, mask, cache, layer_input if per_layer else expert_input)
+
+    return jax.lax.scan(body, x, (params, caches, expert_input[first:end] if per_layer else None))
 
   def _logits(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     x = self.final_norm(x)
     if cfg.tie_embeddings:  # the embedding [V, D] is an [out, in] kernel in either layout
-      logits = linear.project_out_in(x, self.embedding.astype(cfg.dtype), cfg, preferred_element_type=jnp.float32)
+      logits = linear.project_out_in(x, self.embedding.astype(cfg.dtype), cfg.projection,
+                                     preferred_element_type=jnp.float32)
     else:
-      logits = linear.project(x, self.lm_head, cfg, preferred_element_type=jnp.float32)
+      logits = linear.project(x, self.lm_head, cfg.projection, preferred_element_type=jnp.float32)
     return rules.constrain(logits, (rules.BATCH, rules.LENGTH, rules.ACT_VOCAB))
 
 
@@ -226,11 +273,14 @@ def forward(config: TransformerConfig, params: dict, tokens: jax.Array) -> jax.A
   return Decoder(config).apply({"params": params}, tokens)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="last_only")
-def extend(config: TransformerConfig, params: dict, tokens: jax.Array, cache: KVCache, *,
-           last_only: bool = False) -> tuple[jax.Array, KVCache]:
-  """Runs tokens [B, S] after the cached ones (see `Decoder.extend`): (logits, updated cache)."""
-  return Decoder(config).apply({"params": params}, tokens, cache, last_only, method=Decoder.extend)
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def forward_in_stages(config: TransformerConfig, params: dict, tokens: jax.Array, stages: LayerStages,
+                      stage_params=None, positions: jax.Array | None = None) -> tuple[jax.Array, TokenState]:
+  """The forward with a hook between stages of layers: (logits of the tokens that came out [B, S', V], those
+  tokens). See pangu.models.stages."""
+  logits, _, state = Decoder(config).apply({"params": params}, tokens, positions, stages=stages,
+                                           stage_params=stage_params, method=Decoder.run)
+  return logits, state
 
 
 def stack_layers(params: dict, n_layers: int) -> dict:

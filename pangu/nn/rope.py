@@ -1,11 +1,59 @@
 """Rotary position embeddings in the rotate-half layout used by Llama/Qwen checkpoints."""
 
+import dataclasses
 import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-from pangu.models.config import RopeScaling
+from pangu.config_checks import one_of, positive_ints
+
+RopeKind = Literal["linear", "llama3", "yarn"]
+ROPE_KINDS = ("linear", "llama3", "yarn")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Stretches RoPE's wavelengths so a model reaches past the context it was trained on.
+
+  Attributes:
+    kind: `linear` divides every inverse frequency by `factor` (position interpolation, Chen et al. 2023);
+      `llama3` divides only the low frequencies, whose wavelength exceeds
+      original_max_position_embeddings / low_freq_factor, keeps the high frequencies (wavelength below
+      original_max_position_embeddings / high_freq_factor) and interpolates smoothly in between (Llama 3.1);
+      `yarn` divides the dimensions that turn fewer than beta_slow times over the original context by
+      `factor`, keeps those turning more than beta_fast times, ramps linearly between the two, and scales
+      cos/sin by `attention_factor` (YaRN, Peng et al. 2023; Qwen's long-context configs).
+    factor: the context-extension factor.
+    low_freq_factor, high_freq_factor, original_max_position_embeddings: the `llama3` band edges.
+    beta_fast, beta_slow, truncate: the `yarn` ramp, in rotations over original_max_position_embeddings;
+      `truncate` rounds its ends outwards to whole dimensions (Hugging Face's default).
+    attention_factor: `yarn`'s cos/sin scale; None means 0.1 ln(factor) + 1.
+  """
+
+  kind: RopeKind
+  factor: float
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  truncate: bool = True
+  attention_factor: float | None = None
+
+  def __post_init__(self):
+    one_of(self, "kind", ROPE_KINDS)
+    for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"RopeScaling.{name} must be > 0, got {getattr(self, name)!r}")
+    positive_ints(self, "original_max_position_embeddings")
+    if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+      raise ValueError(f"RopeScaling.high_freq_factor={self.high_freq_factor} must exceed "
+                       f"low_freq_factor={self.low_freq_factor}")
+    if self.attention_factor is not None and not self.attention_factor > 0:
+      raise ValueError(f"RopeScaling.attention_factor must be > 0 or None, got {self.attention_factor!r}")
+
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:

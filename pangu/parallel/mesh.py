@@ -121,3 +121,11 @@ def cpu_mesh(**plan_sizes: int) -> jax.sharding.Mesh:
 def single_device_mesh() -> jax.sharding.Mesh:
   """A mesh over the first local device alone: the reference layout sharded runs are compared with."""
   return make_mesh(cpu(1), ParallelPlan(), devices=jax.devices()[:1])
+
+
+def require_no_pipeline(mesh: jax.sharding.Mesh, what: str) -> None:
+  """Raises for a mesh with pipeline > 1: no stage schedule exists yet, so every device would repeat the work."""
+  size = mesh.shape.get("pipeline", 1)
+  if size > 1:
+    raise ValueError(f"{what} has no pipeline parallelism yet: the mesh has pipeline={size}; fold those devices "
+                     "into data, fsdp, expert or tensor")

@@ -218,7 +218,8 @@ def _layer_profile(profile: LayerProfile, part: Literal["attention", "dense", "m
   import flax.linen as nn
 
   from pangu.models.transformer import DecoderBlock
-  from pangu.nn.attention import Attention, causal_mask
+  from pangu.nn import init as inits
+  from pangu.nn.attention import Attention, AttentionMask
   from pangu.nn.moe import MOE_COLLECTION
   from pangu.nn.norms import RMSNorm
 
@@ -228,22 +229,24 @@ def _layer_profile(profile: LayerProfile, part: Literal["attention", "dense", "m
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, mask):
       cfg = self.config
-      h, _ = Attention(cfg, cfg.n_heads, cfg.n_kv_heads)(RMSNorm(cfg.norm_eps)(x), positions, mask)
+      attention = Attention(cfg.attention_config(0), inits.kernel_init(cfg.init_config),
+                            inits.kernel_init(cfg.init_config, residual_output=True))
+      h, _ = attention(RMSNorm(cfg.norm_eps)(x), mask)
       return x + h, None
 
   config = profile.config(sparse=part == "moe")
   module = AttentionHalf(config) if part == "attention" else DecoderBlock(config)
   shape = (profile.batch, profile.seq, profile.d_model)
   positions = jnp.broadcast_to(jnp.arange(profile.seq), shape[:2])
-  mask = causal_mask(positions, positions)
+  mask = AttentionMask.self_attention(positions)
   x = jnp.zeros(shape, jnp.float32)
-  params = jax.vmap(lambda key: nn.unbox(module.init(key, x, positions, mask)["params"]))(
+  params = jax.vmap(lambda key: nn.unbox(module.init(key, x, mask)["params"]))(
       jax.random.split(jax.random.key(2), PROFILE_CHAIN[1]))
 
   def step(h, p):
-    (h, _), metrics = module.apply({"params": p}, h, positions, mask, mutable=[MOE_COLLECTION])
+    (h, _), metrics = module.apply({"params": p}, h, mask, mutable=[MOE_COLLECTION])
     return h + 1e-9 * sum(jnp.sum(leaf) for leaf in jax.tree.leaves(metrics))
   return shape, step, params
 

@@ -49,26 +49,27 @@ def test_cached_decoding_matches_full_forward_at_every_step(model, layout):
     config, params = infer.decode_layout(config, params)
   tokens, start = infer.left_pad([s[:n] for s, n in zip(sequences, PROMPT_LENGTHS)], pad_id=0)
   cache = infer.init_cache(config, jnp.asarray(start), tokens.shape[1] + STEPS)
-  logits, cache = models.extend(config, params, tokens, cache)
+  logits, cache = infer.extend(config, params, tokens, cache)
   for row, n in enumerate(PROMPT_LENGTHS):
     np.testing.assert_allclose(logits[row, -n:], full[row, :n], atol=1e-5, rtol=0)
   for step in range(STEPS):
     token = np.array([s[n + step] for s, n in zip(sequences, PROMPT_LENGTHS)], np.int32)[:, None]
-    logits, cache = models.extend(config, params, token, cache)
+    logits, cache = infer.extend(config, params, token, cache)
     want = np.stack([full[row, n + step] for row, n in enumerate(PROMPT_LENGTHS)])
     np.testing.assert_allclose(logits[:, 0], want, atol=1e-5, rtol=0)
-  assert int(cache.length) == tokens.shape[1] + STEPS
+  np.testing.assert_array_equal(cache.lengths, tokens.shape[1] + STEPS)
 
 
 def test_cache_layout_follows_the_params(model):
   config, _ = model
   cache = infer.init_cache(config, jnp.zeros((2,), jnp.int32), 7)
   if config.scanned:
-    keys, values = cache.layers
+    keys, values = cache.layers.keys, cache.layers.values
     assert keys.shape == values.shape == (config.n_layers, 2, config.n_kv_heads, 7, config.head_dim)
   else:
-    assert [k.shape for k, _ in cache.layers] == [(2, s.n_kv_heads, 7, config.head_dim) for s in config.layer_shapes]
-  assert infer.cache_bytes(config, 2, 7) == sum(x.nbytes for x in jax.tree.leaves(cache.layers))
+    assert [c.keys.shape for c in cache.layers] == [(2, s.n_kv_heads, 7, config.head_dim) for s in config.layer_shapes]
+  stored = [cache.read_layer(i) for i in range(config.n_layers)]
+  assert infer.cache_bytes(config, 2, 7) == sum(c.keys.nbytes + c.values.nbytes for c in stored)
 
 
 def test_stop_tokens_and_max_new_tokens():

@@ -18,8 +18,8 @@ def rope(x, positions, theta):
   return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 
 
-def attention(x, p, n_heads, n_kv, theta, eps, qk_norm, bias):
-  s = x.shape[0]
+def attention(x, p, n_heads, n_kv, theta, eps, qk_norm, bias, positions):
+  """Causal by position: token i sees token j iff positions[j] <= positions[i]."""
   q = np.einsum("sd,dnh->snh", x, p["q"])
   k = np.einsum("sd,dnh->snh", x, p["k"])
   v = np.einsum("sd,dnh->snh", x, p["v"])
@@ -27,13 +27,13 @@ def attention(x, p, n_heads, n_kv, theta, eps, qk_norm, bias):
     q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
   if qk_norm:
     q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
-  pos = np.arange(s, dtype=np.float64)
+  pos = np.asarray(positions, np.float64)
   q, k = rope(q, pos, theta), rope(k, pos, theta)
   group = n_heads // n_kv
   out = np.zeros_like(q)
   for h in range(n_heads):
     scores = q[:, h] @ k[:, h // group].T / np.sqrt(q.shape[-1])
-    scores = np.where(np.tril(np.ones((s, s), bool)), scores, -np.inf)
+    scores = np.where(pos[None, :] <= pos[:, None], scores, -np.inf)
     w = np.exp(scores - scores.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
     out[:, h] = w @ v[:, h // group]
@@ -63,15 +63,22 @@ def lookup_experts(u, e, p, eps):
   return sum(g[:, j, None] * (gelu(e @ p["up"][j]) @ p["down"][j]) for j in range(p["up"].shape[0]))
 
 
-def decoder_logits(cfg, params, tokens):
-  """tokens [S] -> logits [S, V], params in the unrolled layout, all float64."""
+def decoder_logits(cfg, params, tokens, keep=None):
+  """tokens [S] -> logits [S, V], params in the unrolled layout, all float64.
+
+  keep: optional {layer i: indices into the tokens still present}: the tokens not listed are dropped before
+  layer i (token pruning); the others keep their positions. The logits are those of the tokens left.
+  """
   p = {k: v for k, v in params.items()}
   x = embedded = p["embedding"][tokens]
+  positions = np.arange(len(tokens))
   for i in range(cfg.n_layers):
+    if keep and i in keep:
+      x, embedded, positions = x[keep[i]], embedded[keep[i]], positions[keep[i]]
     lp = p[f"layer_{i}"]
     shape = cfg.layer(i)
     h = attention(rms_norm(x, lp["pre_attn_norm"]["scale"], cfg.norm_eps), lp["attn"], shape.n_heads,
-                  shape.n_kv_heads, cfg.rope_theta, cfg.norm_eps, cfg.qk_norm, cfg.attention_bias)
+                  shape.n_kv_heads, cfg.rope_theta, cfg.norm_eps, cfg.qk_norm, cfg.attention_bias, positions)
     if cfg.norm_placement != "pre":
       h = rms_norm(h, lp["post_attn_norm"]["scale"], cfg.norm_eps)
     x = x + h

@@ -7,7 +7,7 @@ import pytest
 
 from pangu import models
 from pangu.models import LayerShape, TransformerConfig
-from pangu.nn.attention import causal_mask, dot_product_attention
+from pangu.nn.attention import AttentionMask, dot_product_attention
 from pangu.nn.mole import MoLEConfig
 
 from reference_decoder import decoder_logits
@@ -94,7 +94,7 @@ def test_gqa_attention_equals_repeated_kv_heads():
   k = rng.normal(size=(2, 5, 2, 8)).astype(np.float32)
   v = rng.normal(size=(2, 5, 2, 8)).astype(np.float32)
   pos = np.broadcast_to(np.arange(5), (2, 5))
-  mask = causal_mask(pos, pos)
+  mask = AttentionMask.self_attention(jnp.asarray(pos))
   got = dot_product_attention(q, k, v, mask)
   want = dot_product_attention(q, np.repeat(k, 3, axis=2), np.repeat(v, 3, axis=2), mask)
   np.testing.assert_allclose(got, want, atol=1e-6)

@@ -6,7 +6,7 @@ import flax.linen as nn
 import pytest
 
 from pangu.models.transformer import DecoderBlock
-from pangu.nn.attention import causal_mask
+from pangu.nn.attention import AttentionMask
 from pangu.sim import calibrate, operators
 from pangu.sim.shapes import from_config
 
@@ -14,8 +14,8 @@ from pangu.sim.shapes import from_config
 def _param_count(module: nn.Module, profile: calibrate.LayerProfile) -> int:
   x = jax.ShapeDtypeStruct((profile.batch, profile.seq, profile.d_model), jax.numpy.float32)
   positions = jax.numpy.zeros((profile.batch, profile.seq), jax.numpy.int32)
-  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jax.numpy.zeros(x.shape), positions,
-                                                causal_mask(positions, positions)))
+  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jax.numpy.zeros(x.shape),
+                                                AttentionMask.self_attention(positions)))
   return sum(leaf.size for leaf in jax.tree.leaves(nn.unbox(abstract["params"])))
 
 
