@@ -6,6 +6,7 @@ from pangu.parallel.mesh import MESH_AXES
 from pangu.parallel.mesh import ParallelPlan
 from pangu.parallel.mesh import cpu_mesh
 from pangu.parallel.mesh import make_mesh
+from pangu.parallel.mesh import require_no_pipeline
 from pangu.parallel.mesh import single_device_mesh
 from pangu.parallel.mesh import validate_plan
 from pangu.parallel.topology import FABRICS

@@ -124,8 +124,9 @@ def single_device_mesh() -> jax.sharding.Mesh:
 
 
 def require_no_pipeline(mesh: jax.sharding.Mesh, what: str) -> None:
-  """Raises for a mesh with pipeline > 1: no stage schedule exists yet, so every device would repeat the work."""
-  size = mesh.shape.get("pipeline", 1)
-  if size > 1:
-    raise ValueError(f"{what} has no pipeline parallelism yet: the mesh has pipeline={size}; fold those devices "
-                     "into data, fsdp, expert or tensor")
+  """Raises for a mesh with pipeline > 1: nothing splits layers into stages yet, so every stage would silently
+  repeat the whole model's work."""
+  stages = mesh.shape.get("pipeline", 1)
+  if stages > 1:
+    raise ValueError(f"{what} does not support pipeline parallelism: the mesh has pipeline={stages}; put those "
+                     f"devices on the data or fsdp axis instead")

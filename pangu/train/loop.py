@@ -12,7 +12,9 @@ from jax.sharding import Mesh
 from pangu.models.config import TransformerConfig
 from pangu.train.checkpoint import Checkpointer
 from pangu.train.config import TrainConfig
-from pangu.train.step import SPIKE_SIGNALS, TrainState, batch_sharding, init_train_state, make_train_step
+from pangu.train.losses import LM_BATCH_AXES, BatchAxes, LossFn
+from pangu.train.step import (SPIKE_SIGNALS, TrainState, batch_shardings, check_batch_keys, init_train_state,
+                              make_train_step)
 
 
 class ResumableBatches(Protocol):
@@ -42,33 +44,36 @@ class LoopConfig:
       raise ValueError(f"LoopConfig.save_every must be >= 1, got {self.save_every!r}")
 
 
-def to_global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def to_global_batch(batch: dict[str, np.ndarray], mesh: Mesh,
+                    batch_axes: BatchAxes = LM_BATCH_AXES) -> dict[str, jax.Array]:
   """Places this process's rows of the global batch on its devices (the same call on one or many hosts)."""
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+  check_batch_keys(batch, batch_axes)
+  shardings = batch_shardings(mesh, batch_axes)
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
 
 
 def host_metrics(metrics: dict[str, jax.Array], spike_thresholds: tuple[float, ...]) -> dict[str, Any]:
-  """Device metrics -> plain Python numbers and lists, spike arrays split per signal."""
+  """Device metrics -> JSON-able Python: scalars as floats, arrays as (nested) lists, spike arrays per signal."""
   m = jax.device_get(metrics)
-  out = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
-  out["per_layer_grad_norm"] = [float(x) for x in m["per_layer_grad_norm"]]
-  if "moe_device_load" in m:
-    out["moe_device_load"] = [float(x) for x in m["moe_device_load"]]
+  flags, events = m.pop("spike_flags"), m.pop("spike_events")
+  out = {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist() for k, v in m.items()}
   for i, signal in enumerate(SPIKE_SIGNALS):
     for j, k in enumerate(spike_thresholds):
-      out[f"{signal}_spike_k{k:g}"] = bool(m["spike_flags"][i, j])
-      out[f"{signal}_spike_events_k{k:g}"] = int(m["spike_events"][i, j])
+      out[f"{signal}_spike_k{k:g}"] = bool(flags[i, j])
+      out[f"{signal}_spike_events_k{k:g}"] = int(events[i, j])
   return out
 
 
 def train(model_config: TransformerConfig, train_config: TrainConfig, loop_config: LoopConfig,
-          data: ResumableBatches, mesh: Mesh,
-          on_step: Callable[[int, dict], None] | None = None) -> tuple[TrainState, list[dict]]:
+          data: ResumableBatches, mesh: Mesh, on_step: Callable[[int, dict], None] | None = None, *,
+          loss_fn: LossFn | None = None, batch_axes: BatchAxes | None = None) -> tuple[TrainState, list[dict]]:
   """Trains for `loop_config.steps` steps, resuming from the newest checkpoint if there is one.
 
-  Returns the final state and one metrics dict per step run in this call (with `step` and `tokens_per_s`).
+  loss_fn, batch_axes: the objective and its batch layout, as in `make_train_step` (None: the LM loss and batch).
+  Returns the final state and one metrics dict per step run in this call, with `step` and, when the loss reports
+  `tokens`, `tokens_per_s`.
   """
+  batch_axes = LM_BATCH_AXES if batch_axes is None else batch_axes
   state = init_train_state(model_config, train_config, jax.random.key(loop_config.seed), mesh)
   checkpointer = None
   metadata = {"model": model_config, "train": train_config, "seed": loop_config.seed}
@@ -77,14 +82,16 @@ def train(model_config: TransformerConfig, train_config: TrainConfig, loop_confi
     if checkpointer.latest_step() is not None:
       state, data_state = checkpointer.restore(state, metadata=metadata)
       data.restore(data_state)
-  step_fn = make_train_step(model_config, train_config, mesh)
+  step_fn = make_train_step(model_config, train_config, mesh, loss_fn=loss_fn, batch_axes=batch_axes)
   history = []
   for step in range(int(state.step), loop_config.steps):
-    batch = to_global_batch(next(data), mesh)
+    batch = to_global_batch(next(data), mesh, batch_axes)
     start = time.perf_counter()
     state, metrics = step_fn(state, batch)
     record = host_metrics(metrics, train_config.spikes.thresholds)
-    record.update(step=step, tokens_per_s=record["tokens"] / (time.perf_counter() - start))
+    record["step"] = step
+    if "tokens" in record:
+      record["tokens_per_s"] = record["tokens"] / (time.perf_counter() - start)
     history.append(record)
     if checkpointer is not None and (step + 1) % loop_config.save_every == 0:
       checkpointer.save(state, data_state=data.state(), metadata=metadata)

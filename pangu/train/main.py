@@ -5,6 +5,7 @@
 
 Rerunning the same command resumes from the newest checkpoint in --checkpoint_dir. Multi-host: add
 --num_processes, --process_id and --coordinator_address (and --local_device_count for fake CPU devices).
+--loss=module:factory swaps the objective for any `LossFn` that reads the LM batch (inputs, targets, mask).
 """
 
 import json
@@ -32,6 +33,8 @@ _MESH = flags.DEFINE_string("mesh", "data=1", "Parallel plan, e.g. 'data=2,fsdp=
 _CKPT = flags.DEFINE_string("checkpoint_dir", None, "Checkpoint folder; resumes from it when non-empty.")
 _SAVE_EVERY = flags.DEFINE_integer("save_every", 50, "Steps between checkpoints.", lower_bound=1)
 _METRICS = flags.DEFINE_string("metrics_file", None, "Append one JSON line of metrics per step here.")
+_LOSS = flags.DEFINE_string("loss", None, "Loss factory 'module:name', called as name(model_config, train_config) "
+                            "-> LossFn; unset: pangu.train.losses.lm_loss.")
 distributed.define_flags()
 
 
@@ -55,6 +58,7 @@ def main(argv):
   from pangu import data, models
   from pangu.parallel import cpu_mesh
   from pangu.train.config import TrainConfig
+  from pangu.train import losses
   from pangu.train.loop import LoopConfig, train
 
   tokenizer = data.load_tokenizer(_TOKENIZER.value)
@@ -72,15 +76,16 @@ def main(argv):
   loop_config = LoopConfig(steps=_STEPS.value, seed=_SEED.value, checkpoint_dir=_CKPT.value,
                            save_every=_SAVE_EVERY.value)
   mesh = cpu_mesh(**parse_plan(_MESH.value))
+  loss_fn = None if _LOSS.value is None else losses.load_loss_factory(_LOSS.value)(model_config, train_config)
 
   def log(step, record):
-    print(f"step {step} loss {record['loss']:.6f} grad_norm {record['grad_norm']:.4f} "
-          f"tokens/s {record['tokens_per_s']:.0f}", flush=True)
+    throughput = f" tokens/s {record['tokens_per_s']:.0f}" if "tokens_per_s" in record else ""
+    print(f"step {step} loss {record['loss']:.6f} grad_norm {record['grad_norm']:.4f}{throughput}", flush=True)
     if _METRICS.value and jax.process_index() == 0:
       with open(_METRICS.value, "a") as f:
         f.write(json.dumps(record) + "\n")
 
-  train(model_config, train_config, loop_config, batches, mesh, on_step=log)
+  train(model_config, train_config, loop_config, batches, mesh, on_step=log, loss_fn=loss_fn)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""The train state and one jitted, sharded train step (forward, backward, clip, AdamW, metrics).
+"""The train state and one jitted, sharded train step (loss, backward, clip, AdamW, metrics).
 
-Shardings come from the logical-axis rules: parameters and the matching AdamW moments follow the params'
-logical names, the batch is split over the data-like mesh axes, metrics are replicated.
+The objective is injected (`pangu.train.losses`): the step differentiates any `LossFn` over a batch laid out by
+its `batch_axes`. Shardings come from the logical-axis rules: parameters and the matching AdamW moments follow the
+params' logical names, batch arrays their declared axes (the batch axis split over the data-like mesh axes),
+metrics are replicated.
 """
 
 from collections.abc import Callable
@@ -15,14 +17,14 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pangu.models.config import TransformerConfig
-from pangu.models.transformer import LAYERS_KEY, Decoder, cross_entropy_loss
-from pangu.nn.moe import MOE_COLLECTION, moe_metrics
+from pangu.models.transformer import LAYERS_KEY, Decoder
 from pangu.parallel import rules
+from pangu.parallel.mesh import require_no_pipeline
 from pangu.train.config import TrainConfig
+from pangu.train.losses import LM_BATCH_AXES, SUMMED_METRICS, Batch, BatchAxes, LossFn, lm_loss
 from pangu.train.optim import learning_rate_schedule, make_optimizer
 from pangu.train.spikes import SpikeState, init_spike_state, update_spike_state
 
-Batch = dict[str, jax.Array]
 # Signals fed to the spike detector, in this order.
 SPIKE_SIGNALS = ("loss", "log_grad_norm")
 
@@ -54,6 +56,7 @@ def state_shardings(model_config: TransformerConfig, train_config: TrainConfig, 
 def init_train_state(model_config: TransformerConfig, train_config: TrainConfig, rng: jax.Array,
                      mesh: Mesh, logical_rules: rules.LogicalRules = rules.DEFAULT_RULES) -> TrainState:
   """Initialises every array directly in its target sharding (no full host copy)."""
+  require_no_pipeline(mesh, "init_train_state")
   shardings = state_shardings(model_config, train_config, mesh, logical_rules)
   init = jax.jit(lambda r: nn.unbox(_init_state(model_config, train_config, r)), out_shardings=shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules):
@@ -61,7 +64,20 @@ def init_train_state(model_config: TransformerConfig, train_config: TrainConfig,
 
 
 def batch_sharding(mesh: Mesh, logical_rules: rules.LogicalRules = rules.DEFAULT_RULES) -> NamedSharding:
+  """The sharding of a [B, S] batch array."""
   return rules.activation_sharding(mesh, (rules.BATCH, rules.LENGTH), logical_rules)
+
+
+def batch_shardings(mesh: Mesh, batch_axes: BatchAxes = LM_BATCH_AXES,
+                    logical_rules: rules.LogicalRules = rules.DEFAULT_RULES) -> dict[str, NamedSharding]:
+  """One sharding per batch key, from its logical axis names."""
+  return {key: rules.activation_sharding(mesh, axes, logical_rules) for key, axes in batch_axes.items()}
+
+
+def check_batch_keys(batch: Batch, batch_axes: BatchAxes) -> None:
+  """A batch must carry exactly the keys its loss declared axes for; jit's own pytree error would not say which."""
+  if set(batch) != set(batch_axes):
+    raise ValueError(f"batch has keys {sorted(batch)} but batch_axes declares {sorted(batch_axes)}")
 
 
 def per_layer_grad_norms(model_config: TransformerConfig, grads: Any) -> jax.Array:
@@ -82,69 +98,62 @@ def _microbatches(batch: Batch, n: int) -> Batch:
 
 
 def make_train_step(model_config: TransformerConfig, train_config: TrainConfig, mesh: Mesh,
-                    logical_rules: rules.LogicalRules = rules.DEFAULT_RULES
+                    logical_rules: rules.LogicalRules = rules.DEFAULT_RULES, *, loss_fn: LossFn | None = None,
+                    batch_axes: BatchAxes | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Returns step(state, batch) -> (state, metrics), jitted with explicit in/out shardings.
 
-  batch: {"inputs": [B, S] int32, "targets": [B, S] int32, "mask": [B, S] float32}.
-  Metrics: loss, ce, z_loss, grad_norm (before clipping), update_norm, learning_rate, per_layer_grad_norm [L],
-  spike flags / event counts per (signal, threshold). A MoE model adds its layers' balance and router z-losses
-  to the loss and reports moe_aux_loss, moe_router_z_loss, moe_imbalance_score (mean over MoE layers),
-  moe_max_over_mean_device_load, moe_dropped (assignments dropped by capacity dispatch) and moe_device_load
-  [P] (assignments per expert device, summed over MoE layers); see `pangu.nn.moe.moe_metrics`.
+  loss_fn: the objective (`pangu.train.losses.LossFn`); None is `lm_loss(model_config, train_config)`.
+  batch_axes: logical axis names of each batch key (the jit's batch in_shardings); None is `LM_BATCH_AXES`.
+  Each step splits `state.rng`: the new state keeps one half, the loss gets the other (one key per microbatch
+  with gradient accumulation).
+  Metrics: loss, grad_norm (before clipping), update_norm, learning_rate, per_layer_grad_norm [L], spike flags /
+  event counts per (signal, threshold), and every metric the loss returns (`lm_loss`: ce, z_loss, tokens, moe_*).
   """
-  model = Decoder(model_config)
+  require_no_pipeline(mesh, "make_train_step")
+  loss_fn = lm_loss(model_config, train_config) if loss_fn is None else loss_fn
+  batch_axes = LM_BATCH_AXES if batch_axes is None else batch_axes
   tx = make_optimizer(train_config)
   schedule = learning_rate_schedule(train_config)
   accum = train_config.grad_accum_steps
-
-  def loss_fn(params, micro):
-    logits, variables = model.apply({"params": params}, micro["inputs"], mutable=[MOE_COLLECTION])
-    loss, aux = cross_entropy_loss(logits, micro["targets"], micro["mask"], z_loss=train_config.z_loss)
-    if model_config.moe is not None:
-      moe = moe_metrics(variables[MOE_COLLECTION])
-      loss = loss + moe["aux_loss"] + moe["router_z_loss"]
-      aux = {**aux, "moe": moe}
-    return loss, aux
-
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def gradients(params, batch: Batch):
+  def gradients(params, batch: Batch, rng: jax.Array):
     if accum == 1:
-      return grad_fn(params, batch)
-    micro = _microbatches(batch, accum)
-    out_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+      return grad_fn(params, batch, rng)
+    micro, keys = _microbatches(batch, accum), jax.random.split(rng, accum)
+    out_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), keys[0])
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
-    total, _ = jax.lax.scan(lambda acc, m: (jax.tree.map(jnp.add, acc, grad_fn(params, m)), None), zeros, micro)
-    return jax.tree.map(lambda x: x / accum, total)
+    total, _ = jax.lax.scan(lambda acc, xs: (jax.tree.map(jnp.add, acc, grad_fn(params, *xs)), None), zeros,
+                            (micro, keys))
+    (loss, metrics), grads = total
+    metrics = {k: v if k in SUMMED_METRICS else v / accum for k, v in metrics.items()}
+    return (loss / accum, metrics), jax.tree.map(lambda g: g / accum, grads)
 
   def step(state: TrainState, batch: Batch):
-    (loss, aux), grads = gradients(state.params, batch)
+    rng, loss_rng = jax.random.split(state.rng)
+    (loss, loss_metrics), grads = gradients(state.params, batch, loss_rng)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     spikes = update_spike_state(train_config.spikes, state.spikes, jnp.stack([loss, jnp.log(grad_norm)]))
     metrics = {
-        "loss": loss, "ce": aux["ce"], "z_loss": aux["z_loss"], "tokens": batch["mask"].sum(),
-        "grad_norm": grad_norm, "update_norm": optax.tree.norm(updates),
+        "loss": loss, "grad_norm": grad_norm, "update_norm": optax.tree.norm(updates),
         "learning_rate": schedule(state.step), "per_layer_grad_norm": per_layer_grad_norms(model_config, grads),
         "spike_flags": spikes.flagged, "spike_events": spikes.events,
     }
-    if model_config.moe is not None:
-      moe = aux["moe"]
-      metrics.update({f"moe_{name}": moe[name] for name in
-                      ("aux_loss", "router_z_loss", "imbalance_score", "max_over_mean_device_load", "dropped")})
-      metrics["moe_device_load"] = moe["device_load"].sum(axis=0)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, spikes=spikes)
-    return new_state, metrics
+    if clash := sorted(set(metrics) & set(loss_metrics)):
+      raise ValueError(f"the loss's metrics {clash} clash with the step's own metrics")
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng, spikes=spikes)
+    return new_state, {**metrics, **loss_metrics}
 
   shardings = state_shardings(model_config, train_config, mesh, logical_rules)
-  data = batch_sharding(mesh, logical_rules)
   replicated = NamedSharding(mesh, PartitionSpec())
-  jitted = jax.jit(step, in_shardings=(shardings, {"inputs": data, "targets": data, "mask": data}),
+  jitted = jax.jit(step, in_shardings=(shardings, batch_shardings(mesh, batch_axes, logical_rules)),
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
 
   def run(state: TrainState, batch: Batch):
+    check_batch_keys(batch, batch_axes)
     with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules):
       return jitted(state, batch)
 

@@ -103,3 +103,9 @@ def test_make_mesh_on_an_ascend_preset_and_device_subsets(n_devices):
   assert list(mesh.devices.flat) == half
   with pytest.raises(ValueError, match="plan tensor=4 needs 4 devices, got 8"):
     mesh_lib.make_mesh(topology.cpu(4), ParallelPlan(tensor=4))
+
+
+def test_require_no_pipeline_names_the_caller_and_the_pipeline_size():
+  mesh_lib.require_no_pipeline(mesh_lib.cpu_mesh(data=2, fsdp=2, tensor=2), "the engine")
+  with pytest.raises(ValueError, match="the engine does not support pipeline parallelism: the mesh has pipeline=4"):
+    mesh_lib.require_no_pipeline(mesh_lib.cpu_mesh(pipeline=4, tensor=2), "the engine")
