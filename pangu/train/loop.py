@@ -1,6 +1,15 @@
-"""The training loop: init or resume, step, log, checkpoint. Experiments and scripts all call `train`."""
+"""The training loop: init or resume, step, log, checkpoint. Experiments and scripts all call `train`.
 
+A run's work is never lost: with a checkpoint folder the loop saves every `save_every` steps, after the last
+step, and when SIGTERM or SIGINT arrives (a scheduler's preemption, Ctrl-C), after which it finishes the
+current step, saves and returns early; rerunning resumes from there. Saving is collective, so in a
+multi-process run every process must get the signal (schedulers signal them all).
+"""
+
+import contextlib
 import dataclasses
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -64,6 +73,24 @@ def host_metrics(metrics: dict[str, jax.Array], spike_thresholds: tuple[float, .
   return out
 
 
+@contextlib.contextmanager
+def _stop_requests():
+  """Yields a list that SIGTERM / SIGINT append their signal number to, instead of ending the process; the
+  previous handlers come back on exit. Outside the main thread (where Python cannot take signals) it only
+  yields the list."""
+  requests = []
+  if threading.current_thread() is not threading.main_thread():
+    yield requests
+    return
+  previous = {sig: signal.signal(sig, lambda number, _: requests.append(number))
+              for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield requests
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
 def train(model_config: TransformerConfig, train_config: TrainConfig, loop_config: LoopConfig,
           data: ResumableBatches, mesh: Mesh, on_step: Callable[[int, dict], None] | None = None, *,
           loss_fn: LossFn | None = None, batch_axes: BatchAxes | None = None) -> tuple[TrainState, list[dict]]:
@@ -71,7 +98,8 @@ def train(model_config: TransformerConfig, train_config: TrainConfig, loop_confi
 
   loss_fn, batch_axes: the objective and its batch layout, as in `make_train_step` (None: the LM loss and batch).
   Returns the final state and one metrics dict per step run in this call, with `step` and, when the loss reports
-  `tokens`, `tokens_per_s`.
+  `tokens`, `tokens_per_s`. After SIGTERM / SIGINT it returns early, the state saved: `state.step` then falls
+  short of `loop_config.steps`.
   """
   batch_axes = LM_BATCH_AXES if batch_axes is None else batch_axes
   state = init_train_state(model_config, train_config, jax.random.key(loop_config.seed), mesh)
@@ -84,19 +112,31 @@ def train(model_config: TransformerConfig, train_config: TrainConfig, loop_confi
       data.restore(data_state)
   step_fn = make_train_step(model_config, train_config, mesh, loss_fn=loss_fn, batch_axes=batch_axes)
   history = []
-  for step in range(int(state.step), loop_config.steps):
-    batch = to_global_batch(next(data), mesh, batch_axes)
-    start = time.perf_counter()
-    state, metrics = step_fn(state, batch)
-    record = host_metrics(metrics, train_config.spikes.thresholds)
-    record["step"] = step
-    if "tokens" in record:
-      record["tokens_per_s"] = record["tokens"] / (time.perf_counter() - start)
-    history.append(record)
-    if checkpointer is not None and (step + 1) % loop_config.save_every == 0:
+  saved_step = int(state.step)
+
+  def save():
+    nonlocal saved_step
+    if checkpointer is not None and int(state.step) != saved_step:
       checkpointer.save(state, data_state=data.state(), metadata=metadata)
-    if on_step is not None:
-      on_step(step, record)
+      saved_step = int(state.step)
+
+  with _stop_requests() as stop:
+    for step in range(int(state.step), loop_config.steps):
+      batch = to_global_batch(next(data), mesh, batch_axes)
+      start = time.perf_counter()
+      state, metrics = step_fn(state, batch)
+      record = host_metrics(metrics, train_config.spikes.thresholds)
+      record["step"] = step
+      if "tokens" in record:
+        record["tokens_per_s"] = record["tokens"] / (time.perf_counter() - start)
+      history.append(record)
+      if (step + 1) % loop_config.save_every == 0:
+        save()
+      if on_step is not None:
+        on_step(step, record)
+      if stop:
+        break
+    save()
   if checkpointer is not None:
     checkpointer.close()
   return state, history

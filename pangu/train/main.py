@@ -9,8 +9,9 @@ Rerunning the same command resumes from the newest checkpoint in --checkpoint_di
 """
 
 import json
+import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from pangu.parallel import distributed
 
@@ -28,8 +29,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Init and data-order seed.", lower_bound
 _DATA = flags.DEFINE_string("data", "stdlib", "'stdlib' or comma-separated .txt/.jsonl files.")
 _MAX_FILES = flags.DEFINE_integer("max_files", None, "Use only the first N corpus files.", lower_bound=1)
 _TOKENIZER = flags.DEFINE_string("tokenizer", "byte", "'byte' or a tokenizer.json path.")
-_MESH = flags.DEFINE_string("mesh", "data=1", "Parallel plan, e.g. 'data=2,fsdp=2,tensor=2'; the sizes' product "
-                            "must equal the device count.")
+_MESH = flags.DEFINE_string("mesh", None, "Parallel plan, e.g. 'data=2,fsdp=2,tensor=2'; the sizes' product "
+                            "must equal the device count. Unset: data parallel over every device.")
 _CKPT = flags.DEFINE_string("checkpoint_dir", None, "Checkpoint folder; resumes from it when non-empty.")
 _SAVE_EVERY = flags.DEFINE_integer("save_every", 50, "Steps between checkpoints.", lower_bound=1)
 _METRICS = flags.DEFINE_string("metrics_file", None, "Append one JSON line of metrics per step here.")
@@ -52,6 +53,16 @@ def parse_plan(spec: str) -> dict[str, int]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # library INFO logs (Orbax writes dozens per save) only on request
+    logging.set_verbosity(logging.WARNING)
+  from pangu.train.checkpoint import CheckpointError
+  try:
+    run()
+  except (ValueError, FileNotFoundError, CheckpointError) as e:  # bad flags, data or checkpoints: one line
+    sys.exit(f"error: {e}")
+
+
+def run():
   distributed.initialize_from_flags()
   import jax  # After distributed start-up, which must precede any backend use.
 
@@ -75,7 +86,7 @@ def main(argv):
                              total_steps=max(_STEPS.value, _WARMUP.value + 1), grad_accum_steps=_ACCUM.value)
   loop_config = LoopConfig(steps=_STEPS.value, seed=_SEED.value, checkpoint_dir=_CKPT.value,
                            save_every=_SAVE_EVERY.value)
-  mesh = cpu_mesh(**parse_plan(_MESH.value))
+  mesh = cpu_mesh(**(parse_plan(_MESH.value) if _MESH.value else {"data": len(jax.devices())}))
   loss_fn = None if _LOSS.value is None else losses.load_loss_factory(_LOSS.value)(model_config, train_config)
 
   def log(step, record):
@@ -85,7 +96,10 @@ def main(argv):
       with open(_METRICS.value, "a") as f:
         f.write(json.dumps(record) + "\n")
 
-  train(model_config, train_config, loop_config, batches, mesh, on_step=log, loss_fn=loss_fn)
+  state, _ = train(model_config, train_config, loop_config, batches, mesh, on_step=log, loss_fn=loss_fn)
+  if int(state.step) < loop_config.steps:
+    kept = f"checkpoint saved in {_CKPT.value}; rerun to resume" if _CKPT.value else "no --checkpoint_dir: not saved"
+    print(f"stopped by a signal after step {int(state.step) - 1}: {kept}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""End-to-end runs of `python -m pangu.train.main` in subprocesses: kill -9 and resume, and 2 hosts x 4 devices.
+"""End-to-end runs of `python -m pangu.train.main` in subprocesses: kill -9 and resume, SIGTERM and resume, and
+2 hosts x 4 devices.
 
 Every run uses the same model, data and 2x2x2 mesh, so each must reproduce the reference run's losses.
 """
@@ -66,6 +67,28 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, reference_losses):
   assert min(resumed) >= 3 and max(resumed) == STEPS - 1  # Resumed, not restarted.
   for step, loss in {**first, **resumed}.items():
     assert loss == reference_losses[step], (step, loss, reference_losses[step])
+
+
+def test_sigterm_saves_then_the_rerun_resumes_with_identical_losses(tmp_path, reference_losses):
+  ckpt = tmp_path / "ckpt"
+  args = [*ARGS, f"--checkpoint_dir={ckpt}", "--save_every=1000"]  # no periodic save before the end
+  proc = subprocess.Popen([sys.executable, "-m", "pangu.train.main", *args], env=_env(8),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  seen = []
+  for line in proc.stdout:
+    seen.append(line)
+    if line.startswith("step 2 "):
+      proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
+  first = _losses("".join(seen))
+  assert "stopped by a signal" in seen[-1] and max(first) < STEPS - 1
+  saved = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+  assert saved == [max(first) + 1]  # the interrupted state, saved on the way out
+  resumed = _run([f"--checkpoint_dir={ckpt}", "--save_every=1000"])
+  assert min(resumed) == max(first) + 1 and max(resumed) == STEPS - 1
+  for step, loss in {**first, **resumed}.items():
+    assert loss == reference_losses[step], (step, loss, reference_losses[step])
+  assert max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == STEPS  # saved at the end too
 
 
 def _free_port() -> int:
