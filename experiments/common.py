@@ -1,4 +1,5 @@
-"""What every experiment script shares: the --quick / --results_dir flags, result JSON, plots and tables.
+"""What every experiment script shares: the --quick / --results_dir flags, result JSON, plots, tables, and the
+paper claims each experiment checks with a verdict computed from its own results (`claim`).
 
 Importing this module before JAX gives CPU runs the 8 fake devices the experiments are written for (an
 explicit XLA_FLAGS wins).
@@ -17,6 +18,17 @@ from absl import flags  # noqa: E402
 
 QUICK = flags.DEFINE_bool("quick", False, "Run the fast configuration (the one `make repro` uses).")
 RESULTS_DIR = flags.DEFINE_string("results_dir", "results", "Folder for <name>.json and <name>.png.")
+
+
+VERDICTS = ("reproduced", "partly", "not reproduced", "contradicted")
+
+
+def claim(paper: str, text: str, paper_figure: str, ours: str, verdict: str) -> dict[str, str]:
+  """One row of REPORT.md's verdict table. An experiment computes `ours` and `verdict` from the payload it
+  writes and stores the rows under the payload's "claims" key, so the report types nothing by hand."""
+  if verdict not in VERDICTS:
+    raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+  return {"paper": paper, "claim": text, "paper_figure": paper_figure, "ours": ours, "verdict": verdict}
 
 
 def machine_info() -> dict[str, Any]:

@@ -252,6 +252,30 @@ def plot(latency: dict, device: dict, val_loss: dict) -> None:
   common.save_figure(fig, "mole")
 
 
+def claims(payload: dict) -> list[dict]:
+  """MoLE's claims, judged on this payload."""
+  goals, val = payload["goals"], payload["val_loss"]
+  best_mole = min(v for k, v in val.items() if k.startswith("mole"))
+  others = {k: v for k, v in val.items() if not k.startswith("mole")}
+  ratio = lambda key, limit, loose: ("reproduced" if goals[key] <= limit else
+                                     "partly" if goals[key] <= loose else "not reproduced")
+  return [
+      common.claim("MoLE", "The lookup table reproduces the trained experts", "exact re-parameterisation",
+                   f"max abs logit error {payload['lut_max_abs_err']:.1e} (float32 table)",
+                   "reproduced" if payload["lut_max_abs_err"] < 1e-4 else "not reproduced"),
+      common.claim("MoLE", "MoLE beats dense and MoE at equal trainable parameters", "160M: lower loss",
+                   f"val loss MoLE {best_mole:.3f}, " + ", ".join(f"{k} {v:.3f}" for k, v in others.items()),
+                   "reproduced" if best_mole < min(others.values()) else
+                   "partly" if best_mole <= max(others.values()) else "not reproduced"),
+      common.claim("MoLE", "Decoding with the table off the device is about as fast as dense",
+                   "latency ~ dense (goal <= 1.2x)", f"{goals['mole_over_dense_b16']:.2f}x dense at batch 16",
+                   ratio("mole_over_dense_b16", 1.2, 1.5)),
+      common.claim("MoLE", "and far faster than offloaded MoE", "goal <= 0.2x",
+                   f"{goals['mole_over_moe_offload_b16']:.3f}x offloaded MoE at batch 16",
+                   ratio("mole_over_moe_offload_b16", 0.2, 0.5)),
+  ]
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -301,6 +325,7 @@ def main(argv):
                 "latency_unit": "ms per decode step (one token per row)", "quick": quick,
                 **common.machine_info()},
   }
+  payload["claims"] = claims(payload)
   common.write_json("mole", payload)
   plot(latency, device, val_loss)
   rows = [{"system": s, "b1_ms": latency[s]["b1"], "b16_ms": latency[s]["b16"], "device_MiB": device[s] / 2**20,

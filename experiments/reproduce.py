@@ -1,11 +1,15 @@
-"""The reproduction report: runs each experiment, then gathers their tables and plots in REPORT.md.
+"""The reproduction report: runs each experiment, then writes REPORT.md with the verdict table and every study.
 
-  python -m experiments.reproduce --quick --results_dir=results
+  python -m experiments.reproduce --quick --results_dir=results [--only=mole,moge_balance] [--skip=simulate_ascend]
 
 Each experiment runs as its own process (`python -m experiments.<name>`), exactly as a researcher would run it,
-so one failing study is reported without hiding the others.
+so one failing study is reported without hiding the others. The report opens with one row per paper claim:
+each experiment computes its claims' verdicts from its own results and stores them under "claims" in its JSON
+(`common.claim`); nothing here is typed by hand. A progress line per experiment gives the elapsed time and an
+ETA from the durations of the previous run (kept in <results_dir>/reproduce_times.json).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -15,44 +19,82 @@ from absl import app, flags
 
 from experiments import common
 
-# (experiment module, one-line claim under test). Benchmarks are run on demand, not here.
+# (module, what it studies, expected --quick seconds on 2 cores when no previous run says otherwise).
+# bench_decode and bench_train_step compare against PyTorch (the `bench` extra) and are run on demand.
 EXPERIMENTS = (
-    ("sandwich_norm", "Pangu Ultra: depth-scaled sandwich norm + TinyInit trains a deep model without loss "
-                      "spikes at an LR where Pre-LN spikes."),
-    ("moge_balance", "Pangu Pro MoE: MoGE has Imbalance Score 0 and max/mean expert-parallel device load exactly "
-                     "1.0 where top-K does not, at comparable quality."),
-    ("mole", "MoLE: the lookup table reproduces the trained experts exactly; decoding with the table off the "
-             "device is about as fast as dense and far faster than offloaded MoE."),
+    ("sandwich_norm", "Pangu Ultra: depth-scaled sandwich norm + TinyInit vs Pre-LN on a deep, narrow LM.", 420),
+    ("moge_balance", "Pangu Pro MoE: MoGE vs top-K load balance, Monte-Carlo and expert-parallel training.", 300),
+    ("mole", "MoLE: lookup experts vs dense and offloaded MoE, table exactness and decode latency.", 420),
+    ("simulate_ascend", "Pangu Ultra MoE / Pro MoE: the calibrated performance simulator and the papers' layouts.",
+     60),
+    ("bench_moe_layer", "MoE layer step time per dispatch and exchange (benchmark, no paper claim).", 120),
+    ("bench_moe_routing", "Fused Pallas MoGE routing kernel vs XLA (benchmark, no paper claim).", 60),
 )
 _ONLY = flags.DEFINE_list("only", None, "Run only these experiments.")
+_SKIP = flags.DEFINE_list("skip", None, "Run all but these experiments.")
+
+
+def _selected() -> list[tuple[str, str, int]]:
+  names = {name for name, _, _ in EXPERIMENTS}
+  for flag in (_ONLY, _SKIP):
+    unknown = set(flag.value or ()) - names
+    if unknown:
+      raise app.UsageError(f"--{flag.name}: unknown experiments {sorted(unknown)}; known: {sorted(names)}")
+  return [e for e in EXPERIMENTS if (not _ONLY.value or e[0] in _ONLY.value) and e[0] not in (_SKIP.value or ())]
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def verdict_table(claims: list[dict]) -> str:
+  rows = [{"paper": c["paper"], "claim": c["claim"], "paper's figure": c["paper_figure"], "our figure": c["ours"],
+           "verdict": f"**{c['verdict']}**"} for c in claims]
+  return common.format_table(rows, ["paper", "claim", "paper's figure", "our figure", "verdict"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   results_dir = common.RESULTS_DIR.value
-  selected = [e for e in EXPERIMENTS if not _ONLY.value or e[0] in _ONLY.value]
-  sections = ["# Reproduction report", "",
-              f"Mode: {'quick' if common.QUICK.value else 'full'}. Machine: {common.machine_info()}.", ""]
-  failures = []
-  for name, claim in selected:
+  os.makedirs(results_dir, exist_ok=True)
+  selected = _selected()
+  times_file = os.path.join(results_dir, "reproduce_times.json")
+  expected = {name: seconds for name, _, seconds in EXPERIMENTS} | _read_json(times_file)
+  sections, claims, failures, took = [], [], [], {}
+  begin = time.perf_counter()
+  for index, (name, description, _) in enumerate(selected):
     cmd = [sys.executable, "-m", f"experiments.{name}", f"--results_dir={results_dir}"]
     cmd += ["--quick"] if common.QUICK.value else []
-    print(f"== {' '.join(cmd[1:])}", flush=True)
+    elapsed = time.perf_counter() - begin
+    eta = sum(expected[n] for n, _, _ in selected[index:])
+    print(f"[{index + 1}/{len(selected)}] {name}: elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min "
+          f"({' '.join(cmd[1:])})", flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd)
-    seconds = time.perf_counter() - start
-    sections += [f"## {name}", "", claim, "", f"Run time: {seconds:.0f} s. Result: `{name}.json`.", ""]
+    took[name] = time.perf_counter() - start
+    sections += [f"## {name}", "", description, "", f"Run time: {took[name]:.0f} s. Result: `{name}.json`.", ""]
     table = os.path.join(results_dir, f"{name}.md")
     if proc.returncode != 0 or not os.path.exists(table):
       failures.append(name)
       sections += [f"**Failed** (exit code {proc.returncode}).", ""]
       continue
+    claims += _read_json(os.path.join(results_dir, f"{name}.json")).get("claims", [])
     with open(table) as f:
       sections += [f.read(), f"![{name}]({name}.png)", ""]
+  common.write_json("reproduce_times", {**_read_json(times_file), **took}, results_dir)
+  header = ["# Reproduction report", "",
+            f"Mode: {'quick' if common.QUICK.value else 'full'}. Machine: {common.machine_info()}. "
+            f"Total time: {(time.perf_counter() - begin) / 60:.1f} min.", "",
+            "## Verdicts", "", "Computed by each experiment from its own results (the `claims` of its JSON).", "",
+            verdict_table(claims) if claims else "No experiment reported claims.", ""]
   report = os.path.join(results_dir, "REPORT.md")
   with open(report, "w") as f:
-    f.write("\n".join(sections))
+    f.write("\n".join(header + sections))
   print(f"wrote {report}")
   if failures:
     raise SystemExit(f"experiments failed: {failures}")

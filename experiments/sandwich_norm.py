@@ -81,6 +81,26 @@ def run_variant(name: str, seed: int, setup: dict, mesh, train_data, val_data) -
   return result
 
 
+def claims(payload: dict) -> list[dict]:
+  """Pangu Ultra's claim, judged on the `pre` vs `depth_scaled_sandwich` runs of this payload."""
+  pre, dssn = payload["variants"]["pre"], payload["variants"]["depth_scaled_sandwich"]
+  spikes = lambda v: v["loss_spikes"] + v["grad_norm_spikes"]
+  if dssn["diverged"] and not pre["diverged"] or spikes(dssn) > spikes(pre):
+    verdict = "contradicted"
+  elif spikes(pre) == 0 and not pre["diverged"]:
+    verdict = "not reproduced"  # no instability for DSSN to remove at this learning rate and depth
+  elif spikes(dssn) == 0 and not dssn["diverged"]:
+    verdict = "reproduced"
+  else:
+    verdict = "partly"
+  ours = (f"spikes (loss + grad norm) pre {pre['loss_spikes']} + {pre['grad_norm_spikes']}, DSSN "
+          f"{dssn['loss_spikes']} + {dssn['grad_norm_spikes']}; final loss {pre['final_loss']:.3f} vs "
+          f"{dssn['final_loss']:.3f} ({payload['setup']['layers']} layers, lr {payload['setup']['lr']:g})")
+  return [common.claim("Pangu Ultra", "Depth-scaled sandwich norm + TinyInit trains without the loss spikes "
+                       "Pre-LN shows at the same learning rate", "135B: no loss spikes with DSSN (Fig. 3)", ours,
+                       verdict)]
+
+
 def plot(variants: dict) -> None:
   fig, axes = common.new_figure(ncols=2, size=(6, 4))
   for name, r in variants.items():
@@ -122,6 +142,7 @@ def main(argv):
              "setup": {**setup, "batch": BATCH, "warmup_steps": WARMUP, "quick": common.QUICK.value,
                        "spike_rule": "x_t > ema_mean + k * ema_std (EMA decay 0.9, 20 warmup steps), k in (3, 6); decay set on a pilot run at lr 3e-2",
                        **common.machine_info()}}
+  payload["claims"] = claims(payload)
   common.write_json("sandwich_norm", payload)
   plot(variants)
   rows = [{"variant": n, **{k: v[k] for k in ("final_loss", "val_loss", "loss_spikes", "grad_norm_spikes",
