@@ -2,7 +2,8 @@
 
 Two seams other papers plug into:
   * `dot_product_attention(q, k, v, mask, implementation=...)`: one entry point over several implementations
-    (`xla` reference, `cudnn` through `jax.nn.dot_product_attention`, a registered `pallas` kernel, `auto`).
+    (`xla` reference, `cudnn` through `jax.nn.dot_product_attention`, the `pallas` kernels of
+    pangu_kernels.attention, `auto`).
     The mask is an `AttentionMask`, a description by structure (causal, positions, segment ids, per-row KV
     lengths, sliding window), never a dense [B, S, T] array, so a flash kernel can build each block's mask
     itself. Only the reference materialises it.
@@ -29,6 +30,7 @@ from pangu.nn.linear import ProjectionConfig
 from pangu.nn.norms import rms_norm
 from pangu.nn.rope import RopeScaling, apply_rope, rope_attention_factor, rope_frequencies
 from pangu.parallel import rules
+from pangu_kernels import attention as kernel_attention
 
 _MASKED = -1e30
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
@@ -175,17 +177,46 @@ class AttentionImplementation(NamedTuple):
   unsupported: Callable[[jax.Array, jax.Array, AttentionMask, float | None], str | None]
 
 
+# A cache-layout call with at most this many queries (a decode step, or verifying a few drafts) goes to the
+# split-K decode kernel; longer ones (a prefill through the cache) to flash attention, which reads the cache in place.
+_DECODE_MAX_QUERIES = 8
+
+
+def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, kv_heads_major: bool = False,
+                     logit_softcap: float | None = None) -> jax.Array:
+  """pangu_kernels' Pallas kernels: `decode_attention` for few queries against the cache layout, else
+  `flash_attention` (differentiable: its backward is a kernel too). Compiled on GPU; interpreted on CPU, where
+  only an explicit `implementation="pallas"` gets here (`auto` never picks an interpreter)."""
+  kernel_args = dict(q_positions=mask.q_positions, kv_positions=mask.kv_positions, kv_lengths=mask.kv_lengths,
+                     causal=mask.causal, window=mask.window, logit_softcap=logit_softcap,
+                     implementation="pallas_interpret" if jax.default_backend() == "cpu" else "pallas")
+  if kv_heads_major and q.shape[1] <= _DECODE_MAX_QUERIES and mask.q_segment_ids is None:
+    return kernel_attention.decode_attention(q, k, v, **kernel_args)
+  return kernel_attention.flash_attention(q, k, v, segment_ids=mask.q_segment_ids, kv_segment_ids=mask.kv_segment_ids,
+                                          kv_heads_major=kv_heads_major, **kernel_args)
+
+
+def pallas_unsupported(q: jax.Array, k: jax.Array, mask: AttentionMask, logit_softcap: float | None) -> str | None:
+  """The kernels take every mask and soft-cap; they compile on GPU for power-of-two head dims, and CPU interprets."""
+  if jax.default_backend() == "cpu":
+    return None
+  return kernel_attention.pallas_unsupported(q.dtype, q.shape[-1])
+
+
 _REGISTRY: dict[str, AttentionImplementation] = {
     "xla": AttentionImplementation(xla_attention, lambda *_: None),
     "cudnn": AttentionImplementation(cudnn_attention, cudnn_unsupported),
+    "pallas": AttentionImplementation(pallas_attention, pallas_unsupported),
 }
-# `auto` tries these in order and takes the first that runs here (fastest first).
-_AUTO_ORDER = {"gpu": ("pallas", "cudnn", "xla"), "tpu": ("pallas", "xla")}
+# `auto` tries these in order and takes the first that runs here (fastest first): cuDNN where it takes the mask
+# (the Pallas kernels aim at >= 0.7x its speed), the Pallas kernels for what it refuses (explicit positions, segment
+# ids, soft-cap, float32), then the reference. No CPU entry: CPU always runs the reference.
+_AUTO_ORDER = {"gpu": ("cudnn", "pallas", "xla"), "tpu": ("pallas", "xla")}
 
 
 def register_attention_implementation(name: str, attend: Callable[..., jax.Array],
                                       unsupported: Callable[..., str | None]) -> None:
-  """Fills an implementation slot (e.g. `pallas`, from pangu_kernels); see `AttentionImplementation`."""
+  """Replaces an implementation slot (e.g. `pallas` with another kernel); see `AttentionImplementation`."""
   if name not in IMPLEMENTATIONS or name == "auto":
     raise ValueError(f"attention implementation slots are {IMPLEMENTATIONS[:-1]}, got {name!r}")
   _REGISTRY[name] = AttentionImplementation(attend, unsupported)
@@ -196,12 +227,6 @@ def _log_once(message: str) -> None:
   logging.info(message)
 
 
-def _unsupported(name: str, q, k, mask, logit_softcap) -> str | None:
-  if name not in _REGISTRY:
-    return f"no {name!r} attention kernel is registered"
-  return _REGISTRY[name].unsupported(q, k, mask, logit_softcap)
-
-
 def resolve_implementation(implementation: str, q: jax.Array, k: jax.Array, mask: AttentionMask,
                            logit_softcap: float | None = None) -> str:
   """The implementation that will run: `auto` -> the first of the backend's order that supports the call;
@@ -209,12 +234,12 @@ def resolve_implementation(implementation: str, q: jax.Array, k: jax.Array, mask
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
   if implementation != "auto":
-    reason = _unsupported(implementation, q, k, mask, logit_softcap)
+    reason = _REGISTRY[implementation].unsupported(q, k, mask, logit_softcap)
     if reason is not None:
       raise ValueError(f"attention implementation {implementation!r} cannot run this call: {reason}")
     return implementation
   for name in _AUTO_ORDER.get(jax.default_backend(), ()):
-    reason = _unsupported(name, q, k, mask, logit_softcap)
+    reason = _REGISTRY[name].unsupported(q, k, mask, logit_softcap)
     if reason is None:
       return name
     _log_once(f"attention auto: not {name!r} ({reason})")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pangu import infer, models
+from pangu.infer import decoding
 from pangu.infer.kv_cache import write_rows
 from pangu.nn.attention import CachedKV
 
@@ -51,7 +52,8 @@ def test_a_second_cache_implementation_plugs_into_the_engine(name):
   params = models.init_params(config, jax.random.key(0))
   prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7], [9]]
   gen = infer.GenerationConfig(max_new_tokens=6)
-  want = infer.generate(config, params, prompts, gen, jax.random.key(1))
+  # decoding.generate: importing the CLI module pangu.infer.generate replaces the package's `generate`.
+  want = decoding.generate(config, params, prompts, gen, jax.random.key(1))
   tokens, start = infer.left_pad(prompts, 0, infer.prompt_bucket(7))
   state = infer.prefill(config, gen, params, tokens, start, jax.random.key(1), layer_cache=SlotsMajorCache.empty)
   state = infer.decode(config, gen, params, state)

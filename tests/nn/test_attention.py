@@ -66,7 +66,7 @@ def _mask(kwargs):
   return AttentionMask(**{k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()})
 
 
-@pytest.mark.parametrize("implementation", ["xla", "cudnn"])
+@pytest.mark.parametrize("implementation", ["xla", "cudnn", "pallas"])  # pallas: the kernels, interpreted on CPU
 @pytest.mark.parametrize("name", sorted(MASKS))
 def test_every_mask_kind_matches_the_float64_reference(name, implementation):
   mask_kwargs, ref_kwargs = MASKS[name]
@@ -76,14 +76,16 @@ def test_every_mask_kind_matches_the_float64_reference(name, implementation):
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
 
 
-def test_soft_cap_and_the_kv_cache_layout():
+@pytest.mark.parametrize("implementation,queries", [("xla", S), ("pallas", S), ("pallas", 1)])
+def test_soft_cap_and_the_kv_cache_layout(implementation, queries):
+  """With pallas, S queries go to flash attention over the cache layout, one query to the decode kernel."""
   q, k, v = _inputs(t=9)
+  q, q_pos = q[:, -queries:], (ARANGE + 2)[:, -queries:]
   kv_pos = np.broadcast_to(np.arange(9) - 2, (B, 9))
-  mask = AttentionMask(q_positions=jnp.asarray(ARANGE + 2), kv_positions=jnp.asarray(kv_pos),
-                       kv_lengths=jnp.array([9, 8]))
+  mask = AttentionMask(q_positions=jnp.asarray(q_pos), kv_positions=jnp.asarray(kv_pos), kv_lengths=jnp.array([9, 8]))
   got = dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask, kv_heads_major=True, logit_softcap=2.0,
-                              implementation="xla")
-  want = _reference(q, k, v, q_pos=ARANGE + 2, kv_pos=kv_pos, kv_lengths=[9, 8], softcap=2.0)
+                              implementation=implementation)
+  want = _reference(q, k, v, q_pos=q_pos, kv_pos=kv_pos, kv_lengths=[9, 8], softcap=2.0)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
 
 
@@ -99,9 +101,8 @@ def test_gradients_of_xla_and_cudnn_agree():
 def test_auto_picks_the_reference_on_cpu_and_explicit_choices_that_cannot_run_raise():
   q, k, v = _inputs()
   mask = AttentionMask()
-  assert attention.resolve_implementation("auto", q, k, mask) == "xla"
-  with pytest.raises(ValueError, match="no 'pallas' attention kernel is registered"):
-    dot_product_attention(q, k, v, mask, implementation="pallas")
+  assert attention.resolve_implementation("auto", q, k, mask) == "xla"  # never the interpreted kernels
+  assert attention.resolve_implementation("pallas", q, k, mask) == "pallas"  # asked for: interpreted
   with pytest.raises(ValueError, match="'cudnn' cannot run this call: .*soft-cap"):
     dot_product_attention(q, k, v, mask, implementation="cudnn", logit_softcap=5.0)
   with pytest.raises(ValueError, match="must be one of"):
