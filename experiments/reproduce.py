@@ -29,6 +29,8 @@ EXPERIMENTS = (
      60),
     ("bench_moe_layer", "MoE layer step time per dispatch and exchange (benchmark, no paper claim).", 120),
     ("bench_moe_routing", "Fused Pallas MoGE routing kernel vs XLA (benchmark, no paper claim).", 60),
+    ("bench_attention", "Attention implementations: the reference on CPU; Pallas vs XLA vs cuDNN on a GPU "
+                        "(benchmark, no paper claim).", 60),
 )
 _ONLY = flags.DEFINE_list("only", None, "Run only these experiments.")
 _SKIP = flags.DEFINE_list("skip", None, "Run all but these experiments.")
