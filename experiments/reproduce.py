@@ -25,6 +25,8 @@ EXPERIMENTS = (
     ("sandwich_norm", "Pangu Ultra: depth-scaled sandwich norm + TinyInit vs Pre-LN on a deep, narrow LM.", 420),
     ("moge_balance", "Pangu Pro MoE: MoGE vs top-K load balance, Monte-Carlo and expert-parallel training.", 300),
     ("mole", "MoLE: lookup experts vs dense and offloaded MoE, table exactness and decode latency.", 420),
+    ("pruning", "SlimLLM: structured pruning at 20 % and 50 % against magnitude, Wanda-sp, FLAP, Taylor and layer "
+                "drop; perplexity without tuning, parameters and prefill speed-up.", 420),
     ("simulate_ascend", "Pangu Ultra MoE / Pro MoE: the calibrated performance simulator and the papers' layouts.",
      60),
     ("bench_moe_layer", "MoE layer step time per dispatch and exchange (benchmark, no paper claim).", 120),

@@ -401,6 +401,9 @@ class Attention(nn.Module):
       mask = mask.replace(q_positions=positions, kv_positions=cached.positions, kv_lengths=cached.lengths)
     out = dot_product_attention(q, k, v, mask, kv_heads_major=cache is not None, logit_softcap=cfg.logit_softcap,
                                 implementation=cfg.implementation)
+    # Structured pruning scores heads by their share of the output projection (pangu.compress.prune); a no-op
+    # unless `intermediates` is mutable.
+    self.sow("intermediates", "heads", out)
     o = linear.kernel(self, proj, "o", (cfg.n_heads, dh), (cfg.d_model,), (rules.HEADS, rules.HEAD_DIM),
                       (rules.EMBED,), self.output_init)
     y = linear.project(out, o, proj, in_rank=2)

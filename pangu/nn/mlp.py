@@ -73,4 +73,6 @@ class MLP(nn.Module):
     else:
       hidden = jax.nn.gelu(dense("up", x, rules.EMBED, rules.MLP, cfg.d_ff, self.kernel_init), approximate=False)
     hidden = rules.constrain(hidden, (rules.BATCH, rules.LENGTH, rules.ACT_MLP))
+    # The channels structured pruning scores (pangu.compress.prune); a no-op unless `intermediates` is mutable.
+    self.sow("intermediates", "hidden", hidden)
     return dense("down", hidden, rules.MLP, rules.EMBED, cfg.d_model, self.output_init)
