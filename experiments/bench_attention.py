@@ -17,7 +17,6 @@ Writes <results_dir>/bench_attention.json ({"backend", "kernel_timed", "note", "
 """
 
 import functools
-import time
 
 from absl import app, flags
 
@@ -37,17 +36,6 @@ MODES = ("forward", "forward+backward")
 _MODE_FLOPS = {"forward": 1.0, "forward+backward": 3.5}
 
 
-def _median_ms(fn, repeats: int) -> float:
-  import jax
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return 1e3 * sorted(times)[len(times) // 2]
-
-
 def _matmul_peak_tflops(repeats: int) -> float:
   """The bfloat16 matmul throughput XLA reaches here: the ceiling the attention numbers are read against."""
   import jax
@@ -55,7 +43,7 @@ def _matmul_peak_tflops(repeats: int) -> float:
   n = 8192 if jax.default_backend() == "gpu" else 1024
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
   matmul = jax.jit(lambda a: a @ a)
-  return 2 * n ** 3 / _median_ms(lambda: matmul(a), repeats) / 1e9
+  return 2 * n ** 3 / common.median_ms(lambda: matmul(a), repeats) / 1e9
 
 
 def _attention_fns(backend: str):
@@ -145,7 +133,7 @@ def _time_cases(backend: str, quick: bool, repeats: int, peak: float) -> list[di
           case = {"seq": seq, "head_dim": head_dim, "batch": batch, "heads": heads, "mode": mode,
                   "implementation": implementation}
           try:
-            ms = _median_ms(functools.partial(runs[mode], *args[mode]), repeats)
+            ms = common.median_ms(functools.partial(runs[mode], *args[mode]), repeats)
           except Exception as error:  # e.g. the reference's [B, H, S, S] scores outgrow the memory
             cases.append({**case, "ms": None, "error": f"{type(error).__name__}: {str(error)[:200]}"})
             continue

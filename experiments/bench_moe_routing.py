@@ -7,7 +7,6 @@ Writes results/bench_moe_routing.json: {"backend", "cases": [{"tokens", "experts
 "pallas_ms", "xla_ms", "speedup", "ids_match", "order_match", "max_weight_err"}]} and a plot.
 """
 
-import time
 
 from absl import app, flags
 
@@ -18,17 +17,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per case (median rep
 # (tokens, experts, groups, k per group): Pangu Pro MoE routes 64 experts in 8 groups, 1 per group.
 FULL_CASES = ((4096, 64, 8, 1), (16384, 64, 8, 1), (65536, 64, 8, 1), (16384, 64, 8, 2), (16384, 128, 8, 2))
 QUICK_CASES = ((1000, 64, 8, 1), (256, 32, 4, 2))
-
-
-def _median_ms(fn, repeats: int) -> float:
-  import jax
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return 1e3 * sorted(times)[len(times) // 2]
 
 
 def main(argv):
@@ -46,7 +34,7 @@ def main(argv):
            for impl in ("pallas", "xla")}
     got, want = run["pallas"](), run["xla"]()
     repeats = 1 if jax.default_backend() == "cpu" else _REPEATS.value
-    pallas_ms, xla_ms = _median_ms(run["pallas"], repeats), _median_ms(run["xla"], repeats)
+    pallas_ms, xla_ms = common.median_ms(run["pallas"], repeats), common.median_ms(run["xla"], repeats)
     cases.append({
         "tokens": tokens, "experts": experts, "groups": groups, "k_per_group": k,
         "pallas_ms": pallas_ms, "xla_ms": xla_ms, "speedup": xla_ms / pallas_ms,

@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import tempfile
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,19 @@ def claim(paper: str, text: str, paper_figure: str, ours: str, verdict: str) -> 
   if verdict not in VERDICTS:
     raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
   return {"paper": paper, "claim": text, "paper_figure": paper_figure, "ours": ours, "verdict": verdict}
+
+
+def median_ms(fn, repeats: int) -> float:
+  """Median wall time of `fn()` in ms over `repeats` calls after one warm-up (compile) call, each call waited
+  for with `jax.block_until_ready`: the one timing rule the benchmarks share."""
+  import jax
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return 1e3 * sorted(times)[len(times) // 2]
 
 
 def machine_info() -> dict[str, Any]:
