@@ -99,13 +99,18 @@ def _free_port() -> int:
 
 @pytest.mark.multiprocess
 def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path, reference_losses):
-  port = _free_port()
-  metrics = tmp_path / "metrics.jsonl"
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "pangu.train.main", *ARGS, "--num_processes=2", f"--process_id={i}",
-       f"--coordinator_address=127.0.0.1:{port}", "--local_device_count=4", f"--metrics_file={metrics}"],
-      env=_env(None), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=300) for p in procs]
+  for attempt in range(2):
+    port = _free_port()
+    metrics = tmp_path / f"metrics{attempt}.jsonl"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "pangu.train.main", *ARGS, "--num_processes=2", f"--process_id={i}",
+         f"--coordinator_address=127.0.0.1:{port}", "--local_device_count=4", f"--metrics_file={metrics}"],
+        env=_env(None), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    # JAX's exit handler sometimes aborts while tearing down the coordinator's gRPC server (a request still
+    # queued): after the run, outside pangu. Seen once in six runs; one retry keeps that from failing the suite.
+    if not any(p.returncode and "DistributedRuntimeService::Shutdown" in err for p, (_, err) in zip(procs, outputs)):
+      break
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
   records = [json.loads(line) for line in metrics.read_text().splitlines()]
