@@ -9,8 +9,6 @@ Writes results/sandwich_norm.json: {"variants": {name: {final_loss, val_loss, lo
 max_grad_norm, diverged, ...}}, "setup": {...}} and sandwich_norm.png (loss and log grad norm per step).
 """
 
-import math
-
 from absl import app, flags
 
 from experiments import common

@@ -30,7 +30,6 @@ position per slot and layer.
 import functools
 from collections.abc import Callable
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp

@@ -66,10 +66,10 @@ def host_metrics(metrics: dict[str, jax.Array], spike_thresholds: tuple[float, .
   m = jax.device_get(metrics)
   flags, events = m.pop("spike_flags"), m.pop("spike_events")
   out = {k: float(v) if np.ndim(v) == 0 else np.asarray(v).tolist() for k, v in m.items()}
-  for i, signal in enumerate(SPIKE_SIGNALS):
+  for i, name in enumerate(SPIKE_SIGNALS):
     for j, k in enumerate(spike_thresholds):
-      out[f"{signal}_spike_k{k:g}"] = bool(flags[i, j])
-      out[f"{signal}_spike_events_k{k:g}"] = int(events[i, j])
+      out[f"{name}_spike_k{k:g}"] = bool(flags[i, j])
+      out[f"{name}_spike_events_k{k:g}"] = int(events[i, j])
   return out
 
 
