@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pangu.models.config import TransformerConfig
@@ -12,12 +13,13 @@ from pangu.parallel import host_memory
 ROUTED_KERNELS = ("gate", "up", "down")
 
 
-def offload_experts(config: TransformerConfig, params: dict, *,
+def offload_experts(config: TransformerConfig, params: dict, *, dtype: str | None = None,
                     device: jax.Device | None = None) -> tuple[TransformerConfig, dict]:
   """(config, params) -> the same model with every routed expert kernel in `device`'s pinned host memory.
 
-  Layers are unrolled (a layer scan would slice the stacked host arrays on the device); each call then copies
-  in only the experts its tokens selected (pangu.nn.moe.offload).
+  dtype: the host copy's dtype (None: as the params are), e.g. float16 to move what a float16 MoLE table
+  moves per value. Layers are unrolled (a layer scan would slice the stacked host arrays on the device); each
+  call then copies in only the experts its tokens selected (pangu.nn.moe.offload).
   """
   if config.moe is None:
     raise ValueError("offload_experts needs a MoE model (config.moe is None)")
@@ -30,12 +32,15 @@ def offload_experts(config: TransformerConfig, params: dict, *,
   def place(layer: dict) -> dict:
     if "moe" not in layer:
       return layer
-    moe = {k: jax.device_put(np.asarray(v), host) if k in ROUTED_KERNELS else v for k, v in layer["moe"].items()}
+    moe = {k: jax.device_put(np.asarray(v).astype(jnp.dtype(dtype or v.dtype)), host) if k in ROUTED_KERNELS else v
+           for k, v in layer["moe"].items()}
     return {**layer, "moe": moe}
 
   return config, {k: place(v) if k.startswith("layer_") else v for k, v in params.items()}
 
 
-def expert_bytes(config: TransformerConfig) -> int:
-  """Bytes of one routed expert (gate, up and down kernels), what offloading copies per selected expert."""
-  return 3 * config.d_model * config.moe.expert_dim * np.dtype(config.param_dtype).itemsize
+def expert_bytes(config: TransformerConfig, dtype: str | None = None) -> int:
+  """Bytes of one routed expert (gate, up and down kernels) stored in `dtype` (None: the param dtype), what
+  offloading copies per selected expert."""
+  itemsize = jnp.dtype(dtype or config.param_dtype).itemsize
+  return 3 * config.d_model * config.moe.expert_dim * itemsize
