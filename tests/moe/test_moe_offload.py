@@ -59,6 +59,10 @@ def test_each_loaded_expert_runs_on_exactly_its_rows():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _is_routed_kernel(path) -> bool:
+  return [k.key for k in path[-2:]] in (["moe", "gate"], ["moe", "up"], ["moe", "down"])
+
+
 def test_float16_host_copies_move_half_the_bytes_and_compute_the_rounded_model():
   cfg = models.tiny(moe=MoEConfig(num_experts=6, top_k=2, expert_dim=24, router="topk"))
   params = models.init_params(cfg, jax.random.key(0))
@@ -67,8 +71,7 @@ def test_float16_host_copies_move_half_the_bytes_and_compute_the_rounded_model()
   assert {layer[k].dtype for k in ("gate", "up", "down")} == {np.dtype(np.float16)}
   assert expert_bytes(cfg, "float16") == expert_bytes(cfg) // 2
   rounded = jax.tree.map_with_path(
-      lambda path, v: v.astype(np.float16).astype(v.dtype) if [k.key for k in path[-2:]] in (["moe", "gate"], ["moe", "up"], ["moe", "down"]) else v,
-      params)
+      lambda path, v: v.astype(np.float16).astype(v.dtype) if _is_routed_kernel(path) else v, params)
   tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 9)).astype(np.int32)
   np.testing.assert_allclose(models.forward(host_cfg, host_params, tokens), models.forward(cfg, rounded, tokens),
                              atol=1e-5, rtol=0)
