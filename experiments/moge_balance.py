@@ -15,7 +15,8 @@ Pangu Pro MoE (arXiv 2505.21411), spec pangu_pro_moe.md section 4:
    1.0, top-K's above it; quality is comparable. Top-K also runs on MoGE's kind of exchange, a fixed-size
    (capacity-padded) all-to-all at capacity factors 1.0 and 1.25, reporting the fraction of assignments dropped,
    so that step times compare balance and not the exchange; dropless top-K (ring) is the third top-K row.
-   Device load is counted from the router's ids (before any drop).
+   Device load is counted in the exchange: the assignments each expert device received and computed (so
+   capacity drops are not counted), summed over the batch.
 
 Writes results/moge_balance.json: {"mc": {"topk": {"p_is_gt_0", "mean_is", "histogram"}, "moge": {...},
 "sweep": {...}}, "train": {"topk": {"max_over_mean_device_load", "step_time_s", "val_loss", ...}, "moge": {...}},

@@ -34,8 +34,8 @@ def problem():
 
 def _loss_and_grads(fn, x, weights, experts, probe):
   def loss(x, weights, experts):
-    y, dropped = fn(x, weights, experts)
-    return jnp.sum(y * probe), (y, dropped)
+    y, *counts = fn(x, weights, experts)
+    return jnp.sum(y * probe), (y, *counts)
   return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, weights, experts)
 
 
@@ -83,13 +83,18 @@ def test_expert_parallel_forward_and_gradients_equal_single_device(problem, name
     return moe.expert_parallel_experts(x, weights, ids, experts, config=config, layout=layout)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules):
-    (_, (y, dropped)), grads = jax.jit(lambda *a: _loss_and_grads(sharded, *a, probe))(x, weights, experts)
+    (_, (y, dropped, received)), grads = jax.jit(lambda *a: _loss_and_grads(sharded, *a, probe))(
+        x, weights, experts)
 
   keep = np.ones(ids.shape, bool)
   if name == "topk_capacity_with_drops":
     keep = _numpy_capacity_keep(np.asarray(ids), num_shards=8, num_devices=4, capacity_factor=1.0)
     assert (~keep).sum() > 0
   assert int(dropped) == int((~keep).sum())
+  # Device load counted in the exchange: the kept assignments of each expert device's experts.
+  num_devices = len(received)
+  want_received = np.bincount(np.asarray(ids)[keep] // (N // num_devices), minlength=num_devices)
+  np.testing.assert_array_equal(received, want_received)
 
   def single(x, weights, experts):
     masked = jnp.where(keep, weights, 0.0)

@@ -8,7 +8,8 @@ Metrics go to the `moe` variable collection (`MOE_COLLECTION`) with `self.sow`, 
   aux_loss           alpha * sum_i f_i p_i (already scaled by aux_loss_coef)
   router_z_loss      router_z_loss_coef * mean(logsumexp(logits)^2)
   expert_load [N]    assignments per expert
-  device_load [P]    assignments per device T_i (P = expert-parallel degree, or num_groups without it)
+  device_load [P]    assignments per device T_i: under expert parallelism, what the exchange delivered to each
+                     expert device (capacity drops excluded); without it, from the router ids per group
   imbalance_score    (max_i T_i - min_i T_i) / T (Eq. 3)
   dropped            assignments the capacity variant dropped (0 when dropless)
 """
@@ -85,7 +86,7 @@ class MoEFeedForward(nn.Module):
     tokens = tokens.astype(self.dtype)
     # Initialisation sees a dummy batch that need not split over the mesh; the parameters are the same.
     layout = None if self.is_initializing() else parallel.current_layout(cfg)
-    dropped = jnp.zeros((), jnp.int32)
+    dropped, received = jnp.zeros((), jnp.int32), None
     if cfg.expert_storage == "host" and not self.is_initializing():
       if layout is not None:
         raise ValueError("MoEConfig.expert_storage='host' is single-device inference, without expert parallelism")
@@ -93,8 +94,8 @@ class MoEFeedForward(nn.Module):
     else:
       experts = ExpertWeights(*(w.astype(self.dtype) for w in experts))
       if layout is not None:
-        y, dropped = parallel.expert_parallel_experts(tokens, weights, expert_ids, experts, config=cfg,
-                                                      layout=layout)
+        y, dropped, received = parallel.expert_parallel_experts(tokens, weights, expert_ids, experts, config=cfg,
+                                                                layout=layout)
       elif cfg.dispatch == "capacity":
         y, dropped = capacity_experts(tokens, weights, expert_ids, experts, capacity_factor=cfg.capacity_factor)
       else:
@@ -106,10 +107,12 @@ class MoEFeedForward(nn.Module):
                 self._param("shared_down", (cfg.shared_dim, d), (rules.MLP, rules.EMBED), self.output_init))
       y = y + swiglu(tokens, *(w.astype(self.dtype) for w in shared))
 
-    self._sow_metrics(logits, expert_ids, dropped, layout.num_devices if layout is not None else cfg.num_groups)
+    num_devices = layout.num_devices if layout is not None else cfg.num_groups
+    self._sow_metrics(logits, expert_ids, dropped, received, num_devices)
     return y.reshape(b, s, d)
 
-  def _sow_metrics(self, logits: jax.Array, expert_ids: jax.Array, dropped: jax.Array, num_devices: int) -> None:
+  def _sow_metrics(self, logits: jax.Array, expert_ids: jax.Array, dropped: jax.Array, received: jax.Array | None,
+                   num_devices: int) -> None:
     cfg = self.config
     scores = routing.balance_scores(logits, num_groups=cfg.num_groups, aux_scores=cfg.aux_scores)
     n = cfg.num_experts
@@ -119,7 +122,8 @@ class MoEFeedForward(nn.Module):
         "imbalance_score": routing.imbalance_score(expert_ids, num_experts=n, num_devices=num_devices),
         "dropped": dropped,
         "expert_load": routing.expert_load(expert_ids, num_experts=n),
-        "device_load": routing.device_load(expert_ids, num_experts=n, num_devices=num_devices),
+        "device_load": (routing.device_load(expert_ids, num_experts=n, num_devices=num_devices)
+                        if received is None else received),
     }
     for name, value in values.items():
       self.sow(MOE_COLLECTION, name, value)

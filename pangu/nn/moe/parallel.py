@@ -25,6 +25,7 @@ intra-node axes only; the combine reverses it with a `psum_scatter` over the nod
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import chex
 import flax.linen as nn
@@ -176,7 +177,8 @@ def _fixed(x, weights, expert_ids, experts, dev: _Device):
   out = routed_experts(rows.reshape(local * t, -1), row_weights.reshape(local * t, -1),
                        row_ids.reshape(local * t, -1), experts,
                        implementation=dev.config.experts_implementation)
-  return jax.lax.all_to_all(out.reshape(local, t, -1), dev.layout.local_axes, 0, 0).sum(axis=0), None
+  y = jax.lax.all_to_all(out.reshape(local, t, -1), dev.layout.local_axes, 0, 0).sum(axis=0)
+  return y, None, jnp.sum(row_ids >= 0, dtype=jnp.int32)  # every row delivered here is a real assignment
 
 
 def _ring(x, weights, expert_ids, experts, dev: _Device):
@@ -187,7 +189,7 @@ def _ring(x, weights, expert_ids, experts, dev: _Device):
   valid = (local_ids >= 0) & (local_ids < dev.experts_per_device)
   out = routed_experts(rows, row_weights, local_ids, experts, valid=valid,
                        implementation=dev.config.experts_implementation)
-  return jax.lax.psum_scatter(out, axes, scatter_dimension=0, tiled=True), None
+  return jax.lax.psum_scatter(out, axes, scatter_dimension=0, tiled=True), None, valid.sum(dtype=jnp.int32)
 
 
 def _capacity(x, weights, expert_ids, experts, dev: _Device):
@@ -214,7 +216,7 @@ def _capacity(x, weights, expert_ids, experts, dev: _Device):
                        implementation=dev.config.experts_implementation)
   back = jax.lax.all_to_all(out.reshape(local, capacity, -1), axes, 0, 0).reshape(local * capacity, -1)
   y = jnp.zeros_like(x).at[token].add(back.at[destination].get(mode="fill", fill_value=0))
-  return y, jnp.sum(on_node & ~keep).astype(jnp.int32)
+  return y, jnp.sum(on_node & ~keep).astype(jnp.int32), valid.sum(dtype=jnp.int32)
 
 
 def _ragged(x, weights, expert_ids, experts, dev: _Device):
@@ -252,7 +254,7 @@ def _ragged(x, weights, expert_ids, experts, dev: _Device):
                        implementation=dev.config.experts_implementation)
   back = jax.lax.ragged_all_to_all(out, jnp.zeros((t * k, x.shape[1]), x.dtype), recv_offsets, recv_sizes,
                                    offsets_at_sender, send_sizes, axis_name=axes)
-  return jnp.zeros_like(x).at[token].add(back), None
+  return jnp.zeros_like(x).at[token].add(back), None, recv_sizes.sum(dtype=jnp.int32)
 
 
 _EXCHANGE_FNS = {"fixed": _fixed, "ring": _ring, "capacity": _capacity, "ragged": _ragged}
@@ -270,22 +272,40 @@ def _device_step(x, weights, expert_ids, experts, *, config: MoEConfig, layout: 
   if node_axes:
     x, weights, expert_ids = (jax.lax.all_gather(a, node_axes, axis=0, tiled=True) for a in (x, weights, expert_ids))
   node = jax.lax.axis_index(node_axes) if node_axes else 0
-  y, dropped = _EXCHANGE_FNS[exchange](x, weights, expert_ids, experts, _Device(config, layout, node))
+  y, dropped, received = _EXCHANGE_FNS[exchange](x, weights, expert_ids, experts, _Device(config, layout, node))
   if node_axes:
     y = jax.lax.psum_scatter(y, node_axes, scatter_dimension=0, tiled=True)
   if layout.tensor_axes:
     y = jax.lax.psum(y, layout.tensor_axes)
   dropped = jnp.zeros((), jnp.int32) if dropped is None else jax.lax.psum(dropped, layout.batch_axes)
-  return y, dropped
+  # Device p's count at entry p, summed over the batch axes: replicas of one expert device (batch axes without
+  # experts) each computed their own tokens.
+  me = jax.nn.one_hot(jax.lax.axis_index(layout.expert_axes), layout.num_devices, dtype=jnp.int32)
+  return y, dropped, jax.lax.psum(me * received, layout.batch_axes)
+
+
+class ExpertParallelOutput(NamedTuple):
+  """What one expert-parallel layer returns.
+
+  Attributes:
+    y: [T, D] the routed experts' output.
+    dropped: [] assignments the capacity exchange dropped over the whole batch (0 for dropless exchanges).
+    received: [P] assignments each expert device computed, counted from what the exchange delivered to it (so
+      capacity drops are not counted), summed over the whole batch: the device load the step waits for.
+  """
+
+  y: jax.Array
+  dropped: jax.Array
+  received: jax.Array
 
 
 def expert_parallel_experts(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, experts: ExpertWeights, *,
                             config: MoEConfig, layout: ExpertParallelLayout,
-                            exchange: str | None = None) -> tuple[jax.Array, jax.Array]:
-  """Routed experts under expert parallelism: x [T, D], weights / expert_ids [T, K] -> (y [T, D], dropped []).
+                            exchange: str | None = None) -> ExpertParallelOutput:
+  """Routed experts under expert parallelism: x [T, D], weights / expert_ids [T, K] -> (y, dropped, received).
 
-  Equals `routed_experts` (dropless exchanges) on one device. `exchange` overrides `exchange_for`; `dropped`
-  counts the assignments the capacity exchange dropped over the whole batch.
+  Equals `routed_experts` (dropless exchanges) on one device. `exchange` overrides `exchange_for`; see
+  `ExpertParallelOutput` for the counts.
   """
   chex.assert_rank(x, 2)
   chex.assert_equal_shape([weights, expert_ids])
@@ -303,5 +323,6 @@ def expert_parallel_experts(x: jax.Array, weights: jax.Array, expert_ids: jax.Ar
   ep, tp = layout.expert_axes, layout.tensor_axes or None
   expert_specs = ExpertWeights(PartitionSpec(ep, None, tp), PartitionSpec(ep, None, tp), PartitionSpec(ep, tp, None))
   body = functools.partial(_device_step, config=config, layout=layout, exchange=exchange)
-  return jax.shard_map(body, mesh=layout.mesh, in_specs=(tokens, tokens, tokens, expert_specs),
-                       out_specs=(tokens, PartitionSpec()), check_vma=True)(x, weights, expert_ids, experts)
+  return ExpertParallelOutput(*jax.shard_map(
+      body, mesh=layout.mesh, in_specs=(tokens, tokens, tokens, expert_specs),
+      out_specs=(tokens, PartitionSpec(), PartitionSpec()), check_vma=True)(x, weights, expert_ids, experts))
