@@ -1,11 +1,13 @@
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pangu.nn import moe
+from pangu.parallel import cpu_mesh, rules
 
 # One compiled program per call instead of one per primitive: eager dispatch compiles every op separately.
 moge_route = jax.jit(moe.moge_route, static_argnames=("num_groups", "k_per_group"))
@@ -117,6 +119,38 @@ def test_balance_loss_formula_uniform_value_and_gradient():
   uniform_ids = np.arange(t * k).reshape(t, k) % n
   uniform = jnp.full((t, n), 1 / n)
   np.testing.assert_allclose(balance_loss(uniform, jnp.asarray(uniform_ids), top_k=k), 1.0, rtol=1e-6)
+
+
+def test_balance_loss_per_token_group_is_the_mean_of_each_groups_loss():
+  t, n, k, groups = 24, 6, 2, 3
+  rng = np.random.default_rng(2)
+  scores = _softmax(rng.normal(size=(t, n)))
+  ids = np.argsort(rng.random((t, n)), axis=1)[:, :k]
+
+  def one_group(s, i):
+    return np.sum(n / (k * len(s)) * np.bincount(i.reshape(-1), minlength=n) * s.mean(0))
+
+  want = np.mean([one_group(s, i) for s, i in zip(np.split(scores, groups), np.split(ids, groups))])
+  got = jax.jit(moe.balance_loss, static_argnames=("top_k", "token_groups"))(
+      jnp.asarray(scores, jnp.float32), jnp.asarray(ids), top_k=k, token_groups=groups)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  with pytest.raises(ValueError, match="do not split into token_groups=5"):
+    moe.balance_loss(jnp.asarray(scores), jnp.asarray(ids), top_k=k, token_groups=5)
+
+
+@pytest.mark.parametrize("scope, axes, want", [
+    ("global_batch", dict(data=2, expert=4), 1), ("ep_group", dict(data=2, expert=4), 2),
+    ("microbatch", dict(data=2, expert=4), 8), ("ep_group", dict(expert=8), 1), ("microbatch", dict(data=8), 8)])
+def test_balance_scope_token_groups_follow_the_mesh(scope, axes, want):
+  config = moe.MoEConfig(num_experts=8, top_k=2, expert_dim=4, router="topk", balance_scope=scope)
+  with jax.set_mesh(cpu_mesh(**axes)), nn.logical_axis_rules(rules.DEFAULT_RULES):
+    assert moe.balance_token_groups(config) == want
+  assert moe.balance_token_groups(config) == 1  # no mesh: one group
+
+
+def test_unknown_balance_scope_is_named():
+  with pytest.raises(ValueError, match="balance_scope"):
+    moe.MoEConfig(num_experts=8, top_k=2, expert_dim=4, balance_scope="device")
 
 
 def test_group_local_scores_and_z_loss():

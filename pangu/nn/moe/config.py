@@ -12,6 +12,7 @@ from pangu.config_checks import one_of, positive_ints
 Router = Literal["topk", "group_limited", "moge"]
 Dispatch = Literal["dropless", "capacity"]
 AuxScores = Literal["global", "group_local"]
+BalanceScope = Literal["microbatch", "ep_group", "global_batch"]
 ExpertsImplementation = Literal["auto", "ragged", "blocked", "dense", "selected"]
 ExpertStorage = Literal["device", "host"]
 RoutingImplementation = Literal["auto", "xla", "pallas"]
@@ -19,6 +20,7 @@ RoutingImplementation = Literal["auto", "xla", "pallas"]
 ROUTERS = ("topk", "group_limited", "moge")
 DISPATCHES = ("dropless", "capacity")
 AUX_SCORES = ("global", "group_local")
+BALANCE_SCOPES = ("microbatch", "ep_group", "global_batch")
 EXPERTS_IMPLEMENTATIONS = ("auto", "ragged", "blocked", "dense", "selected")
 EXPERT_STORAGES = ("device", "host")
 ROUTING_IMPLEMENTATIONS = ("auto", "xla", "pallas")
@@ -45,6 +47,10 @@ class MoEConfig:
     aux_loss_coef: alpha of the batch-level balance loss alpha * sum_i f_i p_i (spec: 1e-2).
     aux_scores: the p_i of that loss from the `global` softmax over N (the paper's choice) or a `group_local`
       softmax inside each group (the paper's ablation).
+    balance_scope: the tokens over which f_i and p_i of that loss are taken, averaging the loss over the groups:
+      `global_batch`, every token of the step's call (all devices; Pro MoE's batch-level loss); `ep_group`, the
+      tokens of one expert-parallel group (Ultra MoE's EP-group loss; the formula is our reading of the spec);
+      `microbatch`, each device's own tokens. See `pangu.nn.moe.parallel.balance_token_groups`.
     router_z_loss_coef: coefficient of the router z-loss mean(logsumexp(logits)^2) (ST-MoE).
     dispatch: `dropless` sorts tokens by expert and runs a grouped matmul; `capacity` gives each expert
       (or, under expert parallelism, each device) ceil(capacity_factor * assignments / buckets) slots and drops
@@ -74,6 +80,7 @@ class MoEConfig:
   router_scale: bool = False
   aux_loss_coef: float = 1e-2
   aux_scores: AuxScores = "global"
+  balance_scope: BalanceScope = "global_batch"
   router_z_loss_coef: float = 0.0
   dispatch: Dispatch = "dropless"
   capacity_factor: float = 1.25
@@ -85,6 +92,7 @@ class MoEConfig:
   def __post_init__(self):
     positive_ints(self, "num_experts", "top_k", "expert_dim", "num_groups")
     for name, allowed in (("router", ROUTERS), ("dispatch", DISPATCHES), ("aux_scores", AUX_SCORES),
+                          ("balance_scope", BALANCE_SCOPES),
                           ("experts_implementation", EXPERTS_IMPLEMENTATIONS),
                           ("expert_storage", EXPERT_STORAGES), ("routing_implementation", ROUTING_IMPLEMENTATIONS)):
       one_of(self, name, allowed)

@@ -81,6 +81,33 @@ def _mesh_axes(logical: str, logical_rules: rules.LogicalRules) -> Axes:
   return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
+def _used_axes(logical: str, mesh, logical_rules: rules.LogicalRules) -> Axes:
+  """The mesh axes (of size > 1) a logical axis maps to."""
+  return tuple(a for a in _mesh_axes(logical, logical_rules) if mesh.shape[a] > 1)
+
+
+def balance_token_groups(config: MoEConfig) -> int:
+  """How many contiguous token groups the balance loss averages over (`MoEConfig.balance_scope`), under the
+  active mesh and logical rules: 1 for `global_batch` or without a mesh; for `microbatch`, one group per batch
+  shard (each device's tokens); for `ep_group`, one per expert-parallel group, the batch shards along the batch
+  axes that hold no experts. The batch axis is split major-to-minor over its mesh axes, so those axes must come
+  before the expert axes for an EP group's tokens to be contiguous.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  logical_rules = nn.get_logical_axis_rules()
+  if config.balance_scope == "global_batch" or mesh.empty or not logical_rules:
+    return 1
+  batch_axes = _used_axes(rules.BATCH, mesh, logical_rules)
+  if config.balance_scope == "microbatch":
+    return math.prod(mesh.shape[a] for a in batch_axes)
+  expert_axes = _used_axes(rules.EXPERT, mesh, logical_rules)
+  outer = tuple(a for a in batch_axes if a not in expert_axes)
+  if batch_axes[:len(outer)] != outer:
+    raise ValueError(f"balance_scope='ep_group' needs the batch's mesh axes without experts {outer} before the "
+                     f"expert axes {expert_axes} in the batch axes {batch_axes}")
+  return math.prod(mesh.shape[a] for a in outer)
+
+
 def current_layout(config: MoEConfig) -> ExpertParallelLayout | None:
   """The expert-parallel layout under the active mesh and logical rules, or None without expert parallelism.
 
@@ -91,7 +118,7 @@ def current_layout(config: MoEConfig) -> ExpertParallelLayout | None:
   logical_rules = nn.get_logical_axis_rules()
   if mesh.empty or not logical_rules:
     return None
-  used = lambda logical: tuple(a for a in _mesh_axes(logical, logical_rules) if mesh.shape[a] > 1)
+  used = lambda logical: _used_axes(logical, mesh, logical_rules)
   expert_axes = used(rules.EXPERT)
   if not expert_axes:
     return None

@@ -149,17 +149,23 @@ def imbalance_score(expert_ids: jax.Array, *, num_experts: int, num_devices: int
   return (load.max() - load.min()) / expert_ids.shape[0]
 
 
-def balance_loss(scores: jax.Array, expert_ids: jax.Array, *, top_k: int) -> jax.Array:
-  """Batch-level balance loss sum_i f_i p_i, without the coefficient alpha.
+def balance_loss(scores: jax.Array, expert_ids: jax.Array, *, top_k: int, token_groups: int = 1) -> jax.Array:
+  """Balance loss sum_i f_i p_i, without the coefficient alpha, averaged over `token_groups` contiguous groups.
 
-  f_i = N / (K |B|) * (assignments to expert i), p_i = (1 / |B|) sum_t S_{i,t}, over every token of the batch
-  (under jit with sharded arrays the means are already global). K is the total experts per token, not K'.
-  Gradients flow through p only. Uniform routing gives f_i = 1, p_i = 1 / N, so the loss is 1.
+  Per group B of tokens: f_i = N / (K |B|) * (assignments to expert i), p_i = (1 / |B|) sum_{t in B} S_{i,t}.
+  One group is Pro MoE's batch-level loss over every token (under jit with sharded arrays the means are already
+  global); more groups balance each group on its own (EP group, device). K is the total experts per token, not
+  K'. Gradients flow through p only. Uniform routing gives f_i = 1, p_i = 1 / N, so the loss is 1.
   """
   t, n = scores.shape
-  f = jax.lax.stop_gradient(expert_load(expert_ids, num_experts=n)) * n / (top_k * t)
-  p = scores.mean(axis=0)
-  return jnp.sum(f * p)
+  if t % token_groups:
+    raise ValueError(f"balance_loss: {t} tokens do not split into token_groups={token_groups} equal groups")
+  size = t // token_groups
+  ids = expert_ids.reshape(token_groups, -1)
+  counts = jax.vmap(lambda group: expert_load(group, num_experts=n))(ids)
+  f = jax.lax.stop_gradient(counts) * n / (top_k * size)
+  p = scores.reshape(token_groups, size, n).mean(axis=1)
+  return jnp.mean(jnp.sum(f * p, axis=-1))
 
 
 def router_z_loss(logits: jax.Array) -> jax.Array:
