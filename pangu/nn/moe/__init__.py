@@ -13,9 +13,9 @@ from pangu.nn.moe.routing import (balance_loss, balance_scores, device_load, exp
 
 __all__ = [
     "MOE_COLLECTION", "ExpertParallelLayout", "ExpertParallelOutput", "ExpertSort", "ExpertWeights", "MoEConfig",
-    "MoEFeedForward", "balance_loss", "balance_scores", "balance_token_groups", "bucket_capacity", "capacity_experts", "capacity_slots", "current_layout",
-    "device_load", "exchange_for", "expert_load", "expert_parallel_experts", "group_limited_route",
-    "grouped_swiglu", "imbalance_score", "moe_metrics", "moge_route", "pallas_moge_route",
+    "MoEFeedForward", "balance_loss", "balance_scores", "balance_token_groups", "bucket_capacity", "capacity_experts",
+    "capacity_slots", "current_layout", "device_load", "exchange_for", "expert_load", "expert_parallel_experts",
+    "group_limited_route", "grouped_swiglu", "imbalance_score", "moe_metrics", "moge_route", "pallas_moge_route",
     "resolve_routing_implementation", "route", "routed_experts", "router_z_loss", "sort_by_expert", "topk_route",
     "use_hierarchical_dispatch",
 ]
