@@ -238,29 +238,19 @@ def transfer_bytes(systems: dict, new_tokens: int, table_format: str) -> dict:
 
 def distinct_experts_per_step(config, params, prompts: list, new_tokens: int) -> float:
   """Distinct experts a decode step selects, summed over layers and averaged over steps, from the routing of the
-  decoded tokens (the full forward over prompt + output routes every position as the cached decode did).
-  params: unrolled layers (the decode layout)."""
+  decoded tokens (the full forward over prompt + output routes every position as the cached decode did)."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from pangu import infer, models
-  from pangu.nn.moe import route
 
   gen = infer.GenerationConfig(max_new_tokens=new_tokens)
   outputs = infer.generate(config, params, prompts, gen, jax.random.key(0))
-  sequences = jnp.asarray([p + o.tolist() for p, o in zip(prompts, outputs)])
-  _, captured = models.Decoder(config).apply(
-      {"params": params}, sequences, capture_intermediates=lambda m, _: m.name == "pre_mlp_norm",
-      mutable=["intermediates", "moe"])
-  loaded, steps = 0, 0
-  for i in range(config.n_layers):
-    u = captured["intermediates"][f"layer_{i}"]["pre_mlp_norm"]["__call__"][0]
-    logits = jnp.einsum("bsd,dn->bsn", u, params[f"layer_{i}"]["moe"]["router"])
-    _, ids = route(logits.reshape(-1, logits.shape[-1]), config.moe)
-    ids = np.asarray(ids).reshape(len(prompts), -1, config.moe.top_k)[:, len(prompts[0]):-1]  # decode inputs
+  sequences = np.asarray([p + o.tolist() for p, o in zip(prompts, outputs)], np.int32)
+  loaded = 0
+  for ids in models.routed_expert_ids(config, params, sequences).values():
+    ids = np.asarray(ids)[:, len(prompts[0]):-1]  # the inputs of the decode steps
     loaded += sum(len(np.unique(ids[:, t])) for t in range(ids.shape[1]))
-    steps = ids.shape[1]
-  return loaded / steps
+  return loaded / ids.shape[1]
 
 
 def describe_systems(systems: dict, transfer: dict, table_format: str, new_tokens: int, link_gb_per_s: float

@@ -27,6 +27,8 @@ EXPERIMENTS = (
     ("mole", "MoLE: lookup experts vs dense and offloaded MoE, table exactness and decode latency.", 420),
     ("pruning", "SlimLLM: structured pruning at 20 % and 50 % against magnitude, Wanda-sp, FLAP, Taylor and layer "
                 "drop; perplexity without tuning, parameters and prefill speed-up.", 420),
+    ("balance_scope", "Pangu Ultra MoE: the balance loss over each device, each EP group or the global batch; "
+                      "balance per EP group and expert specialisation per text domain.", 150),
     ("simulate_ascend", "Pangu Ultra MoE / Pro MoE: the calibrated performance simulator and the papers' layouts.",
      60),
     ("bench_moe_layer", "MoE layer step time per dispatch and exchange (benchmark, no paper claim).", 120),

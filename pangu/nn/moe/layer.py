@@ -118,7 +118,8 @@ class MoEFeedForward(nn.Module):
     n = cfg.num_experts
     values = {
         "aux_loss": cfg.aux_loss_coef * routing.balance_loss(
-            scores, expert_ids, top_k=cfg.top_k, token_groups=parallel.balance_token_groups(cfg)),
+            scores, expert_ids, top_k=cfg.top_k,
+            token_groups=1 if self.is_initializing() else parallel.balance_token_groups(cfg)),
         "router_z_loss": cfg.router_z_loss_coef * routing.router_z_loss(logits),
         "imbalance_score": routing.imbalance_score(expert_ids, num_experts=n, num_devices=num_devices),
         "dropped": dropped,
