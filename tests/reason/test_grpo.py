@@ -9,7 +9,7 @@ import pytest
 from pangu import models
 from pangu.infer.decoding import GenerationConfig
 from pangu.models.transformer import Decoder
-from pangu.parallel import single_device_mesh
+from pangu.parallel import cpu_mesh
 from pangu.reason.grpo import (GRPO_BATCH_AXES, GRPOConfig, fill_groups, group_advantages, grpo_loss,
                                grpo_objective, k3_kl, pack_rollouts, sample_groups, sequence_logprobs_fn,
                                token_logprobs, truncated_importance_weights)
@@ -183,12 +183,13 @@ def test_config_errors_name_the_field(kwargs, field):
     GRPOConfig(**kwargs)
 
 
-@pytest.mark.slow  # compiles generation and a train step
+@pytest.mark.slow  # compiles generation and a sharded train step
 def test_grpo_loss_in_the_shared_train_step_on_sampled_groups():
+  """Groups sampled by the decode engine, packed, and trained on by the jitted step sharded over 8 devices."""
   model = models.tiny()
   config = GRPOConfig(num_generations=4, beta=0.04)
   train = TrainConfig(peak_lr=1e-3, warmup_steps=1, total_steps=4)
-  mesh = single_device_mesh()
+  mesh = cpu_mesh(data=4, fsdp=2)
   state = init_train_state(model, train, jax.random.key(0), mesh)
   params = jax.device_get(state.params)
   prompts = [[1, 2, 3], [4, 5]]
