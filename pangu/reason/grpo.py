@@ -15,7 +15,9 @@ Dimension letters: B rows (groups x G), S tokens, V vocab, N groups, G generatio
    (DAPO dynamic sampling), up to `max_gen_batches`.
 
 `grpo_loss(model_config, grpo_config)` is a `pangu.train.losses.LossFn` over `GRPO_BATCH_AXES`; pass both to
-`pangu.train.step.make_train_step(loss_fn=, batch_axes=)`, which jits and shards it like any other loss.
+`pangu.train.step.make_train_step(loss_fn=, batch_axes=)`, which jits and shards it like any other loss. The data
+path: `sample_groups` (decode engine) -> rewards (`pangu.reason.rewards.MARS`) -> `fill_groups` -> `pack_rollouts`
+-> log-probs (`sequence_logprobs_fn`: behaviour, reference, proximal) -> `grpo_batch`.
 """
 
 import dataclasses
@@ -196,6 +198,36 @@ def pack_rollouts(prompts: Sequence[Sequence[int]], completions: Sequence[Sequen
     rows[row, :len(tokens)] = tokens
     mask[row, len(prompt) - 1:len(tokens) - 1] = 1.0  # targets that are completion tokens
   return {"inputs": rows[:, :-1], "targets": rows[:, 1:], "mask": mask}
+
+
+def grpo_batch(packed: dict[str, np.ndarray], rewards: np.ndarray, behaviour_logp: np.ndarray,
+               ref_logp: np.ndarray, config: GRPOConfig, *, prox_logp: np.ndarray | None = None) -> Batch:
+  """The train-step batch (GRPO_BATCH_AXES) from `pack_rollouts` rows (group-major: row n * G + g) and the
+  rewards [N, G].
+
+  Off-policy correction: by default the ratio is taken against the behaviour log-probs (`old_logp`) with unit
+  weights. With `prox_logp` (the learner's log-probs before this step; AReaL's decoupled objective) the ratio is
+  clipped against pi_prox and each token is weighted by min(exp(logp_prox - logp_behaviour), c). When the sample
+  is on-policy (prox == behaviour) both are the same batch.
+  """
+  rewards = np.asarray(rewards, np.float32)
+  rows = packed["inputs"].shape[0]
+  if rewards.ndim != 2 or rewards.shape[1] != config.num_generations or rewards.size != rows:
+    raise ValueError(f"rewards of shape {rewards.shape} do not match {rows} rows in groups of "
+                     f"{config.num_generations}")
+  for name, value in (("behaviour_logp", behaviour_logp), ("ref_logp", ref_logp), ("prox_logp", prox_logp)):
+    if value is not None and np.shape(value) != packed["mask"].shape:
+      raise ValueError(f"{name} has shape {np.shape(value)}, expected {packed['mask'].shape}")
+  advantages = np.asarray(group_advantages(jnp.asarray(rewards), done_right=config.done_right,
+                                           eps=config.advantage_eps)).reshape(-1)
+  if prox_logp is None:
+    old_logp, is_weight = behaviour_logp, np.ones(packed["mask"].shape, np.float32)
+  else:
+    old_logp = prox_logp
+    is_weight = np.asarray(truncated_importance_weights(jnp.asarray(prox_logp), jnp.asarray(behaviour_logp),
+                                                        config.importance_weight_cap))
+  return {**packed, "old_logp": np.asarray(old_logp, np.float32), "ref_logp": np.asarray(ref_logp, np.float32),
+          "is_weight": np.asarray(is_weight, np.float32), "advantages": advantages.astype(np.float32)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pangu import models
 from pangu.infer.decoding import GenerationConfig
 from pangu.models.transformer import Decoder
 from pangu.parallel import cpu_mesh
-from pangu.reason.grpo import (GRPO_BATCH_AXES, GRPOConfig, fill_groups, group_advantages, grpo_loss,
+from pangu.reason.grpo import (GRPO_BATCH_AXES, GRPOConfig, fill_groups, group_advantages, grpo_batch, grpo_loss,
                                grpo_objective, k3_kl, pack_rollouts, sample_groups, sequence_logprobs_fn,
                                token_logprobs, truncated_importance_weights)
 from pangu.train.config import TrainConfig
@@ -176,6 +176,26 @@ def test_pack_rollouts_masks_completion_targets():
     pack_rollouts([[1, 2, 3]], [[4, 5, 6, 7]], seq_len=5)
 
 
+def test_grpo_batch_assembles_advantages_and_off_policy_weights():
+  packed = pack_rollouts([[1]] * 4, [[2, 3]] * 4, seq_len=3)
+  rewards = np.array([[1.0, 0.0], [0.0, 0.0]])
+  rng = np.random.default_rng(7)
+  behaviour, ref, prox = (np.log(rng.uniform(0.1, 0.9, (4, 3))) for _ in range(3))
+  config = GRPOConfig(num_generations=2)
+  on_policy = grpo_batch(packed, rewards, behaviour, ref, config)
+  np.testing.assert_allclose(on_policy["advantages"], reference_advantages(rewards).reshape(-1), rtol=1e-5)
+  np.testing.assert_array_equal(on_policy["is_weight"], 1.0)
+  np.testing.assert_allclose(on_policy["old_logp"], behaviour, rtol=1e-6)
+  decoupled = grpo_batch(packed, rewards, behaviour, ref, config, prox_logp=prox)
+  np.testing.assert_allclose(decoupled["is_weight"], np.minimum(np.exp(prox - behaviour), 2.0), rtol=1e-5)
+  np.testing.assert_allclose(decoupled["old_logp"], prox, rtol=1e-6)
+  same = grpo_batch(packed, rewards, behaviour, ref, config, prox_logp=behaviour)
+  assert all(np.allclose(same[key], on_policy[key]) for key in on_policy)  # on-policy: both options agree
+  assert set(on_policy) == set(GRPO_BATCH_AXES)
+  with pytest.raises(ValueError, match="rewards of shape"):
+    grpo_batch(packed, rewards.reshape(1, 4), behaviour, ref, config)
+
+
 @pytest.mark.parametrize("kwargs, field", [({"num_generations": 1}, "num_generations"), ({"epsilon": 1.5}, "epsilon"),
                                            ({"aggregation": "sum"}, "aggregation"), ({"beta": -1}, "beta")])
 def test_config_errors_name_the_field(kwargs, field):
@@ -199,8 +219,7 @@ def test_grpo_loss_in_the_shared_train_step_on_sampled_groups():
   packed = pack_rollouts([p for p in prompts for _ in range(4)], [c for g in groups for c in g], seq_len=10)
   logprobs = sequence_logprobs_fn(model)
   old = np.asarray(logprobs(params, packed["inputs"], packed["targets"]))
-  batch = {**packed, "old_logp": old, "ref_logp": old, "is_weight": np.ones_like(old),
-           "advantages": np.asarray(group_advantages(jnp.asarray(rewards))).reshape(-1).astype(np.float32)}
+  batch = grpo_batch(packed, rewards, old, old, config)
   logits = np.asarray(Decoder(model).apply({"params": params}, packed["inputs"]), np.float64)
   log_softmax = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)
