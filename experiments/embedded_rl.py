@@ -22,6 +22,7 @@ Writes <results_dir>/embedded_rl.json: {"before", "after", "scheduler": {s: {"id
 embedded_rl.md.
 """
 
+import functools
 import os
 import time
 
@@ -78,11 +79,11 @@ def make_generate(correct, difficulty, generations: int, token_ms: float, seed: 
   return generate
 
 
-def make_train(correct, generations: int, train_ms: float):
-  """The learner step: one GRPO update of the table on the rollouts (stale ones importance-weighted)."""
+@functools.cache
+def make_update(generations: int):
+  """The jitted GRPO update of the table (stale rollouts importance-weighted), compiled once per G."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
   from pangu.reason.grpo import GRPOConfig, group_advantages, grpo_objective, truncated_importance_weights
 
@@ -99,6 +100,17 @@ def make_train(correct, generations: int, train_ms: float):
                "advantages": group_advantages(rewards).reshape(-1)}
       return grpo_objective(logp, batch, config)[0]
     return params - LEARNING_RATE * jax.grad(loss)(params)
+
+  return update
+
+
+def make_train(correct, generations: int, train_ms: float):
+  """The learner step: one GRPO update on the rollouts, padded to `train_ms`; and the policy's expected accuracy."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  update = make_update(generations)
 
   def expected_accuracy(params) -> float:
     probs = jax.nn.softmax(params, axis=-1)
@@ -126,9 +138,12 @@ def run_setting(staleness: int, priority: str, seed: int, setup: dict) -> dict:
 
   correct, difficulty = make_task(seed)
   train, expected_accuracy = make_train(correct, setup["generations"], setup["train_ms"])
+  initial = jnp.zeros((PROMPTS, CHOICES))
+  warm_up = make_generate(correct, difficulty, setup["generations"], 0.0, seed)
+  train(initial, [warm_up(initial, 0, t) for t in range(setup["groups_per_step"])], 0)  # compile outside the run
   config = SchedulerConfig(staleness=staleness, groups_per_step=setup["groups_per_step"],
                            num_workers=setup["workers"], num_steps=setup["steps"], priority=priority)
-  result = run_scheduler(config, jnp.zeros((PROMPTS, CHOICES)),
+  result = run_scheduler(config, initial,
                          make_generate(correct, difficulty, setup["generations"], setup["token_ms"], seed), train)
   return {"idle_fraction": result.idle_fraction, "samples_per_s": result.samples_per_s,
           "final_reward": expected_accuracy(result.params), "wall_s": result.wall_s, "dropped": result.dropped,

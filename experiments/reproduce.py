@@ -28,7 +28,7 @@ EXPERIMENTS = (
     ("pruning", "SlimLLM: structured pruning at 20 % and 50 % against magnitude, Wanda-sp, FLAP, Taylor and layer "
                 "drop; perplexity without tuning, parameters and prefill speed-up.", 420),
     ("embedded_rl", "Pangu Embedded: the SSP scheduler with a priority queue under long-tail generation lengths "
-                    "(s = 0, 1, 2); before/after RL once the distilled student exists.", 70),
+                    "(s = 0, 1, 2); before/after RL once the distilled student exists.", 60),
     ("simulate_ascend", "Pangu Ultra MoE / Pro MoE: the calibrated performance simulator and the papers' layouts.",
      60),
     ("bench_moe_layer", "MoE layer step time per dispatch and exchange (benchmark, no paper claim).", 120),
