@@ -138,7 +138,7 @@ def test_hanging_evaluator_times_out(caplog):
   start = time.monotonic()
   with caplog.at_level(logging.WARNING, logger="pangu.reason.rewards"):
     reward = mars(RewardRequest("general", "q", "an answer", thinking="t"))
-  assert time.monotonic() - start < 2
+  assert time.monotonic() - start < 4  # the guard returns long before the 5 s sleep ends
   assert reward.task_reward == 0.0 and "timed out" in reward.reason and caplog.records
 
 

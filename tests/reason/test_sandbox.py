@@ -42,14 +42,14 @@ def test_infinite_loop_hits_the_cpu_limit_in_time():
   result = run_code("def double(x):\n  while True:\n    pass\n", DOUBLE_TESTS, time_limit_s=0.5)
   # On an idle machine RLIMIT_CPU fires after 1 s; on a loaded one the wall clock may come first.
   assert result.passed == 0 and ("CPU time limit" in result.reason or "wall-clock" in result.reason)
-  assert time.monotonic() - start < 1 + WALL_CLOCK_SLACK_S + 1
+  assert time.monotonic() - start < 1 + WALL_CLOCK_SLACK_S + 3  # contained in time, with room for a loaded host
 
 
 def test_sleeping_candidate_is_killed_by_the_wall_clock():
   start = time.monotonic()
   result = run_code("import time\ntime.sleep(60)", DOUBLE_TESTS, time_limit_s=0.5)
   assert result.passed == 0 and "wall-clock" in result.reason
-  assert time.monotonic() - start < 1 + WALL_CLOCK_SLACK_S + 1
+  assert time.monotonic() - start < 1 + WALL_CLOCK_SLACK_S + 3  # contained in time, with room for a loaded host
 
 
 @pytest.mark.parametrize("bomb", [
