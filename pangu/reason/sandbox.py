@@ -15,10 +15,11 @@ imports or evaluates it. The layers, outermost first:
    Modules outside PRELOADED_MODULES may then be unreadable to the child; those it imports before the drop.
 4. A fresh temporary directory as the working directory, owned by the child, removed afterwards.
 5. An audit hook (PEP 578) installed before the candidate runs: it refuses sockets, new processes (fork, exec,
-   subprocess, spawn, kill), ctypes, writes or deletions outside the temporary directory, reads under /proc and
-   /sys (other processes' environments), raw file descriptors, and frame / gc introspection. The hook is the only
-   network barrier where namespaces are not permitted; it is defence in depth, not a security boundary by itself
-   (native code could step around it, which is why ctypes is refused and layers 1-4 exist).
+   subprocess, spawn, kill), the ctypes and _posixsubprocess modules (native calls that skip those events), writes
+   or deletions outside the temporary directory, reads under /proc and /sys (other processes' environments), raw
+   file descriptors, and frame / gc introspection. The hook is the only network barrier where namespaces are not
+   permitted; it is defence in depth, not a security boundary by itself (native code could step around it, which
+   is why layers 1-4 exist).
 
 The runner reports over a duplicate of its stdout (the candidate's own stdout and stderr go to /dev/null) one JSON
 line tagged with a per-run nonce that lives only in the runner's locals, so a candidate printing a fake report is
@@ -62,7 +63,8 @@ _RUNNER = r'''
 import json, os, resource, sys
 
 def _main():
-  workdir, cpu_s, memory_bytes, fsize_bytes, drop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+  workdir, drop = sys.argv[1], sys.argv[5] == "1"
+  cpu_s, memory_bytes, fsize_bytes = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
   with open(os.path.join(workdir, "job.json")) as f:
     job = json.load(f)
   os.remove(os.path.join(workdir, "job.json"))
@@ -99,8 +101,8 @@ def _main():
   def hook(event, args):
     if event.startswith(refused_prefixes) or event in refused:
       raise PermissionError(f"sandbox refuses {event}")
-    if event == "import" and args[0] in ("ctypes", "_ctypes"):
-      raise PermissionError("sandbox refuses ctypes")
+    if event == "import" and args[0] in ("ctypes", "_ctypes", "_posixsubprocess"):
+      raise PermissionError(f"sandbox refuses importing {args[0]}")  # native calls that skip the audit events
     if event == "open":
       path, mode, flags = args
       if not isinstance(path, (str, bytes)):
@@ -236,8 +238,9 @@ def run_code(source: str, tests: Sequence[str], *, time_limit_s: float = 2.0, me
   """Runs `source`, then each test snippet in its namespace, in a fresh sandboxed interpreter.
 
   A test passes when its snippet runs without raising (typically `assert f(2) == 4`). `time_limit_s` is the CPU
-  limit (rounded up to whole seconds); the wall-clock kill comes WALL_CLOCK_SLACK_S after that many seconds. `memory_mb` caps the
-  child's address space. Tests are trusted (a syntax error in one is a ValueError); the candidate is not.
+  limit (rounded up to whole seconds); the wall-clock kill comes WALL_CLOCK_SLACK_S after that many seconds.
+  `memory_mb` caps the child's address space. Tests are trusted (a syntax error in one is a ValueError); the
+  candidate is not.
   """
   _check_args(source, tests, time_limit_s, memory_mb)
   total = len(tests)
