@@ -232,12 +232,13 @@ def grpo_batch(packed: dict[str, np.ndarray], rewards: np.ndarray, behaviour_log
 
 @dataclasses.dataclass(frozen=True)
 class FillStats:
-  """What `fill_groups` drew: generation batches, groups generated, zero-variance groups dropped, and groups
-  topped up from the dropped ones when `max_gen_batches` ran out."""
+  """What `fill_groups` drew: generation batches, groups generated, zero-variance groups dropped, groups topped up
+  from the dropped ones when `max_gen_batches` ran out, and informative groups left over past `num_groups`."""
   gen_batches: int
   generated: int
   dropped: int
   topped_up: int
+  surplus: int
 
   @property
   def drop_fraction(self) -> float:
@@ -278,5 +279,6 @@ def fill_groups(sample: Callable[[int], dict[str, np.ndarray]], num_groups: int,
                        f"num_groups={num_groups}")
     pool = {key: np.concatenate([pool[key], spare[key][:topped_up]]) for key in pool}
   stats = FillStats(gen_batches=gen_batches, generated=generated,
-                    dropped=sum(len(d["rewards"]) for d in dropped), topped_up=topped_up)
+                    dropped=sum(len(d["rewards"]) for d in dropped), topped_up=topped_up,
+                    surplus=max(0, len(pool["rewards"]) - num_groups))
   return _take(pool, np.arange(num_groups)), stats
