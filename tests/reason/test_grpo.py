@@ -154,9 +154,9 @@ def test_zero_variance_groups_are_dropped_and_refilled():
   groups, stats = fill_groups(_sampler(batches), 3, GRPOConfig())
   assert list(groups["group_id"]) == [1, 100, 102]
   assert (stats.gen_batches, stats.generated, stats.dropped, stats.topped_up, stats.surplus) == (2, 6, 3, 0, 0)
+  assert stats.drop_fraction == 0.5
   _, stats = fill_groups(_sampler([[[1, 0], [0, 1], [1, 0]]]), 2, GRPOConfig())
   assert stats.surplus == 1
-  assert stats.drop_fraction == 0.5
 
 
 def test_refill_stops_at_max_gen_batches_and_tops_up():
