@@ -29,6 +29,8 @@ EXPERIMENTS = (
                 "drop; perplexity without tuning, parameters and prefill speed-up.", 420),
     ("balance_scope", "Pangu Ultra MoE: the balance loss over each device, each EP group or the global batch; "
                       "balance per EP group and expert specialisation per text domain.", 150),
+    ("embedded_rl", "Pangu Embedded: the SSP scheduler with a priority queue under long-tail generation lengths "
+                    "(s = 0, 1, 2); before/after RL once the distilled student exists.", 60),
     ("simulate_ascend", "Pangu Ultra MoE / Pro MoE: the calibrated performance simulator and the papers' layouts.",
      60),
     ("bench_moe_layer", "MoE layer step time per dispatch and exchange (benchmark, no paper claim).", 120),

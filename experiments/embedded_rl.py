@@ -1,0 +1,274 @@
+"""Pangu Embedded RL: the latency-tolerant scheduler under long-tail generation lengths.
+
+  python -m experiments.embedded_rl --quick
+
+Spec shared/specs/pangu_embedded.md sections 3f and 4.3 (arXiv 2505.22375). A tiny policy, a softmax table over
+answer choices per prompt, is trained with GRPO (`pangu.reason.grpo.grpo_objective`, truncated importance weights
+for stale rollouts) by the SSP scheduler (`pangu.reason.scheduler.run_scheduler`): worker threads generate groups
+whose latency is proportional to a long-tailed generation length (hard prompts write longer traces, plus a
+lognormal tail), the learner trains on `groups_per_step` groups per step. For s = 0 (synchronous), 1 and 2, with
+the reward-variance priority and with FIFO, it records the learner's idle fraction, samples trained per second and
+the final reward (the policy's expected accuracy over all prompts after the last step), over several seeds.
+
+The before/after-RL section (accuracy per task type of the distilled student of Pangu Embedded I, before and after
+GRPO with MARS) needs that student; until it lands, "before" and "after" say so and no claim is made about them.
+
+Paper's prediction under test: the latency-tolerant scheduler cuts idle time (about 30 %, secondary source)
+without hurting the reward curve. Goal: s = 1 or 2 reduces idle time by >= 25 % vs s = 0 at an equal or better
+final reward.
+
+Writes <results_dir>/embedded_rl.json: {"before", "after", "scheduler": {s: {"idle_fraction", "samples_per_s",
+"final_reward", ...}}, "claims", "setup"}, embedded_rl.png (reward vs step and vs time; idle fraction per s) and
+embedded_rl.md.
+"""
+
+import functools
+import os
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+from absl import app, flags  # noqa: E402
+
+from experiments import common  # noqa: E402
+
+_STEPS = flags.DEFINE_integer("steps", None, "Learner steps per run.", lower_bound=1)
+_SEEDS = flags.DEFINE_integer("seeds", None, "Runs per setting (seeds), for standard errors.", lower_bound=1)
+_WORKERS = flags.DEFINE_integer("workers", 8, "Rollout worker threads.", lower_bound=1)
+_GROUPS = flags.DEFINE_integer("groups_per_step", 4, "Groups (prompts) per learner step.", lower_bound=1)
+_GENERATIONS = flags.DEFINE_integer("generations", 8, "G, completions per prompt.", lower_bound=2)
+_TOKEN_MS = flags.DEFINE_float("token_ms", 0.03, "Simulated generation time per token (ms).", lower_bound=0)
+_TRAIN_MS = flags.DEFINE_float("train_ms", 25.0, "Simulated learner time per step (ms), on top of the update.",
+                               lower_bound=0)
+_STALENESS = flags.DEFINE_list("staleness", ["0", "1", "2"], "Staleness bounds s to sweep.")
+
+FULL = dict(steps=80, seeds=3)
+QUICK = dict(steps=30, seeds=2)
+PROMPTS, CHOICES, LEARNING_RATE = 8, 8, 8.0
+BASE_LENGTH, TAIL_SIGMA = 100, 1.0  # tokens at difficulty 1, lognormal tail of each generation's length
+IDLE_GOAL, REWARD_TOLERANCE = 0.25, 0.02
+PAPER = {"idle_reduction": 0.30}
+PRIORITIES = ("variance", "fifo")
+
+
+def make_task(seed: int):
+  """Prompts with a correct choice each and a difficulty 1..4 that scales their generation length."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, CHOICES, PROMPTS), rng.integers(1, 5, PROMPTS)
+
+
+def make_generate(correct, difficulty, generations: int, token_ms: float, seed: int):
+  """A worker's generation: G sampled choices for prompt ticket % PROMPTS, sleeping for its simulated latency."""
+  import numpy as np
+
+  from pangu.reason.scheduler import Rollout
+
+  def generate(params, version, ticket):
+    rng = np.random.default_rng((seed, ticket))
+    prompt = ticket % PROMPTS
+    logits = np.asarray(params)[prompt]
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    choices = rng.choice(CHOICES, size=generations, p=probs)
+    lengths = BASE_LENGTH * difficulty[prompt] * rng.lognormal(0.0, TAIL_SIGMA, generations)
+    time.sleep(token_ms * 1e-3 * float(lengths.max()))  # a group is done when its longest completion is
+    return Rollout(version=version, ticket=ticket, rewards=(choices == correct[prompt]).astype(np.float64),
+                   length=int(lengths.sum()), behaviour_logp=np.log(probs[choices]), payload=(prompt, choices))
+
+  return generate
+
+
+@functools.cache
+def make_update(generations: int):
+  """The jitted GRPO update of the table (stale rollouts importance-weighted), compiled once per G."""
+  import jax
+  import jax.numpy as jnp
+
+  from pangu.reason.grpo import GRPOConfig, group_advantages, grpo_objective, truncated_importance_weights
+
+  config = GRPOConfig(num_generations=generations, beta=0.0)
+
+  @jax.jit
+  def update(params, prompts, choices, rewards, behaviour_logp):
+    def loss(table):
+      logp = jnp.take_along_axis(jax.nn.log_softmax(table[prompts], axis=-1), choices, axis=-1).reshape(-1, 1)
+      prox = jax.lax.stop_gradient(logp)
+      batch = {"old_logp": prox, "ref_logp": prox, "mask": jnp.ones_like(logp),
+               "is_weight": truncated_importance_weights(prox, behaviour_logp.reshape(-1, 1),
+                                                         config.importance_weight_cap),
+               "advantages": group_advantages(rewards).reshape(-1)}
+      return grpo_objective(logp, batch, config)[0]
+    return params - LEARNING_RATE * jax.grad(loss)(params)
+
+  return update
+
+
+def make_train(correct, generations: int, train_ms: float):
+  """The learner step: one GRPO update on the rollouts, padded to `train_ms`; and the policy's expected accuracy."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  update = make_update(generations)
+
+  def expected_accuracy(params) -> float:
+    probs = jax.nn.softmax(params, axis=-1)
+    return float(jnp.mean(probs[jnp.arange(PROMPTS), correct]))
+
+  def train(params, rollouts, version):
+    start = time.perf_counter()
+    params = update(params, jnp.asarray([r.payload[0] for r in rollouts]),
+                    jnp.asarray(np.stack([r.payload[1] for r in rollouts])),
+                    jnp.asarray(np.stack([r.rewards for r in rollouts])),
+                    jnp.asarray(np.stack([r.behaviour_logp for r in rollouts]), jnp.float32))
+    jax.block_until_ready(params)
+    time.sleep(max(0.0, train_ms * 1e-3 - (time.perf_counter() - start)))
+    return params, {"batch_reward": float(np.mean([r.rewards.mean() for r in rollouts])),
+                    "accuracy": expected_accuracy(params)}
+
+  return train, expected_accuracy
+
+
+def run_setting(staleness: int, priority: str, seed: int, setup: dict) -> dict:
+  import jax.numpy as jnp
+  import numpy as np
+
+  from pangu.reason.scheduler import SchedulerConfig, run_scheduler
+
+  correct, difficulty = make_task(seed)
+  train, expected_accuracy = make_train(correct, setup["generations"], setup["train_ms"])
+  initial = jnp.zeros((PROMPTS, CHOICES))
+  warm_up = make_generate(correct, difficulty, setup["generations"], 0.0, seed)
+  train(initial, [warm_up(initial, 0, t) for t in range(setup["groups_per_step"])], 0)  # compile outside the run
+  config = SchedulerConfig(staleness=staleness, groups_per_step=setup["groups_per_step"],
+                           num_workers=setup["workers"], num_steps=setup["steps"], priority=priority)
+  result = run_scheduler(config, initial,
+                         make_generate(correct, difficulty, setup["generations"], setup["token_ms"], seed), train)
+  return {"idle_fraction": result.idle_fraction, "samples_per_s": result.samples_per_s,
+          "final_reward": expected_accuracy(result.params), "wall_s": result.wall_s, "dropped": result.dropped,
+          "generated": result.generated, "mean_staleness": float(np.mean([s for st in result.steps
+                                                                         for s in st.staleness])),
+          "reward_curve": [st.metrics["accuracy"] for st in result.steps],
+          "time_curve": [st.end_s for st in result.steps]}
+
+
+def summarise(runs: list[dict]) -> dict:
+  """Mean and standard error over seeds of the scalars; curves averaged step by step."""
+  import numpy as np
+  out = {}
+  for key in ("idle_fraction", "samples_per_s", "final_reward", "wall_s", "dropped", "generated", "mean_staleness"):
+    values = np.array([run[key] for run in runs], np.float64)
+    out[key] = float(values.mean())
+    out[f"{key}_se"] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+  for key in ("reward_curve", "time_curve"):
+    out[key] = np.mean([run[key] for run in runs], axis=0).tolist()
+  return out
+
+
+def scheduler_section(setup: dict) -> dict:
+  """{s: {the variance-priority run's summary, "fifo": the FIFO run's summary}}."""
+  section = {}
+  for s in setup["staleness"]:
+    per_priority = {}
+    for priority in PRIORITIES:
+      per_priority[priority] = summarise([run_setting(s, priority, seed, setup) for seed in range(setup["seeds"])])
+      summary = per_priority[priority]
+      print(f"s={s} {priority}: idle {summary['idle_fraction']:.3f}, {summary['samples_per_s']:.1f} samples/s, "
+            f"final reward {summary['final_reward']:.3f}", flush=True)
+    section[str(s)] = {**per_priority["variance"], "priority": "variance", "fifo": per_priority["fifo"]}
+  return section
+
+
+def idle_verdict(scheduler: dict) -> tuple[str, str]:
+  """The default (variance) priority: the best idle reduction of s = 1 or 2 vs s = 0 whose final reward is equal or
+  better (within REWARD_TOLERANCE); FIFO's figures are quoted beside it."""
+  if "0" not in scheduler or len(scheduler) < 2:
+    return "not reproduced", "needs s = 0 and some s > 0"
+
+  def reduction(run, base):
+    return 1 - run["idle_fraction"] / base["idle_fraction"] if base["idle_fraction"] > 0 else 0.0
+
+  base = scheduler["0"]
+  candidates = [(scheduler[s]["final_reward"] >= base["final_reward"] - REWARD_TOLERANCE,
+                 reduction(scheduler[s], base), s) for s in scheduler if s != "0"]
+  reward_ok, best, s = max(candidates)
+  fifo = ", ".join(f"s={t} -{reduction(scheduler[t]['fifo'], base['fifo']):.0%}" for t in scheduler if t != "0")
+  text = (f"s={s}: idle {base['idle_fraction']:.2f} -> {scheduler[s]['idle_fraction']:.2f} (-{best:.0%}), final "
+          f"reward {scheduler[s]['final_reward']:.3f} vs {base['final_reward']:.3f} at s=0; FIFO: {fifo}")
+  if reward_ok and best >= IDLE_GOAL:
+    return "reproduced", text
+  if reward_ok and best > 0 or best >= IDLE_GOAL:
+    return "partly", text + ("" if reward_ok else " (reward below s=0)")
+  return "not reproduced", text
+
+
+def claims(payload: dict) -> list[dict]:
+  """The scheduler claim (its verdict from the JSON); the RL-gain claim is added once "before" / "after" exist."""
+  status, text = idle_verdict(payload["scheduler"])
+  return [common.claim("Pangu Embedded", "The latency-tolerant scheduler (SSP + priority queue) cuts learner idle "
+                       "time without hurting the reward", f"about -{PAPER['idle_reduction']:.0%} idle (secondary); "
+                       f"goal -{IDLE_GOAL:.0%} at equal reward", text, status)]
+
+
+def plot(scheduler: dict) -> None:
+  fig, axes = common.new_figure(ncols=3, size=(4.5, 3.5))
+  for s, runs in scheduler.items():
+    for name, run, style in (("variance", runs, "-"), ("fifo", runs["fifo"], ":")):
+      axes[0, 0].plot(run["reward_curve"], style, label=f"s={s} {name}")
+      axes[0, 1].plot(run["time_curve"], run["reward_curve"], style, label=f"s={s} {name}")
+  labels = [f"s={s}\n{name}" for s in scheduler for name in PRIORITIES]
+  values = [run["idle_fraction"] for s in scheduler for run in (scheduler[s], scheduler[s]["fifo"])]
+  errors = [run["idle_fraction_se"] for s in scheduler for run in (scheduler[s], scheduler[s]["fifo"])]
+  axes[0, 2].bar(range(len(values)), values, yerr=errors)
+  axes[0, 2].set_xticks(range(len(values)), labels, fontsize=7)
+  axes[0, 0].set(xlabel="learner step", ylabel="expected accuracy", title="reward vs step")
+  axes[0, 1].set(xlabel="wall clock (s)", ylabel="expected accuracy", title="reward vs time")
+  axes[0, 2].set(ylabel="learner idle fraction", title="idle time (mean, s.e.)")
+  axes[0, 0].legend(fontsize=6)
+  common.save_figure(fig, "embedded_rl")
+
+
+def report_table(payload: dict) -> str:
+  rows = []
+  for s, runs in payload["scheduler"].items():
+    for name, run in (("variance", runs), ("fifo", runs["fifo"])):
+      rows.append({"s": s, "priority": name, "idle_fraction": run["idle_fraction"],
+                   "samples_per_s": run["samples_per_s"], "final_reward": run["final_reward"],
+                   "final_reward_se": run["final_reward_se"], "mean_staleness": run["mean_staleness"],
+                   "dropped": run["dropped"]})
+  columns = ["s", "priority", "idle_fraction", "samples_per_s", "final_reward", "final_reward_se", "mean_staleness",
+             "dropped"]
+  setup = payload["setup"]
+  parts = [f"Scheduler: {setup['steps']} learner steps x {setup['groups_per_step']} groups of {setup['generations']}, "
+           f"{setup['workers']} workers, {setup['seeds']} seeds, long-tail lengths (difficulty 1-4 x {BASE_LENGTH} "
+           f"tokens x lognormal sigma {TAIL_SIGMA}), {setup['token_ms']} ms/token, {setup['train_ms']} ms/step.",
+           common.format_table(rows, columns),
+           f"Before / after RL: {payload['before']['status']}",
+           "\n".join(f"- {c['claim']}: {c['ours']} -> **{c['verdict']}**" for c in payload["claims"])]
+  return "\n\n".join(parts)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  defaults = QUICK if common.QUICK.value else FULL
+  setup = {"steps": _STEPS.value or defaults["steps"], "seeds": _SEEDS.value or defaults["seeds"],
+           "workers": _WORKERS.value, "groups_per_step": _GROUPS.value, "generations": _GENERATIONS.value,
+           "token_ms": _TOKEN_MS.value, "train_ms": _TRAIN_MS.value,
+           "staleness": sorted({int(s) for s in _STALENESS.value})}
+  if setup["staleness"][0] != 0:
+    raise app.UsageError(f"--staleness must include 0 (the synchronous baseline), got {_STALENESS.value}")
+  pending = {"status": "pending: needs the distilled student of Pangu Embedded I (issue 18)"}
+  payload = {"before": pending, "after": pending, "scheduler": scheduler_section(setup),
+             "setup": {**setup, "prompts": PROMPTS, "choices": CHOICES, "learning_rate": LEARNING_RATE,
+                       "base_length": BASE_LENGTH, "tail_sigma": TAIL_SIGMA, "quick": common.QUICK.value,
+                       **common.machine_info()}}
+  payload["claims"] = claims(payload)
+  common.write_json("embedded_rl", payload)
+  plot(payload["scheduler"])
+  common.write_table("embedded_rl", report_table(payload))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Pangu Embedded: reasoning, distillation and RL (the spec in pangu_embedded.md)."""
