@@ -5,8 +5,12 @@
 Variants (spec pangu_ultra.md, section 4): (A) `pre`: Pre-LN + small init, the paper's baseline;
 (B) `sandwich`: post gains 1, TinyInit; (C) `depth_scaled_sandwich`: DSSN + TinyInit, the paper's method;
 (D) `dssn_small_init`: DSSN + small init, isolating TinyInit. Same data order, seeds, optimizer and schedule.
+A sweep then looks for the paper's regime: learning rates x depths x seeds (--sweep_lrs, --sweep_layers, --seeds),
+every variant at every point with the spike detector fixed beforehand (the train loop's, set on a pilot run).
 Writes results/sandwich_norm.json: {"variants": {name: {final_loss, val_loss, loss_spikes, grad_norm_spikes,
-max_grad_norm, diverged, ...}}, "setup": {...}} and sandwich_norm.png (loss and log grad norm per step).
+max_grad_norm, diverged, ...}}, "sweep": {lr: {variant: {"loss_spikes", "grad_norm_spikes", "diverged",
+"final_loss"}}} (each a list over "sweep_runs", the (layers, seed) of every run), "setup": {...}} and
+sandwich_norm.png (loss and log grad norm per step).
 """
 
 from absl import app, flags
@@ -20,11 +24,19 @@ _WIDTH = flags.DEFINE_integer("width", None, "Model width.", lower_bound=8)
 _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Sequence length.", lower_bound=8)
 _SEEDS = flags.DEFINE_integer("seeds", None, "Seeds per variant (different init and data order).", lower_bound=1)
 _VARIANTS = flags.DEFINE_list("variants", None, "Variants to run.")
+_SWEEP_LRS = flags.DEFINE_list("sweep_lrs", None, "Peak learning rates of the sweep.")
+_SWEEP_LAYERS = flags.DEFINE_list("sweep_layers", None, "Depths of the sweep.")
+_SWEEP_STEPS = flags.DEFINE_integer("sweep_steps", None, "Steps per sweep run.", lower_bound=1)
 
 # Unset flags take these; --quick is sized for `make repro` on 2 cores.
 FULL = dict(steps=600, lr=3e-2, layers=32, width=64, seq_len=128, seeds=2,
-            variants=["pre", "sandwich", "depth_scaled_sandwich", "dssn_small_init"])
-QUICK = dict(FULL, steps=100, width=32, seq_len=64, seeds=1, variants=["pre", "sandwich", "depth_scaled_sandwich"])
+            variants=["pre", "sandwich", "depth_scaled_sandwich", "dssn_small_init"],
+            sweep_lrs=["3e-3", "1e-2", "3e-2", "1e-1"], sweep_layers=["16", "32"], sweep_steps=300)
+QUICK = dict(FULL, steps=100, width=32, seq_len=64, seeds=1, variants=["pre", "sandwich", "depth_scaled_sandwich"],
+             sweep_layers=["8"], sweep_steps=40)
+SWEEP_VARIANTS = ("pre", "sandwich", "depth_scaled_sandwich")
+SWEEP_SEEDS = 2
+SWEEP_METRICS = ("loss_spikes", "grad_norm_spikes", "diverged", "final_loss")
 
 VARIANTS = {
     "pre": dict(norm_placement="pre", init="small"),
@@ -96,7 +108,46 @@ def claims(payload: dict) -> list[dict]:
           f"{dssn['final_loss']:.3f} ({payload['setup']['layers']} layers, lr {payload['setup']['lr']:g})")
   return [common.claim("Pangu Ultra", "Depth-scaled sandwich norm + TinyInit trains without the loss spikes "
                        "Pre-LN shows at the same learning rate", "135B: no loss spikes with DSSN (Fig. 3)", ours,
-                       verdict)]
+                       verdict), sweep_claim(payload)]
+
+
+def sweep_claim(payload: dict) -> dict:
+  """Across the sweep: wherever Pre-LN spikes or diverges, does DSSN stay smooth?"""
+  bad = lambda m, i: m["loss_spikes"][i] + m["grad_norm_spikes"][i] > 0 or m["diverged"][i]
+  pre_bad = dssn_bad = 0
+  for by_variant in payload["sweep"].values():
+    pre, dssn = by_variant["pre"], by_variant["depth_scaled_sandwich"]
+    for i in range(len(payload["sweep_runs"])):
+      if bad(pre, i):
+        pre_bad += 1
+        dssn_bad += bad(dssn, i)
+  total = len(payload["sweep"]) * len(payload["sweep_runs"])
+  if pre_bad == 0:
+    verdict = "not reproduced"  # Pre-LN never spiked: no regime here for DSSN to fix
+  else:
+    verdict = "reproduced" if dssn_bad == 0 else "partly" if dssn_bad < pre_bad else "contradicted"
+  lrs = ", ".join(payload["sweep"])
+  return common.claim("Pangu Ultra", "Across learning rates and depths, DSSN stays smooth where Pre-LN spikes",
+                      "135B: no loss spikes with DSSN (Fig. 3)",
+                      f"Pre-LN spiked or diverged in {pre_bad}/{total} runs (lr {lrs}; depths "
+                      f"{payload['setup']['sweep_layers']}; {SWEEP_SEEDS} seeds); DSSN did in {dssn_bad} of those",
+                      verdict)
+
+
+def run_sweep(setup: dict, mesh, train_data, val_data) -> tuple[dict, list]:
+  """lr -> variant -> metric -> [one value per (layers, seed) run], and the runs' (layers, seed) labels."""
+  runs = [{"layers": int(layers), "seed": seed} for layers in setup["sweep_layers"] for seed in range(SWEEP_SEEDS)]
+  sweep = {}
+  for lr in setup["sweep_lrs"]:
+    sweep[lr] = {}
+    for name in SWEEP_VARIANTS:
+      results = [run_variant(name, run["seed"], {**setup, "lr": float(lr), "layers": run["layers"],
+                                                 "steps": setup["sweep_steps"]}, mesh, train_data, val_data)
+                 for run in runs]
+      sweep[lr][name] = {k: [r[k] for r in results] for k in SWEEP_METRICS}
+      print(f"sweep lr {lr} {name}: spikes {sweep[lr][name]['loss_spikes']} diverged {sweep[lr][name]['diverged']}",
+            flush=True)
+  return sweep, runs
 
 
 def plot(variants: dict) -> None:
@@ -116,7 +167,13 @@ def main(argv):
   defaults = QUICK if common.QUICK.value else FULL
   setup = {k: (getattr(flag, "value") if flag.value is not None else defaults[k]) for k, flag in (
       ("steps", _STEPS), ("lr", _LR), ("layers", _LAYERS), ("width", _WIDTH), ("seq_len", _SEQ_LEN),
-      ("seeds", _SEEDS), ("variants", _VARIANTS))}
+      ("seeds", _SEEDS), ("variants", _VARIANTS), ("sweep_lrs", _SWEEP_LRS), ("sweep_layers", _SWEEP_LAYERS),
+      ("sweep_steps", _SWEEP_STEPS))}
+  for flag in ("sweep_lrs", "sweep_layers"):
+    try:
+      [float(v) for v in setup[flag]]
+    except ValueError:
+      raise app.UsageError(f"--{flag} must be numbers, got {setup[flag]}") from None
   unknown = set(setup["variants"]) - set(VARIANTS)
   if unknown:
     raise app.UsageError(f"unknown --variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
@@ -136,17 +193,26 @@ def main(argv):
     variants[name] = runs[0] if len(runs) == 1 else {**runs[0], "seeds": runs}
     print(f"{name}: final_loss {runs[0]['final_loss']:.3f} spikes {runs[0]['loss_spikes']} "
           f"max_grad_norm {runs[0]['max_grad_norm']:.3g} diverged {runs[0]['diverged']}", flush=True)
-  payload = {"variants": variants,
+  sweep, sweep_runs = run_sweep(setup, mesh, train_data, val_data)
+  payload = {"variants": variants, "sweep": sweep, "sweep_runs": sweep_runs,
              "setup": {**setup, "batch": BATCH, "warmup_steps": WARMUP, "quick": common.QUICK.value,
-                       "spike_rule": "x_t > ema_mean + k * ema_std (EMA decay 0.9, 20 warmup steps), k in (3, 6); decay set on a pilot run at lr 3e-2",
+                       "spike_rule": "x_t > ema_mean + k * ema_std (EMA decay 0.9, 20 warmup steps), k in (3, 6); "
+                                     "decay set on a pilot run at lr 3e-2",
                        **common.machine_info()}}
   payload["claims"] = claims(payload)
   common.write_json("sandwich_norm", payload)
   plot(variants)
   rows = [{"variant": n, **{k: v[k] for k in ("final_loss", "val_loss", "loss_spikes", "grad_norm_spikes",
                                                "max_grad_norm", "diverged")}} for n, v in variants.items()]
-  common.write_table("sandwich_norm", common.format_table(rows, ["variant", "final_loss", "val_loss", "loss_spikes", "grad_norm_spikes",
-                                   "max_grad_norm", "diverged"]))
+  sweep_rows = [{"lr": lr, "variant": name, "runs (layers/seed)": " ".join(f"{r['layers']}/{r['seed']}"
+                                                                         for r in sweep_runs),
+                 **{k: " ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in m[k]) for k in SWEEP_METRICS}}
+                for lr, by_variant in sweep.items() for name, m in by_variant.items()]
+  common.write_table("sandwich_norm", "\n\n".join([
+      common.format_table(rows, ["variant", "final_loss", "val_loss", "loss_spikes", "grad_norm_spikes",
+                                 "max_grad_norm", "diverged"]),
+      f"Sweep ({setup['sweep_steps']} steps per run, every seed listed):",
+      common.format_table(sweep_rows, ["lr", "variant", "runs (layers/seed)", *SWEEP_METRICS])]))
 
 
 if __name__ == "__main__":
