@@ -51,7 +51,9 @@ def claims(payload: dict) -> list[dict]:
   verdict = "reproduced" if len(beaten) == 2 else "partly" if beaten else "contradicted"
   rows.append(common.claim("HTG (DiT PTQ)", "At W4A8 HTG beats naive PTQ and SmoothQuant-style smoothing",
                            "state of the art among PTQ methods",
-                           ", ".join(f"{m} {w4[m]['fid']:.3g}" for m in ("htg", "naive", "smoothquant")), verdict))
+                           "FID-digits " + ", ".join(f"{m} {w4[m]['fid']:.3g}" for m in ("htg", "naive", "smoothquant"))
+                           + "; paired sample MSE vs FP " + ", ".join(
+                               f"{m} {w4[m]['sample_mse']:.2g}" for m in ("htg", "naive", "smoothquant")), verdict))
   groups = payload["groups"]
   keys = sorted(groups, key=int)
   every, tenth = groups[keys[-1]]["fid"], groups[keys[len(keys) // 2]]["fid"]

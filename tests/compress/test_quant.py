@@ -195,3 +195,16 @@ def test_htg_plan_groups_and_scale():
   np.testing.assert_allclose(plan.shift, [[0.0] * 4, [3.0] * 4], atol=0.02)
   # alpha = 0: m is the cleanest step's half range (1.0); s = sqrt(1 / 4).
   np.testing.assert_allclose(plan.scale, 0.5, atol=0.01)
+
+
+def test_baseline_plans_closed_form():
+  from pangu.compress.quant.smoothing import ptq4dit_plan, smoothquant_plan
+  stats = {"min": np.array([[-1.0, -4.0], [-3.0, 0.0]]), "max": np.array([[2.0, 1.0], [1.0, 16.0]])}
+  kernel = np.array([[4.0, -1.0], [0.5, 0.25]])
+  sq, balanced = smoothquant_plan(stats, kernel), ptq4dit_plan(stats, kernel)
+  # max|X| per channel: over steps [3, 16] (SmoothQuant-style), mean over steps [2.5, 10] (PTQ4DiT-style).
+  np.testing.assert_allclose(sq.scale, np.sqrt(np.array([3.0, 16.0]) / np.array([4.0, 0.5])))
+  np.testing.assert_allclose(balanced.scale, np.sqrt(np.array([2.5, 10.0]) / np.array([4.0, 0.5])))
+  for plan in (sq, balanced):
+    np.testing.assert_array_equal(plan.shift, 0.0)
+    np.testing.assert_array_equal(plan.group_of_step, [0, 0])
