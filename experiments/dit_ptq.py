@@ -86,9 +86,11 @@ def plot(grids: dict, shifts: dict) -> None:
   import numpy as np
   from pangu.diffusion.digits import to_unit_range
   fig, axes = common.new_figure(ncols=2, size=(6.0, 0.5 * len(grids) + 1.5))
-  rows = [np.concatenate(list(to_unit_range(images)[:, :, :, 0]), axis=1) for images in grids.values()]
+  # One row per configuration, a blank pixel around each 8x8 digit.
+  rows = [np.concatenate([np.pad(image, 1) for image in to_unit_range(images)[:, :, :, 0]], axis=1)
+          for images in grids.values()]
   axes[0, 0].imshow(np.concatenate(rows, axis=0), cmap="gray_r", vmin=0, vmax=1)
-  axes[0, 0].set_yticks([8 * i + 4 for i in range(len(grids))], list(grids), fontsize=7)
+  axes[0, 0].set_yticks([10 * i + 5 for i in range(len(grids))], list(grids), fontsize=7)
   axes[0, 0].set_xticks([])
   axes[0, 0].set_title("samples from identical noise")
   for name, z in shifts.items():
