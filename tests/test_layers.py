@@ -22,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TREES = {"pangu": "pangu", "kernels": "pangu_kernels", "experiments": "experiments"}
 
 # Bottom-up. Packages are the top-level names under pangu/ (config_checks is a module) plus pangu_kernels and
-# experiments; reason and diffusion are not built yet and sit where the architecture puts them.
+# experiments; reason is not built yet and sits where the architecture puts it.
 LAYERS = (
   ("config_checks", "pangu_kernels"),
   ("parallel", "data"),

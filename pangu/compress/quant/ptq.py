@@ -1,0 +1,131 @@
+"""Post-training quantisation of a DiT's block linears (qkv, proj, fc1, fc2) with one of the methods:
+
+  * `naive`: per-tensor weights and one per-tensor activation range over all steps (plain min-max PTQ);
+  * `minmax`: per-output-channel weights, one activation range over all steps;
+  * `smoothquant`: time-agnostic SmoothQuant-style smoothing, folded, then `minmax`;
+  * `ptq4dit`: PTQ4DiT-style channel balancing (our simplification), folded, then `minmax`;
+  * `htg`: timestep-aware shift and scale, contiguous timestep groups, folded; activation ranges per
+    (layer, group) unless `act_range_per_group=False`.
+
+Embedders, adaLN linears and the final layer stay in float (spec 3.1). Steps: smoothing plans from the float
+model's per-step input stats -> re-parameterise -> re-collect stats from the folded float model -> activation
+ranges -> weights rounded (fake-quant in float, or real int8 for W8A8).
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pangu.compress.quant.calibration import Stats, quantised_layers
+from pangu.compress.quant.reparam import ProjSmoothing, reparameterise
+from pangu.compress.quant.smoothing import HTGConfig, htg_plan, ptq4dit_plan, smoothquant_plan
+from pangu.config_checks import one_of
+from pangu.models.dit import DiTConfig
+from pangu.nn.quantized import fake_quant_weight, quantise_symmetric, step_table, symmetric_scale
+
+Method = Literal["naive", "minmax", "smoothquant", "ptq4dit", "htg"]
+METHODS = ("naive", "minmax", "smoothquant", "ptq4dit", "htg")
+# (params, quant) -> per-step input stats of every quantised layer (calibration.collect_input_stats, bound to a
+# trajectory).
+StatsFn = Callable[[dict, dict | None], Stats]
+
+
+@dataclasses.dataclass(frozen=True)
+class PTQConfig:
+  """Attributes:
+    method: see the module docstring.
+    weight_bits: 8 or 4 (symmetric, [-127, 127] or [-7, 7]).
+    act_bits: 8 (asymmetric, static, per tensor).
+    htg: the HTG settings (method `htg` only).
+    proj_smoothing: `fold_v` or `explicit` (spec 3.7).
+    fc2_smoothing: `explicit` or `none`.
+    act_range_per_group: HTG's activation ranges per (layer, group); False: one range per layer.
+    integer: run W8A8 through the real int8 x int8 -> int32 path instead of fake-quant.
+  """
+
+  method: Method = "htg"
+  weight_bits: int = 8
+  act_bits: int = 8
+  htg: HTGConfig = HTGConfig()
+  proj_smoothing: ProjSmoothing = "fold_v"
+  fc2_smoothing: Literal["explicit", "none"] = "explicit"
+  act_range_per_group: bool = True
+  integer: bool = False
+
+  def __post_init__(self):
+    one_of(self, "method", METHODS)
+    one_of(self, "weight_bits", (4, 8))
+    one_of(self, "act_bits", (8,))
+    one_of(self, "proj_smoothing", ("fold_v", "explicit"))
+    one_of(self, "fc2_smoothing", ("explicit", "none"))
+    if self.integer and self.weight_bits != 8:
+      raise ValueError(f"PTQConfig.integer needs weight_bits=8, got {self.weight_bits}")
+
+
+def smoothing_plans(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig) -> dict:
+  plans = {}
+  for block, name in quantised_layers(config):
+    if name == "fc2" and ptq.fc2_smoothing == "none":
+      continue
+    kernel, layer_stats = np.asarray(params[block][name]["kernel"]), stats[(block, name)]
+    if ptq.method == "htg":
+      plans[(block, name)] = htg_plan(layer_stats, kernel, ptq.htg)
+    elif ptq.method == "smoothquant":
+      plans[(block, name)] = smoothquant_plan(layer_stats, kernel)
+    elif ptq.method == "ptq4dit":
+      plans[(block, name)] = ptq4dit_plan(layer_stats, kernel)
+  return plans
+
+
+def activation_ranges(stats: dict[str, np.ndarray], group_of_step: np.ndarray) -> dict:
+  """A step table of (min, max) per group: the extreme values over the group's steps and all channels."""
+  lo, hi = np.asarray(stats["min"]).min(1), np.asarray(stats["max"]).max(1)
+  n_groups = int(group_of_step.max()) + 1
+  values = np.stack([[lo[group_of_step == g].min(), hi[group_of_step == g].max()] for g in range(n_groups)])
+  return step_table(jnp.asarray(values, jnp.float32), group_of_step)
+
+
+def quantise_dit(config: DiTConfig, params: dict, stats_fn: StatsFn, ptq: PTQConfig,
+                 stats: Stats | None = None) -> tuple[dict, dict, dict]:
+  """Returns (params, quant collection, report); `stats` are the float model's stats if already collected.
+
+  report: {"plans": the smoothing plans, "extra_bytes": bytes of per-group tables and smoothing vectors,
+  "weight_bytes": packed quantised kernels and their scales}.
+  """
+  stats = stats_fn(params, None) if stats is None else stats
+  n_steps = next(iter(stats.values()))["min"].shape[0]
+  plans = smoothing_plans(config, params, stats, ptq)
+  params, quant = reparameterise(config, params, plans, n_steps, ptq.proj_smoothing)
+  smoothed = stats_fn(params, quant) if plans else stats
+  weight_bytes = 0
+  for block, name in quantised_layers(config):
+    plan = plans.get((block, name))
+    per_group = ptq.method == "htg" and ptq.act_range_per_group and plan is not None
+    groups = plan.group_of_step if per_group else np.zeros(n_steps, np.int32)
+    layer_quant = quant.setdefault(block, {}).setdefault(name, {})
+    layer_quant["act_range"] = activation_ranges(smoothed[(block, name)], groups)
+    kernel = params[block][name]["kernel"]
+    per_channel = ptq.method != "naive"
+    if ptq.integer:
+      scale = symmetric_scale(kernel, 8, axis=0)
+      layer_quant["kernel_int8"] = quantise_symmetric(kernel, scale, 8).astype(jnp.int8)
+      layer_quant["kernel_scale"] = scale[0]
+    params[block][name] = dict(params[block][name], kernel=fake_quant_weight(kernel, ptq.weight_bits, per_channel))
+    weight_bytes += kernel.size * ptq.weight_bits // 8 + 4 * (kernel.shape[1] if per_channel else 1)
+  return params, quant, {"plans": plans, "weight_bytes": weight_bytes, "extra_bytes": table_bytes(quant)}
+
+
+def table_bytes(quant: dict) -> int:
+  """Bytes of the per-step machinery a method adds: bias tables, shifts, scales, ranges and step->group maps
+  (float32 / int32), not the integer kernels."""
+  total = 0
+  for leaf_path, leaf in jax.tree_util.tree_leaves_with_path(quant):
+    if "kernel_int8" in jax.tree_util.keystr(leaf_path) or "kernel_scale" in jax.tree_util.keystr(leaf_path):
+      continue
+    total += leaf.size * 4
+  return total
+

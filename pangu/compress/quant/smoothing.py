@@ -1,0 +1,115 @@
+"""Smoothing plans: what each quantised linear's input becomes, X_hat = (X - z_g) / s, for HTG and the baselines.
+
+HTG (Ding et al. 2025, spec 3.3-3.6):
+  * per-step channel shift z_t = (max_n X_t + min_n X_t) / 2 (Eq. 2);
+  * contiguous hierarchical grouping of the steps on z_t, group shift z_g = mean of z_t over the group (Eq. 4);
+  * one channel scale per layer from an EMA over steps of the half-range r_t = max_n (X_t - z_t), from the
+    noisiest step to the cleanest (alpha = 0.99), split SmoothQuant-style against the weights (Eq. 7):
+    s = sqrt(m_1 / max_j |W[i, j]|) (`sqrt_weight`, R1) or s = m_1 / max(m_1) (`normalised`, R2).
+Baselines (time-agnostic, no shift, one group):
+  * SmoothQuant-style: s = sqrt(max over all steps of max|X| / max|W|) (alpha = 1/2);
+  * PTQ4DiT-style channel balancing (our simplification): the salience of a channel is its max|X| averaged over
+    steps rather than the worst step, s = sqrt(mean_t max|X_t| / max|W|).
+"""
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+
+from pangu.compress.quant.grouping import contiguous_groups, default_n_groups, group_means
+from pangu.config_checks import one_of
+
+_MIN_SCALE = 1e-5  # keeps s and max|W| away from 0 on dead channels
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothingPlan:
+  """One linear's smoothing: group_of_step int32 [S], shift [G, C_in], scale [C_in]."""
+
+  group_of_step: np.ndarray
+  shift: np.ndarray
+  scale: np.ndarray
+
+  def shift_per_step(self) -> np.ndarray:
+    return self.shift[self.group_of_step]
+
+
+@dataclasses.dataclass(frozen=True)
+class HTGConfig:
+  """Attributes:
+    n_groups: G; None is max(1, S // 10) for S calibrated steps.
+    alpha: EMA factor of the channel scale.
+    scale: `sqrt_weight` (R1, default) or `normalised` (R2).
+    use_shift / use_scale: ablations (shift only: s = 1; scale only: z = 0).
+  """
+
+  n_groups: int | None = None
+  alpha: float = 0.99
+  scale: Literal["sqrt_weight", "normalised"] = "sqrt_weight"
+  use_shift: bool = True
+  use_scale: bool = True
+
+  def __post_init__(self):
+    one_of(self, "scale", ("sqrt_weight", "normalised"))
+    if not 0.0 <= self.alpha < 1.0:
+      raise ValueError(f"HTGConfig.alpha must be in [0, 1), got {self.alpha!r}")
+    if self.n_groups is not None and (not isinstance(self.n_groups, int) or self.n_groups < 1):
+      raise ValueError(f"HTGConfig.n_groups must be a positive int or None, got {self.n_groups!r}")
+
+
+def per_step_shift(stats: dict[str, np.ndarray]) -> np.ndarray:
+  """z_t [S, C] (Eq. 2)."""
+  return (np.asarray(stats["max"], np.float64) + np.asarray(stats["min"], np.float64)) / 2
+
+
+def ema_from_noisy(per_step: np.ndarray, alpha: float) -> np.ndarray:
+  """m after the cleanest step: m = r_0 at the noisiest step (index 0), m = alpha m + (1 - alpha) r_i after."""
+  m = per_step[0]
+  for r in per_step[1:]:
+    m = alpha * m + (1 - alpha) * r
+  return m
+
+
+def weight_absmax(kernel: np.ndarray) -> np.ndarray:
+  """max_j |W[i, j]| per input channel of a [C_in, C_out] kernel, clamped away from 0."""
+  return np.maximum(np.max(np.abs(np.asarray(kernel, np.float64)), axis=1), _MIN_SCALE)
+
+
+def htg_plan(stats: dict[str, np.ndarray], kernel: np.ndarray, config: HTGConfig) -> SmoothingPlan:
+  """The HTG plan of one linear from its per-step input stats and its [C_in, C_out] kernel."""
+  z_t = per_step_shift(stats)
+  n_steps, channels = z_t.shape
+  n_groups = default_n_groups(n_steps) if config.n_groups is None else min(config.n_groups, n_steps)
+  groups = contiguous_groups(z_t, n_groups)
+  shift = group_means(z_t, groups) if config.use_shift else np.zeros((n_groups, channels))
+  if not config.use_shift:
+    z_t = np.zeros_like(z_t)
+  half_range = np.maximum(np.asarray(stats["max"], np.float64) - z_t, z_t - np.asarray(stats["min"], np.float64))
+  m = np.maximum(ema_from_noisy(half_range, config.alpha), _MIN_SCALE)
+  if not config.use_scale:
+    scale = np.ones(channels)
+  elif config.scale == "sqrt_weight":
+    scale = np.sqrt(m / weight_absmax(kernel))
+  else:
+    scale = m / m.max()
+  return SmoothingPlan(groups, shift, np.maximum(scale, _MIN_SCALE))
+
+
+def channel_absmax(stats: dict[str, np.ndarray]) -> np.ndarray:
+  """max|X| per step and channel, [S, C]."""
+  return np.maximum(np.abs(np.asarray(stats["min"], np.float64)), np.abs(np.asarray(stats["max"], np.float64)))
+
+
+def _scale_only(scale: np.ndarray, n_steps: int) -> SmoothingPlan:
+  return SmoothingPlan(np.zeros(n_steps, np.int32), np.zeros((1, len(scale))), np.maximum(scale, _MIN_SCALE))
+
+
+def smoothquant_plan(stats: dict[str, np.ndarray], kernel: np.ndarray) -> SmoothingPlan:
+  absmax = channel_absmax(stats)
+  return _scale_only(np.sqrt(np.maximum(absmax.max(0), _MIN_SCALE) / weight_absmax(kernel)), absmax.shape[0])
+
+
+def ptq4dit_plan(stats: dict[str, np.ndarray], kernel: np.ndarray) -> SmoothingPlan:
+  absmax = channel_absmax(stats)
+  return _scale_only(np.sqrt(np.maximum(absmax.mean(0), _MIN_SCALE) / weight_absmax(kernel)), absmax.shape[0])

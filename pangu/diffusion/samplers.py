@@ -1,0 +1,78 @@
+"""DDIM (Song et al. 2021) and DDPM ancestral sampling with classifier-free guidance (Ho & Salimans 2022).
+
+A sampler runs `n_steps` steps i = 0..n_steps-1 over the training timesteps tau_i, from the noisiest
+(i = 0, tau_0 = T - 1) to the cleanest (tau = 0). The denoiser receives the step index i besides the diffusion
+time, because a timestep-aware quantised model keys its tables by the sampler step (spec pitfall: both CFG halves
+share it). Everything is a pure function of the rng, so a seed fixes the samples.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pangu.diffusion.schedules import ScheduleConfig, alpha_bars
+
+# eps(x [B, ...], timesteps int [B], labels int [B], step index) -> predicted noise [B, ...].
+Denoiser = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def sampling_timesteps(n_timesteps: int, n_steps: int) -> np.ndarray:
+  """tau_0 > tau_1 > ... > tau_{n-1} = 0: n_steps timesteps spread evenly over 0..T-1, noisiest first."""
+  if not 1 <= n_steps <= n_timesteps:
+    raise ValueError(f"n_steps must be in [1, {n_timesteps}], got {n_steps}")
+  return np.round(np.linspace(n_timesteps - 1, 0, n_steps)).astype(np.int32)
+
+
+def guided(denoiser: Denoiser, null_label: int, guidance: float) -> Denoiser:
+  """Classifier-free guidance: eps_null + w (eps_cond - eps_null) from one doubled batch; w = 1 is plain
+  conditional sampling (and runs the batch once)."""
+  if guidance == 1.0:
+    return denoiser
+
+  def eps(x, t, labels, step):
+    both = denoiser(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                    jnp.concatenate([labels, jnp.full_like(labels, null_label)]), step)
+    cond, uncond = jnp.split(both, 2)
+    return uncond + guidance * (cond - uncond)
+
+  return eps
+
+
+def ddim_sample(denoiser: Denoiser, schedule: ScheduleConfig, labels: jax.Array, shape: tuple[int, ...],
+                rng: jax.Array, n_steps: int, *, eta: float = 0.0, clip: bool = True
+                ) -> tuple[jax.Array, jax.Array]:
+  """Samples [B, *shape] for labels [B]; also returns the trajectory [n_steps, B, *shape] of each step's input.
+
+  eta = 0 is deterministic DDIM; eta = 1 is DDPM's ancestral sampler on the chosen timesteps (Song et al. 2021,
+  Eq. 16). clip: clip the predicted x_0 to the data range [-1, 1].
+  """
+  bars = alpha_bars(schedule)
+  taus = jnp.asarray(sampling_timesteps(schedule.n_timesteps, n_steps))
+  next_bars = jnp.concatenate([bars[taus[1:]], jnp.ones((1,))])
+  start_rng, step_rng = jax.random.split(rng)
+  x = jax.random.normal(start_rng, (labels.shape[0], *shape))
+
+  def step(x, inputs):
+    i, tau, a_next, key = inputs
+    a = bars[tau]
+    eps = denoiser(x, jnp.full(labels.shape, tau), labels, i)
+    x0 = (x - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
+    if clip:
+      x0 = jnp.clip(x0, -1.0, 1.0)
+      eps = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+    sigma = eta * jnp.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
+    x_next = (jnp.sqrt(a_next) * x0 + jnp.sqrt(jnp.maximum(1 - a_next - sigma ** 2, 0.0)) * eps
+              + sigma * jax.random.normal(key, x.shape))
+    return x_next, x
+
+  keys = jax.random.split(step_rng, n_steps)
+  samples, trajectory = jax.lax.scan(step, x, (jnp.arange(n_steps), taus, next_bars, keys))
+  return samples, trajectory
+
+
+def ddpm_sample(denoiser: Denoiser, schedule: ScheduleConfig, labels: jax.Array, shape: tuple[int, ...],
+                rng: jax.Array, n_steps: int) -> tuple[jax.Array, jax.Array]:
+  """DDPM ancestral sampling (DDIM with eta = 1); n_steps = T is the original sampler."""
+  return ddim_sample(denoiser, schedule, labels, shape, rng, n_steps, eta=1.0)

@@ -1,0 +1,210 @@
+"""DiT post-training quantisation: quantisers, the int8 path, contiguous grouping against brute force, and the
+re-parameterisation's exactness (spec section 5)."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pangu.compress.quant.calibration import collect_input_stats, quantised_layers
+from pangu.compress.quant.grouping import common_refinement, contiguous_groups
+from pangu.compress.quant.ptq import PTQConfig, quantise_dit
+from pangu.compress.quant.reparam import reparameterise
+from pangu.compress.quant.smoothing import HTGConfig, SmoothingPlan, ema_from_noisy, htg_plan
+from pangu.models.dit import DiT, DiTConfig, init_dit
+from pangu.nn.quantized import fake_quant_activation, fake_quant_weight, int8_matmul, symmetric_scale
+
+CONFIG = DiTConfig(d_model=16, depth=2, n_heads=2)
+STEPS = 6
+
+
+def _random_params(seed=0):
+  """Every param non-zero (the adaLN-Zero init would make the folds trivially exact)."""
+  params = init_dit(CONFIG, jax.random.key(seed))
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)])
+
+
+def _inputs(batch=3, seed=2):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  return (jax.random.normal(k1, (batch, 8, 8, 1)), jax.random.randint(k2, (batch,), 0, 1000),
+          jnp.arange(batch) % 11)
+
+
+# Quantisers and the integer path.
+
+def test_weight_fake_quant_error_at_most_half_a_step():
+  w = jax.random.normal(jax.random.key(0), (32, 8))
+  for bits in (8, 4):
+    scale = np.asarray(symmetric_scale(w, bits, axis=0))
+    err = np.abs(np.asarray(fake_quant_weight(w, bits)) - np.asarray(w))
+    assert np.all(err <= scale / 2 + 1e-7)
+    levels = np.unique(np.round(np.asarray(fake_quant_weight(w, bits)) / scale))
+    assert levels.min() >= -(2 ** (bits - 1) - 1) and levels.max() <= 2 ** (bits - 1) - 1
+
+
+def test_activation_fake_quant_grid():
+  x = jnp.linspace(-1.3, 2.9, 1000)
+  out = np.asarray(fake_quant_activation(x, jnp.float32(-1.3), jnp.float32(2.9), 8))
+  step = 4.2 / 255
+  assert np.abs(out - np.asarray(x)).max() <= step / 2 + 1e-6
+  assert len(np.unique(np.round(out / step, 3))) <= 256
+
+
+def test_int8_path_equals_fake_quant_to_rounding():
+  kx, kw = jax.random.split(jax.random.key(0))
+  x = 2.0 * jax.random.normal(kx, (5, 7, 48)) + 0.5
+  w = jax.random.normal(kw, (48, 24))
+  lo, hi = x.min(), x.max()
+  scale = symmetric_scale(w, 8, axis=0)
+  w_int8 = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+  integer = int8_matmul(x, lo, hi, w_int8, scale[0])
+  reference = np.asarray(fake_quant_activation(x, lo, hi, 8), np.float64) @ np.asarray(fake_quant_weight(w, 8),
+                                                                                        np.float64)
+  np.testing.assert_allclose(integer, reference, rtol=1e-5, atol=1e-4)
+
+
+# Contiguous hierarchical grouping.
+
+def _naive_contiguous(vectors, n_groups):
+  """Float64 reference: clusters as lists of steps, centroids recomputed from scratch every merge."""
+  clusters = [[i] for i in range(len(vectors))]
+  while len(clusters) > n_groups:
+    centroids = [vectors[c].mean(0) for c in clusters]
+    gaps = [np.sum((centroids[j + 1] - centroids[j]) ** 2) for j in range(len(clusters) - 1)]
+    j = int(np.argmin(gaps))
+    clusters[j:j + 2] = [clusters[j] + clusters[j + 1]]
+  return np.concatenate([[g] * len(c) for g, c in enumerate(clusters)])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_grouping_matches_naive_merge(seed):
+  vectors = np.random.default_rng(seed).normal(size=(12, 3))
+  for n_groups in (1, 2, 4, 7, 12):
+    np.testing.assert_array_equal(contiguous_groups(vectors, n_groups), _naive_contiguous(vectors, n_groups))
+
+
+def _best_segmentation(vectors, n_groups):
+  """Brute force over every split into n_groups intervals: the least within-group sum of squares."""
+  best, best_cost = None, np.inf
+  for cuts in itertools.combinations(range(1, len(vectors)), n_groups - 1):
+    bounds = (0, *cuts, len(vectors))
+    cost = sum(np.sum((vectors[a:b] - vectors[a:b].mean(0)) ** 2) for a, b in zip(bounds, bounds[1:]))
+    if cost < best_cost:
+      best, best_cost = bounds, cost
+  return np.concatenate([[g] * (b - a) for g, (a, b) in enumerate(zip(best, best[1:]))])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_grouping_recovers_the_optimal_intervals_of_piecewise_data(seed):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(1, 4, size=4)
+  levels = rng.normal(scale=5.0, size=(4, 3))
+  vectors = np.concatenate([lv + 0.05 * rng.normal(size=(n, 3)) for lv, n in zip(levels, lengths)])
+  np.testing.assert_array_equal(contiguous_groups(vectors, 4), _best_segmentation(vectors, 4))
+
+
+def test_common_refinement():
+  a, b = np.array([0, 0, 0, 1, 1, 1]), np.array([0, 1, 1, 1, 2, 2])
+  np.testing.assert_array_equal(common_refinement(a, b), [0, 1, 1, 2, 3, 3])
+
+
+def test_ema_runs_from_the_noisiest_step():
+  r = np.array([[4.0], [0.0], [0.0]])
+  np.testing.assert_allclose(ema_from_noisy(r, 0.5), [1.0])
+  with pytest.raises(ValueError, match="alpha"):
+    HTGConfig(alpha=1.0)
+
+
+# Re-parameterisation.
+
+def _random_plans(n_groups, seed=0):
+  rng = np.random.default_rng(seed)
+  plans = {}
+  for block, name in quantised_layers(CONFIG):
+    width = CONFIG.d_ff if name == "fc2" else CONFIG.d_model
+    cuts = np.sort(rng.choice(np.arange(1, STEPS), n_groups - 1, replace=False))
+    groups = np.searchsorted(cuts, np.arange(STEPS), side="right").astype(np.int32)
+    plans[(block, name)] = SmoothingPlan(groups, rng.normal(size=(n_groups, width)),
+                                         np.exp(rng.normal(scale=0.5, size=width)))
+  return plans
+
+
+@pytest.mark.parametrize("n_groups, proj_smoothing", [(1, "fold_v"), (3, "fold_v"), (STEPS, "explicit")])
+def test_reparameterisation_is_exact_without_quantisation(proj_smoothing, n_groups):
+  params = _random_params()
+  folded, quant = reparameterise(CONFIG, params, _random_plans(n_groups), STEPS, proj_smoothing)
+  model, (x, t, y) = DiT(CONFIG), _inputs()
+  apply = jax.jit(lambda variables, step: model.apply(variables, x, t, y, step))
+  for step in range(STEPS):  # every step, across every group boundary
+    np.testing.assert_allclose(apply({"params": folded, "quant": quant}, step), apply({"params": params}, step),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_smoothed_inputs_are_what_the_plan_says():
+  """The folded model's qkv / proj / fc1 / fc2 inputs equal (X - z_g) / s of the float model's inputs."""
+  params, plans = _random_params(), _random_plans(2)
+  folded, quant = reparameterise(CONFIG, params, plans, STEPS)
+  model, (x, t, y) = DiT(CONFIG), _inputs()
+  step = 4
+  _, raw = model.apply({"params": params}, x, t, y, step, mutable=["intermediates"])
+  _, smoothed = model.apply({"params": folded, "quant": quant}, x, t, y, step, mutable=["intermediates"])
+  for block, name in quantised_layers(CONFIG):
+    plan = plans[(block, name)]
+    expected = (raw["intermediates"][block][name]["input"][0] - plan.shift[plan.group_of_step[step]]) / plan.scale
+    np.testing.assert_allclose(smoothed["intermediates"][block][name]["input"][0], expected, atol=2e-5, rtol=1e-4)
+
+
+def _stats_fn(params_float):
+  x, t, y = _inputs(batch=4)
+  trajectory = jnp.stack([x * (1 + 0.5 * i) for i in range(STEPS)])
+  timesteps = np.linspace(900, 0, STEPS).astype(np.int32)
+  return lambda params, quant: collect_input_stats(CONFIG, params, quant, trajectory, timesteps, y % 10, 1.5)
+
+
+@pytest.mark.slow
+def test_quantised_model_tracks_float_and_int8_matches_fake_quant():
+  params = _random_params()
+  stats_fn = _stats_fn(params)
+  model, (x, t, y) = DiT(CONFIG), _inputs(batch=4)
+  float_out = np.asarray(model.apply({"params": params}, x, t, y, 2))
+  errors = {}
+  for bits in (8, 4):
+    qparams, quant, report = quantise_dit(CONFIG, params, stats_fn, PTQConfig("htg", weight_bits=bits))
+    out = np.asarray(model.apply({"params": qparams, "quant": quant}, x, t, y, 2))
+    errors[bits] = np.linalg.norm(out - float_out) / np.linalg.norm(float_out)
+    assert report["extra_bytes"] > 0
+  assert errors[8] < 0.25 and errors[8] < errors[4]
+  fake = quantise_dit(CONFIG, params, stats_fn, PTQConfig("htg", weight_bits=8))
+  real = quantise_dit(CONFIG, params, stats_fn, PTQConfig("htg", weight_bits=8, integer=True))
+  assert real[1]["block_0"]["qkv"]["kernel_int8"].dtype == jnp.int8
+  np.testing.assert_allclose(model.apply({"params": real[0], "quant": real[1]}, x, t, y, 2),
+                             model.apply({"params": fake[0], "quant": fake[1]}, x, t, y, 2), atol=1e-4, rtol=1e-4)
+
+
+def test_htg_plan_groups_and_scale():
+  rng = np.random.default_rng(0)
+  lo = np.concatenate([np.full((5, 4), -1.0), np.full((5, 4), 2.0)]) + 0.01 * rng.normal(size=(10, 4))
+  stats = {"min": lo, "max": lo + 2.0}
+  kernel = np.full((4, 3), 4.0)
+  plan = htg_plan(stats, kernel, HTGConfig(n_groups=2, alpha=0.0))
+  np.testing.assert_array_equal(plan.group_of_step, [0] * 5 + [1] * 5)
+  np.testing.assert_allclose(plan.shift, [[0.0] * 4, [3.0] * 4], atol=0.02)
+  # alpha = 0: m is the cleanest step's half range (1.0); s = sqrt(1 / 4).
+  np.testing.assert_allclose(plan.scale, 0.5, atol=0.01)
+
+
+def test_baseline_plans_closed_form():
+  from pangu.compress.quant.smoothing import ptq4dit_plan, smoothquant_plan
+  stats = {"min": np.array([[-1.0, -4.0], [-3.0, 0.0]]), "max": np.array([[2.0, 1.0], [1.0, 16.0]])}
+  kernel = np.array([[4.0, -1.0], [0.5, 0.25]])
+  sq, balanced = smoothquant_plan(stats, kernel), ptq4dit_plan(stats, kernel)
+  # max|X| per channel: over steps [3, 16] (SmoothQuant-style), mean over steps [2.5, 10] (PTQ4DiT-style).
+  np.testing.assert_allclose(sq.scale, np.sqrt(np.array([3.0, 16.0]) / np.array([4.0, 0.5])))
+  np.testing.assert_allclose(balanced.scale, np.sqrt(np.array([2.5, 10.0]) / np.array([4.0, 0.5])))
+  for plan in (sq, balanced):
+    np.testing.assert_array_equal(plan.shift, 0.0)
+    np.testing.assert_array_equal(plan.group_of_step, [0, 0])

@@ -1,0 +1,115 @@
+"""DiT shapes and counts, the schedule, DDIM / DDPM samplers and the FID-digits metric against closed forms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pangu.diffusion.digits import load_digits_images
+from pangu.diffusion.fid import frechet_distance
+from pangu.diffusion.objective import ddpm_loss
+from pangu.diffusion.samplers import ddim_sample, ddpm_sample, guided, sampling_timesteps
+from pangu.diffusion.schedules import ScheduleConfig, alpha_bars
+from pangu.models.dit import DiT, DiTConfig, dit_param_count, dit_preset, init_dit, patchify, unpatchify
+
+TINY = DiTConfig(d_model=32, depth=2, n_heads=2)
+
+
+def test_param_count_matches_params_and_published_xl():
+  params = init_dit(TINY, jax.random.key(0))
+  assert sum(x.size for x in jax.tree.leaves(params)) == dit_param_count(TINY)
+  # DiT-XL/2: 675M parameters (Peebles & Xie, Table 4); ours adds a learned position table (0.3M).
+  assert abs(dit_param_count(dit_preset("DiT-XL/2")) / 675e6 - 1) < 0.01
+
+
+def test_patchify_round_trip_and_token_order():
+  images = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  tokens = patchify(images, 2)
+  assert tokens.shape == (2, 16, 12)
+  np.testing.assert_array_equal(tokens[0, 1].reshape(2, 2, 3), images[0, 0:2, 2:4])
+  np.testing.assert_array_equal(unpatchify(tokens, 2, 8, 3), images)
+
+
+def test_adaln_zero_init_predicts_zero():
+  params = init_dit(TINY, jax.random.key(0))
+  out = DiT(TINY).apply({"params": params}, jnp.ones((3, 8, 8, 1)), jnp.array([0, 5, 9]), jnp.array([1, 2, 10]))
+  np.testing.assert_array_equal(out, np.zeros((3, 8, 8, 1)))
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match="patch_size"):
+    DiTConfig(image_size=8, patch_size=3)
+  with pytest.raises(ValueError, match="n_heads"):
+    DiTConfig(d_model=30, n_heads=4)
+
+
+def test_linear_schedule_matches_float64():
+  bars = alpha_bars(ScheduleConfig(n_timesteps=50))
+  expected = np.cumprod(1 - np.linspace(1e-4, 0.02, 50))
+  np.testing.assert_allclose(bars, expected, rtol=1e-6)
+  assert sampling_timesteps(1000, 5).tolist() == [999, 749, 500, 250, 0]
+
+
+def _oracle(target, schedule):
+  """The exact noise predictor when all data is one image: eps = (x - sqrt(a) x0) / sqrt(1 - a)."""
+  bars = alpha_bars(schedule)
+
+  def eps(x, t, labels, step):
+    a = bars[t][:, None, None, None]
+    return (x - jnp.sqrt(a) * target) / jnp.sqrt(1 - a)
+  return eps
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_sampler_recovers_the_single_data_point(eta):
+  schedule = ScheduleConfig(n_timesteps=100)
+  target = jnp.linspace(-0.9, 0.9, 64).reshape(1, 8, 8, 1)
+  samples, trajectory = ddim_sample(_oracle(target, schedule), schedule, jnp.zeros((4,), jnp.int32), (8, 8, 1),
+                                    jax.random.key(0), 10, eta=eta)
+  np.testing.assert_allclose(samples, np.broadcast_to(target, samples.shape), atol=1e-4)
+  assert trajectory.shape == (10, 4, 8, 8, 1)
+
+
+def test_sampler_deterministic_given_seed():
+  config = DiTConfig(d_model=16, depth=1, n_heads=2)
+  params = init_dit(config, jax.random.key(0))
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+  model = DiT(config)
+  denoiser = guided(lambda x, t, y, i: model.apply({"params": params}, x, t, y, i), config.n_classes, 1.5)
+  labels = jnp.arange(4)
+  run = jax.jit(lambda key: ddpm_sample(denoiser, ScheduleConfig(), labels, (8, 8, 1), key, 5)[0])
+  first, second, other = run(jax.random.key(7)), run(jax.random.key(7)), run(jax.random.key(8))
+  np.testing.assert_array_equal(first, second)
+  assert np.abs(np.asarray(first) - np.asarray(other)).max() > 1e-3
+
+
+def test_guidance_combines_conditional_and_null():
+  calls = []
+
+  def denoiser(x, t, labels, step):
+    calls.append(labels)
+    return jnp.where(labels[:, None] == 10, 1.0, 3.0) * jnp.ones((x.shape[0], 2))
+  out = guided(denoiser, 10, 1.5)(jnp.zeros((2, 2)), jnp.zeros(2, jnp.int32), jnp.array([4, 5]), 0)
+  np.testing.assert_allclose(out, 1.0 + 1.5 * (3.0 - 1.0))
+  assert calls[0].tolist() == [4, 5, 10, 10]
+
+
+@pytest.mark.slow
+def test_ddpm_loss_of_the_zero_model_is_the_noise_variance():
+  params = init_dit(TINY, jax.random.key(0))
+  images, labels = load_digits_images()
+  loss, _ = ddpm_loss(TINY, ScheduleConfig())(params, {"images": jnp.asarray(images[:256]),
+                                                       "labels": jnp.asarray(labels[:256])}, jax.random.key(1))
+  assert abs(float(loss) - 1.0) < 0.05  # E[eps^2] = 1 for a model that predicts 0
+  assert images.min() == -1.0 and images.max() == 1.0
+
+
+def test_frechet_distance_closed_forms():
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(500, 4))
+  assert abs(frechet_distance(a, a)) < 1e-6
+  shift = np.array([1.0, -2.0, 0.5, 0.0])
+  assert abs(frechet_distance(a, a + shift) - np.sum(shift ** 2)) < 1e-6
+  # Doubling: ||mu||^2 + tr(S + 4 S - 2 (4 S^2)^(1/2)) = ||mu||^2 + tr(S).
+  expected = np.sum(a.mean(0) ** 2) + np.trace(np.cov(a, rowvar=False))
+  assert abs(frechet_distance(a, 2 * a) - expected) < 1e-6
