@@ -33,6 +33,7 @@ from pangu.models.stages import LayerStages, TokenState
 from pangu.nn import init as inits
 from pangu.nn import linear
 from pangu.nn.attention import Attention, AttentionMask, LayerCache
+from pangu.nn.mla import MultiHeadLatentAttention
 from pangu.nn.mlp import MLP
 from pangu.nn.mole import LookupExperts, StoredTable, TableShape, lookup_rows
 from pangu.nn.moe import MOE_COLLECTION, MoEFeedForward
@@ -65,8 +66,11 @@ class DecoderBlock(nn.Module):
     init = cfg.init_config
     kernel_inits = dict(kernel_init=inits.kernel_init(init), output_init=inits.kernel_init(init, residual_output=True))
 
-    h, cache = Attention(cfg.attention_config(self.layer_index), **kernel_inits, name="attn")(
-        RMSNorm(cfg.norm_eps, name="pre_attn_norm")(x), mask, cache)
+    if cfg.mla is not None:
+      attention = MultiHeadLatentAttention(cfg.mla_config(self.layer_index), **kernel_inits, name="attn")
+    else:
+      attention = Attention(cfg.attention_config(self.layer_index), **kernel_inits, name="attn")
+    h, cache = attention(RMSNorm(cfg.norm_eps, name="pre_attn_norm")(x), mask, cache)
     if sandwich:
       h = RMSNorm(cfg.norm_eps, gain_init=gain_attn, name="post_attn_norm")(h)
     x = x + h
