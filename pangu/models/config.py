@@ -86,6 +86,9 @@ class TransformerConfig:
       from Hugging Face's config.json).
     bos_token_id, eos_token_ids: the tokenizer's begin / end-of-sequence ids, when known; generation stops at
       any of `eos_token_ids`.
+    mtp_layers: multi-token prediction (Pangu Ultra MoE, DeepSeek-V3): 1 adds one more decoder block that reads
+      the last hidden state and the next token's embedding and predicts the token after it, sharing the
+      embedding and the output head (`Decoder.mtp_logits`, the loss `pangu.train.mtp.mtp_loss`); 0: none.
     mla: multi-head latent attention (pangu.nn.mla) of these widths in every layer instead of GQA; needs
       n_kv_heads == n_heads (every head has its own key and value) and no GQA-only option (q/k/v biases,
       qk_norm, sliding window, soft-cap); head_dim is then unused.
@@ -128,6 +131,7 @@ class TransformerConfig:
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
   mla: LatentDims | None = None
+  mtp_layers: int = 0
 
   def __post_init__(self):
     positive_ints(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
@@ -187,6 +191,10 @@ class TransformerConfig:
                        f"{'set' if self.moe else 'None'}, n_layers={self.n_layers}), got {self.first_k_dense!r}")
     if self.mla is not None:
       self._check_mla()
+    if self.mtp_layers not in (0, 1) or isinstance(self.mtp_layers, bool):
+      raise ValueError(f"TransformerConfig.mtp_layers must be 0 or 1 (one MTP block), got {self.mtp_layers!r}")
+    if self.mtp_layers and self.mole is not None:
+      raise ValueError("TransformerConfig.mtp_layers with mole is not built (the MTP block has no lookup experts)")
 
   def _check_mla(self):
     if not isinstance(self.mla, LatentDims):
