@@ -1,6 +1,6 @@
 """Hugging Face checkpoints in and out: Llama, Qwen2, Qwen3 and openPangu folders (config.json + safetensors),
-no torch. The openPangu formats (PanguEmbeddedForCausalLM, PanguUltraMoEForCausalLM) are mapped in
-pangu.interop.openpangu; the layouts below are shared (pangu.interop.tensor_layout).
+no torch. The openPangu formats (PanguEmbeddedForCausalLM, PanguProMoEForCausalLM, PanguUltraMoEForCausalLM) are
+mapped in pangu.interop.openpangu; the layouts below are shared (pangu.interop.tensor_layout).
 
 Tensor names and layouts (HF Linear weights are [out, in]; ours put the input first and split heads):
   model.embed_tokens.weight              [V, D]       -> embedding [V, D]
@@ -126,6 +126,8 @@ def _path_keys(path) -> tuple[str, ...]:
 def _layer_table(config: TransformerConfig, family: str, i: int) -> dict:
   if family == openpangu.ULTRA_MOE:
     return openpangu.ultra_moe_layer_tensors(config, i)
+  if family == openpangu.PRO_MOE:
+    return openpangu.pro_moe_layer_tensors(config, i, _LAYER_TENSORS)
   return _LAYER_TENSORS
 
 

@@ -32,23 +32,37 @@ The modeling code's RoPE pairs interleaved dims (2j, 2j + 1) of q_pe / k_pe; our
 so the RoPE rows of q_b_proj (q_proj) and kv_a_proj_with_mqa are reordered on load and back on save.
 The gate is sigmoid -> top-K -> divide by the K scores' sum -> x routed_scaling_factor.
 
+`PanguProMoEForCausalLM` (Pangu Pro MoE 72B; the vllm-ascend modeling code `pangu_moe.py`):
+  config.json                                    ours
+  num_experts, num_experts_per_tok               moe.num_experts, moe.top_k; router `moge` with num_groups =
+                                                 num_experts_per_tok (the code's group-of-8 top-K: one expert,
+                                                 the softmax-over-all argmax, per group of N / K experts)
+  moe_intermediate_size                          moe.expert_dim
+  shared_expert_intermediate_size                moe.num_shared_experts x expert_dim (must be a multiple)
+  mlp_only_layers ([0, k) only)                  first_k_dense = k (dense width intermediate_size)
+  q/k/v/o_proj always carry biases               attention_bias = attention_output_bias = true
+  Tensors beyond Llama's: mlp.gate.weight [E, D], mlp.router_scale [1, E] (weights x scale[id], no
+  renormalisation; moe.router_scale), mlp.experts.j.{gate,up,down}_proj, mlp.shared_expert.{gate,up,down}_proj.
+
 Options the published code has that we do not build raise CheckpointFormatError naming the field: the MTP
 layers (`num_mtp_layers` / `num_nextn_predict_layers` > 0), `norm_topk_prob` false, `moe_layer_freq` != 1,
-`hidden_act` other than silu; so do the Pro MoE architectures (`PanguProMoEForCausalLM`,
-`PanguProMoEV2ForCausalLM`), which are not mapped yet.
+`hidden_act` other than silu, Pro MoE's `mlp_only_layers` other than a prefix [0, k); so does
+`PanguProMoEV2ForCausalLM`, which is not mapped yet.
 """
 
-from pangu.interop.tensor_layout import HEADS_IN, HEADS_OUT, SAME_1D, TRANSPOSED, Layout, RowPermuted
+from pangu.interop.tensor_layout import (HEADS_IN, HEADS_OUT, SAME_1D, TRANSPOSED, Layout, LeadingOne,
+                                         RowPermuted)
 from pangu.models.config import RopeScaling, TransformerConfig
 from pangu.nn.mla import LatentDims
 from pangu.nn.moe.config import MoEConfig
 
-EMBEDDED, ULTRA_MOE = "pangu_embedded", "pangu_ultra_moe"
-ARCHITECTURES = {"PanguEmbeddedForCausalLM": EMBEDDED, "PanguUltraMoEForCausalLM": ULTRA_MOE,
-                 "OpenPanguMoEForCausalLM": ULTRA_MOE}
-SAVED_ARCHITECTURE = {EMBEDDED: "PanguEmbeddedForCausalLM", ULTRA_MOE: "PanguUltraMoEForCausalLM"}
-MODEL_TYPES = {EMBEDDED: "PanguEmbedded", ULTRA_MOE: "pangu_ultra_moe"}
-NOT_MAPPED = ("PanguProMoEForCausalLM", "PanguProMoEV2ForCausalLM")
+EMBEDDED, PRO_MOE, ULTRA_MOE = "pangu_embedded", "pangu_pro_moe", "pangu_ultra_moe"
+ARCHITECTURES = {"PanguEmbeddedForCausalLM": EMBEDDED, "PanguProMoEForCausalLM": PRO_MOE,
+                 "PanguUltraMoEForCausalLM": ULTRA_MOE, "OpenPanguMoEForCausalLM": ULTRA_MOE}
+SAVED_ARCHITECTURE = {EMBEDDED: "PanguEmbeddedForCausalLM", PRO_MOE: "PanguProMoEForCausalLM",
+                      ULTRA_MOE: "PanguUltraMoEForCausalLM"}
+MODEL_TYPES = {EMBEDDED: "PanguEmbedded", PRO_MOE: "PanguProMoE", ULTRA_MOE: "pangu_ultra_moe"}
+NOT_MAPPED = ("PanguProMoEV2ForCausalLM",)
 _MTP_FIELDS = ("num_mtp_layers", "num_nextn_predict_layers")
 
 
@@ -89,6 +103,8 @@ def config_from_openpangu(hf: dict, family: str, *, dtype: str, theta: float,
     bias = bool(hf.get("bias", True))
     return TransformerConfig(**base, n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
                              head_dim=hf.get("head_dim"), attention_bias=bias, attention_output_bias=bias)
+  if family == PRO_MOE:
+    return _pro_moe_config(hf, base)
   for name in _MTP_FIELDS:
     if hf.get(name):
       raise UnsupportedOption(f"{name}={hf[name]}: the MTP layers are not loaded (pangu decodes without them)")
@@ -111,9 +127,27 @@ def config_from_openpangu(hf: dict, family: str, *, dtype: str, theta: float,
                            norm_placement="sandwich" if hf.get("sandwich_norm") else "pre")
 
 
+def _pro_moe_config(hf: dict, base: dict) -> TransformerConfig:
+  n, k, width = hf["num_experts"], hf["num_experts_per_tok"], hf["moe_intermediate_size"]
+  shared = hf.get("shared_expert_intermediate_size") or 0
+  if shared % width:
+    raise UnsupportedOption(f"shared_expert_intermediate_size={shared} is not a multiple of moe_intermediate_size="
+                            f"{width} (our shared experts have the routed width)")
+  dense = sorted(hf.get("mlp_only_layers") or [])
+  if dense != list(range(len(dense))):
+    raise UnsupportedOption(f"mlp_only_layers={dense} (only the first k layers may be dense)")
+  moe = MoEConfig(num_experts=n, top_k=k, expert_dim=width, router="moge", num_groups=k,
+                  num_shared_experts=shared // width, router_scale=True)
+  heads = hf["num_attention_heads"]
+  return TransformerConfig(**base, n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
+                           attention_bias=True, attention_output_bias=True, moe=moe, first_k_dense=len(dense))
+
+
 def family_for(config: TransformerConfig) -> str | None:
-  """The openPangu format a config can only be saved in (MLA models), None otherwise."""
-  return ULTRA_MOE if config.mla is not None else None
+  """The openPangu format a config is saved in by default: Ultra MoE for MLA, Pro MoE for MoGE; None otherwise."""
+  if config.mla is not None:
+    return ULTRA_MOE
+  return PRO_MOE if config.moe is not None and config.moe.router == "moge" else None
 
 
 def config_to_openpangu(config: TransformerConfig, family: str, hf: dict) -> dict:
@@ -138,6 +172,8 @@ def config_to_openpangu(config: TransformerConfig, family: str, hf: dict) -> dic
                        f"{config.attention_bias}, attention_output_bias={config.attention_output_bias}")
     return {**common, "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
             "bias": config.attention_bias}
+  if family == PRO_MOE:
+    return {**common, **_pro_moe_fields(config)}
   if config.mla is None:
     raise ValueError("PanguUltraMoEForCausalLM needs multi-head latent attention (config.mla)")
   moe, dims = config.moe, config.mla
@@ -153,6 +189,32 @@ def config_to_openpangu(config: TransformerConfig, family: str, hf: dict) -> dic
                moe_intermediate_size=moe.expert_dim, num_shared_experts=moe.num_shared_experts or None,
                routed_scaling_factor=moe.routed_scaling_factor, norm_topk_prob=True)
   return out
+
+
+def _pro_moe_fields(config: TransformerConfig) -> dict:
+  moe = config.moe
+  if (moe is None or moe.router != "moge" or moe.k_per_group != 1 or not moe.router_scale or config.mla is not None
+      or config.qk_norm or config.norm_placement != "pre" or not config.attention_bias
+      or not config.attention_output_bias or config.head_dim * config.n_heads != config.d_model):
+    raise ValueError("PanguProMoEForCausalLM is a pre-norm GQA decoder with q/k/v/o biases, head_dim = d_model / "
+                     "n_heads, and MoGE routing of one expert per group with router_scale (moe.router='moge', "
+                     "top_k == num_groups, router_scale=True)")
+  return {"num_key_value_heads": config.n_kv_heads, "num_experts": moe.num_experts,
+          "num_experts_per_tok": moe.top_k, "moe_intermediate_size": moe.expert_dim,
+          "shared_expert_intermediate_size": moe.shared_dim, "mlp_only_layers": list(range(config.first_k_dense))}
+
+
+def pro_moe_layer_tensors(config: TransformerConfig, i: int,
+                          llama: dict[tuple[str, ...], tuple[str, Layout]]) -> dict[tuple[str, ...], tuple[str, Layout]]:
+  """Our path inside layer i -> (HF name, layout): Llama's attention with biases, then the MoGE block."""
+  table = dict(llama)
+  if config.is_moe_layer(i):
+    table[("moe", "router")] = ("mlp.gate.weight", TRANSPOSED)
+    table[("moe", "router_scale")] = ("mlp.router_scale", LeadingOne())
+    for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+      table[("moe", ours)] = (f"mlp.experts.{{expert}}.{theirs}.weight", TRANSPOSED)
+      table[("moe", f"shared_{ours}")] = (f"mlp.shared_expert.{theirs}.weight", TRANSPOSED)
+  return table
 
 
 def _halves_from_interleaved(offset: int, width: int) -> list[int]:

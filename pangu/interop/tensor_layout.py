@@ -84,4 +84,18 @@ class RowPermuted:
     return self.base.read(np.asarray(tensor[:])[list(self.rows)], ours_shape, index)
 
 
-Layout = TensorLayout | RowPermuted
+@dataclasses.dataclass(frozen=True)
+class LeadingOne:
+  """An HF tensor [1, *ours] (Pro MoE's router_scale [1, N]) read as ours."""
+
+  def hf_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
+    return (1, *ours)
+
+  def to_hf(self, ours: np.ndarray) -> np.ndarray:
+    return ours[None]
+
+  def read(self, tensor, ours_shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+    return np.asarray(tensor[:])[0][index]
+
+
+Layout = TensorLayout | RowPermuted | LeadingOne

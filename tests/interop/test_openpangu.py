@@ -32,6 +32,15 @@ def ultra_config(**overrides) -> dict:
   return {**base, **overrides}
 
 
+def pro_config(**overrides) -> dict:
+  base = dict(architectures=["PanguProMoEForCausalLM"], model_type="PanguProMoE", vocab_size=64, hidden_size=32,
+              intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+              num_experts=8, num_experts_per_tok=4, moe_intermediate_size=8, shared_expert_intermediate_size=16,
+              mlp_only_layers=[0], hidden_act="silu", max_position_embeddings=128, rms_norm_eps=1e-5,
+              rope_theta=16000000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+  return {**base, **overrides}
+
+
 def embedded_config(**overrides) -> dict:
   base = dict(architectures=["PanguEmbeddedForCausalLM"], model_type="PanguEmbedded", vocab_size=64, hidden_size=32,
               intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -56,14 +65,21 @@ def random_tensors(hf: dict, seed: int = 0) -> dict[str, np.ndarray]:
     p = f"model.layers.{i}."
     t[p + "input_layernorm.weight"] = gain(d)
     t[p + "post_attention_layernorm.weight"] = gain(d)
-    if "bias" in hf:  # Embedded: Llama layout with q/k/v/o biases
+    if "num_key_value_heads" in hf:  # Embedded, Pro MoE: Llama layout with q/k/v/o biases
       dh, kv = d // h, hf["num_key_value_heads"]
       for name, rows in (("q", h * dh), ("k", kv * dh), ("v", kv * dh)):
         t[p + f"self_attn.{name}_proj.weight"] = rng.normal(0, 0.2, (rows, d))
         t[p + f"self_attn.{name}_proj.bias"] = rng.normal(0, 0.2, rows)
       t[p + "self_attn.o_proj.weight"] = rng.normal(0, 0.2, (d, h * dh))
       t[p + "self_attn.o_proj.bias"] = rng.normal(0, 0.2, d)
-      t.update(_mlp_tensors(rng, p + "mlp", d, hf["intermediate_size"]))
+      if "num_experts" in hf and i not in hf["mlp_only_layers"]:
+        t[p + "mlp.gate.weight"] = rng.normal(0, 0.5, (hf["num_experts"], d))
+        t[p + "mlp.router_scale"] = 1 + 0.2 * rng.normal(size=(1, hf["num_experts"]))
+        for j in range(hf["num_experts"]):
+          t.update(_mlp_tensors(rng, p + f"mlp.experts.{j}", d, hf["moe_intermediate_size"]))
+        t.update(_mlp_tensors(rng, p + "mlp.shared_expert", d, hf["shared_expert_intermediate_size"]))
+      else:
+        t.update(_mlp_tensors(rng, p + "mlp", d, hf["intermediate_size"]))
       continue
     q_lora, r = hf["attention_q_lora_dim"], hf["attention_kv_lora_dim"]
     qk, rope, vd = hf["attention_qk_dim"], hf["attention_qk_rope_dim"], hf["attention_v_dim"]
@@ -163,6 +179,21 @@ def _moe(x, t, p, hf):
   return out
 
 
+def _moge(x, t, p, hf):
+  """Pro MoE: softmax over all experts, the best of each of K groups of N / K, times router_scale."""
+  logits = x @ t[p + "mlp.gate.weight"].T
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  n, k = hf["num_experts"], hf["num_experts_per_tok"]
+  out = _mlp(x, t, p + "mlp.shared_expert")
+  for row in range(x.shape[0]):
+    for g in range(k):
+      j = g * (n // k) + int(np.argmax(probs[row, g * (n // k):(g + 1) * (n // k)]))
+      w = probs[row, j] * t[p + "mlp.router_scale"][0, j]
+      out[row] += w * _mlp(x[row:row + 1], t, p + f"mlp.experts.{j}")[0]
+  return out
+
+
 def _embedded_attention(x, t, p, hf):
   s, h, kv = x.shape[0], hf["num_attention_heads"], hf["num_key_value_heads"]
   proj = lambda name, n: (x @ t[p + f"self_attn.{name}_proj.weight"].T + t[p + f"self_attn.{name}_proj.bias"]
@@ -181,9 +212,11 @@ def reference_logits(hf: dict, tensors: dict, tokens: np.ndarray) -> np.ndarray:
   for i in range(hf["num_hidden_layers"]):
     p = f"model.layers.{i}."
     norm = lambda y, name: _rms(y, t[p + name + ".weight"], eps)
-    if "bias" in hf:
+    if "num_key_value_heads" in hf:
       x = x + _embedded_attention(norm(x, "input_layernorm"), t, p, hf)
-      x = x + _mlp(norm(x, "post_attention_layernorm"), t, p + "mlp")
+      u = norm(x, "post_attention_layernorm")
+      moge = "num_experts" in hf and i not in hf["mlp_only_layers"]
+      x = x + (_moge(u, t, p, hf) if moge else _mlp(u, t, p + "mlp"))
       continue
     h = _mla(norm(x, "input_layernorm"), t, p, hf)
     sandwich = hf["sandwich_norm"]
@@ -197,7 +230,8 @@ def reference_logits(hf: dict, tensors: dict, tokens: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 
 TOKENS = np.array([3, 17, 42, 5, 9, 60, 1, 33, 8, 21], np.int32)
-FORMATS = {**{f"ultra_{k}": ultra_config(**v) for k, v in ULTRA.items()}, "embedded": embedded_config()}
+FORMATS = {**{f"ultra_{k}": ultra_config(**v) for k, v in ULTRA.items()}, "embedded": embedded_config(),
+           "pro_moe": pro_config()}
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
@@ -236,11 +270,16 @@ def test_unsupported_ultra_options_name_the_field(field, value, tmp_path):
     load_pretrained(write_folder(tmp_path, hf, random_tensors(ultra_config())))
 
 
-@pytest.mark.parametrize("architecture", ["PanguProMoEForCausalLM", "PanguProMoEV2ForCausalLM"])
-def test_unmapped_architectures_are_named(architecture, tmp_path):
-  hf = embedded_config(architectures=[architecture])
-  with pytest.raises(CheckpointFormatError, match=architecture):
+def test_unmapped_architecture_is_named(tmp_path):
+  hf = embedded_config(architectures=["PanguProMoEV2ForCausalLM"])
+  with pytest.raises(CheckpointFormatError, match="PanguProMoEV2ForCausalLM"):
     load_pretrained(write_folder(tmp_path, hf, random_tensors(embedded_config())))
+
+
+@pytest.mark.parametrize("field, value", [("mlp_only_layers", [1]), ("shared_expert_intermediate_size", 12)])
+def test_unsupported_pro_moe_options_name_the_field(field, value, tmp_path):
+  with pytest.raises(CheckpointFormatError, match=field):
+    load_pretrained(write_folder(tmp_path, pro_config(**{field: value}), random_tensors(pro_config())))
 
 
 def test_missing_and_misshapen_tensors_are_named(tmp_path):
