@@ -13,7 +13,7 @@ from pangu.infer.kv_cache import LatentLayerCache
 from pangu.models.counting import param_count
 from pangu.nn.attention import AttentionMask
 from pangu.nn.mla import LatentDims, MLAConfig, MultiHeadLatentAttention
-from pangu.sim.shapes import ultra_moe_718b
+from pangu.sim.shapes import from_config, ultra_moe_718b
 
 DIMS = {"q_lora": LatentDims(q_lora_rank=24, kv_lora_rank=16, qk_nope_dim=8, qk_rope_dim=4, v_head_dim=12),
         "no_q_lora": LatentDims(q_lora_rank=None, kv_lora_rank=20, qk_nope_dim=6, qk_rope_dim=8, v_head_dim=4)}
@@ -133,7 +133,9 @@ def test_generation_with_mla_in_the_decode_layout():
 
 
 def test_ultra_moe_718b_param_count_equals_simulator_shape_count():
-  assert param_count(models.pangu_ultra_moe_718b()) == ultra_moe_718b().param_count()
+  preset = models.pangu_ultra_moe_718b()
+  assert param_count(preset) == ultra_moe_718b().param_count()
+  assert from_config(preset).replace(name="ultra-moe-718b", mtp_layers=1) == ultra_moe_718b()
 
 
 @pytest.mark.parametrize("bad", [dict(n_kv_heads=2), dict(qk_norm=True), dict(attention_bias=True),
@@ -149,3 +151,19 @@ def test_latent_dims_name_bad_fields():
     LatentDims(q_lora_rank=8, kv_lora_rank=8, qk_nope_dim=4, qk_rope_dim=3, v_head_dim=4)
   with pytest.raises(ValueError, match="kv_lora_rank"):
     LatentDims(q_lora_rank=8, kv_lora_rank=0, qk_nope_dim=4, qk_rope_dim=2, v_head_dim=4)
+
+
+def test_mla_matmul_flops_count_every_attention_kernel_once():
+  """Per token, the projections cost 2 FLOPs per weight of the layer's kernels (read off the params); the
+  scores and the weighted values 2 S H (N + P) + 2 S H V."""
+  config = _mla_model(scan_layers=False)
+  dense = config.replace(mla=None, n_kv_heads=config.n_heads)
+  params = models.abstract_params(config)
+  attn_weights = sum(int(np.prod(leaf.value.shape)) for layer in range(config.n_layers)
+                     for name, leaf in params[f"layer_{layer}"]["attn"].items() if not name.endswith("norm"))
+  dims, seq = config.mla, 32
+  gqa_attention = config.n_layers * (2 * 4 * config.d_model * config.n_heads * dense.head_dim
+                                     + 4 * seq * config.n_heads * dense.head_dim)
+  expected = (models.forward_matmul_flops_per_token(dense, seq) - gqa_attention + 2 * attn_weights
+              + config.n_layers * 2 * seq * config.n_heads * (dims.qk_dim + dims.v_head_dim))
+  assert models.forward_matmul_flops_per_token(config, seq) == pytest.approx(expected)
