@@ -6,6 +6,9 @@ Norm placement per block (Pangu Ultra, arXiv 2504.07866, eq. 1-2):
 The post-norms normalise the sublayer output before the residual add; in `depth_scaled_sandwich` their
 gains start at c/sqrt(L).
 
+Attention is GQA (`pangu.nn.attention.Attention`) or, with `config.mla`, multi-head latent attention
+(`pangu.nn.mla.MultiHeadLatentAttention`, absorbed over a latent cache when decoding).
+
 The feed-forward is the dense SwiGLU or GELU MLP (`mlp`) or, with `config.moe`, the sparse `MoEFeedForward`
 (`moe`), whose losses and load metrics go to the `moe` collection (apply with `mutable=[MOE_COLLECTION]` to read
 them). With `config.mole`, lookup experts (`mole`) read the embedding output beside the dense `mlp`; in their

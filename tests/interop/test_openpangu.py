@@ -232,9 +232,11 @@ def reference_logits(hf: dict, tensors: dict, tokens: np.ndarray) -> np.ndarray:
 TOKENS = np.array([3, 17, 42, 5, 9, 60, 1, 33, 8, 21], np.int32)
 FORMATS = {**{f"ultra_{k}": ultra_config(**v) for k, v in ULTRA.items()}, "embedded": embedded_config(),
            "pro_moe": pro_config()}
+SLOW_FORMATS = ("ultra_pre_norm_no_q_lora",)
 
 
-@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_FORMATS else n
+                                  for n in sorted(FORMATS)])
 def test_logits_match_float64_reference_and_save_round_trips(name, tmp_path):
   hf = FORMATS[name]
   tensors = random_tensors(hf)
@@ -253,6 +255,7 @@ def test_logits_match_float64_reference_and_save_round_trips(name, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params2, params)
 
 
+@pytest.mark.slow
 def test_loaded_ultra_moe_generates_greedily(tmp_path):
   hf = ultra_config()
   config, params = load_pretrained(write_folder(tmp_path, hf, random_tensors(hf)))

@@ -74,7 +74,7 @@ def _mla_model(**overrides):
   return models.tiny(n_heads=4, n_kv_heads=4, mla=DIMS["q_lora"], attention_implementation="xla", **overrides)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("scan_layers", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_absorbed_decoding_gives_training_logits(scan_layers):
   """Prefill half the tokens into the latent cache, then one token at a time: every logit equals the
   training form's (no cache) at 1e-5 in float32."""
