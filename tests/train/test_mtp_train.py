@@ -2,7 +2,6 @@
 step on the 8-device CPU mesh (data x expert) gives the single-device losses."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
