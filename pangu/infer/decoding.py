@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from pangu.infer.kv_cache import DenseLayerCache, KVCache, LayerCacheFactory, extend_cache, init_cache
+from pangu.infer.kv_cache import KVCache, LayerCacheFactory, extend_cache, init_cache
 from pangu.infer.sampling import SamplingConfig, sample
 from pangu.models.config import TransformerConfig
 from pangu.models.param_layout import convert_param_layout
@@ -144,7 +144,7 @@ def _stop_array(gen: GenerationConfig) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("layer_cache", "stages"))
 def _prefill(config: TransformerConfig, gen: GenerationConfig, params: dict, tokens: jax.Array,
-             start: jax.Array, rng: jax.Array, stop_tokens: jax.Array, *, layer_cache: LayerCacheFactory,
+             start: jax.Array, rng: jax.Array, stop_tokens: jax.Array, *, layer_cache: LayerCacheFactory | None,
              stages: LayerStages | None, stage_params) -> DecodeState:
   batch, width = tokens.shape
   chex.assert_shape(start, (batch,))
@@ -175,12 +175,12 @@ def _in_mesh(mesh: Mesh | None, logical_rules: rules.LogicalRules, fn, *args, **
 
 def prefill(config: TransformerConfig, gen: GenerationConfig, params: dict, tokens: jax.Array, start: jax.Array,
             rng: jax.Array, *, mesh: Mesh | None = None, logical_rules: rules.LogicalRules = rules.DEFAULT_RULES,
-            layer_cache: LayerCacheFactory = DenseLayerCache.empty, stages: LayerStages | None = None,
+            layer_cache: LayerCacheFactory | None = None, stages: LayerStages | None = None,
             stage_params=None) -> DecodeState:
   """Left-padded prompts tokens [B, S] with start [B] (see `left_pad`) -> state holding the first new token.
 
-  layer_cache: builds each layer's empty cache (see pangu.infer.kv_cache); a static argument, so pass the same
-    function object to reuse the compile.
+  layer_cache: builds each layer's empty cache (see pangu.infer.kv_cache; None: its `default_layer_cache`); a
+    static argument, so pass the same function object to reuse the compile.
   stages, stage_params: run the prompt through the layers in stages with a hook between them (token pruning);
     the hook must keep each row's last token.
   """
@@ -196,7 +196,7 @@ def decode(config: TransformerConfig, gen: GenerationConfig, params: dict, state
 
 def generate(config: TransformerConfig, params: dict, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
              rng: jax.Array, *, mesh: Mesh | None = None, logical_rules: rules.LogicalRules = rules.DEFAULT_RULES,
-             layer_cache: LayerCacheFactory = DenseLayerCache.empty, stages: LayerStages | None = None,
+             layer_cache: LayerCacheFactory | None = None, stages: LayerStages | None = None,
              stage_params=None) -> list[np.ndarray]:
   """Continues each prompt (a list of token ids): one int32 array per prompt, ending at its stop token.
 

@@ -25,9 +25,15 @@ replicated, so each device holds the cache of its own rows and kv heads.
 
 Memory: 2 * L * B * T_max * K * Dh * itemsize bytes for keys and values (see `cache_bytes`), plus one int32
 position per slot and layer.
+
+`LatentLayerCache` is the cache of multi-head latent attention (pangu.nn.mla): the model writes one latent
+[B, S, 1, R + P] per token as both keys and values, and this cache stores it once, [B, 1, T_max, R + P], and
+reads it back as both: L * B * T_max * (kv_lora_rank + qk_rope_dim) * itemsize bytes. `init_cache` picks it by
+default for an MLA model (`default_layer_cache`); a dense cache works there too, at twice the memory.
 """
 
 import functools
+import math
 from collections.abc import Callable
 
 import flax.struct
@@ -88,6 +94,44 @@ class DenseLayerCache:
     return self.replace(lengths=self.lengths - n)
 
 
+@flax.struct.dataclass
+class LatentLayerCache:
+  """One layer's preallocated latent slots (MLA): keys and values are the same array, stored once.
+
+  Attributes:
+    latents: [B, 1, T_max, R + P].
+    positions: int32 [B, T_max]; -1 for empty slots.
+    lengths: int32 [B].
+  """
+
+  latents: jax.Array
+  positions: jax.Array
+  lengths: jax.Array
+
+  @classmethod
+  def empty(cls, batch: int, kv_heads: int, max_length: int, head_dim: int, dtype) -> "LatentLayerCache":
+    if kv_heads != 1:
+      raise ValueError(f"LatentLayerCache holds one latent per token (kv_heads=1), got kv_heads={kv_heads}")
+    return cls(latents=rules.constrain(jnp.zeros((batch, 1, max_length, head_dim), dtype), LAYER_CACHE_AXES),
+               positions=rules.constrain(jnp.full((batch, max_length), -1, jnp.int32), SLOT_AXES),
+               lengths=jnp.zeros((batch,), jnp.int32))
+
+  def write(self, keys: jax.Array, values: jax.Array, positions: jax.Array) -> "LatentLayerCache":
+    """keys [B, S, 1, R + P] are the latents; values must be the same array (MLA writes it as both)."""
+    if values is not keys:
+      raise ValueError("LatentLayerCache stores one latent per token: write it as both keys and values")
+    latents = rules.constrain(write_rows(self.latents, keys.swapaxes(1, 2), self.lengths, 1), LAYER_CACHE_AXES)
+    return self.replace(latents=latents,
+                        positions=rules.constrain(write_rows(self.positions, positions, self.lengths, 0), SLOT_AXES),
+                        lengths=self.lengths + positions.shape[1])
+
+  def read(self) -> CachedKV:
+    return CachedKV(self.latents, self.latents, self.positions, self.lengths)
+
+  def drop_last(self, n: jax.Array) -> "LatentLayerCache":
+    return self.replace(lengths=self.lengths - n)
+
+
 # (batch, kv_heads, max_length, head_dim, dtype) -> an empty layer cache.
 LayerCacheFactory = Callable[[int, int, int, int, jnp.dtype], LayerCache]
 
@@ -131,27 +175,40 @@ class KVCache:
     return self.replace(layers=layers, next_positions=self.next_positions - n)
 
 
+def default_layer_cache(config: TransformerConfig) -> LayerCacheFactory:
+  """The cache a model gets unless told otherwise: latent slots for MLA, dense keys and values otherwise."""
+  return LatentLayerCache.empty if config.mla is not None else DenseLayerCache.empty
+
+
 def init_cache(config: TransformerConfig, start: jax.Array, max_length: int, *,
-               layer_cache: LayerCacheFactory = DenseLayerCache.empty) -> KVCache:
+               layer_cache: LayerCacheFactory | None = None) -> KVCache:
   """An empty cache of `max_length` slots for len(start) rows whose real tokens begin at slot start[b]
-  (left padding; zeros for none), built by `layer_cache` for every layer.
+  (left padding; zeros for none), built by `layer_cache` (None: `default_layer_cache`) for every layer, each
+  with the layer's `TransformerConfig.cache_geometry`.
 
   Call it inside jit under a mesh and logical-axis rules to allocate it directly in its sharded layout.
   """
   start = jnp.asarray(start, jnp.int32)
   batch = start.shape[0]
-  make = lambda kv_heads: layer_cache(batch, kv_heads, max_length, config.head_dim, jnp.dtype(config.dtype))
+  layer_cache = layer_cache or default_layer_cache(config)
+
+  def make(i):
+    kv_heads, width = config.cache_geometry(i)
+    return layer_cache(batch, kv_heads, max_length, width, jnp.dtype(config.dtype))
+
   if config.scanned:
-    layers = jax.vmap(lambda _: make(config.layer(0).n_kv_heads))(jnp.arange(config.n_layers))
+    layers = jax.vmap(lambda _: make(0))(jnp.arange(config.n_layers))
   else:
-    layers = tuple(make(config.layer(i).n_kv_heads) for i in range(config.n_layers))
+    layers = tuple(make(i) for i in range(config.n_layers))
   return KVCache(layers=layers, next_positions=-start)
 
 
 def cache_bytes(config: TransformerConfig, batch: int, max_length: int) -> int:
-  """Bytes of keys and values for `batch` rows of `max_length` slots."""
-  per_slot = sum(config.layer(i).n_kv_heads for i in range(config.n_layers)) * config.head_dim
-  return 2 * batch * max_length * per_slot * jnp.dtype(config.dtype).itemsize
+  """Bytes of keys and values (MLA: of the latents, in the default `LatentLayerCache`) for `batch` rows of
+  `max_length` slots."""
+  per_slot = sum(math.prod(config.cache_geometry(i)) for i in range(config.n_layers))
+  copies = 1 if config.mla is not None else 2
+  return copies * batch * max_length * per_slot * jnp.dtype(config.dtype).itemsize
 
 
 def extend_cache(model: Decoder, params: dict, tokens: jax.Array, cache: KVCache, *, last_only: bool = False,

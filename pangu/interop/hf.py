@@ -1,4 +1,6 @@
-"""Hugging Face checkpoints in and out: Llama, Qwen2 and Qwen3 folders (config.json + safetensors), no torch.
+"""Hugging Face checkpoints in and out: Llama, Qwen2, Qwen3 and openPangu folders (config.json + safetensors),
+no torch. The openPangu formats (PanguEmbeddedForCausalLM, PanguProMoEForCausalLM, PanguUltraMoEForCausalLM) are
+mapped in pangu.interop.openpangu; the layouts below are shared (pangu.interop.tensor_layout).
 
 Tensor names and layouts (HF Linear weights are [out, in]; ours put the input first and split heads):
   model.embed_tokens.weight              [V, D]       -> embedding [V, D]
@@ -53,6 +55,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from pangu.interop import openpangu
+from pangu.interop.tensor_layout import HEADS_BIAS, HEADS_IN, HEADS_OUT, SAME_1D, SAME_2D, TRANSPOSED, Layout
 from pangu.models.config import LayerShape, RopeScaling, TransformerConfig
 from pangu.models.param_layout import convert_param_layout
 from pangu.models.transformer import LAYERS_KEY, abstract_params
@@ -75,105 +79,59 @@ class CheckpointFormatError(ValueError):
   """A folder is not a checkpoint this module can read: unknown architecture, missing or extra tensors."""
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Layouts: how one of our tensors is a reshape + transpose of its HF tensor.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-  """HF axis j splits row-major into our axes `groups[j]`; `perm` lists those split axes in our order.
-
-  E.g. q: HF [H*Dh, D] splits into (H, Dh), (D,) = split axes 0, 1, 2; ours is [D, H, Dh], so perm (2, 0, 1).
-  """
-
-  groups: tuple[tuple[int, ...], ...]
-  perm: tuple[int, ...]
-
-  def hf_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
-    split = self._split_shape(ours)
-    return tuple(math.prod(split[a] for a in group) for group in self.groups)
-
-  def _split_shape(self, ours: tuple[int, ...]) -> list[int]:
-    split = [0] * len(ours)
-    for our_axis, split_axis in enumerate(self.perm):
-      split[split_axis] = ours[our_axis]
-    return split
-
-  def to_hf(self, ours: np.ndarray) -> np.ndarray:
-    return ours.transpose(np.argsort(self.perm)).reshape(self.hf_shape(ours.shape))
-
-  def read(self, tensor, ours_shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
-    """Reads ours[index] from an HF tensor slice handle, touching only the HF rows/columns it needs.
-
-    The outer axis of each HF group selects a contiguous HF range; inner axes are cut after the read.
-    """
-    split = self._split_shape(ours_shape)
-    split_index = [slice(None)] * len(ours_shape)
-    for our_axis, split_axis in enumerate(self.perm):
-      split_index[split_axis] = slice(*index[our_axis].indices(ours_shape[our_axis])[:2])
-    hf_index, read_shape, inner_index = [], [], []
-    for group in self.groups:
-      outer, inner = group[0], group[1:]
-      inner_size = math.prod(split[a] for a in inner)
-      start, stop = split_index[outer].start, split_index[outer].stop
-      hf_index.append(slice(start * inner_size, stop * inner_size))
-      read_shape += [stop - start, *(split[a] for a in inner)]
-      inner_index += [slice(None), *(split_index[a] for a in inner)]
-    block = np.asarray(tensor[tuple(hf_index)]).reshape(read_shape)
-    return block[tuple(inner_index)].transpose(self.perm)
-
-
-_SAME_1D = _Layout(((0,),), (0,))
-_SAME_2D = _Layout(((0,), (1,)), (0, 1))
-_TRANSPOSED = _Layout(((0,), (1,)), (1, 0))
-_HEADS_IN = _Layout(((0, 1), (2,)), (2, 0, 1))  # [N*Dh, D] -> [D, N, Dh]
-_HEADS_BIAS = _Layout(((0, 1),), (0, 1))  # [N*Dh] -> [N, Dh]
-_HEADS_OUT = _Layout(((0,), (1, 2)), (1, 2, 0))  # [D, N*Dh] -> [N, Dh, D]
-
 # Our path inside one layer -> (HF name inside model.layers.i, layout).
 _LAYER_TENSORS = {
-    ("pre_attn_norm", "scale"): ("input_layernorm.weight", _SAME_1D),
-    ("attn", "q"): ("self_attn.q_proj.weight", _HEADS_IN),
-    ("attn", "k"): ("self_attn.k_proj.weight", _HEADS_IN),
-    ("attn", "v"): ("self_attn.v_proj.weight", _HEADS_IN),
-    ("attn", "q_bias"): ("self_attn.q_proj.bias", _HEADS_BIAS),
-    ("attn", "k_bias"): ("self_attn.k_proj.bias", _HEADS_BIAS),
-    ("attn", "v_bias"): ("self_attn.v_proj.bias", _HEADS_BIAS),
-    ("attn", "q_norm"): ("self_attn.q_norm.weight", _SAME_1D),
-    ("attn", "k_norm"): ("self_attn.k_norm.weight", _SAME_1D),
-    ("attn", "o"): ("self_attn.o_proj.weight", _HEADS_OUT),
-    ("attn", "o_bias"): ("self_attn.o_proj.bias", _SAME_1D),
-    ("pre_mlp_norm", "scale"): ("post_attention_layernorm.weight", _SAME_1D),
-    ("mlp", "gate"): ("mlp.gate_proj.weight", _TRANSPOSED),
-    ("mlp", "up"): ("mlp.up_proj.weight", _TRANSPOSED),
-    ("mlp", "down"): ("mlp.down_proj.weight", _TRANSPOSED),
-    ("mlp", "gate_bias"): ("mlp.gate_proj.bias", _SAME_1D),
-    ("mlp", "up_bias"): ("mlp.up_proj.bias", _SAME_1D),
-    ("mlp", "down_bias"): ("mlp.down_proj.bias", _SAME_1D),
+    ("pre_attn_norm", "scale"): ("input_layernorm.weight", SAME_1D),
+    ("attn", "q"): ("self_attn.q_proj.weight", HEADS_IN),
+    ("attn", "k"): ("self_attn.k_proj.weight", HEADS_IN),
+    ("attn", "v"): ("self_attn.v_proj.weight", HEADS_IN),
+    ("attn", "q_bias"): ("self_attn.q_proj.bias", HEADS_BIAS),
+    ("attn", "k_bias"): ("self_attn.k_proj.bias", HEADS_BIAS),
+    ("attn", "v_bias"): ("self_attn.v_proj.bias", HEADS_BIAS),
+    ("attn", "q_norm"): ("self_attn.q_norm.weight", SAME_1D),
+    ("attn", "k_norm"): ("self_attn.k_norm.weight", SAME_1D),
+    ("attn", "o"): ("self_attn.o_proj.weight", HEADS_OUT),
+    ("attn", "o_bias"): ("self_attn.o_proj.bias", SAME_1D),
+    ("pre_mlp_norm", "scale"): ("post_attention_layernorm.weight", SAME_1D),
+    ("mlp", "gate"): ("mlp.gate_proj.weight", TRANSPOSED),
+    ("mlp", "up"): ("mlp.up_proj.weight", TRANSPOSED),
+    ("mlp", "down"): ("mlp.down_proj.weight", TRANSPOSED),
+    ("mlp", "gate_bias"): ("mlp.gate_proj.bias", SAME_1D),
+    ("mlp", "up_bias"): ("mlp.up_proj.bias", SAME_1D),
+    ("mlp", "down_bias"): ("mlp.down_proj.bias", SAME_1D),
 }
 _TOP_TENSORS = {
-    ("embedding",): ("model.embed_tokens.weight", _SAME_2D),
-    ("final_norm", "scale"): ("model.norm.weight", _SAME_1D),
-    ("lm_head",): ("lm_head.weight", _TRANSPOSED),
+    ("embedding",): ("model.embed_tokens.weight", SAME_2D),
+    ("final_norm", "scale"): ("model.norm.weight", SAME_1D),
+    ("lm_head",): ("lm_head.weight", TRANSPOSED),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
-  """One of our param leaves and the HF tensors it is made of (one per layer for a scanned leaf)."""
+  """One of our param leaves and the HF tensors it is made of: one, or one per index of its leading `stack`
+  axes (layers of a scanned leaf, then experts of an MoE leaf), in row-major order."""
 
   path: tuple[str, ...]
   hf_names: tuple[str, ...]
-  layout: _Layout
-  shape: tuple[int, ...]  # of one HF tensor's worth of ours (one layer for a scanned leaf)
-  stacked: bool
+  layout: Layout
+  shape: tuple[int, ...]  # of one HF tensor's worth of ours
+  stack: tuple[int, ...] = ()
 
 
 def _path_keys(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", k)) for k in path)
 
 
-def _entries(config: TransformerConfig) -> list[_Entry]:
+def _layer_table(config: TransformerConfig, family: str, i: int) -> dict:
+  if family == openpangu.ULTRA_MOE:
+    return openpangu.ultra_moe_layer_tensors(config, i)
+  if family == openpangu.PRO_MOE:
+    return openpangu.pro_moe_layer_tensors(config, i, _LAYER_TENSORS)
+  return _LAYER_TENSORS
+
+
+def _entries(config: TransformerConfig, family: str) -> list[_Entry]:
   """Every param leaf of `config`'s model with its HF names, in our tree order."""
   out = []
   leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params(config)))[0]
@@ -181,18 +139,20 @@ def _entries(config: TransformerConfig) -> list[_Entry]:
     keys = _path_keys(path)
     if keys in _TOP_TENSORS:
       name, layout = _TOP_TENSORS[keys]
-      out.append(_Entry(keys, (name,), layout, tuple(leaf.shape), False))
+      out.append(_Entry(keys, (name,), layout, tuple(leaf.shape)))
       continue
     layer_key, inner = keys[0], keys[1:]
-    if inner not in _LAYER_TENSORS:
-      raise CheckpointFormatError(f"parameter {'/'.join(keys)} has no Hugging Face counterpart")
-    name, layout = _LAYER_TENSORS[inner]
-    if layer_key == LAYERS_KEY:
-      names = tuple(f"model.layers.{i}.{name}" for i in range(config.n_layers))
-      out.append(_Entry(keys, names, layout, tuple(leaf.shape[1:]), True))
-    else:
-      out.append(_Entry(keys, (f"model.layers.{layer_key.removeprefix('layer_')}.{name}",), layout,
-                        tuple(leaf.shape), False))
+    layers = range(config.n_layers) if layer_key == LAYERS_KEY else (int(layer_key.removeprefix("layer_")),)
+    table = _layer_table(config, family, layers[0])
+    if inner not in table:
+      raise CheckpointFormatError(f"parameter {'/'.join(keys)} has no {family} checkpoint counterpart")
+    name, layout = table[inner]
+    stack = (config.n_layers,) if layer_key == LAYERS_KEY else ()
+    if "{expert}" in name:
+      stack += (config.moe.num_experts,)
+    experts = range(config.moe.num_experts) if "{expert}" in name else (0,)
+    names = tuple(f"model.layers.{i}.{name.format(expert=j)}" for i in layers for j in experts)
+    out.append(_Entry(keys, names, layout, tuple(leaf.shape[len(stack):]), stack))
   return out
 
 
@@ -238,9 +198,29 @@ def _rope_from_hf(hf: dict, where: str) -> tuple[float, RopeScaling | None]:
                               "yarn)")
 
 
+def checkpoint_family(hf: dict, where: str = "config.json") -> str:
+  """`llama`, `qwen2`, `qwen3` (by model_type) or an openPangu family (by architecture, pangu.interop.openpangu)."""
+  try:
+    family = openpangu.family_of(hf)
+  except openpangu.UnsupportedOption as e:
+    raise CheckpointFormatError(f"{where}: {e}") from None
+  family = family or hf.get("model_type")
+  if family not in (*_ARCHITECTURES, *openpangu.SAVED_ARCHITECTURE):
+    supported = sorted(_ARCHITECTURES.values()) + sorted(openpangu.ARCHITECTURES)
+    raise CheckpointFormatError(f"{where}: unsupported architecture model_type={family!r} "
+                                f"(architectures={hf.get('architectures')}); supported: {supported}")
+  return family
+
+
 def config_from_hf(hf: dict, *, dtype: str = "float32", where: str = "config.json") -> TransformerConfig:
   """Our config for an HF config.json dict; raises CheckpointFormatError for what our decoder cannot run."""
-  family = hf.get("model_type")
+  family = checkpoint_family(hf, where)
+  if family in openpangu.SAVED_ARCHITECTURE:
+    theta, scaling = _rope_from_hf(hf, where)
+    try:
+      return openpangu.config_from_openpangu(hf, family, dtype=dtype, theta=theta, scaling=scaling)
+    except openpangu.UnsupportedOption as e:
+      raise CheckpointFormatError(f"{where}: {family} option not supported: {e}") from None
   if family not in _ARCHITECTURES:
     raise CheckpointFormatError(f"{where}: unsupported architecture model_type={family!r} "
                                 f"(architectures={hf.get('architectures')}); supported: {sorted(_ARCHITECTURES)}")
@@ -289,12 +269,32 @@ def _hf_family(config: TransformerConfig) -> str:
   return "qwen3" if config.qk_norm else "llama"
 
 
-def config_to_hf(config: TransformerConfig) -> dict:
-  """The config.json of `config`: Qwen2 when it has q/k/v biases only, Qwen3 with q/k norms, else Llama.
+def _save_family(config: TransformerConfig, architecture: str | None) -> str:
+  """The family `config` is saved as: `architecture`'s (checked to fit), else the one its fields imply."""
+  if architecture is None:
+    return openpangu.family_for(config) or _hf_family(config)
+  families = {**{name: family for family, name in _ARCHITECTURES.items()}, **openpangu.ARCHITECTURES}
+  if architecture not in families:
+    raise ValueError(f"architecture {architecture!r} cannot be saved; known: {sorted(families)}")
+  family = families[architecture]
+  if family in _ARCHITECTURES and family != _hf_family(config):
+    raise ValueError(f"this config is a {_hf_family(config)} model, not {architecture}")
+  return family
+
+
+def config_to_hf(config: TransformerConfig, architecture: str | None = None) -> dict:
+  """The config.json of `config` as `architecture` (e.g. "PanguEmbeddedForCausalLM"), or by default: an MLA
+  model as PanguUltraMoEForCausalLM, else Qwen2 when it has q/k/v biases only, Qwen3 with q/k norms, else Llama.
 
   max_position_embeddings is the config's, or DEFAULT_MAX_POSITION_EMBEDDINGS when it does not know.
   """
-  family = _hf_family(config)
+  family = _save_family(config, architecture)
+  if family in openpangu.SAVED_ARCHITECTURE:
+    return openpangu.config_to_openpangu(config, family, _llama_fields(config, "llama"))
+  return _llama_fields(config, family)
+
+
+def _llama_fields(config: TransformerConfig, family: str) -> dict:
   hf = {
       "architectures": [_ARCHITECTURES[family]], "model_type": family, "vocab_size": config.vocab_size,
       "hidden_size": config.d_model, "intermediate_size": config.d_ff, "num_hidden_layers": config.n_layers,
@@ -323,7 +323,7 @@ def config_to_hf(config: TransformerConfig) -> dict:
       hf["rope_scaling"].update(beta_fast=scaling.beta_fast, beta_slow=scaling.beta_slow, truncate=scaling.truncate)
       if scaling.attention_factor is not None:
         hf["rope_scaling"]["attention_factor"] = scaling.attention_factor
-  if not config.is_uniform:
+  if config.layer_shapes is not None and not config.is_uniform:
     hf[LAYER_SHAPES_KEY] = [dataclasses.asdict(s) for s in config.layer_shapes]
   return hf
 
@@ -377,7 +377,7 @@ def _check_tensors(entries: list[_Entry], files: dict[str, str], info: dict[str,
   return {name: files[name] for name in expected}
 
 
-def _read_array(file: str, name: str, layout: _Layout, shape: tuple[int, ...], sharding, dtype) -> jax.Array:
+def _read_array(file: str, name: str, layout: Layout, shape: tuple[int, ...], sharding, dtype) -> jax.Array:
   """One HF tensor as our [shape] array in `sharding`, each distinct device slice read once from disk."""
   with safe_open(file, framework="np") as f:
     tensor = f.get_slice(name)
@@ -393,20 +393,22 @@ def _read_array(file: str, name: str, layout: _Layout, shape: tuple[int, ...], s
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stacked: jax.Array, layer: jax.Array, i: jax.Array) -> jax.Array:
-  return jax.lax.dynamic_update_index_in_dim(stacked, layer, i, 0)
+def _set_piece(stacked: jax.Array, piece: jax.Array, index: jax.Array) -> jax.Array:
+  """stacked[*index] = piece, for index over the leading len(index) axes."""
+  start = (*index, *(jnp.int32(0),) * piece.ndim)
+  return jax.lax.dynamic_update_slice(stacked, piece.reshape((1,) * index.shape[0] + piece.shape), start)
 
 
-def _layer_sharding(sharding) -> Any:
+def _piece_sharding(sharding, stacked_axes: int) -> Any:
   if isinstance(sharding, NamedSharding):
-    return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+    return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[stacked_axes:]))
   return sharding
 
 
 def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: str | None = None,
                     scan_layers: bool = True,
                     logical_rules: rules.LogicalRules = rules.DEFAULT_RULES) -> tuple[TransformerConfig, dict]:
-  """Reads an HF Llama / Qwen2 / Qwen3 folder into (config, params).
+  """Reads an HF Llama / Qwen2 / Qwen3 / openPangu folder into (config, params).
 
   Args:
     path: folder with config.json and model.safetensors (or shards + model.safetensors.index.json).
@@ -425,7 +427,7 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype:
   stored_dtype = info.get("model.embed_tokens.weight", next(iter(info.values())))[1]
   dtype = dtype or _SAFETENSORS_DTYPES.get(stored_dtype, "float32")
   config = config_from_hf(hf, dtype=dtype, where=config_path).replace(scan_layers=scan_layers)
-  entries = _entries(config)
+  entries = _entries(config, checkpoint_family(hf, config_path))
   files = _check_tensors(entries, files, info, path)
 
   abstract = abstract_params(config)
@@ -441,13 +443,13 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype:
   leaves = {}
   for e in entries:
     sharding, leaf_dtype = flat_shardings[e.path], dtypes[e.path]
-    if not e.stacked:
+    if not e.stack:
       leaves[e.path] = _read_array(files[e.hf_names[0]], e.hf_names[0], e.layout, e.shape, sharding, leaf_dtype)
       continue
-    stacked = jnp.zeros((len(e.hf_names), *e.shape), leaf_dtype, device=sharding)
+    stacked = jnp.zeros((*e.stack, *e.shape), leaf_dtype, device=sharding)
     for i, name in enumerate(e.hf_names):
-      layer = _read_array(files[name], name, e.layout, e.shape, _layer_sharding(sharding), leaf_dtype)
-      stacked = _set_layer(stacked, layer, jnp.int32(i))
+      piece = _read_array(files[name], name, e.layout, e.shape, _piece_sharding(sharding, len(e.stack)), leaf_dtype)
+      stacked = _set_piece(stacked, piece, jnp.asarray(np.unravel_index(i, e.stack), jnp.int32))
     leaves[e.path] = stacked
   treedef = jax.tree.structure(shardings)
   ordered = [leaves[_path_keys(p)] for p, _ in jax.tree_util.tree_flatten_with_path(shardings)[0]]
@@ -458,14 +460,16 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype:
 # Saving
 
 
-def _hf_tensors(config: TransformerConfig, params: dict) -> Iterator[tuple[str, Callable[[], np.ndarray], int]]:
+def _hf_tensors(config: TransformerConfig, params: dict,
+                family: str) -> Iterator[tuple[str, Callable[[], np.ndarray], int]]:
   """(HF name, a function producing that tensor on the host, its byte size), in HF order."""
   flat = {_path_keys(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
   by_name = {}
-  for e in _entries(config):
+  for e in _entries(config, family):
     leaf = flat[e.path]
     for i, name in enumerate(e.hf_names):
-      get = (lambda leaf=leaf, i=i, e=e: e.layout.to_hf(np.asarray(leaf[i] if e.stacked else leaf)))
+      get = (lambda leaf=leaf, i=i, e=e: e.layout.to_hf(np.asarray(leaf[np.unravel_index(i, e.stack)]
+                                                                    if e.stack else leaf)))
       by_name[name] = (get, math.prod(e.shape) * leaf.dtype.itemsize)
   layer_names = sorted((n for n in by_name if n.startswith("model.layers.")),
                        key=lambda n: (int(n.split(".")[2]), n))
@@ -476,18 +480,19 @@ def _hf_tensors(config: TransformerConfig, params: dict) -> Iterator[tuple[str, 
 
 
 def save_pretrained(config: TransformerConfig, params: dict, path: str | os.PathLike, *,
-                    max_shard_bytes: int = 2 << 30) -> None:
+                    architecture: str | None = None, max_shard_bytes: int = 2 << 30) -> None:
   """Writes config.json + model.safetensors (or numbered shards and an index when over max_shard_bytes).
 
   Tensors keep the params' dtype bit for bit, so `load_pretrained` gives back the same arrays (in the
   `training` layout: `decode`-layout params are transposed back first). The host holds at most one shard's
-  tensors at a time.
+  tensors at a time. `architecture` picks the format (see `config_to_hf`; e.g. "PanguEmbeddedForCausalLM").
   """
-  hf_config = config_to_hf(config)
+  hf_config = config_to_hf(config, architecture)
+  family = _save_family(config, architecture)
   config, params = convert_param_layout(config, params, "training")
   path = os.fspath(path)
   os.makedirs(path, exist_ok=True)
-  tensors = list(_hf_tensors(config, params))
+  tensors = list(_hf_tensors(config, params, family))
   shards, size = [[]], 0
   for item in tensors:
     if shards[-1] and size + item[2] > max_shard_bytes:

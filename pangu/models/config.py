@@ -12,6 +12,7 @@ from pangu.nn.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from pangu.nn.attention import AttentionConfig
 from pangu.nn.init import INIT_SCHEMES, InitConfig, InitScheme
 from pangu.nn.linear import DTYPES, PARAM_LAYOUTS, ParamLayout, ProjectionConfig
+from pangu.nn.mla import LatentDims, MLAConfig
 from pangu.nn.mlp import MLP_ACTIVATIONS, MlpActivation, MLPConfig
 from pangu.nn.mole import MoLEConfig
 from pangu.nn.moe.config import MoEConfig
@@ -85,6 +86,12 @@ class TransformerConfig:
       from Hugging Face's config.json).
     bos_token_id, eos_token_ids: the tokenizer's begin / end-of-sequence ids, when known; generation stops at
       any of `eos_token_ids`.
+    mtp_layers: multi-token prediction (Pangu Ultra MoE, DeepSeek-V3): 1 adds one more decoder block that reads
+      the last hidden state and the next token's embedding and predicts the token after it, sharing the
+      embedding and the output head (`Decoder.mtp_logits`, the loss `pangu.train.mtp.mtp_loss`); 0: none.
+    mla: multi-head latent attention (pangu.nn.mla) of these widths in every layer instead of GQA; needs
+      n_kv_heads == n_heads (every head has its own key and value) and no GQA-only option (q/k/v biases,
+      qk_norm, sliding window, soft-cap); head_dim is then unused.
   """
 
   vocab_size: int
@@ -123,6 +130,8 @@ class TransformerConfig:
   max_position_embeddings: int | None = None
   bos_token_id: int | None = None
   eos_token_ids: tuple[int, ...] = ()
+  mla: LatentDims | None = None
+  mtp_layers: int = 0
 
   def __post_init__(self):
     positive_ints(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
@@ -180,6 +189,22 @@ class TransformerConfig:
     if not isinstance(self.first_k_dense, int) or not 0 <= self.first_k_dense <= max_dense:
       raise ValueError(f"TransformerConfig.first_k_dense must be an int in [0, {max_dense}] (moe="
                        f"{'set' if self.moe else 'None'}, n_layers={self.n_layers}), got {self.first_k_dense!r}")
+    if self.mla is not None:
+      self._check_mla()
+    if self.mtp_layers not in (0, 1) or isinstance(self.mtp_layers, bool):
+      raise ValueError(f"TransformerConfig.mtp_layers must be 0 or 1 (one MTP block), got {self.mtp_layers!r}")
+    if self.mtp_layers and self.mole is not None:
+      raise ValueError("TransformerConfig.mtp_layers with mole is not built (the MTP block has no lookup experts)")
+
+  def _check_mla(self):
+    if not isinstance(self.mla, LatentDims):
+      raise ValueError(f"TransformerConfig.mla must be a LatentDims or None, got {self.mla!r}")
+    if self.n_kv_heads != self.n_heads or self.layer_shapes is not None:
+      raise ValueError(f"TransformerConfig.mla needs n_kv_heads == n_heads and no layer_shapes, got n_heads="
+                       f"{self.n_heads}, n_kv_heads={self.n_kv_heads}, layer_shapes={self.layer_shapes!r}")
+    for name in ("attention_bias", "qk_norm", "sliding_window", "attention_logit_softcap", "attention_output_bias"):
+      if getattr(self, name):
+        raise ValueError(f"TransformerConfig.{name}={getattr(self, name)!r} is a GQA option; MLA (mla) has none")
 
   def layer(self, i: int) -> LayerShape:
     if self.layer_shapes is not None:
@@ -207,6 +232,18 @@ class TransformerConfig:
         output_bias=self.attention_output_bias, sliding_window=self.sliding_window,
         logit_softcap=self.attention_logit_softcap, implementation=self.attention_implementation,
         projection=self.projection)
+
+  def mla_config(self, i: int) -> MLAConfig:
+    """Layer i's latent attention (with `mla`)."""
+    return MLAConfig(self.d_model, self.layer(i).n_heads, self.mla, rope_theta=self.rope_theta,
+                     rope_scaling=self.rope_scaling, norm_eps=self.norm_eps,
+                     implementation=self.attention_implementation, projection=self.projection)
+
+  def cache_geometry(self, i: int) -> tuple[int, int]:
+    """(kv heads, width) of what layer i caches per token: K keys / values of Dh, or MLA's one latent."""
+    if self.mla is not None:
+      return 1, self.mla.cache_width
+    return self.layer(i).n_kv_heads, self.head_dim
 
   def mlp_config(self, i: int) -> MLPConfig:
     """Layer i's dense feed-forward (the shared FFN of a MoLE layer)."""
@@ -239,4 +276,6 @@ class TransformerConfig:
       d["moe"] = MoEConfig(**d["moe"])
     if d.get("mole") is not None:
       d["mole"] = MoLEConfig(**d["mole"])
+    if d.get("mla") is not None:
+      d["mla"] = LatentDims(**d["mla"])
     return cls(**d)

@@ -40,19 +40,31 @@ def _ffn_weights_per_token(config: TransformerConfig, i: int) -> int:
   return dense + d * mole.num_experts + experts
 
 
+def _mla_weights_per_token(config: TransformerConfig) -> int:
+  """MLA's projection weights in the training form: q down/up (or one q), kv down/up and o."""
+  dims, d, h = config.mla, config.d_model, config.n_heads
+  q = d * h * dims.qk_dim if dims.q_lora_rank is None else dims.q_lora_rank * (d + h * dims.qk_dim)
+  kv = d * dims.cache_width + dims.kv_lora_rank * h * (dims.qk_nope_dim + dims.v_head_dim)
+  return q + kv + h * dims.v_head_dim * d
+
+
 def forward_matmul_flops_per_token(config: TransformerConfig, seq_len: int) -> float:
   """Matmul FLOPs of one forward pass per token at sequence length S, as the model executes them.
 
   Projections: 2 * (weights touched per token). Attention: QK^T and AV over the full S x S score matrix,
-  2 * 2 * S * H * Dh per token (the masked half is computed too, so it counts towards utilisation).
+  2 * 2 * S * H * Dh per token (MLA: 2 * S * H * (N + P + V)) (the masked half is computed too, so it counts towards utilisation).
   The embedding lookup is a gather, not a matmul.
   """
   d, dh = config.d_model, config.head_dim
   total = 0.0
   for i in range(config.n_layers):
     shape = config.layer(i)
-    projections = d * dh * (2 * shape.n_heads + 2 * shape.n_kv_heads) + _ffn_weights_per_token(config, i)
-    total += 2 * projections + 4 * seq_len * shape.n_heads * dh
+    if config.mla is not None:
+      attention, scores = _mla_weights_per_token(config), 2 * seq_len * shape.n_heads * (
+          config.mla.qk_dim + config.mla.v_head_dim)
+    else:
+      attention, scores = d * dh * (2 * shape.n_heads + 2 * shape.n_kv_heads), 4 * seq_len * shape.n_heads * dh
+    total += 2 * (attention + _ffn_weights_per_token(config, i)) + scores
   total += 2 * d * config.vocab_size
   return total
 

@@ -1,6 +1,7 @@
 """Named model shapes: tiny (tests), small (experiments, benchmarks) and the published Pangu models."""
 
 from pangu.models.config import TransformerConfig
+from pangu.nn.mla import LatentDims
 from pangu.nn.moe.config import MoEConfig
 
 
@@ -36,8 +37,22 @@ def pangu_pro_moe_72b(**overrides) -> TransformerConfig:
   return TransformerConfig(**{**base, **overrides})
 
 
+def pangu_ultra_moe_718b(**overrides) -> TransformerConfig:
+  """Pangu Ultra MoE 718B (arXiv 2505.04519; the openPangu-Ultra-MoE-718B config.json), the shape of
+  pangu.sim.shapes.ultra_moe_718b: 61 layers, the first 3 dense (FFN 18,432), then 256 routed experts of
+  width 2,048 + 1 shared expert, top-8; MLA with 128 heads (q_lora 1536, kv_lora 512, nope 128, rope 64,
+  v 128); depth-scaled sandwich norm; vocab 153,600, hidden 7,680, untied embeddings. The MTP layer is not
+  part of the decoder. The router is plain softmax top-8 here, as in the simulator.
+  """
+  moe = MoEConfig(num_experts=256, top_k=8, expert_dim=2048, router="topk", num_shared_experts=1)
+  mla = LatentDims(q_lora_rank=1536, kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64, v_head_dim=128)
+  base = dict(vocab_size=153_600, d_model=7680, n_layers=61, n_heads=128, n_kv_heads=128, d_ff=18_432,
+              head_dim=mla.qk_dim, mla=mla, moe=moe, first_k_dense=3, norm_placement="depth_scaled_sandwich")
+  return TransformerConfig(**{**base, **overrides})
+
+
 PRESETS = {"tiny": tiny, "small": small, "pangu_ultra_135b": pangu_ultra_135b,
-           "pangu_pro_moe_72b": pangu_pro_moe_72b}
+           "pangu_pro_moe_72b": pangu_pro_moe_72b, "pangu_ultra_moe_718b": pangu_ultra_moe_718b}
 
 
 def get_preset(name: str, **overrides) -> TransformerConfig:

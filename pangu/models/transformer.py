@@ -6,6 +6,9 @@ Norm placement per block (Pangu Ultra, arXiv 2504.07866, eq. 1-2):
 The post-norms normalise the sublayer output before the residual add; in `depth_scaled_sandwich` their
 gains start at c/sqrt(L).
 
+Attention is GQA (`pangu.nn.attention.Attention`) or, with `config.mla`, multi-head latent attention
+(`pangu.nn.mla.MultiHeadLatentAttention`, absorbed over a latent cache when decoding).
+
 The feed-forward is the dense SwiGLU or GELU MLP (`mlp`) or, with `config.moe`, the sparse `MoEFeedForward`
 (`moe`), whose losses and load metrics go to the `moe` collection (apply with `mutable=[MOE_COLLECTION]` to read
 them). With `config.mole`, lookup experts (`mole`) read the embedding output beside the dense `mlp`; in their
@@ -14,6 +17,11 @@ lookup form the layers read table rows fetched once per call from wherever the t
 A uniform model scans one block over a stacked `layers` axis; a non-uniform one (per-layer widths after
 pruning, or first-k-dense layers before MoE ones) unrolls. `stack_layers` / `unstack_layers` convert between
 the two param layouts.
+
+With `config.mtp_layers`, the decoder also owns one multi-token-prediction block (`mtp_*` params, Pangu Ultra
+MoE / DeepSeek-V3 sec. 2.2): `Decoder.mtp_logits` combines the last hidden state h_s with the embedding of token
+s+1 as W [norm(h_s); norm(emb(t_{s+1}))], runs one more decoder block of the last layer's kind over the result,
+and predicts token s+2 through the shared final norm and output head. The plain forward never runs it.
 
 `Decoder.run` is the one forward: optionally over a KV cache (one `LayerCache` per layer, stacked for a
 scanned model; see pangu.infer.kv_cache) and optionally in stages with a hook between them
@@ -33,6 +41,7 @@ from pangu.models.stages import LayerStages, TokenState
 from pangu.nn import init as inits
 from pangu.nn import linear
 from pangu.nn.attention import Attention, AttentionMask, LayerCache
+from pangu.nn.mla import MultiHeadLatentAttention
 from pangu.nn.mlp import MLP
 from pangu.nn.mole import LookupExperts, StoredTable, TableShape, lookup_rows
 from pangu.nn.moe import MOE_COLLECTION, MoEFeedForward
@@ -65,8 +74,11 @@ class DecoderBlock(nn.Module):
     init = cfg.init_config
     kernel_inits = dict(kernel_init=inits.kernel_init(init), output_init=inits.kernel_init(init, residual_output=True))
 
-    h, cache = Attention(cfg.attention_config(self.layer_index), **kernel_inits, name="attn")(
-        RMSNorm(cfg.norm_eps, name="pre_attn_norm")(x), mask, cache)
+    if cfg.mla is not None:
+      attention = MultiHeadLatentAttention(cfg.mla_config(self.layer_index), **kernel_inits, name="attn")
+    else:
+      attention = Attention(cfg.attention_config(self.layer_index), **kernel_inits, name="attn")
+    h, cache = attention(RMSNorm(cfg.norm_eps, name="pre_attn_norm")(x), mask, cache)
     if sandwich:
       h = RMSNorm(cfg.norm_eps, gain_init=gain_attn, name="post_attn_norm")(h)
     x = x + h
@@ -137,6 +149,12 @@ class Decoder(nn.Module):
     if cfg.mole is not None and cfg.mole.lookup and cfg.mole.table_storage in ("device", "host"):
       self.mole_table = StoredTable(mole_table_shape(cfg), cfg.mole.table_format)
     self.final_norm = RMSNorm(cfg.norm_eps)
+    if cfg.mtp_layers:
+      self.mtp_hidden_norm = RMSNorm(cfg.norm_eps)
+      self.mtp_embed_norm = RMSNorm(cfg.norm_eps)
+      self.mtp_proj = linear.kernel(self, cfg.projection, "mtp_proj", (2 * cfg.d_model,), (cfg.d_model,),
+                                    (None,), (rules.EMBED,), inits.kernel_init(cfg.init_config))
+      self.mtp_block = _remat(DecoderBlock, cfg.remat)(cfg, cfg.n_layers - 1)
     if not cfg.tie_embeddings:
       self.lm_head = linear.kernel(self, cfg.projection, "lm_head", (cfg.d_model,), (cfg.vocab_size,),
                                    (rules.EMBED,), (rules.VOCAB,), inits.kernel_init(cfg.init_config))
@@ -145,8 +163,26 @@ class Decoder(nn.Module):
                segment_ids: jax.Array | None = None) -> jax.Array:
     """Logits [B, S, V] of tokens [B, S] at `positions` (default 0..S-1), attending only within their
     `segment_ids` (packed sequences) when given."""
-    logits, _, _ = self.run(tokens, positions, segment_ids=segment_ids)
+    logits, _, state = self.run(tokens, positions, segment_ids=segment_ids)
+    if self.config.mtp_layers and self.is_initializing():  # create the MTP params with the rest
+      self.mtp_logits(state.x, tokens, positions, segment_ids)
     return logits
+
+  def mtp_logits(self, hidden: jax.Array, next_tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+    """The MTP block's logits [B, S, V]: from the last hidden states hidden [B, S, D] (before the final norm,
+    `TokenState.x` of `run`) and the tokens that follow them next_tokens [B, S], the token after those."""
+    cfg = self.config
+    if not cfg.mtp_layers:
+      raise ValueError("Decoder.mtp_logits needs TransformerConfig.mtp_layers=1")
+    chex.assert_equal_shape_prefix([hidden, next_tokens], 2)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(hidden.shape[1], dtype=jnp.int32), hidden.shape[:2])
+    joined = jnp.concatenate([self.mtp_hidden_norm(hidden), self.mtp_embed_norm(self._embed(next_tokens))], -1)
+    x = linear.project(joined.astype(cfg.dtype), self.mtp_proj, cfg.projection)
+    mask = AttentionMask.self_attention(positions.astype(jnp.int32), segment_ids=segment_ids)
+    x, _ = self.mtp_block(x, mask)
+    return self._logits(x)
 
   def run(self, tokens: jax.Array, positions: jax.Array | None = None, *, caches: LayerCaches | None = None,
           segment_ids: jax.Array | None = None, stages: LayerStages | None = None, stage_params=None,

@@ -226,16 +226,25 @@ def from_config(config: TransformerConfig, name: str = "model") -> ModelShape:
     raise ValueError("from_config: the simulator models uniform layers; this config has per-layer shapes "
                      f"{set(config.layer_shapes)}")
   layer = config.layer(0)
+  if config.mla is not None:
+    dims = config.mla
+    if dims.q_lora_rank is None:
+      raise ValueError("from_config: the simulator's MLA has a query latent; this config has q_lora_rank=None")
+    attention = MLA(layer.n_heads, dims.q_lora_rank, dims.kv_lora_rank, dims.qk_nope_dim, dims.qk_rope_dim,
+                    dims.v_head_dim)
+  else:
+    attention = GQA(layer.n_heads, layer.n_kv_heads, config.head_dim, bias=config.attention_bias,
+                    qk_norm=config.qk_norm)
   return ModelShape(
       name=name,
       vocab_size=config.vocab_size,
       d_model=config.d_model,
       n_layers=config.n_layers,
-      attention=GQA(layer.n_heads, layer.n_kv_heads, config.head_dim, bias=config.attention_bias,
-                    qk_norm=config.qk_norm),
+      attention=attention,
       d_ff=layer.d_ff,
       moe=config.moe,
       first_k_dense=config.first_k_dense,
+      mtp_layers=config.mtp_layers,
       norms_per_layer=2 if config.norm_placement == "pre" else 4,
       tie_embeddings=config.tie_embeddings,
   )

@@ -56,13 +56,19 @@ def lm_loss(model_config: TransformerConfig, train_config: TrainConfig) -> LossF
     logits, variables = model.apply({"params": params}, batch["inputs"], mutable=[MOE_COLLECTION])
     loss, metrics = cross_entropy_loss(logits, batch["targets"], batch["mask"], z_loss=train_config.z_loss)
     if model_config.moe is not None:
-      moe = moe_metrics(variables[MOE_COLLECTION])
-      loss = loss + moe["aux_loss"] + moe["router_z_loss"]
-      metrics.update({f"moe_{name}": moe[name] for name in _MOE_SCALARS})
-      metrics["moe_device_load"] = moe["device_load"].sum(axis=0)
+      loss = add_moe_losses(loss, metrics, variables[MOE_COLLECTION])
     return loss, metrics
 
   return loss_fn
+
+
+def add_moe_losses(loss: jax.Array, metrics: Metrics, collection) -> jax.Array:
+  """loss + the MoE balance and router z-losses sown into `collection` (the `moe` collection of an apply);
+  adds the moe_* metrics of `lm_loss` to `metrics` in place."""
+  moe = moe_metrics(collection)
+  metrics.update({f"moe_{name}": moe[name] for name in _MOE_SCALARS})
+  metrics["moe_device_load"] = moe["device_load"].sum(axis=0)
+  return loss + moe["aux_loss"] + moe["router_z_loss"]
 
 
 def load_loss_factory(spec: str) -> Callable:

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pangu.config_checks import one_of, positive_ints
 
-Router = Literal["topk", "group_limited", "moge"]
+Router = Literal["topk", "group_limited", "moge", "sigmoid_topk"]
 Dispatch = Literal["dropless", "capacity"]
 AuxScores = Literal["global", "group_local"]
 BalanceScope = Literal["microbatch", "ep_group", "global_batch"]
@@ -17,7 +17,7 @@ ExpertsImplementation = Literal["auto", "ragged", "blocked", "dense", "selected"
 ExpertStorage = Literal["device", "host"]
 RoutingImplementation = Literal["auto", "xla", "pallas"]
 
-ROUTERS = ("topk", "group_limited", "moge")
+ROUTERS = ("topk", "group_limited", "moge", "sigmoid_topk")
 DISPATCHES = ("dropless", "capacity")
 AUX_SCORES = ("global", "group_local")
 BALANCE_SCOPES = ("microbatch", "ep_group", "global_batch")
@@ -36,7 +36,9 @@ class MoEConfig:
     expert_dim: F, hidden width of one routed expert (Pro MoE: 1344).
     router: `topk` (softmax over the K largest logits, Pro MoE Eq. 1-2), `group_limited` (DeepSeek-V2: global
       softmax, keep the `topk_groups` groups with the largest expert score, top-K among their experts) or `moge`
-      (Pro MoE Eq. 5-7: global softmax, top-K' inside each of the M groups, no renormalisation).
+      (Pro MoE Eq. 5-7: global softmax, top-K' inside each of the M groups, no renormalisation) or
+      `sigmoid_topk` (Pangu Ultra MoE / DeepSeek-V3 without the bias correction: sigmoid of each logit, the K
+      largest, renormalised to sum to 1).
     num_groups: M, contiguous blocks of N / M expert ids. MoGE and group-limited routing select within them;
       for every router they are the devices of the load metrics when the layer runs without expert parallelism.
     topk_groups: groups a token may use under `group_limited` routing; unused otherwise.
@@ -44,6 +46,7 @@ class MoEConfig:
       num_shared_experts * expert_dim (the down projection is linear, so the two are equal).
     router_scale: a trainable per-expert scale [N], initialised to ones, on the selected weights (vllm-ascend's
       `router_scale`; not in the paper, so off by default).
+    routed_scaling_factor: a constant on every selected weight (openPangu Ultra MoE's `routed_scaling_factor`).
     aux_loss_coef: alpha of the batch-level balance loss alpha * sum_i f_i p_i (spec: 1e-2).
     aux_scores: the p_i of that loss from the `global` softmax over N (the paper's choice) or a `group_local`
       softmax inside each group (the paper's ablation).
@@ -78,6 +81,7 @@ class MoEConfig:
   topk_groups: int | None = None
   num_shared_experts: int = 0
   router_scale: bool = False
+  routed_scaling_factor: float = 1.0
   aux_loss_coef: float = 1e-2
   aux_scores: AuxScores = "global"
   balance_scope: BalanceScope = "global_batch"
@@ -123,6 +127,8 @@ class MoEConfig:
                        f"with router={self.router!r}")
     if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
       raise ValueError(f"MoEConfig.num_shared_experts must be an int >= 0, got {self.num_shared_experts!r}")
+    if not self.routed_scaling_factor > 0:
+      raise ValueError(f"MoEConfig.routed_scaling_factor must be > 0, got {self.routed_scaling_factor!r}")
     for name in ("aux_loss_coef", "router_z_loss_coef"):
       if not getattr(self, name) >= 0:
         raise ValueError(f"MoEConfig.{name} must be >= 0, got {getattr(self, name)!r}")

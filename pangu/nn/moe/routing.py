@@ -24,6 +24,13 @@ def topk_route(logits: jax.Array, *, k: int) -> tuple[jax.Array, jax.Array]:
   return jax.nn.softmax(top_logits, axis=-1), expert_ids.astype(jnp.int32)
 
 
+def sigmoid_topk_route(logits: jax.Array, *, k: int) -> tuple[jax.Array, jax.Array]:
+  """Pangu Ultra MoE's gate (the openPangu modeling code; DeepSeek-V3's without its bias correction): scores
+  sigmoid(logits), the K largest, divided by their sum."""
+  scores, expert_ids = jax.lax.top_k(jax.nn.sigmoid(logits.astype(jnp.float32)), k)
+  return scores / (scores.sum(axis=-1, keepdims=True) + 1e-20), expert_ids.astype(jnp.int32)
+
+
 def group_limited_route(logits: jax.Array, *, num_groups: int, topk_groups: int,
                         k: int) -> tuple[jax.Array, jax.Array]:
   """DeepSeek-V2's group-limited top-K, the baseline MoGE is compared with.
@@ -103,16 +110,20 @@ def resolve_routing_implementation(config: MoEConfig) -> str:
 
 def route(logits: jax.Array, config: MoEConfig,
           router_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """The configured router and routing implementation; `router_scale` [N] (optional) multiplies each selected
-  weight by scale[id]."""
+  """The configured router and routing implementation; `routed_scaling_factor` and `router_scale` [N]
+  (optional) multiply each selected weight, the latter by scale[id]."""
   if config.router == "moge":
     moge = pallas_moge_route if resolve_routing_implementation(config) == "pallas" else moge_route
     weights, expert_ids = moge(logits, num_groups=config.num_groups, k_per_group=config.k_per_group)
   elif config.router == "group_limited":
     weights, expert_ids = group_limited_route(logits, num_groups=config.num_groups,
                                               topk_groups=config.topk_groups, k=config.top_k)
+  elif config.router == "sigmoid_topk":
+    weights, expert_ids = sigmoid_topk_route(logits, k=config.top_k)
   else:
     weights, expert_ids = topk_route(logits, k=config.top_k)
+  if config.routed_scaling_factor != 1.0:
+    weights = weights * config.routed_scaling_factor
   if router_scale is not None:
     weights = weights * router_scale.astype(jnp.float32)[expert_ids]
   return weights, expert_ids
