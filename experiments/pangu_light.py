@@ -117,8 +117,9 @@ def claims(payload: dict) -> list[dict]:
   vs_slim = _compare(best, after["slimllm"])
   rows.append(common.claim(
       "Pangu Light", "Pangu Light beats other pruned models of the same size", PAPER,
-      f"after equal KD: clap_slnp {best:.4g} ({v['clap_slnp']['params']} params) vs SlimLLM {after['slimllm']:.4g} "
-      f"({v['slimllm']['params']} params); prefill {v['clap_slnp']['prefill_speedup']:.2f}x vs "
+      f"after equal KD, same non-embedding ratio: clap_slnp {best:.4g} ({v['clap_slnp']['params']} params in all) "
+      f"vs SlimLLM {after['slimllm']:.4g} ({v['slimllm']['params']}: SlimLLM keeps the full embedding width); "
+      f"prefill {v['clap_slnp']['prefill_speedup']:.2f}x vs "
       f"{v['slimllm']['prefill_speedup']:.2f}x",
       "reproduced" if vs_slim < 0 else "contradicted" if vs_slim > 0 else "not reproduced"))
   before = {name: r["ppl_before_kd"] for name, r in v.items()}
