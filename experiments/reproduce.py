@@ -28,7 +28,7 @@ EXPERIMENTS = (
     ("pruning", "SlimLLM: structured pruning at 20 % and 50 % against magnitude, Wanda-sp, FLAP, Taylor and layer "
                 "drop; perplexity without tuning, parameters and prefill speed-up.", 420),
     ("pangu_light", "Pangu Light: joint width + depth pruning with CLAP / SLNP vs truncation and SlimLLM, before and "
-                    "after the same distillation budget (reuses the pruning experiment's cached base).", 150),
+                    "after the same distillation budget (reuses the pruning experiment's cached base).", 120),
     ("simulate_ascend", "Pangu Ultra MoE / Pro MoE: the calibrated performance simulator and the papers' layouts.",
      60),
     ("bench_moe_layer", "MoE layer step time per dispatch and exchange (benchmark, no paper claim).", 120),
