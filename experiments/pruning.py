@@ -20,14 +20,8 @@ Writes <results_dir>/pruning.json: {"base": {"params", "ppl"}, "methods": {name:
 vs parameters per method; prefill speed-up) and pruning.md.
 """
 
-import contextlib
-import dataclasses
-import json
 import math
 import os
-import shutil
-import tempfile
-import time
 
 # One CPU device: prefill is timed on one device, and on a few cores the eight fake devices the other experiments
 # use only add overhead (an explicit XLA_FLAGS still wins).
@@ -35,7 +29,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
 from absl import app, flags  # noqa: E402
 
-from experiments import common  # noqa: E402
+from experiments import common, small_lm  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", None, "Most training steps of the base model.", lower_bound=2)
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", None, "Steps between validation checks of the base model.",
@@ -54,10 +48,9 @@ _ABLATIONS = flags.DEFINE_bool("ablations", True, "Also run SlimLLM's ablations 
 _TIMING_PRESET = flags.DEFINE_string("timing_preset", "small", "Also time every method's calibration on this preset "
                                      "of pangu.models (random weights, vocab 384); empty: skip.")
 
-FULL = dict(steps=3000, eval_every=250, width=256, layers=12, heads=8, d_ff=640, eval_batches=32, repeats=20)
-QUICK = dict(FULL, steps=400, eval_every=100, width=128, layers=6, heads=8, d_ff=384, eval_batches=8, repeats=15)
-SEQ_LEN, BATCH, PREFILL_BATCH, SEED = 128, 16, 8, 0
-FLAT = 0.01  # validation loss has flattened when the last interval improved it by less than this fraction
+FULL = dict(small_lm.BASE_FULL, eval_batches=32, repeats=20)
+QUICK = dict(small_lm.BASE_QUICK, eval_batches=8, repeats=15)
+SEQ_LEN, BATCH, PREFILL_BATCH, SEED = small_lm.SEQ_LEN, small_lm.BATCH, 8, small_lm.SEED
 CLOSE = 0.05  # within this relative perplexity a ranking is not evidence against the claim
 CLAIM = ("SlimLLM has the lowest perplexity among training-free structured pruning methods at both 20 % and 50 % "
          "of the parameters removed (LLaMA-7B, WikiText2, no tuning: 15.95 at 20 %, 37.89 at 50 %; dense 12.62).")
@@ -69,112 +62,6 @@ ABLATIONS = {"no_greedy": dict(greedy_search=False), "plain_ffn": dict(ffn_impor
              "uniform": dict(uniform=True), "recovery_none": dict(recovery="none"),
              "recovery_lstsq": dict(recovery="lstsq"),
              "flattened_pearson": dict(head_corr="flattened"), "exempt_1pct": dict(ffn_exempt_lowest_frac=0.01)}
-
-
-def base_config(setup: dict):
-  from pangu import models
-  return models.TransformerConfig(vocab_size=384, d_model=setup["width"], n_layers=setup["layers"],
-                                  n_heads=setup["heads"], n_kv_heads=setup["heads"], d_ff=setup["d_ff"],
-                                  init="small", max_position_embeddings=SEQ_LEN)
-
-
-def validation_loss(config, params, batches: list) -> float:
-  """Mean next-byte cross entropy (nats) over every unmasked validation target; perplexity is its exp."""
-  from pangu import models
-  total = tokens = 0.0
-  for b in batches:
-    ce = models.cross_entropy_loss(models.forward(config, params, b["inputs"]), b["targets"], b["mask"])[0]
-    total += float(ce) * float(b["mask"].sum())
-    tokens += float(b["mask"].sum())
-  return total / tokens
-
-
-def train_base(setup: dict, results_dir: str, train_data, val_batches: list) -> tuple:
-  """(config, params, training record): trained in intervals of eval_every steps until the validation loss
-  improves by less than FLAT over one, or loaded when <results_dir>/pruning_base holds this very run."""
-  import jax
-
-  from pangu import data
-  from pangu.train.config import TrainConfig
-  from pangu.train.loop import LoopConfig, train
-
-  config = base_config(setup)
-  steps, every = setup["steps"], setup["eval_every"]
-  train_config = TrainConfig(peak_lr=3e-3, end_lr=3e-4, warmup_steps=max(steps // 50, 10), total_steps=steps)
-  folder = os.path.join(results_dir, "pruning_base")
-  record_path = os.path.join(folder, "training.json")
-  signature = json.loads(json.dumps({"model": config.to_dict(), "train": dataclasses.asdict(train_config),
-                                     "seed": SEED, "batch": BATCH, "seq_len": SEQ_LEN}))
-  mesh = _mesh()
-  batches = data.BatchIterator(train_data, global_batch_size=BATCH, seed=SEED)
-  record = None
-  if os.path.exists(record_path):
-    with open(record_path) as f:
-      record = json.load(f)
-    if record.get("signature") != signature:
-      record = None
-  if record is not None:
-    state, _ = train(config, train_config, LoopConfig(steps=record["final_step"], seed=SEED, checkpoint_dir=folder),
-                     batches, mesh)
-    return config, jax.device_get(state.params), {**record, "cached": True}
-  shutil.rmtree(folder, ignore_errors=True)
-  curve, start = [], time.perf_counter()
-  with _compilation_cache():
-    for end in range(every, steps + 1, every):
-      state, _ = train(config, train_config, LoopConfig(steps=end, seed=SEED, checkpoint_dir=folder,
-                                                        save_every=every, keep_checkpoints=1), batches, mesh)
-      params = jax.device_get(state.params)
-      curve.append({"step": end, "val_loss": validation_loss(config, params, val_batches)})
-      print(f"base model: step {end} val loss {curve[-1]['val_loss']:.4f}", flush=True)
-      if len(curve) > 1 and curve[-2]["val_loss"] - curve[-1]["val_loss"] < FLAT * curve[-2]["val_loss"]:
-        break
-  last = curve[-1]["val_loss"] - curve[-2]["val_loss"] if len(curve) > 1 else float("nan")
-  record = {"signature": signature, "final_step": curve[-1]["step"], "val_curve": curve,
-            "flattened": len(curve) > 1 and -last < FLAT * curve[-2]["val_loss"],
-            "last_interval_relative_improvement": -last / curve[-2]["val_loss"] if len(curve) > 1 else None,
-            "train_seconds": time.perf_counter() - start}
-  with open(record_path, "w") as f:
-    json.dump(record, f, indent=2)
-  return config, params, {**record, "cached": False}
-
-
-@contextlib.contextmanager
-def _compilation_cache():
-  """A persistent compilation cache in a temporary folder for the duration: each training interval is a resumed
-  `train` call, which builds its step anew; the cache spares recompiling it."""
-  import jax
-  from jax.experimental.compilation_cache import compilation_cache
-
-  with tempfile.TemporaryDirectory() as folder:
-    jax.config.update("jax_enable_compilation_cache", True)
-    jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    try:
-      yield
-    finally:
-      jax.config.update("jax_enable_compilation_cache", False)
-      compilation_cache.reset_cache()
-
-
-def _mesh():
-  import jax
-
-  from pangu.parallel import cpu_mesh
-  return cpu_mesh(data=len(jax.devices()))
-
-
-def prefill_seconds(systems: dict, tokens, repeats: int) -> dict:
-  """name -> best forward time over `repeats` rounds, every round running every system once, in turn."""
-  from pangu import models
-  for config, params in systems.values():  # compile outside the timed runs
-    models.forward(config, params, tokens).block_until_ready()
-  times = {name: [] for name in systems}
-  for _ in range(repeats):
-    for name, (config, params) in systems.items():
-      start = time.perf_counter()
-      models.forward(config, params, tokens).block_until_ready()
-      times[name].append(time.perf_counter() - start)
-  return {name: min(t) for name, t in times.items()}
 
 
 def time_preset(preset: str, methods: list, tokens) -> dict:
@@ -296,9 +183,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax
-  import numpy as np
 
-  from pangu import data, models
+  from pangu import models
   from pangu.compress.prune import METHODS, prune
 
   defaults = QUICK if common.QUICK.value else FULL
@@ -312,22 +198,17 @@ def main(argv):
   ratios = [str(int(r)) for r in _RATIOS.value]
   results_dir = common.RESULTS_DIR.value
 
-  tokenizer = data.ByteTokenizer()
-  train_data = data.LMDataset.build(tokenizer, data.CorpusConfig(max_files=200 if common.QUICK.value else None),
-                                    split="train", seq_len=SEQ_LEN)
-  val_data = data.LMDataset.build(tokenizer, data.CorpusConfig(), split="validation", seq_len=SEQ_LEN)
-  val_batches = list(data.eval_batches(val_data, global_batch_size=BATCH, max_batches=setup["eval_batches"]))
-  config, params, training = train_base(setup, results_dir, train_data, val_batches)
-  rng = np.random.default_rng(SEED)
-  calibration = train_data.packed.rows[rng.choice(train_data.num_rows, _CALIBRATION.value, replace=False), :SEQ_LEN]
+  train_data, val_batches = small_lm.load_data(common.QUICK.value, setup["eval_batches"])
+  config, params, training = small_lm.train_base(setup, results_dir, train_data, val_batches)
+  calibration = small_lm.calibration_rows(train_data, _CALIBRATION.value)
   prefill_tokens = val_batches[0]["inputs"][:PREFILL_BATCH]
 
-  base = {"params": models.param_count(config), "ppl": math.exp(validation_loss(config, params, val_batches))}
+  base = {"params": models.param_count(config), "ppl": math.exp(small_lm.validation_loss(config, params, val_batches))}
   print(f"base: {base['params']} params, ppl {base['ppl']:.3f} (step {training['final_step']})", flush=True)
   def run(name: str, method: str, r: str, **options) -> tuple:
     pruned_config, pruned, report = prune(config, params, calibration, method=method, ratio=int(r) / 100, **options)
     result = {
-        "params": report.params_after, "ppl": math.exp(validation_loss(pruned_config, pruned, val_batches)),
+        "params": report.params_after, "ppl": math.exp(small_lm.validation_loss(pruned_config, pruned, val_batches)),
         "non_embedding_params": report.non_embedding_after, "achieved_ratio": report.achieved_ratio,
         "calibration_seconds": report.seconds,
         "layer_shapes": [list(map(int, (s.n_heads, s.n_kv_heads, s.d_ff)))
@@ -344,7 +225,7 @@ def main(argv):
   ablation_ratios = (ratios if not common.QUICK.value else ratios[-1:]) if _ABLATIONS.value else []
   ablations = {name: {r: run(name, "slimllm", r, **options)[0] for r in ablation_ratios}
                for name, options in ABLATIONS.items()} if ablation_ratios else {}
-  seconds = prefill_seconds(systems, prefill_tokens, setup["repeats"])
+  seconds = small_lm.prefill_seconds(systems, prefill_tokens, setup["repeats"])
   for (method, r) in (k for k in systems if k != "base"):
     results[method][r]["prefill_speedup"] = seconds["base"] / seconds[(method, r)]
     # What the matmuls alone would give: the speed-up a compute-bound prefill tends to.

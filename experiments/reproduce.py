@@ -31,6 +31,8 @@ EXPERIMENTS = (
                       "balance per EP group and expert specialisation per text domain.", 150),
     ("embedded_rl", "Pangu Embedded: the SSP scheduler with a priority queue under long-tail generation lengths "
                     "(s = 0, 1, 2); before/after RL once the distilled student exists.", 60),
+    ("pangu_light", "Pangu Light: joint width + depth pruning with CLAP / SLNP vs truncation and SlimLLM, before and "
+                    "after the same distillation budget (reuses the pruning experiment's cached base).", 120),
     ("simulate_ascend", "Pangu Ultra MoE / Pro MoE: the calibrated performance simulator and the papers' layouts.",
      60),
     ("dit_ptq", "HTG: timestep-aware W8A8 / W4A8 post-training quantisation of a small DiT on digits against naive, "
