@@ -16,6 +16,8 @@ sparsity and variance (mergekit #258): apply it to fresh task vectors, never to 
 """
 
 import dataclasses
+import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,24 +80,33 @@ def _map(fn, base: Params | None, models: Sequence[Params]) -> Params:
   return jax.tree.map(leaf, *([] if base is None else [base]), *models)
 
 
+# Each merge is one jitted program: eager, every small op of every leaf would dispatch (and compile) on its own.
+@jax.jit
+def _linear(models, w):
+  return _map(lambda _, xs: sum(wi * x for wi, x in zip(w, xs)) / jnp.sum(w), None, models)
+
+
 def linear(models: Sequence[Params], weights: Sequence[float] | None = None) -> Params:
   """sum_i w_i theta_i / sum_i w_i."""
-  w = _weights(len(models), weights)
-  return _map(lambda _, xs: sum(wi * x for wi, x in zip(w, xs)) / jnp.sum(w), None, models)
+  return _linear(list(models), _weights(len(models), weights))
+
+
+@jax.jit
+def _task_arithmetic(base, models, w, scale):
+  return _map(lambda b, xs: b + scale * sum(wi * (x - b) for wi, x in zip(w, xs)), base, models)
 
 
 def task_arithmetic(base: Params, models: Sequence[Params], weights: Sequence[float] | None = None,
                     scale: float = 1.0) -> Params:
   """base + scale * sum_i w_i (theta_i - base)."""
-  w = _weights(len(models), weights)
-  return _map(lambda b, xs: b + scale * sum(wi * (x - b) for wi, x in zip(w, xs)), base, models)
+  return _task_arithmetic(base, list(models), _weights(len(models), weights), scale)
 
 
 def trim(delta: jax.Array, density: float) -> jax.Array:
   """Keeps the top ceil(density * size) entries of `delta` by magnitude (mergekit's `magnitude` sparsify: ties at
   the threshold are broken by position via a stable sort), zeroes the rest."""
   flat = delta.reshape(-1)
-  keep = int(jnp.ceil(density * flat.size))
+  keep = math.ceil(density * flat.size)
   order = jnp.argsort(-jnp.abs(flat), stable=True)
   mask = jnp.zeros(flat.shape, bool).at[order[:keep]].set(True)
   return jnp.where(mask, flat, 0).reshape(delta.shape)
@@ -111,11 +122,15 @@ def _disjoint_mean(deltas: list[jax.Array], w: jax.Array) -> jax.Array:
   return jnp.where(total > 0, jnp.sum(jnp.where(agree, stacked, 0), axis=0) / jnp.where(total > 0, total, 1), 0)
 
 
+@functools.partial(jax.jit, static_argnames="density")
+def _ties(base, models, w, scale, density):
+  return _map(lambda b, xs: b + scale * _disjoint_mean([trim(x - b, density) for x in xs], w), base, models)
+
+
 def ties(base: Params, models: Sequence[Params], weights: Sequence[float] | None = None, density: float = 0.5,
          scale: float = 1.0) -> Params:
   """TIES-merging (Yadav et al. 2023) as mergekit computes it: trim, elect sign, disjoint (weighted) mean."""
-  w = _weights(len(models), weights)
-  return _map(lambda b, xs: b + scale * _disjoint_mean([trim(x - b, density) for x in xs], w), base, models)
+  return _ties(base, list(models), _weights(len(models), weights), scale, density=density)
 
 
 def dare_drop(delta: Params, density: float, rng: jax.Array) -> Params:
@@ -127,11 +142,8 @@ def dare_drop(delta: Params, density: float, rng: jax.Array) -> Params:
   return jax.tree.unflatten(treedef, dropped)
 
 
-def dare(base: Params, models: Sequence[Params], rng: jax.Array, weights: Sequence[float] | None = None,
-         density: float = 0.5, scale: float = 1.0, sign_consensus: bool = False) -> Params:
-  """DARE (Yu et al. 2024): drop-and-rescale each task vector with its own key, then task arithmetic
-  (`dare_linear`) or TIES's sign election and disjoint mean (`dare_ties`, sign_consensus=True)."""
-  w = _weights(len(models), weights)
+@functools.partial(jax.jit, static_argnames=("density", "sign_consensus"))
+def _dare(base, models, rng, w, scale, density, sign_consensus):
   keys = jax.random.split(rng, len(models))
   deltas = [dare_drop(jax.tree.map(jnp.subtract, m, base), density, k) for m, k in zip(models, keys)]
   if sign_consensus:
@@ -139,6 +151,15 @@ def dare(base: Params, models: Sequence[Params], rng: jax.Array, weights: Sequen
   return _map(lambda b, ds: b + scale * sum(wi * d for wi, d in zip(w, ds)), base, deltas)
 
 
+def dare(base: Params, models: Sequence[Params], rng: jax.Array, weights: Sequence[float] | None = None,
+         density: float = 0.5, scale: float = 1.0, sign_consensus: bool = False) -> Params:
+  """DARE (Yu et al. 2024): drop-and-rescale each task vector with its own key, then task arithmetic
+  (`dare_linear`) or TIES's sign election and disjoint mean (`dare_ties`, sign_consensus=True)."""
+  return _dare(base, list(models), rng, _weights(len(models), weights), scale, density=density,
+               sign_consensus=sign_consensus)
+
+
+@jax.jit
 def accumulate(merged: Params, new: Params, alpha: float = 0.5) -> Params:
   """(1 - alpha) merged + alpha new: the default inter-iteration merge (spec 3c)."""
   return _map(lambda m, xs: (1 - alpha) * m + alpha * xs[0], merged, [new])

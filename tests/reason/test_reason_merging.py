@@ -88,12 +88,12 @@ def test_identities():
 def test_dare_is_unbiased_and_matches_its_mask():
   base = {"w": jnp.zeros((2000,))}
   model = {"w": jnp.linspace(-1, 1, 2000)}
-  draws = np.stack([np.asarray(merging.dare(base, [model], jax.random.key(i), density=0.3)["w"]) for i in range(200)])
+  draws = np.stack([np.asarray(merging.dare(base, [model], jax.random.key(i), density=0.3)["w"]) for i in range(100)])
   kept = draws != 0
   assert abs(kept.mean() - 0.3) < 0.01
   nonzero = np.asarray(model["w"]) != 0
   np.testing.assert_allclose(draws[kept], np.broadcast_to(np.asarray(model["w"]) / 0.3, draws.shape)[kept], rtol=1e-5)
-  assert np.abs(draws.mean(0) - np.asarray(model["w"]))[nonzero].mean() < 0.08  # Monte-Carlo E[tau~] = tau
+  assert np.abs(draws.mean(0) - np.asarray(model["w"]))[nonzero].mean() < 0.12  # Monte-Carlo E[tau~] = tau
   # dare_ties with density 1 drops nothing: it is TIES without the trim
   base2, models2 = _trees(2, seed=4)
   for a, b in zip(_leaves(merging.dare(base2, models2, jax.random.key(0), density=1.0, sign_consensus=True)),
