@@ -33,8 +33,10 @@ LAYERS = (
   ("experiments",),
 )
 # Same-layer imports, each one in use: the generate CLI (pangu/infer/generate.py) reads the params of a pangu.train
-# checkpoint or loads a Hugging Face folder through pangu.interop.
-SIBLING_EDGES = {"infer": {"train", "interop"}}
+# checkpoint or loads a Hugging Face folder through pangu.interop; Pangu Embedded's distillation scores the student
+# with the decode engine (pangu/reason/distill.py) and fine-tunes it with the shared train step
+# (pangu/reason/pipeline.py).
+SIBLING_EDGES = {"infer": {"train", "interop"}, "reason": {"infer", "train"}}
 _RANK = {package: rank for rank, layer in enumerate(LAYERS) for package in layer}
 ALLOWED = {package: {other for other in _RANK if _RANK[other] < _RANK[package]} | SIBLING_EDGES.get(package, set())
            for package in _RANK}
