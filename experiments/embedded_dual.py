@@ -60,8 +60,10 @@ def claims(payload: dict) -> list[dict]:
   auto_verdict = ("reproduced" if close and short else "partly" if close or short
                   else "contradicted" if saving < 0 and gap > 0.03 else "not reproduced")
   slow_minus_fast = modes["slow"][hard]["accuracy"] - modes["fast"][hard]["accuracy"]
+  # Contradicted only when fast wins by as much as the goal asks slow to win: a few items of a small eval set
+  # are noise.
   slow_verdict = ("reproduced" if slow_minus_fast >= 0.10 else "partly" if slow_minus_fast > 0
-                  else "contradicted" if slow_minus_fast < -0.05 else "not reproduced")
+                  else "contradicted" if slow_minus_fast <= -0.10 else "not reproduced")
   last = payload["iterations"][-1]
   merge_gain = last["acc_merged"] - last["acc"]
   merge_verdict = ("reproduced" if merge_gain > 0 else "partly" if merge_gain == 0

@@ -28,7 +28,7 @@ EXPERIMENTS = (
     ("pruning", "SlimLLM: structured pruning at 20 % and 50 % against magnitude, Wanda-sp, FLAP, Taylor and layer "
                 "drop; perplexity without tuning, parameters and prefill speed-up.", 420),
     ("embedded_dual", "Pangu Embedded: iterative distillation with merging, then fast / slow / auto modes of a "
-                      "byte-level student trained from scratch.", 90),
+                      "byte-level student trained from scratch.", 120),
     ("simulate_ascend", "Pangu Ultra MoE / Pro MoE: the calibrated performance simulator and the papers' layouts.",
      60),
     ("bench_moe_layer", "MoE layer step time per dispatch and exchange (benchmark, no paper claim).", 120),
