@@ -102,9 +102,10 @@ def run(config: PipelineConfig, *, seed: int = 0, checkpoint_dir: str | None = N
   seq_len, max_new = _lengths(config, tokenizer)
   model_config = models.tiny(vocab_size=tokenizer.vocab_size, d_model=config.width, n_layers=config.layers,
                              n_heads=4, n_kv_heads=2, d_ff=4 * config.width)
-  train_config = TrainConfig(peak_lr=config.lr, end_lr=config.lr / 10, warmup_steps=20,
-                             total_steps=max(config.warmup_steps, config.fusion_steps, config.iteration_steps) + 1,
-                             weight_decay=0.0)
+  # One schedule for every phase: the optimiser reset restarts it (20 warm-up steps, then cosine decay).
+  longest_phase = max(config.warmup_steps, config.fusion_steps, config.iteration_steps)
+  train_config = TrainConfig(peak_lr=config.lr, end_lr=config.lr / 10, warmup_steps=min(20, longest_phase // 4),
+                             total_steps=longest_phase + 1, weight_decay=0.0)
   mesh = single_device_mesh()
   step = make_train_step(model_config, train_config, mesh)
   tx = make_optimizer(train_config)
