@@ -33,6 +33,8 @@ EXPERIMENTS = (
                     "(s = 0, 1, 2); before/after RL once the distilled student exists.", 60),
     ("pangu_light", "Pangu Light: joint width + depth pruning with CLAP / SLNP vs truncation and SlimLLM, before and "
                     "after the same distillation budget (reuses the pruning experiment's cached base).", 120),
+    ("embedded_dual", "Pangu Embedded: iterative distillation with merging, then fast / slow / auto modes of a "
+                      "byte-level student trained from scratch.", 120),
     ("simulate_ascend", "Pangu Ultra MoE / Pro MoE: the calibrated performance simulator and the papers' layouts.",
      60),
     ("dit_ptq", "HTG: timestep-aware W8A8 / W4A8 post-training quantisation of a small DiT on digits against naive, "

@@ -33,8 +33,9 @@ LAYERS = (
   ("experiments",),
 )
 # Same-layer imports, each one in use: the generate CLI (pangu/infer/generate.py) reads the params of a pangu.train
-# checkpoint or loads a Hugging Face folder through pangu.interop. GRPO (pangu/reason/grpo.py) is a pangu.train
-# LossFn and samples its groups with the pangu.infer decode engine.
+# checkpoint or loads a Hugging Face folder through pangu.interop. Pangu Embedded samples its students with the
+# pangu.infer decode engine and trains them with the shared pangu.train step (distillation: pangu/reason/distill.py,
+# pipeline.py; GRPO: grpo.py, a pangu.train LossFn).
 SIBLING_EDGES = {"infer": {"train", "interop"}, "reason": {"train", "infer"}}
 _RANK = {package: rank for rank, layer in enumerate(LAYERS) for package in layer}
 ALLOWED = {package: {other for other in _RANK if _RANK[other] < _RANK[package]} | SIBLING_EDGES.get(package, set())

@@ -1,0 +1,202 @@
+"""The Pangu Embedded training pipeline on toy tasks: warm-up SFT, T distillation iterations with merging, dual-
+system fusion, and the per-mode evaluation (the experiment `experiments/embedded_dual.py` and the notebook run it).
+
+Each SFT phase uses the shared train step (`pangu.train.step.make_train_step`) with `lm_loss` over batches masked
+to the reply (`distill.sft_batch`); the optimiser is reset whenever training continues from merged weights.
+"""
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pangu import models
+from pangu.data.tokenizer import ByteTokenizer
+from pangu.parallel.mesh import single_device_mesh
+from pangu.reason import chat, distill, dual, merging, tasks, teacher
+from pangu.train.checkpoint import Checkpointer
+from pangu.train.config import TrainConfig
+from pangu.train.optim import make_optimizer
+from pangu.train.step import init_train_state, make_train_step
+
+MODES = ("slow", "fast", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """Sizes of the toy run (see experiments/embedded_dual.py for the two presets)."""
+
+  iterations: int = 3
+  warmup_steps: int = 500
+  iteration_steps: int = 80
+  fusion_steps: int = 300
+  pool: int = 48
+  select: int = 64
+  samples: int = 4
+  eval_items: int = 32
+  levels: tuple[int, ...] = (1, 2, 3, 4)
+  families: tuple[str, ...] = ("arith",)
+  width: int = 96
+  layers: int = 2
+  merge: str = "accumulate"
+  batch: int = 32
+  lr: float = 3e-3
+  fast_threshold: float = 0.5
+
+  def __post_init__(self):
+    object.__setattr__(self, "levels", tuple(self.levels))
+    object.__setattr__(self, "families", tuple(self.families))
+    if set(self.levels) - set(tasks.LEVELS) or not self.levels:
+      raise ValueError(f"PipelineConfig.levels must be a non-empty subset of {tasks.LEVELS}, got {self.levels}")
+    if set(self.families) - {"arith", "list", "string"} or not self.families:
+      raise ValueError(f"PipelineConfig.families must be a non-empty subset of arith, list, string, got "
+                       f"{self.families}")
+    if self.merge not in merging.METHODS:
+      raise ValueError(f"PipelineConfig.merge must be one of {merging.METHODS}, got {self.merge!r}")
+
+
+TASK_CONFIG = tasks.TaskConfig(modulus=10, arith_ops="+-")
+FORMAT = chat.COMPACT_FORMAT
+
+
+def _copy(params):
+  return jax.tree.map(jnp.copy, params)
+
+
+def _data(config: PipelineConfig, seed: int):
+  evaluation = [t for f in config.families for lv in config.levels
+                for t in tasks.generate(f, lv, config.eval_items, seed + 10_000, TASK_CONFIG)]
+  held_out = {t.prompt for t in evaluation}
+  pool = [t for f in config.families for lv in config.levels
+          for t in tasks.generate(f, lv, 4 * config.pool, seed, TASK_CONFIG) if t.prompt not in held_out]
+  by_level = {}
+  for t in pool:
+    if len(by_level.setdefault((t.family, t.level), [])) < config.pool:
+      by_level[(t.family, t.level)].append(t)
+  return [t for group in by_level.values() for t in group], evaluation
+
+
+def _lengths(config: PipelineConfig, tokenizer) -> tuple[int, int]:
+  """(seq_len, max_new_tokens): room for the canonical slow reply of the hardest level in auto mode plus a
+  margin, in every mode (one token cap for all modes). Longer (verbose) teacher candidates never win the
+  shortest-correct pick; a training pair that does not fit is an error in `sft_batch`."""
+  longest_prompt = longest_reply = 0
+  for f in config.families:
+    for t in tasks.generate(f, max(config.levels), 64, 1, TASK_CONFIG):
+      solution = teacher.slow(t)
+      prompt = chat.render_prompt(t.prompt, mode="auto", fmt=FORMAT)
+      reply = chat.render_response(solution.reasoning, solution.answer, mode="auto", chosen="slow", fmt=FORMAT)
+      longest_prompt = max(longest_prompt, len(tokenizer.encode(prompt)))
+      longest_reply = max(longest_reply, len(tokenizer.encode(reply)))
+  max_new = longest_reply + 8
+  return 16 * -(-(longest_prompt + max_new + 16) // 16), max_new
+
+
+def run(config: PipelineConfig, *, seed: int = 0, checkpoint_dir: str | None = None, log=print):
+  """Runs the pipeline; returns (payload {"iterations", "modes"}, a text report of the side numbers)."""
+  begin = time.perf_counter()
+  tokenizer = ByteTokenizer()
+  pool, evaluation = _data(config, seed)
+  seq_len, max_new = _lengths(config, tokenizer)
+  model_config = models.tiny(vocab_size=tokenizer.vocab_size, d_model=config.width, n_layers=config.layers,
+                             n_heads=4, n_kv_heads=2, d_ff=4 * config.width)
+  # One schedule for every phase: the optimiser reset restarts it (20 warm-up steps, then cosine decay).
+  longest_phase = max(config.warmup_steps, config.fusion_steps, config.iteration_steps)
+  train_config = TrainConfig(peak_lr=config.lr, end_lr=config.lr / 10, warmup_steps=min(20, longest_phase // 4),
+                             total_steps=longest_phase + 1, weight_decay=0.0)
+  mesh = single_device_mesh()
+  step = make_train_step(model_config, train_config, mesh)
+  tx = make_optimizer(train_config)
+  state = init_train_state(model_config, train_config, jax.random.key(seed), mesh)
+  rng = np.random.default_rng(seed)
+  key = jax.random.key(seed + 1)
+  report = [f"pool {len(pool)} prompts, eval {len(evaluation)}, seq_len {seq_len}, max_new_tokens {max_new}"]
+
+  def train(state, pairs, steps):
+    losses = []
+    for _ in range(steps):
+      chosen = rng.integers(0, len(pairs), config.batch)
+      batch = distill.sft_batch(tokenizer, [pairs[i][0] for i in chosen], [pairs[i][1] for i in chosen], seq_len)
+      state, metrics = step(state, batch)
+      losses.append(metrics["loss"])
+    return state, float(np.mean(jax.device_get(losses[-10:])))
+
+  def accuracy(params, mode, items):
+    nonlocal key
+    key, sub = jax.random.split(key)
+    prompts = [chat.render_prompt(t.prompt, mode=mode, fmt=FORMAT) for t in items]
+    replies, repaired = dual.self_repair(model_config, params, prompts, tokenizer, FORMAT, max_new_tokens=max_new,
+                                         rng=sub)
+    passed = distill.pass_matrix(items, replies, 1, FORMAT)[:, 0]
+    chosen = [chat.parse_response(r, FORMAT).chosen for r in replies.texts]
+    return passed, replies.tokens, repaired, chosen
+
+  # 1. Warm-up SFT: G_0.
+  kept, solutions, dropped = distill.distillation_targets(pool, rng, tokenizer, FORMAT)
+  state, loss = train(state, dual.fusion_examples(kept, solutions, None, FORMAT), config.warmup_steps)
+  report.append(f"warm-up: {len(kept)} targets ({dropped} prompts without a correct candidate), loss {loss:.3f}, "
+                f"{time.perf_counter() - begin:.0f} s")
+  log(report[-1])
+  # The train step donates its state: keep copies of every model the loop refers to later.
+  base = merged = _copy(state.params)
+  history, iterations = [], []
+  merge_config = merging.MergeConfig(method=config.merge)
+  distill_config = distill.DistillConfig(samples=config.samples, select=config.select)
+  # 2. Iterative distillation with merging.
+  for t in range(1, config.iterations + 1):
+    key, sub = jax.random.split(key)
+    c = distill.score(model_config, merged, pool, tokenizer, FORMAT, samples=config.samples, mode="slow",
+                      max_new_tokens=max_new, rng=sub)
+    chosen = distill.select(c, distill_config, rng)
+    kept, solutions, dropped = distill.distillation_targets([pool[i] for i in chosen], rng, tokenizer, FORMAT)
+    pairs = [(chat.render_prompt(k.prompt, mode="slow", fmt=FORMAT),
+              chat.render_response(s.reasoning, s.answer, mode="slow", fmt=FORMAT)) for k, s in zip(kept, solutions)]
+    state = distill.reset_optimizer(state, tx, merged)
+    state, loss = train(state, pairs, config.iteration_steps)
+    new = _copy(state.params)
+    key, sub = jax.random.split(key)
+    new_merged = merging.merge_iteration(merge_config, merged, new, base=base, history=history, rng=sub)
+    stats = merging.delta_stats(new_merged, merged)
+    history.append(new)
+    merged = new_merged
+    acc = float(np.mean(accuracy(new, "slow", evaluation)[0]))
+    acc_merged = float(np.mean(accuracy(merged, "slow", evaluation)[0]))
+    iterations.append({"acc": acc, "acc_merged": acc_merged})
+    report.append(f"iteration {t}: mean C {c.mean():.2f}, selected {len(chosen)} (mean C {c[chosen].mean():.2f}), "
+                  f"{dropped} dropped, loss {loss:.3f}, merge delta norm {stats['delta_norm']:.3f}, acc {acc:.3f}, "
+                  f"merged {acc_merged:.3f}, {time.perf_counter() - begin:.0f} s")
+    log(report[-1])
+  # 3. Dual system: auto labels from fast-mode pass rates, then fusion SFT from the merged model.
+  key, sub = jax.random.split(key)
+  fast_c = distill.score(model_config, merged, pool, tokenizer, FORMAT, samples=config.samples, mode="fast",
+                         max_new_tokens=max_new, rng=sub)
+  labels = dual.auto_labels(1 - fast_c, config.fast_threshold)
+  kept, solutions, _ = distill.distillation_targets(pool, rng, tokenizer, FORMAT)
+  kept_labels = [labels[pool.index(k)] for k in kept]
+  state = distill.reset_optimizer(state, tx, merged)
+  state, loss = train(state, dual.fusion_examples(kept, solutions, kept_labels, FORMAT), config.fusion_steps)
+  share = {lv: float(np.mean([lab == "fast" for k, lab in zip(pool, labels) if k.level == lv])) for lv in config.levels}
+  report.append(f"fusion: auto labels fast share per level {share}, loss {loss:.3f}")
+  # 4. Evaluation per mode and level.
+  modes, levels = {}, np.asarray([t.level for t in evaluation])
+  for mode in MODES:
+    passed, tokens, repaired, chosen = accuracy(state.params, mode, evaluation)
+    modes[mode] = {str(lv): {"accuracy": float(passed[levels == lv].mean()),
+                             "mean_tokens": float(tokens[levels == lv].mean())} for lv in config.levels}
+    line = f"{mode}: repaired {int(repaired.sum())} of {len(repaired)} replies"
+    if mode == "auto":
+      line += ", chose fast per level " + str({lv: float(np.mean([c == "fast" for c, l in zip(chosen, levels)
+                                                                  if l == lv])) for lv in config.levels})
+    report.append(line)
+  if checkpoint_dir is not None:
+    checkpointer = Checkpointer(checkpoint_dir, keep=1)
+    checkpointer.save(state, data_state={}, metadata={"model": model_config.to_dict(), "chat_format": "compact",
+                                                      "task_config": dataclasses.asdict(TASK_CONFIG)})
+    checkpointer.close()
+    report.append(f"student saved to {checkpoint_dir}")
+  report.append(f"total {time.perf_counter() - begin:.0f} s")
+  for line in report[-len(MODES) - 3:]:
+    log(line)
+  return {"iterations": iterations, "modes": modes}, "\n".join(f"- {line}" for line in report)
