@@ -40,6 +40,16 @@ def _ffn_weights_per_token(config: TransformerConfig, i: int) -> int:
   return dense + d * mole.num_experts + experts
 
 
+def layer_matmul_flops(config: TransformerConfig, i: int, n_queries: int, n_keys: int) -> float:
+  """Matmul FLOPs of decoder layer i for n_queries tokens attending over n_keys keys: 2 * (weights touched) per
+  token for the projections, 2 * 2 * n_keys * H * Dh per token for QK^T and AV (the masked part of the score
+  matrix is computed too). Token pruning (SDTP) shrinks both counts layer by layer."""
+  d, dh = config.d_model, config.head_dim
+  shape = config.layer(i)
+  projections = d * dh * (2 * shape.n_heads + 2 * shape.n_kv_heads) + _ffn_weights_per_token(config, i)
+  return n_queries * (2 * projections + 4 * n_keys * shape.n_heads * dh)
+
+
 def forward_matmul_flops_per_token(config: TransformerConfig, seq_len: int) -> float:
   """Matmul FLOPs of one forward pass per token at sequence length S, as the model executes them.
 
@@ -47,14 +57,8 @@ def forward_matmul_flops_per_token(config: TransformerConfig, seq_len: int) -> f
   2 * 2 * S * H * Dh per token (the masked half is computed too, so it counts towards utilisation).
   The embedding lookup is a gather, not a matmul.
   """
-  d, dh = config.d_model, config.head_dim
-  total = 0.0
-  for i in range(config.n_layers):
-    shape = config.layer(i)
-    projections = d * dh * (2 * shape.n_heads + 2 * shape.n_kv_heads) + _ffn_weights_per_token(config, i)
-    total += 2 * projections + 4 * seq_len * shape.n_heads * dh
-  total += 2 * d * config.vocab_size
-  return total
+  total = sum(layer_matmul_flops(config, i, 1, seq_len) for i in range(config.n_layers))
+  return total + 2 * config.d_model * config.vocab_size
 
 
 def train_flops_per_token(config: TransformerConfig, seq_len: int) -> float:
