@@ -117,8 +117,8 @@ def sdtp_loss(model_config: TransformerConfig, config: SDTPConfig, prompt_length
                            positions=jnp.where(hard & live, state.positions, -1))
 
     # Not the jitted forward_in_stages: the hook's recorded arrays must stay in this trace.
-    logits, _, final = Decoder(model_config).apply({"params": lm_params}, tokens, stages=LayerStages(config.layers, hook),
-                                                   method=Decoder.run)
+    stages = LayerStages(config.layers, hook)
+    logits, _, final = Decoder(model_config).apply({"params": lm_params}, tokens, stages=stages, method=Decoder.run)
     cls = cross_entropy_loss(logits, batch["targets"], batch["mask"])[0]
     mse = sum(jnp.sum(jnp.where(p, jnp.square(jax.nn.sigmoid(s) - t), 0.0)) / jnp.maximum(p.sum(), 1)
               for (s, p), t in zip(recorded, targets)) / config.n_stages
