@@ -49,7 +49,7 @@ FULL = dict(steps=3000, predictor_steps=400, prompt_len=512, width=128, layers=1
             speed_lengths=["512", "1024", "2048", "4096"], repeats=5, batch=16)
 QUICK = dict(steps=40, predictor_steps=10, prompt_len=128, width=64, layers=12, eval_examples=16,
              speed_lengths=["512", "2048"], repeats=2, batch=8)
-SEED, N_RECORDS, CONTINUATION, ANSWER_WEIGHT = 16, 0, 4, 32, 16.0
+SEED, N_RECORDS, CONTINUATION, ANSWER_WEIGHT = 0, 4, 32, 16.0
 METHODS = ("none", "sdtp", "random", "attention")
 LETTERS, DIGITS = b"abcdefghijklmnopqrstuvwxyz", b"0123456789"
 PAPER = {"flops_reduction": (0.33, 0.47), "prefill_speedup": 1.52, "accuracy_points": 1.0}
@@ -219,7 +219,8 @@ def continuation_logits(config, params, prompts, continuations, stages, stage_pa
 
   from pangu import infer
   batch, prompt_len = prompts.shape
-  cache = infer.init_cache(config, jnp.zeros((batch,), jnp.int32), prompt_len + continuations.shape[1])
+  # One cache size for every continuation length, so each method's prefill compiles once.
+  cache = infer.init_cache(config, jnp.zeros((batch,), jnp.int32), prompt_len + CONTINUATION)
   first, cache = infer.extend(config, params, prompts, cache, last_only=True, stages=stages,
                               stage_params=stage_params)
   rest, _ = infer.extend(config, params, continuations[:, :-1], cache)
@@ -255,7 +256,8 @@ def evaluate(config, params, schedule, predictors, setup: dict, text) -> dict:
 
 
 def prefill_ms(config, params, schedule, predictors, methods, prompts, repeats: int) -> dict:
-  """method -> median prefill ms; every method compiled first, then timed in turn, round after round."""
+  """method -> median prefill ms (into a cache of N + CONTINUATION slots, as in `evaluate`); every method compiled
+  first, then timed in turn, round after round."""
   import jax
   import jax.numpy as jnp
 
@@ -264,7 +266,7 @@ def prefill_ms(config, params, schedule, predictors, methods, prompts, repeats: 
   calls = {}
   for method in methods:
     stages, stage_params = method_stages(config, schedule, params, predictors, method, prompt_len)
-    cache = infer.init_cache(config, jnp.zeros((batch,), jnp.int32), prompt_len + 1)
+    cache = infer.init_cache(config, jnp.zeros((batch,), jnp.int32), prompt_len + CONTINUATION)
     calls[method] = (lambda s=stages, p=stage_params, c=cache:
                      infer.extend(config, params, prompts, c, last_only=True, stages=s, stage_params=p))
   for call in calls.values():
