@@ -30,7 +30,7 @@ EXPERIMENTS = (
     ("simulate_ascend", "Pangu Ultra MoE / Pro MoE: the calibrated performance simulator and the papers' layouts.",
      60),
     ("sdtp", "SDTP: saliency-driven token pruning vs random, attention-score and no pruning on a retrieval task; "
-             "prefill FLOPs and speed-up vs prompt length.", 90),
+             "prefill FLOPs and speed-up vs prompt length.", 150),
     ("bench_moe_layer", "MoE layer step time per dispatch and exchange (benchmark, no paper claim).", 120),
     ("bench_moe_routing", "Fused Pallas MoGE routing kernel vs XLA (benchmark, no paper claim).", 60),
     ("bench_attention", "Attention implementations: the reference on CPU; Pallas vs XLA vs cuDNN on a GPU "
