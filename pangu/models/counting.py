@@ -48,25 +48,31 @@ def _mla_weights_per_token(config: TransformerConfig) -> int:
   return q + kv + h * dims.v_head_dim * d
 
 
+def layer_matmul_flops(config: TransformerConfig, i: int, n_queries: int, n_keys: int) -> float:
+  """Matmul FLOPs of decoder layer i for n_queries tokens attending over n_keys keys: 2 * (weights touched) per
+  token for the projections, and for the scores QK^T and AV 2 * 2 * n_keys * H * Dh per token (MLA:
+  2 * n_keys * H * (qk_dim + v_head_dim)); the masked part of the score matrix is computed too. Token pruning
+  (SDTP) shrinks both counts layer by layer."""
+  d, dh = config.d_model, config.head_dim
+  shape = config.layer(i)
+  if config.mla is not None:
+    attention = _mla_weights_per_token(config)
+    scores = 2 * n_keys * shape.n_heads * (config.mla.qk_dim + config.mla.v_head_dim)
+  else:
+    attention, scores = d * dh * (2 * shape.n_heads + 2 * shape.n_kv_heads), 4 * n_keys * shape.n_heads * dh
+  return n_queries * (2 * (attention + _ffn_weights_per_token(config, i)) + scores)
+
+
 def forward_matmul_flops_per_token(config: TransformerConfig, seq_len: int) -> float:
   """Matmul FLOPs of one forward pass per token at sequence length S, as the model executes them.
 
   Projections: 2 * (weights touched per token). Attention: QK^T and AV over the full S x S score matrix,
-  2 * 2 * S * H * Dh per token (MLA: 2 * S * H * (N + P + V)) (the masked half is computed too, so it counts towards utilisation).
+  2 * 2 * S * H * Dh per token (MLA: 2 * S * H * (N + P + V)); the masked half is computed too, so it counts
+  towards utilisation.
   The embedding lookup is a gather, not a matmul.
   """
-  d, dh = config.d_model, config.head_dim
-  total = 0.0
-  for i in range(config.n_layers):
-    shape = config.layer(i)
-    if config.mla is not None:
-      attention, scores = _mla_weights_per_token(config), 2 * seq_len * shape.n_heads * (
-          config.mla.qk_dim + config.mla.v_head_dim)
-    else:
-      attention, scores = d * dh * (2 * shape.n_heads + 2 * shape.n_kv_heads), 4 * seq_len * shape.n_heads * dh
-    total += 2 * (attention + _ffn_weights_per_token(config, i)) + scores
-  total += 2 * d * config.vocab_size
-  return total
+  total = sum(layer_matmul_flops(config, i, 1, seq_len) for i in range(config.n_layers))
+  return total + 2 * config.d_model * config.vocab_size
 
 
 def train_flops_per_token(config: TransformerConfig, seq_len: int) -> float:
