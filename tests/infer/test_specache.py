@@ -163,3 +163,33 @@ def test_config_errors_name_the_field():
     QuantConfig(bits=3)
   with pytest.raises(ValueError, match="gqa_reduce"):
     SpeCacheConfig(gqa_reduce="max")
+
+
+def test_eviction_baselines_keep_the_tokens_their_rule_names(model):
+  """StreamingLLM keeps sinks + the latest window; H2O the recent tokens + the heaviest older ones, and with
+  a budget covering everything both decode exactly like the dense cache."""
+  from pangu.infer import eviction_cache
+  config, params = model
+  sequence = np.random.default_rng(6).integers(0, config.vocab_size, (2, 24)).astype(np.int32)
+  recorder = infer.init_cache(config, jnp.zeros(2, jnp.int32), 30, layer_cache=eviction_cache.AttentionMassRecorder.empty)
+  _, recorder = infer.extend(config, params, jnp.asarray(sequence[:, :20]), recorder)
+  layer0 = jax.tree.map(lambda a: a[0], recorder.layers)
+  mass = np.asarray(layer0.mass)
+  np.testing.assert_allclose(mass.sum(1), 20 * config.n_heads, rtol=1e-5)  # each query's row sums to 1 per head
+  dense = recorder.map_layers(lambda r: r.dense)
+  sink = jax.tree.map(lambda a: a[0], eviction_cache.to_sink_window(dense, sinks=2, window=5).layers)
+  np.testing.assert_array_equal(np.sort(np.asarray(sink.positions), 1), [[0, 1, 15, 16, 17, 18, 19]] * 2)
+  heavy = jax.tree.map(lambda a: a[0], eviction_cache.to_heavy_hitter(recorder, budget=6, recent=3).layers)
+  older = np.argsort(-mass[:, :17], axis=1)[:, :3]
+  for row in range(2):
+    assert set(np.asarray(heavy.positions[row])) == set(older[row]) | {17, 18, 19}
+  # Budgets covering the whole sequence: decoding equals the dense cache's.
+  full_sink = eviction_cache.to_sink_window(dense, sinks=2, window=28)
+  full_heavy = eviction_cache.to_heavy_hitter(recorder, budget=30, recent=3)
+  for t in range(20, 23):
+    token = jnp.asarray(sequence[:, t])
+    want, dense = specache.cached_step(config, params, dense, token)
+    got_sink, full_sink = specache.cached_step(config, params, full_sink, token)
+    got_heavy, full_heavy = specache.cached_step(config, params, full_heavy, token)
+    np.testing.assert_allclose(got_sink, want, atol=2e-5)
+    np.testing.assert_allclose(got_heavy, want, atol=2e-5)
