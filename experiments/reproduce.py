@@ -30,7 +30,7 @@ EXPERIMENTS = (
     ("simulate_ascend", "Pangu Ultra MoE / Pro MoE: the calibrated performance simulator and the papers' layouts.",
      60),
     ("specache", "SpeCache: speculative top-k prefetch over a 1/2-bit KIVI copy vs KIVI, H2O, StreamingLLM and the full "
-                 "cache on passkey retrieval at matched device memory (trains a small LM on first run).", 420),
+                 "cache on passkey retrieval at matched device memory (trains a small LM on first run).", 150),
     ("bench_moe_layer", "MoE layer step time per dispatch and exchange (benchmark, no paper claim).", 120),
     ("bench_moe_routing", "Fused Pallas MoGE routing kernel vs XLA (benchmark, no paper claim).", 60),
     ("bench_attention", "Attention implementations: the reference on CPU; Pallas vs XLA vs cuDNN on a GPU "

@@ -29,7 +29,7 @@ from absl import app, flags
 
 from experiments import common
 
-_STEPS = flags.DEFINE_integer("steps", None, "Training steps (default 1500, --quick 300).", lower_bound=2)
+_STEPS = flags.DEFINE_integer("steps", None, "Training steps (default 1500, --quick 120).", lower_bound=2)
 _CONTEXT = flags.DEFINE_integer("context", None, "Prompt tokens incl. the query (default 2048, --quick 512).")
 _PROMPTS = flags.DEFINE_integer("prompts", None, "Evaluation prompts (default 32, --quick 8).", lower_bound=1)
 _TOP_K = flags.DEFINE_integer("top_k", None, "SpeCache k (default 64, --quick 32).", lower_bound=0)
@@ -230,7 +230,7 @@ def main(argv):
   def pick(flag, full, fast):
     return flag.value if flag.value is not None else (fast if quick else full)
 
-  steps, context, n_prompts = pick(_STEPS, 1500, 300), pick(_CONTEXT, 2048, 512), pick(_PROMPTS, 32, 8)
+  steps, context, n_prompts = pick(_STEPS, 1500, 120), pick(_CONTEXT, 2048, 512), pick(_PROMPTS, 32, 8)
   top_k, residual, ppl_tokens = pick(_TOP_K, 64, 32), pick(_RESIDUAL, 64, 32), pick(_PPL_TOKENS, 32, 8)
   group = _GROUP.value
   config = model_config()
