@@ -41,6 +41,8 @@ EXPERIMENTS = (
                 "SmoothQuant-style and PTQ4DiT-style PTQ; G sweep (the first run trains the DiT; re-runs reuse it).", 120),
     ("sdtp", "SDTP: saliency-driven token pruning vs random, attention-score and no pruning on a retrieval task; "
              "prefill FLOPs and speed-up vs prompt length.", 150),
+    ("specache", "SpeCache: speculative top-k prefetch over a 1/2-bit KIVI copy vs KIVI, H2O, StreamingLLM and the full "
+                 "cache on passkey retrieval at matched device memory (trains a small LM on first run).", 150),
     ("bench_moe_layer", "MoE layer step time per dispatch and exchange (benchmark, no paper claim).", 120),
     ("bench_moe_routing", "Fused Pallas MoGE routing kernel vs XLA (benchmark, no paper claim).", 60),
     ("bench_attention", "Attention implementations: the reference on CPU; Pallas vs XLA vs cuDNN on a GPU "

@@ -165,6 +165,12 @@ class KVCache:
       return jnp.stack([layer.read().lengths for layer in self.layers])
     return self.layers.read().lengths
 
+  def map_layers(self, fn: Callable[[LayerCache], LayerCache]) -> "KVCache":
+    """Every layer cache replaced by fn(layer cache) (e.g. a dense prefill cache compressed for decoding)."""
+    if isinstance(self.layers, tuple):
+      return self.replace(layers=tuple(fn(layer) for layer in self.layers))
+    return self.replace(layers=jax.vmap(fn)(self.layers))
+
   def drop_last(self, n: jax.Array) -> "KVCache":
     """Forgets the last n [B] tokens of each row, in every layer."""
     n = jnp.asarray(n, jnp.int32)

@@ -289,6 +289,10 @@ class LayerCache(Protocol):
     """Every slot, with the positions and lengths that mask it."""
     ...
 
+  # Optional: `observe_queries(queries [B, S, H, Dh] after RoPE, positions [B, S]) -> LayerCache`, called after
+  # `read` with the queries that attended over it. Query-aware caches use it to pick what the next step reads
+  # (SpeCache's prefetch, H2O's accumulated attention); a cache without it never sees the queries.
+
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
@@ -397,6 +401,9 @@ class Attention(nn.Module):
         raise ValueError("Attention: segment ids are not cached; attend over a KV cache without them")
       cache = cache.write(k, v, positions)
       cached = cache.read()
+      observe = getattr(cache, "observe_queries", None)  # the optional hook of query-aware caches (LayerCache)
+      if observe is not None:
+        cache = observe(q, positions)
       k, v = cached.keys, cached.values
       mask = mask.replace(q_positions=positions, kv_positions=cached.positions, kv_lengths=cached.lengths)
     out = dot_product_attention(q, k, v, mask, kv_heads_major=cache is not None, logit_softcap=cfg.logit_softcap,

@@ -1,0 +1,52 @@
+"""The plain-XLA oracle for scoring queries against bit-packed low-bit keys, and the bit layout both share.
+
+Bit layout (KIVI codes, b in {1, 2} bits): a row of Dh codes packs into P = Dh * b / 8 bytes; bit slot j of
+byte p holds channel j * P + p, so unpacking slot j yields the contiguous channels [j P, (j + 1) P) (a kernel
+unpacks with one shift and mask per slot, no interleaving).
+
+Keys are quantised per channel over groups of g consecutive tokens: codes [B, K, T, P] uint8, scale and zero
+[B, K, T / g, Dh]; key t, channel d reconstructs as codes * scale[t // g, d] + zero[t // g, d].
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def codes_per_byte(bits: int) -> int:
+  if bits not in (1, 2, 4, 8):
+    raise ValueError(f"bits must be 1, 2, 4 or 8, got {bits}")
+  return 8 // bits
+
+
+def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
+  """codes [..., Dh] (integers in [0, 2^bits)) -> uint8 [..., Dh * bits / 8] in the layout above."""
+  per = codes_per_byte(bits)
+  dh = codes.shape[-1]
+  if dh % per:
+    raise ValueError(f"pack_bits: {dh} channels do not fill whole bytes of {per} {bits}-bit codes")
+  slots = codes.astype(jnp.uint8).reshape(*codes.shape[:-1], per, dh // per)
+  shifts = (jnp.arange(per, dtype=jnp.uint8) * bits)[:, None]
+  # The slots occupy disjoint bits, so their sum is their bitwise or.
+  return jnp.sum((slots << shifts).astype(jnp.uint32), axis=-2).astype(jnp.uint8)
+
+
+def unpack_bits(packed: jax.Array, bits: int) -> jax.Array:
+  """uint8 [..., P] -> uint8 codes [..., P * 8 / bits] (the inverse of `pack_bits`)."""
+  per = codes_per_byte(bits)
+  mask = jnp.uint8((1 << bits) - 1)
+  return jnp.concatenate([(packed >> jnp.uint8(j * bits)) & mask for j in range(per)], axis=-1)
+
+
+def dequantize_keys(codes: jax.Array, scale: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
+  """codes [B, K, T, P], scale / zero [B, K, T / g, Dh] -> float32 keys [B, K, T, Dh]."""
+  values = unpack_bits(codes, bits).astype(jnp.float32)
+  group = codes.shape[2] // scale.shape[2]
+  repeat = lambda a: jnp.repeat(a.astype(jnp.float32), group, axis=2)
+  return values * repeat(scale) + repeat(zero)
+
+
+def lowbit_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Array, *, bits: int) -> jax.Array:
+  """Scaled scores of queries q [B, K, G, Dh] (G query heads per KV head) against the low-bit keys
+  -> float32 [B, K, G, T]: q . k_hat / sqrt(Dh)."""
+  keys = dequantize_keys(codes, scale, zero, bits)
+  return jnp.einsum("bkgd,bktd->bkgt", q.astype(jnp.float32), keys) * q.shape[-1] ** -0.5

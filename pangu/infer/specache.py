@@ -1,0 +1,295 @@
+"""SpeCache (Jie et al., ICML 2025): the full-precision KV cache off the device, a KIVI low-bit copy on it, and
+each step's top-k full-precision pairs prefetched by a speculative next token.
+
+Per layer and KV head (spec sections 3.1-3.5):
+  1. Host store: every token's K and V at full precision. Rows move to the device only through `_fetch`,
+     which counts them (`fetched_rows`). On CPU "host" and "device" are the same memory; the accounting
+     (`device_bytes`, `host_bytes`) says which side each array belongs to.
+  2. Device: the low-bit keys (per channel over g tokens) and values (per token over g_v channels), bit-packed;
+     a full-precision residual of the latest < R tokens (flushed into the low-bit store as one block of R when
+     full, at the start of the next write, so a speculative token never enters it); the top-k buffer.
+  3. Attention reads the mixed cache: dequantised low-bit keys with the top-k rows overwritten by their
+     full-precision copies, then the residual.
+  4. After attending, `observe_queries` scores the last query row (the speculative token's in a SpeCache step)
+     against the low-bit keys (pangu_kernels.specache), averages over each KV group (`gqa_reduce`), takes the
+     top-k low-bit positions and prefetches them for the same layer's next step.
+
+A SpeCache decode step (`specache_step`) runs [T_t, T'_{t+1}] at positions [p, p + 1] through the unchanged
+model: causal masking hides the speculative key at p + 1 from the real token at p, and `drop_last(1)`
+discards the speculative token's K/V before the next write. With `top_k = 0` the cache is KIVI (low-bit +
+residual only). Prefill is exact (the dense cache); `SpeCacheLayerCache.from_dense` then compresses it.
+"""
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from pangu.config_checks import one_of
+from pangu.infer.kv_cache import DenseLayerCache, KVCache, extend_cache, write_rows
+from pangu.infer.quantized_kv import LowBit, QuantConfig, dequantize, lowbit_bytes_per_token, quantize_keys, quantize_values
+from pangu.models.config import TransformerConfig
+from pangu.models.transformer import Decoder
+from pangu.nn.attention import CachedKV
+from pangu_kernels import specache as kernel
+
+GQA_REDUCE = ("mean_prob", "mean_logit")
+_MASKED = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeCacheConfig:
+  """Attributes:
+    quant: bits, group size and 1-bit level placement of the low-bit copy.
+    residual: R, full-precision recent tokens before a flush; a multiple of the group size.
+    top_k: k, full-precision pairs fetched per layer, KV head and step; 0 gives KIVI (no fetch).
+    gqa_reduce: how a KV group's query heads vote: mean of probabilities (paper) or of logits.
+    max_step_tokens: most tokens one decode write appends (the real and the speculative token: 2).
+    scoring: pangu_kernels.specache implementation (None: the kernel where it compiles, else the reference).
+  """
+
+  quant: QuantConfig = QuantConfig()
+  residual: int = 64
+  top_k: int = 64
+  gqa_reduce: str = "mean_prob"
+  max_step_tokens: int = 2
+  scoring: str | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.residual, int) or self.residual < 1 or self.residual % self.quant.group:
+      raise ValueError(f"SpeCacheConfig.residual must be a positive multiple of the group size {self.quant.group}, "
+                       f"got {self.residual!r}")
+    for name in ("top_k", "max_step_tokens"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < (name == "max_step_tokens"):
+        raise ValueError(f"SpeCacheConfig.{name} must be a non-negative int (max_step_tokens >= 1), "
+                         f"got {getattr(self, name)!r}")
+    one_of(self, "gqa_reduce", GQA_REDUCE)
+
+  @property
+  def residual_slots(self) -> int:
+    """Device residual slots: R plus one step's tokens (the flush is lazy)."""
+    return self.residual + self.max_step_tokens
+
+  def store_slots(self, max_length: int) -> int:
+    """Low-bit / host slots for a context of max_length: rounded up to whole residual blocks."""
+    return -(-max_length // self.residual) * self.residual
+
+
+def _rows(fn):
+  """fn over one row's [K, ...] arrays, mapped over the batch."""
+  return jax.vmap(fn)
+
+
+@flax.struct.dataclass
+class SpeCacheLayerCache:
+  """One layer's SpeCache state (see the module docstring). T: store slots, Rc: residual slots.
+
+  Attributes:
+    host_keys, host_values: [B, K, T, Dh] full precision (host side).
+    positions: int32 [B, T] position of each stored token (-1: empty).
+    lengths: int32 [B] tokens stored per row; quantized: int32 [B] of them in the low-bit store (a multiple of R).
+    keys_low, values_low: the bit-packed low-bit copy (`LowBit`, device side).
+    residual_keys, residual_values: [B, K, Rc, Dh] stored tokens quantized .. lengths; residual_positions [B, Rc].
+    topk_index: int32 [B, K, k] low-bit slots held at full precision (T: none); topk_keys / values [B, K, k, Dh].
+    fetched_rows: int32 [] K/V rows moved host -> device so far (each is 2 Dh elements).
+    config: static.
+  """
+
+  host_keys: jax.Array
+  host_values: jax.Array
+  positions: jax.Array
+  lengths: jax.Array
+  quantized: jax.Array
+  keys_low: LowBit
+  values_low: LowBit
+  residual_keys: jax.Array
+  residual_values: jax.Array
+  residual_positions: jax.Array
+  topk_index: jax.Array
+  topk_keys: jax.Array
+  topk_values: jax.Array
+  fetched_rows: jax.Array
+  config: SpeCacheConfig = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def from_dense(cls, dense: DenseLayerCache, config: SpeCacheConfig) -> "SpeCacheLayerCache":
+    """Compresses a prefilled dense layer cache: whole R-blocks of each row go low-bit, the rest is the
+    residual (spec section 3.3). The top-k buffer starts empty (`observe_queries` fills it)."""
+    b, kv, t, dh = dense.keys.shape
+    r, slots = config.residual, config.store_slots(t)
+    pad = lambda a, axis, value=0: jnp.pad(a, [(0, slots + config.residual_slots - t) if i == axis else (0, 0)
+                                                for i in range(a.ndim)], constant_values=value)
+    keys, values, positions = pad(dense.keys, 2), pad(dense.values, 2), pad(dense.positions, 1, -1)
+    quantized = dense.lengths // r * r
+    resid = lambda a, axis: _rows(lambda row, start: jax.lax.dynamic_slice_in_dim(
+        row, start, config.residual_slots, axis))(a, quantized)
+    in_residual = jnp.arange(config.residual_slots)[None] < (dense.lengths - quantized)[:, None]
+    host_keys, host_values = keys[:, :, :slots], values[:, :, :slots]
+    k = config.top_k
+    return cls(host_keys=host_keys, host_values=host_values,
+               positions=positions[:, :slots], lengths=dense.lengths, quantized=quantized,
+               keys_low=quantize_keys(host_keys, config.quant), values_low=quantize_values(host_values, config.quant),
+               residual_keys=resid(keys, 1), residual_values=resid(values, 1),
+               residual_positions=jnp.where(in_residual, resid(positions, 0), -1),
+               topk_index=jnp.full((b, kv, k), slots, jnp.int32), topk_keys=jnp.zeros((b, kv, k, dh), dense.keys.dtype),
+               topk_values=jnp.zeros((b, kv, k, dh), dense.keys.dtype), fetched_rows=jnp.zeros((), jnp.int32),
+               config=config)
+
+  @property
+  def slots(self) -> int:
+    return self.host_keys.shape[2]
+
+  def _flush(self) -> "SpeCacheLayerCache":
+    """Rows whose residual holds >= R tokens: its first R go low-bit as one block at slot `quantized`."""
+    cfg, r = self.config, self.config.residual
+    need = (self.lengths - self.quantized) >= r
+    block_k = quantize_keys(self.residual_keys[:, :, :r], cfg.quant)
+    block_v = quantize_values(self.residual_values[:, :, :r], cfg.quant)
+    g = cfg.quant.group
+
+    def put(store, block, slot_divisor):
+      written = write_rows(store, block, self.quantized // slot_divisor, 1)
+      return jnp.where(need.reshape(-1, *[1] * (store.ndim - 1)), written, store)
+
+    keys_low = LowBit(put(self.keys_low.codes, block_k.codes, 1), put(self.keys_low.scale, block_k.scale, g),
+                      put(self.keys_low.zero, block_k.zero, g))
+    values_low = LowBit(*(put(store, block, 1) for store, block in zip(self.values_low, block_v)))
+    shift = lambda a, axis, fill: jnp.where(need.reshape(-1, *[1] * (a.ndim - 1)), jnp.concatenate(
+        [jax.lax.slice_in_dim(a, r, a.shape[axis], axis=axis),
+         jnp.full_like(jax.lax.slice_in_dim(a, 0, r, axis=axis), fill)], axis=axis), a)
+    return self.replace(keys_low=keys_low, values_low=values_low, quantized=self.quantized + need * r,
+                        residual_keys=shift(self.residual_keys, 2, 0), residual_values=shift(self.residual_values, 2, 0),
+                        residual_positions=shift(self.residual_positions, 1, -1))
+
+  def write(self, keys: jax.Array, values: jax.Array, positions: jax.Array) -> "SpeCacheLayerCache":
+    """Appends S <= max_step_tokens tokens (keys / values [B, S, K, Dh]) to the host store and the residual."""
+    s = positions.shape[1]
+    if s > self.config.max_step_tokens:
+      raise ValueError(f"SpeCacheLayerCache.write: {s} tokens in one write, at most max_step_tokens="
+                       f"{self.config.max_step_tokens}; prefill into a DenseLayerCache and use from_dense")
+    cache = jax.lax.cond(jnp.any(self.lengths - self.quantized >= self.config.residual),
+                         SpeCacheLayerCache._flush, lambda c: c, self)
+    keys, values = keys.swapaxes(1, 2), values.swapaxes(1, 2)
+    offset = cache.lengths - cache.quantized
+    return cache.replace(
+        host_keys=write_rows(cache.host_keys, keys, cache.lengths, 1),
+        host_values=write_rows(cache.host_values, values, cache.lengths, 1),
+        positions=write_rows(cache.positions, positions, cache.lengths, 0),
+        residual_keys=write_rows(cache.residual_keys, keys, offset, 1),
+        residual_values=write_rows(cache.residual_values, values, offset, 1),
+        residual_positions=write_rows(cache.residual_positions, positions, offset, 0),
+        lengths=cache.lengths + s)
+
+  def _mixed(self, low: LowBit, top: jax.Array, keys: bool) -> jax.Array:
+    """Dequantised [B, K, T, Dh] with the top-k slots overwritten by their full-precision rows."""
+    full = dequantize(low, self.config.quant.bits, keys=keys).astype(self.host_keys.dtype)
+    scatter = lambda rows, index, update: rows.at[index].set(update, mode="drop")  # index T: no slot
+    return jax.vmap(jax.vmap(scatter))(full, self.topk_index, top)
+
+  def read(self) -> CachedKV:
+    keys = jnp.concatenate([self._mixed(self.keys_low, self.topk_keys, True), self.residual_keys], axis=2)
+    values = jnp.concatenate([self._mixed(self.values_low, self.topk_values, False), self.residual_values], axis=2)
+    low_positions = jnp.where(jnp.arange(self.slots)[None] < self.quantized[:, None], self.positions, -1)
+    positions = jnp.concatenate([low_positions, self.residual_positions], axis=1)
+    return CachedKV(keys, values, positions, self.slots + self.lengths - self.quantized)
+
+  def select_topk(self, queries: jax.Array) -> jax.Array:
+    """The top-k store slots [B, K, k] (T: none) for queries [B, K, G, Dh].
+
+    Candidates are the slots that are low-bit at the next step: the low-bit store, plus the residual's first R
+    tokens when a flush is due (scored at full precision, as they are still in the residual). Votes are the
+    attention probabilities (normalised over low-bit and residual keys) reduced over each KV group.
+    """
+    cfg, t, r = self.config, self.slots, self.config.residual
+    scores = kernel.lowbit_scores(queries, *self.keys_low, bits=cfg.quant.bits, implementation=cfg.scoring)
+    residual = jnp.einsum("bkgd,bkrd->bkgr", queries.astype(jnp.float32),
+                          self.residual_keys.astype(jnp.float32)) * queries.shape[-1] ** -0.5
+    in_residual = jnp.arange(cfg.residual_slots)[None] < (self.lengths - self.quantized)[:, None]
+    flush_due = (self.lengths - self.quantized >= r)[:, None]
+    candidate = jnp.concatenate([jnp.arange(t)[None] < self.quantized[:, None], in_residual[:, :r] & flush_due], 1)
+    logits = jnp.concatenate([scores, residual], axis=-1)
+    logits = jnp.where(jnp.concatenate([candidate, in_residual[:, r:]], 1)[:, None, None], logits, _MASKED)
+    votes = jax.nn.softmax(logits, axis=-1) if cfg.gqa_reduce == "mean_prob" else logits
+    votes = jnp.where(candidate[:, None], votes[..., :t + r].mean(2), -jnp.inf)
+    k = min(cfg.top_k, t + r)
+    _, index = jax.lax.top_k(votes, k)
+    chosen = jnp.take_along_axis(jnp.broadcast_to(candidate[:, None], votes.shape), index, axis=-1)
+    slot = jnp.where(index < t, index, self.quantized[:, None, None] + index - t)
+    slot = jnp.where(chosen, slot, t)
+    return jnp.pad(slot, ((0, 0), (0, 0), (0, cfg.top_k - k)), constant_values=t)
+
+  def _fetch(self, index: jax.Array) -> "SpeCacheLayerCache":
+    """Moves the host rows at index [B, K, k] to the device top-k buffer, counting them."""
+    safe = jnp.minimum(index, self.slots - 1)[..., None]
+    take = lambda store: jnp.take_along_axis(store, safe, axis=2)
+    return self.replace(topk_index=index, topk_keys=take(self.host_keys), topk_values=take(self.host_values),
+                        fetched_rows=self.fetched_rows + jnp.sum(index < self.slots, dtype=jnp.int32))
+
+  def observe_queries(self, queries: jax.Array, positions: jax.Array) -> "SpeCacheLayerCache":
+    """After attending: the last query row (the speculative token's) picks next step's top-k, prefetched now."""
+    del positions
+    if self.config.top_k == 0:
+      return self
+    b, _, h, dh = queries.shape
+    kv = self.host_keys.shape[1]
+    return self._fetch(self.select_topk(queries[:, -1].reshape(b, kv, h // kv, dh)))
+
+  def drop_last(self, n: jax.Array) -> "SpeCacheLayerCache":
+    """Forgets the last n tokens (the speculative one); they sit in the residual, which the lazy flush keeps."""
+    return self.replace(lengths=self.lengths - n)
+
+  def device_bytes(self) -> int:
+    """Bytes of the arrays on the device side (low-bit copy, residual, top-k buffer, positions, lengths)."""
+    device = (*self.keys_low, *self.values_low, self.residual_keys, self.residual_values, self.residual_positions,
+              self.topk_index, self.topk_keys, self.topk_values, self.positions, self.lengths, self.quantized)
+    return sum(a.nbytes for a in device)
+
+  def host_bytes(self) -> int:
+    return self.host_keys.nbytes + self.host_values.nbytes
+
+
+def specache_device_bytes(config: SpeCacheConfig, *, batch: int, kv_heads: int, head_dim: int, slots: int,
+                          itemsize: int, scale_bytes: int = 4) -> float:
+  """Closed form of `SpeCacheLayerCache.device_bytes` for one layer (spec section 3.6); scale_bytes = 2 gives
+  the paper's 16-bit scale and zero. Positions and lengths are int32."""
+  per_head = (slots * lowbit_bytes_per_token(head_dim, config.quant, scale_bytes)
+              + 2 * (config.residual_slots + config.top_k) * head_dim * itemsize + 4 * config.top_k)
+  return batch * kv_heads * per_head + batch * 4 * (slots + config.residual_slots + 2)
+
+
+def to_specache(cache: KVCache, config: SpeCacheConfig) -> KVCache:
+  """A prefilled dense `KVCache` compressed layer by layer (`SpeCacheLayerCache.from_dense`)."""
+  return cache.map_layers(functools.partial(SpeCacheLayerCache.from_dense, config=config))
+
+
+def fetched_rows(cache: KVCache) -> jax.Array:
+  """Host -> device K/V rows moved so far, summed over layers."""
+  layers = cache.layers if isinstance(cache.layers, tuple) else (cache.layers,)
+  return sum(jnp.sum(layer.fetched_rows) for layer in layers)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def specache_step(config: TransformerConfig, params: dict, cache: KVCache, tokens: jax.Array,
+                  speculative: jax.Array) -> tuple[jax.Array, jax.Array, KVCache]:
+  """One SpeCache step (Algorithm 3): the real tokens [B] and speculative next tokens [B] at p, p + 1 ->
+  (the real token's logits [B, V], the speculative token's [B, V], cache holding only the real token).
+  Row 1's attention chose and prefetched the next step's top-k in every layer."""
+  logits, cache = extend_cache(Decoder(config), params, jnp.stack([tokens, speculative], axis=1), cache)
+  return logits[:, 0], logits[:, 1], cache.drop_last(jnp.ones_like(tokens))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def predecode(config: TransformerConfig, params: dict, cache: KVCache, tokens: jax.Array) -> tuple[jax.Array, KVCache]:
+  """Pre-decoding (Algorithm 2): tokens [B] attend over the low-bit cache, pick the first top-k, and give the
+  logits [B, V] whose argmax is the first speculative token; their K/V are dropped (the first step rewrites them)."""
+  logits, cache = extend_cache(Decoder(config), params, tokens[:, None], cache)
+  return logits[:, 0], cache.drop_last(jnp.ones_like(tokens))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def cached_step(config: TransformerConfig, params: dict, cache: KVCache, tokens: jax.Array) -> tuple[jax.Array, KVCache]:
+  """A plain one-token step over any cache (the baselines' decode): (logits [B, V], cache)."""
+  logits, cache = extend_cache(Decoder(config), params, tokens[:, None], cache)
+  return logits[:, 0], cache

@@ -1,0 +1,195 @@
+"""SpeCache: the KIVI quantiser against float64 NumPy, the cache against the dense cache's exact decoding."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pangu import infer, models
+from pangu.infer import quantized_kv, specache
+from pangu.infer.kv_cache import DenseLayerCache
+from pangu.infer.quantized_kv import QuantConfig
+from pangu.infer.specache import SpeCacheConfig, SpeCacheLayerCache
+
+CONFIG = models.tiny(n_heads=4, n_kv_heads=2, d_model=64)  # head dim 16, two query heads per KV head
+PROMPT, STEPS = 45, 24  # a partial residual block, and a flush at 64 within the steps
+# One cache config for the decoding tests, so they share compiles: k = 128 covers every low-bit slot.
+COVERING = SpeCacheConfig(QuantConfig(bits=1, group=16), residual=32, top_k=128)
+
+
+def _random_params(config, seed=1):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) / np.sqrt(s.shape[-1]), s.dtype),
+                      nn.unbox(models.abstract_params(config)))
+
+
+@pytest.fixture(scope="module")
+def model():
+  return CONFIG, _random_params(CONFIG)
+
+
+def _numpy_quantise(x, bits, levels):
+  """float64 reference quantiser over the last axis (one group per row)."""
+  low, high = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
+  if bits == 1 and levels == "quarter":
+    zero, scale = (3 * low + high) / 4, (high - low) / 2
+  else:
+    zero, scale = low, (high - low) / (2 ** bits - 1)
+  codes = np.clip(np.round((x - zero) / np.where(scale > 0, scale, 1)), 0, 2 ** bits - 1)
+  return np.where(scale > 0, codes * scale + zero, x), scale
+
+
+@pytest.mark.parametrize("bits,levels", [(2, "minmax"), (1, "minmax"), (1, "quarter")])
+def test_keys_per_channel_and_values_per_token_match_numpy_within_half_a_step(bits, levels):
+  cfg = QuantConfig(bits=bits, group=32, one_bit_levels=levels)
+  x = np.random.default_rng(bits).normal(size=(2, 2, 64, 16))
+  x[0, 0, :32, 3] = 0.25  # a constant key group reconstructs exactly
+  keys = quantized_kv.quantize_keys(jnp.asarray(x, jnp.float32), cfg)
+  values = quantized_kv.quantize_values(jnp.asarray(x, jnp.float32), cfg)
+  assert keys.codes.dtype == jnp.uint8 and keys.codes.shape == (2, 2, 64, 16 * bits // 8)
+  assert keys.scale.shape == (2, 2, 2, 16) and values.scale.shape == (2, 2, 64, 1)  # g_v = min(32, 16)
+  got_k = np.asarray(quantized_kv.dequantize(keys, bits, keys=True))
+  got_v = np.asarray(quantized_kv.dequantize(values, bits, keys=False))
+  # Keys: groups of 32 tokens per channel; values: each token's 16 channels.
+  grouped = x.reshape(2, 2, 2, 32, 16).swapaxes(3, 4)
+  want_k, step_k = _numpy_quantise(grouped, bits, levels)
+  want_k = want_k.swapaxes(3, 4).reshape(x.shape)
+  want_v, step_v = _numpy_quantise(x, bits, levels)
+  np.testing.assert_allclose(got_k, want_k, atol=1e-5)
+  np.testing.assert_allclose(got_v, want_v, atol=1e-5)
+  bound_k = np.repeat(step_k[..., 0], 32, axis=2) / 2  # [B, K, groups, Dh] -> per token
+  assert np.all(np.abs(got_k - x) <= bound_k + 1e-5)
+  assert np.all(np.abs(got_v - x) <= step_v / 2 + 1e-5)
+  np.testing.assert_array_equal(got_k[0, 0, :32, 3], 0.25)
+
+
+def test_one_bit_quarter_levels_sit_at_the_quarter_points_and_beat_minmax():
+  x = np.random.default_rng(0).normal(size=(1, 1, 4096, 16)).astype(np.float32)
+  errors = {}
+  for levels in ("quarter", "minmax"):
+    low = quantized_kv.quantize_values(jnp.asarray(x), QuantConfig(bits=1, group=16, one_bit_levels=levels))
+    got = np.asarray(quantized_kv.dequantize(low, 1, keys=False))
+    errors[levels] = np.mean((got - x) ** 2)
+  lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
+  low = quantized_kv.quantize_values(jnp.asarray(x), QuantConfig(bits=1, group=16))
+  got = np.asarray(quantized_kv.dequantize(low, 1, keys=False))
+  at_quarter = np.isclose(got, (3 * lo + hi) / 4, atol=1e-5) | np.isclose(got, (lo + 3 * hi) / 4, atol=1e-5)
+  assert at_quarter.all()
+  assert errors["quarter"] < 0.7 * errors["minmax"]
+
+
+def _prefill(config, params, tokens, extra):
+  cache = infer.init_cache(config, jnp.zeros((tokens.shape[0],), jnp.int32), tokens.shape[1] + extra)
+  logits, cache = infer.extend(config, params, jnp.asarray(tokens), cache)
+  return logits, cache
+
+
+def test_topk_covering_the_whole_context_equals_full_attention(model):
+  """k >= every low-bit slot: each step's mixed cache is exact, so SpeCache decodes like the dense cache
+  (through a residual flush at token 64)."""
+  config, params = model
+  sequence = np.random.default_rng(3).integers(0, config.vocab_size, (2, PROMPT + STEPS + 1)).astype(np.int32)
+  _, dense = _prefill(config, params, sequence[:, :PROMPT], STEPS + 1)
+  cache = specache.to_specache(dense, COVERING)
+  _, cache = specache.predecode(config, params, cache, jnp.asarray(sequence[:, PROMPT]))
+  for step in range(STEPS):
+    token = jnp.asarray(sequence[:, PROMPT + step])
+    want, dense = specache.cached_step(config, params, dense, token)
+    got, _, cache = specache.specache_step(config, params, cache, token, jnp.asarray(sequence[:, PROMPT + step + 1]))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+  layer = jax.tree.map(lambda a: a[0], cache.layers).read()
+  assert np.all(np.asarray(cache.layers.quantized) == 64)  # the flush happened
+  np.testing.assert_array_equal(np.asarray(cache.layers.lengths), PROMPT + STEPS)
+  assert layer.keys.shape[2] == 96 + 34
+
+
+def test_speculative_row_never_reaches_the_real_tokens_output(model):
+  config, params = model
+  sequence = np.random.default_rng(4).integers(0, config.vocab_size, (2, PROMPT + 1)).astype(np.int32)
+  _, dense = _prefill(config, params, sequence[:, :PROMPT], STEPS + 1)
+  cache = specache.to_specache(dense, COVERING)
+  _, cache = specache.predecode(config, params, cache, jnp.asarray(sequence[:, PROMPT]))
+  token = jnp.asarray(sequence[:, PROMPT])
+  real_a, spec_a, after_a = specache.specache_step(config, params, cache, token, jnp.array([1, 2]))
+  real_b, spec_b, after_b = specache.specache_step(config, params, cache, token, jnp.array([300, 7]))
+  np.testing.assert_array_equal(real_a, real_b)
+  assert not np.allclose(spec_a, spec_b)  # the speculative row does see its own token
+  # Only the real token is stored, and the speculative one only changed which rows were prefetched.
+  for after in (after_a, after_b):
+    np.testing.assert_array_equal(after.layers.lengths, PROMPT + 1)
+    np.testing.assert_array_equal(after.next_positions, PROMPT + 1)
+  np.testing.assert_array_equal(after_a.layers.host_keys[:, :, :, :PROMPT + 1],
+                                after_b.layers.host_keys[:, :, :, :PROMPT + 1])
+
+
+def test_incremental_flush_equals_quantising_from_scratch(model):
+  config, params = model
+  sequence = np.random.default_rng(5).integers(0, config.vocab_size, (2, PROMPT + STEPS + 1)).astype(np.int32)
+  _, dense = _prefill(config, params, sequence[:, :PROMPT], STEPS + 1)
+  cache = specache.to_specache(dense, COVERING)
+  for t in range(PROMPT, PROMPT + STEPS):
+    _, _, cache = specache.specache_step(config, params, cache, jnp.asarray(sequence[:, t]), jnp.zeros(2, jnp.int32))
+    _, dense = specache.cached_step(config, params, dense, jnp.asarray(sequence[:, t]))
+  scratch = specache.to_specache(dense, COVERING)
+  # 69 tokens: the flush at the write after the residual reached 32 moved tokens 32..63 to the low-bit store.
+  # Layer 0's keys depend on the tokens alone (later layers' on the approximate attention), so compare it.
+  got, want = (jax.tree.map(lambda a: a[0], c.layers) for c in (cache, scratch))
+  np.testing.assert_array_equal(got.quantized, 64)
+  np.testing.assert_array_equal(want.quantized, 64)
+  for field in ("keys_low", "values_low"):
+    for name, a, b in zip(("codes", "scale", "zero"), getattr(got, field), getattr(want, field)):
+      width = 64 if name == "codes" or field == "values_low" else 4
+      np.testing.assert_allclose(a[:, :, :width], b[:, :, :width], rtol=1e-6, atol=1e-6, err_msg=f"{field}.{name}")
+  np.testing.assert_allclose(got.residual_keys[:, :, :5], want.residual_keys[:, :, :5], rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits,group", [(1, 16), (2, 8)])
+def test_device_bytes_equal_the_closed_form(bits, group):
+  cfg = SpeCacheConfig(QuantConfig(bits=bits, group=group), residual=16, top_k=8)
+  dense = DenseLayerCache.empty(3, 2, 70, 16, jnp.float32).write(
+      jnp.ones((3, 20, 2, 16)), jnp.ones((3, 20, 2, 16)), jnp.tile(jnp.arange(20, dtype=jnp.int32), (3, 1)))
+  cache = SpeCacheLayerCache.from_dense(dense, cfg)
+  assert cache.slots == 80
+  want = specache.specache_device_bytes(cfg, batch=3, kv_heads=2, head_dim=16, slots=80, itemsize=4)
+  assert cache.device_bytes() == want
+  assert cache.host_bytes() == 2 * 3 * 2 * 80 * 16 * 4
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match="residual"):
+    SpeCacheConfig(QuantConfig(group=32), residual=48)
+  with pytest.raises(ValueError, match="bits"):
+    QuantConfig(bits=3)
+  with pytest.raises(ValueError, match="gqa_reduce"):
+    SpeCacheConfig(gqa_reduce="max")
+
+
+def test_eviction_baselines_keep_the_tokens_their_rule_names(model):
+  """StreamingLLM keeps sinks + the latest window; H2O the recent tokens + the heaviest older ones, and with
+  a budget covering everything both decode exactly like the dense cache."""
+  from pangu.infer import eviction_cache
+  config, params = model
+  sequence = np.random.default_rng(6).integers(0, config.vocab_size, (2, 24)).astype(np.int32)
+  recorder = infer.init_cache(config, jnp.zeros(2, jnp.int32), 30, layer_cache=eviction_cache.AttentionMassRecorder.empty)
+  _, recorder = infer.extend(config, params, jnp.asarray(sequence[:, :20]), recorder)
+  layer0 = jax.tree.map(lambda a: a[0], recorder.layers)
+  mass = np.asarray(layer0.mass)
+  np.testing.assert_allclose(mass.sum(1), 20 * config.n_heads, rtol=1e-5)  # each query's row sums to 1 per head
+  dense = recorder.map_layers(lambda r: r.dense)
+  sink = jax.tree.map(lambda a: a[0], eviction_cache.to_sink_window(dense, sinks=2, window=5).layers)
+  np.testing.assert_array_equal(np.sort(np.asarray(sink.positions), 1), [[0, 1, 15, 16, 17, 18, 19]] * 2)
+  heavy = jax.tree.map(lambda a: a[0], eviction_cache.to_heavy_hitter(recorder, budget=6, recent=3).layers)
+  older = np.argsort(-mass[:, :17], axis=1)[:, :3]
+  for row in range(2):
+    assert set(np.asarray(heavy.positions[row])) == set(older[row]) | {17, 18, 19}
+  # Budgets covering the whole sequence: decoding equals the dense cache's.
+  full_sink = eviction_cache.to_sink_window(dense, sinks=2, window=28)
+  full_heavy = eviction_cache.to_heavy_hitter(recorder, budget=30, recent=3)
+  for t in range(20, 23):
+    token = jnp.asarray(sequence[:, t])
+    want, dense = specache.cached_step(config, params, dense, token)
+    got_sink, full_sink = specache.cached_step(config, params, full_sink, token)
+    got_heavy, full_heavy = specache.cached_step(config, params, full_heavy, token)
+    np.testing.assert_allclose(got_sink, want, atol=2e-5)
+    np.testing.assert_allclose(got_heavy, want, atol=2e-5)
