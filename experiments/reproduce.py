@@ -24,25 +24,25 @@ from experiments import common
 EXPERIMENTS = (
     ("sandwich_norm", "Pangu Ultra: depth-scaled sandwich norm + TinyInit vs Pre-LN on a deep, narrow LM.", 420),
     ("moge_balance", "Pangu Pro MoE: MoGE vs top-K load balance, Monte-Carlo and expert-parallel training.", 300),
+    ("balance_scope", "Pangu Ultra MoE: the balance loss over each device, each EP group or the global batch; "
+                      "balance per EP group and expert specialisation per text domain.", 150),
+    ("simulate_ascend", "Pangu Ultra MoE / Pro MoE: the calibrated performance simulator and the papers' layouts.",
+     60),
     ("mole", "MoLE: lookup experts vs dense and offloaded MoE, table exactness and decode latency.", 420),
     ("pruning", "SlimLLM: structured pruning at 20 % and 50 % against magnitude, Wanda-sp, FLAP, Taylor and layer "
                 "drop; perplexity without tuning, parameters and prefill speed-up.", 420),
-    ("balance_scope", "Pangu Ultra MoE: the balance loss over each device, each EP group or the global batch; "
-                      "balance per EP group and expert specialisation per text domain.", 150),
-    ("embedded_rl", "Pangu Embedded: the SSP scheduler with a priority queue under long-tail generation lengths "
-                    "(s = 0, 1, 2); before/after RL once the distilled student exists.", 60),
     ("pangu_light", "Pangu Light: joint width + depth pruning with CLAP / SLNP vs truncation and SlimLLM, before and "
                     "after the same distillation budget (reuses the pruning experiment's cached base).", 120),
-    ("embedded_dual", "Pangu Embedded: iterative distillation with merging, then fast / slow / auto modes of a "
-                      "byte-level student trained from scratch.", 120),
-    ("simulate_ascend", "Pangu Ultra MoE / Pro MoE: the calibrated performance simulator and the papers' layouts.",
-     60),
-    ("dit_ptq", "HTG: timestep-aware W8A8 / W4A8 post-training quantisation of a small DiT on digits against naive, "
-                "SmoothQuant-style and PTQ4DiT-style PTQ; G sweep (the first run trains the DiT; re-runs reuse it).", 120),
     ("sdtp", "SDTP: saliency-driven token pruning vs random, attention-score and no pruning on a retrieval task; "
              "prefill FLOPs and speed-up vs prompt length.", 150),
     ("specache", "SpeCache: speculative top-k prefetch over a 1/2-bit KIVI copy vs KIVI, H2O, StreamingLLM and the full "
                  "cache on passkey retrieval at matched device memory (trains a small LM on first run).", 150),
+    ("dit_ptq", "HTG: timestep-aware W8A8 / W4A8 post-training quantisation of a small DiT on digits against naive, "
+                "SmoothQuant-style and PTQ4DiT-style PTQ; G sweep (the first run trains the DiT; re-runs reuse it).", 120),
+    ("embedded_dual", "Pangu Embedded: iterative distillation with merging, then fast / slow / auto modes of a "
+                      "byte-level student trained from scratch.", 120),
+    ("embedded_rl", "Pangu Embedded: the SSP scheduler with a priority queue under long-tail generation lengths "
+                    "(s = 0, 1, 2); before/after RL once the distilled student exists.", 60),
     ("bench_moe_layer", "MoE layer step time per dispatch and exchange (benchmark, no paper claim).", 120),
     ("bench_moe_routing", "Fused Pallas MoGE routing kernel vs XLA (benchmark, no paper claim).", 60),
     ("bench_attention", "Attention implementations: the reference on CPU; Pallas vs XLA vs cuDNN on a GPU "
