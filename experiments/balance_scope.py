@@ -10,8 +10,8 @@ training, on validation text:
 - balance per EP group: each EP group's tokens (one data shard) routed, the max / mean load over its 4 expert
   devices, averaged over groups, batches and layers (1.0 = balanced);
 - specialisation: per text domain of the held-out Python files (code lines, and comment lines, which are English
-  prose; the corpus has almost no other prose), the entropy of the expert-usage distribution, normalised by log N and averaged over layers (lower = the domain uses fewer
-  experts, i.e. experts specialise), and the Jensen-Shannon divergence between the two domains' usage.
+  prose; the corpus has almost no other prose), the entropy of the expert-usage distribution, normalised by
+  log N and averaged over layers (lower = the domain uses fewer experts, i.e. experts specialise), and the Jensen-Shannon divergence between the two domains' usage.
 Paper's claim (README, secondary): the EP-group loss gives better specialisation at similar balance than the
 micro-batch loss.
 
@@ -141,7 +141,7 @@ def main(argv):
   from pangu.parallel import cpu_mesh
 
   quick = common.QUICK.value
-  steps = _STEPS.value or (30 if quick else 300)
+  steps = common.pick(_STEPS, 300, 30)
   tokenizer = data.ByteTokenizer()
   train_data = data.LMDataset.build(tokenizer, data.CorpusConfig(max_files=200 if quick else None), split="train",
                                     seq_len=SEQ_LEN)
@@ -154,7 +154,8 @@ def main(argv):
              "setup": {"steps": steps, "num_experts": NUM_EXPERTS, "top_k": TOP_K, "expert_dim": EXPERT_DIM,
                        "width": WIDTH, "layers": LAYERS, "seq_len": SEQ_LEN, "batch": BATCH,
                        "mesh": {"data": DATA, "expert": EXPERT}, "aux_loss_coef": _AUX.value,
-                       "domains": "validation .py files: comment lines (prose) vs other lines (code)", "quick": quick, **common.machine_info()}}
+                       "domains": "validation .py files: comment lines (prose) vs other lines (code)",
+                       "quick": quick, **common.machine_info()}}
   payload["claims"] = claims(payload)
   common.write_json("balance_scope", payload)
   plot(scopes)

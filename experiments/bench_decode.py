@@ -202,10 +202,9 @@ def main(argv):
   from pangu import models
   from pangu.interop import hf
 
-  quick = common.QUICK.value
-  prompt_len = _PROMPT_LEN.value or (64 if quick else 128)
-  new_tokens = _NEW_TOKENS.value or (16 if quick else 128)
-  repeats = _REPEATS.value or (3 if quick else 5)
+  prompt_len = common.pick(_PROMPT_LEN, 128, 64)
+  new_tokens = common.pick(_NEW_TOKENS, 128, 16)
+  repeats = common.pick(_REPEATS, 5, 3)
   config = models.small()
   load_before = os.getloadavg()[0]
   with tempfile.TemporaryDirectory() as folder:

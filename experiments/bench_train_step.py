@@ -102,7 +102,7 @@ def main(argv):
 
   model = models.small()
   batch, seq = _BATCH.value, _SEQ.value
-  steps = _STEPS.value or (4 if common.QUICK.value else 10)
+  steps = common.pick(_STEPS, 10, 4)
   ceiling = matmul_ceiling()
   tokens_per_s = jax_train_tokens_per_s(model, batch, seq, steps)
   flops_per_token = models.train_flops_per_token(model, seq)

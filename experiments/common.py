@@ -24,6 +24,14 @@ RESULTS_DIR = flags.DEFINE_string("results_dir", "results", "Folder for <name>.j
 VERDICTS = ("reproduced", "partly", "not reproduced", "contradicted")
 
 
+def pick(flag: flags.FlagHolder, full: Any, quick: Any) -> Any:
+  """An explicitly given flag's value, else the --quick or the full default: the one rule every experiment uses
+  (explicit flags beat quick defaults)."""
+  if flag.value is not None:
+    return flag.value
+  return quick if QUICK.value else full
+
+
 def claim(paper: str, text: str, paper_figure: str, ours: str, verdict: str) -> dict[str, str]:
   """One row of REPORT.md's verdict table. An experiment computes `ours` and `verdict` from the payload it
   writes and stores the rows under the payload's "claims" key, so the report types nothing by hand."""

@@ -31,10 +31,6 @@ GROUP_CLOSE = 0.02  # G = T/10 within 2 % of G = T
 CALIBRATION_GOAL_S = 180.0
 
 
-def _setting(flag, quick, full):
-  return flag.value if flag.value is not None else (quick if common.QUICK.value else full)
-
-
 def claims(payload: dict) -> list[dict]:
   """Verdicts computed from the JSON alone."""
   fp = payload["fp"]["fid"]
@@ -135,11 +131,11 @@ def main(argv):
   from pangu.models.dit import DiT, DiTConfig, init_dit
 
   begin = time.perf_counter()
-  d_model, depth = _setting(_D_MODEL, 48, 128), _setting(_DEPTH, 2, 6)
+  d_model, depth = common.pick(_D_MODEL, 128, 48), common.pick(_DEPTH, 6, 2)
   config = DiTConfig(d_model=d_model, depth=depth, n_heads=4)
-  train = DiffusionTrainConfig(steps=_setting(_TRAIN_STEPS, 1500, 6000), batch_size=128, learning_rate=2e-3)
-  n_steps, n_samples = _setting(_SAMPLE_STEPS, 20, 100), _setting(_SAMPLES, 200, 1000)
-  n_calib, guidance = _setting(_CALIB_SAMPLES, 32, 256), _GUIDANCE.value
+  train = DiffusionTrainConfig(steps=common.pick(_TRAIN_STEPS, 6000, 1500), batch_size=128, learning_rate=2e-3)
+  n_steps, n_samples = common.pick(_SAMPLE_STEPS, 100, 20), common.pick(_SAMPLES, 1000, 200)
+  n_calib, guidance = common.pick(_CALIB_SAMPLES, 256, 32), _GUIDANCE.value
   schedule = ScheduleConfig()
   images, labels = load_digits_images()
   key = jax.random.key(_SEED.value)

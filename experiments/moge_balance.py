@@ -198,8 +198,8 @@ def main(argv):
   from pangu.parallel import cpu_mesh
 
   quick = common.QUICK.value
-  draws = _DRAWS.value or (2000 if quick else 20_000)  # explicit flags beat the quick defaults
-  steps = _STEPS.value or (40 if quick else 300)
+  draws = common.pick(_DRAWS, 20_000, 2000)
+  steps = common.pick(_STEPS, 300, 40)
   mc = monte_carlo(draws)
 
   tokenizer = data.ByteTokenizer()

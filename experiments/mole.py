@@ -333,12 +333,9 @@ def main(argv):
   from pangu import data
   quick = common.QUICK.value
 
-  def pick(flag, full, fast):
-    return flag.value if flag.value is not None else (fast if quick else full)
-
-  steps, width, layers = pick(_STEPS, 400, 40), pick(_WIDTH, 96, 48), pick(_LAYERS, 6, 4)
-  lat_width, lat_layers = pick(_LATENCY_WIDTH, 768, 384), pick(_LATENCY_LAYERS, 12, 4)
-  new_tokens, repeats = pick(_NEW_TOKENS, 32, 12), pick(_REPEATS, 5, 3)
+  steps, width, layers = common.pick(_STEPS, 400, 40), common.pick(_WIDTH, 96, 48), common.pick(_LAYERS, 6, 4)
+  lat_width, lat_layers = common.pick(_LATENCY_WIDTH, 768, 384), common.pick(_LATENCY_LAYERS, 12, 4)
+  new_tokens, repeats = common.pick(_NEW_TOKENS, 32, 12), common.pick(_REPEATS, 5, 3)
   if width % 3 or lat_width % 3:
     raise app.UsageError(f"--width={width} and --latency_width={lat_width} must be multiples of 3")
   vocab = data.ByteTokenizer().vocab_size

@@ -227,11 +227,9 @@ def main(argv):
   from pangu.infer.quantized_kv import QuantConfig
   quick = common.QUICK.value
 
-  def pick(flag, full, fast):
-    return flag.value if flag.value is not None else (fast if quick else full)
-
-  steps, context, n_prompts = pick(_STEPS, 1500, 120), pick(_CONTEXT, 2048, 512), pick(_PROMPTS, 32, 8)
-  top_k, residual, ppl_tokens = pick(_TOP_K, 64, 32), pick(_RESIDUAL, 64, 32), pick(_PPL_TOKENS, 32, 8)
+  steps, context = common.pick(_STEPS, 1500, 120), common.pick(_CONTEXT, 2048, 512)
+  n_prompts, top_k = common.pick(_PROMPTS, 32, 8), common.pick(_TOP_K, 64, 32)
+  residual, ppl_tokens = common.pick(_RESIDUAL, 64, 32), common.pick(_PPL_TOKENS, 32, 8)
   group = _GROUP.value
   config = model_config()
   train_len = min(context, 512)
