@@ -11,7 +11,8 @@ training, on validation text:
   devices, averaged over groups, batches and layers (1.0 = balanced);
 - specialisation: per text domain of the held-out Python files (code lines, and comment lines, which are English
   prose; the corpus has almost no other prose), the entropy of the expert-usage distribution, normalised by
-  log N and averaged over layers (lower = the domain uses fewer experts, i.e. experts specialise), and the Jensen-Shannon divergence between the two domains' usage.
+  log N and averaged over layers (lower = the domain uses fewer experts, i.e. experts specialise), and the
+  Jensen-Shannon divergence between the two domains' usage.
 Paper's claim (README, secondary): the EP-group loss gives better specialisation at similar balance than the
 micro-batch loss.
 
