@@ -10,8 +10,11 @@ lognormal tail), the learner trains on `groups_per_step` groups per step. For s 
 the reward-variance priority and with FIFO, it records the learner's idle fraction, samples trained per second and
 the final reward (the policy's expected accuracy over all prompts after the last step), over several seeds.
 
-The before/after-RL section (accuracy per task type of the distilled student of Pangu Embedded I, before and after
-GRPO with MARS) needs that student; until it lands, "before" and "after" say so and no claim is made about them.
+The before/after-RL section starts from the distilled student of Pangu Embedded I (experiments/embedded_dual.py
+saves it under <results_dir>/embedded_dual_student; --student points elsewhere): greedy slow-mode accuracy per
+level on held-out arithmetic items, then GRPO with MARS rewards (`pangu.reason.rl.train_grpo`: the shared decode
+engine for rollouts, the shared train step with `grpo_loss`), then the same evaluation. Without a student the two
+keys say so and no claim is made about them.
 
 Paper's prediction under test: the latency-tolerant scheduler cuts idle time (about 30 %, secondary source)
 without hurting the reward curve. Goal: s = 1 or 2 reduces idle time by >= 25 % vs s = 0 at an equal or better
@@ -22,6 +25,7 @@ Writes <results_dir>/embedded_rl.json: {"before", "after", "scheduler": {s: {"id
 embedded_rl.md.
 """
 
+import dataclasses
 import functools
 import os
 import time
@@ -41,12 +45,19 @@ _TOKEN_MS = flags.DEFINE_float("token_ms", 0.03, "Simulated generation time per 
 _TRAIN_MS = flags.DEFINE_float("train_ms", 25.0, "Simulated learner time per step (ms), on top of the update.",
                                lower_bound=0)
 _STALENESS = flags.DEFINE_list("staleness", ["0", "1", "2"], "Staleness bounds s to sweep.")
+_STUDENT = flags.DEFINE_string("student", None, "Checkpoint folder of the distilled student (default: "
+                               "<results_dir>/embedded_dual_student).")
+_RL_STEPS = flags.DEFINE_integer("rl_steps", None, "GRPO steps on the student (default 100, --quick 12).",
+                                 lower_bound=1)
+_RL_LEVELS = flags.DEFINE_list("rl_levels", ["1", "2", "3"], "Arithmetic levels of the RL prompts and evaluation.")
+_RL_EVAL_ITEMS = flags.DEFINE_integer("rl_eval_items", 32, "Held-out items per level for before / after.",
+                                      lower_bound=1)
 
 FULL = dict(steps=80, seeds=3)
 QUICK = dict(steps=30, seeds=2)
 PROMPTS, CHOICES, LEARNING_RATE = 8, 8, 8.0
 BASE_LENGTH, TAIL_SIGMA = 100, 1.0  # tokens at difficulty 1, lognormal tail of each generation's length
-IDLE_GOAL, REWARD_TOLERANCE = 0.25, 0.02
+IDLE_GOAL, REWARD_TOLERANCE, RL_GOAL = 0.25, 0.02, 0.05
 PAPER = {"idle_reduction": 0.30}
 PRIORITIES = ("variance", "fifo")
 
@@ -203,12 +214,62 @@ def idle_verdict(scheduler: dict) -> tuple[str, str]:
   return "not reproduced", text
 
 
+def rl_section(student: str, steps: int, levels: list[int], eval_items: int) -> tuple[dict, dict]:
+  """(before, after): accuracy per level and overall of the student, and the GRPO curve in "after"."""
+  import jax
+  import numpy as np
+  from pangu import models
+  from pangu.data.tokenizer import ByteTokenizer
+  from pangu.reason import chat, grpo, pipeline, rewards, rl, tasks
+  from pangu.train.checkpoint import Checkpointer
+
+  checkpointer = Checkpointer(student)
+  meta = checkpointer.metadata()
+  config = models.TransformerConfig.from_dict(meta["model"])
+  params = checkpointer.restore_params(models.init_params(config, jax.random.key(0)))
+  checkpointer.close()
+  task_config = tasks.TaskConfig(**meta["task_config"])
+  tokenizer, fmt = ByteTokenizer(), chat.COMPACT_FORMAT
+  seq_len, max_new = pipeline.sequence_lengths(pipeline.PipelineConfig(levels=tuple(levels)), tokenizer)
+  evaluation = [t for lv in levels for t in tasks.generate("arith", lv, eval_items, 20_000, task_config)]
+  held_out = {t.prompt for t in evaluation}
+  train_items = [t for lv in levels for t in tasks.generate("arith", lv, 256, 30_000, task_config)
+                 if t.prompt not in held_out]
+
+  def evaluate(params) -> dict:
+    passed = rl.accuracy(config, params, evaluation, tokenizer, fmt, mode="slow", max_new_tokens=max_new,
+                         rng=jax.random.key(7))
+    level = np.asarray([t.level for t in evaluation])
+    return {"status": "measured", "accuracy": float(passed.mean()),
+            "per_level": {str(lv): float(passed[level == lv].mean()) for lv in levels}}
+
+  before = evaluate(params)
+  rl_config = rl.RLConfig(steps=steps, prompts_per_step=8, learning_rate=1e-4, max_new_tokens=max_new,
+                          seq_len=seq_len)
+  trained, history = rl.train_grpo(config, params, train_items, tokenizer, fmt, rl_config,
+                                   grpo.GRPOConfig(num_generations=4), rewards.MARS())
+  after = {**evaluate(trained), "reward_curve": [h["reward"] for h in history],
+           "rl": {**dataclasses.asdict(rl_config), "num_generations": 4, "train_prompts": len(train_items),
+                  "eval_items": len(evaluation), "student": student}}
+  return before, after
+
+
 def claims(payload: dict) -> list[dict]:
-  """The scheduler claim (its verdict from the JSON); the RL-gain claim is added once "before" / "after" exist."""
+  """The scheduler claim and, when a student was found, the RL gain (verdicts from the JSON)."""
   status, text = idle_verdict(payload["scheduler"])
-  return [common.claim("Pangu Embedded", "The latency-tolerant scheduler (SSP + priority queue) cuts learner idle "
-                       "time without hurting the reward", f"about -{PAPER['idle_reduction']:.0%} idle (secondary); "
-                       f"goal -{IDLE_GOAL:.0%} at equal reward", text, status)]
+  out = [common.claim("Pangu Embedded", "The latency-tolerant scheduler (SSP + priority queue) cuts learner idle "
+                      "time without hurting the reward", f"about -{PAPER['idle_reduction']:.0%} idle (secondary); "
+                      f"goal -{IDLE_GOAL:.0%} at equal reward", text, status)]
+  before, after = payload["before"], payload["after"]
+  if before.get("status") == "measured":
+    gain = after["accuracy"] - before["accuracy"]
+    verdict = ("reproduced" if gain >= RL_GOAL else "partly" if gain > 0 else
+               "contradicted" if gain < -RL_GOAL else "not reproduced")
+    out.append(common.claim("Pangu Embedded", "RL (GRPO with MARS rewards) improves the distilled student's accuracy",
+                            f"improves (goal +{RL_GOAL * 100:.0f} points)",
+                            f"slow-mode accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
+                            f"({gain * 100:+.1f} points) after {after['rl']['steps']} GRPO steps", verdict))
+  return out
 
 
 def plot(scheduler: dict) -> None:
@@ -244,7 +305,10 @@ def report_table(payload: dict) -> str:
            f"{setup['workers']} workers, {setup['seeds']} seeds, long-tail lengths (difficulty 1-4 x {BASE_LENGTH} "
            f"tokens x lognormal sigma {TAIL_SIGMA}), {setup['token_ms']} ms/token, {setup['train_ms']} ms/step.",
            common.format_table(rows, columns),
-           f"Before / after RL: {payload['before']['status']}",
+           "Before / after RL: " + (f"slow-mode accuracy {payload['before']['accuracy']:.3f} -> "
+                                    f"{payload['after']['accuracy']:.3f}, per level {payload['before']['per_level']} "
+                                    f"-> {payload['after']['per_level']}"
+                                    if payload["before"].get("status") == "measured" else payload["before"]["status"]),
            "\n".join(f"- {c['claim']}: {c['ours']} -> **{c['verdict']}**" for c in payload["claims"])]
   return "\n\n".join(parts)
 
@@ -259,8 +323,15 @@ def main(argv):
            "staleness": sorted({int(s) for s in _STALENESS.value})}
   if setup["staleness"][0] != 0:
     raise app.UsageError(f"--staleness must include 0 (the synchronous baseline), got {_STALENESS.value}")
-  pending = {"status": "pending: needs the distilled student of Pangu Embedded I (issue 18)"}
-  payload = {"before": pending, "after": pending, "scheduler": scheduler_section(setup),
+  student = _STUDENT.value or os.path.join(common.RESULTS_DIR.value, "embedded_dual_student")
+  if os.path.isdir(student):
+    before, after = rl_section(os.path.abspath(student), common.pick(_RL_STEPS, 100, 12),
+                               [int(v) for v in _RL_LEVELS.value], _RL_EVAL_ITEMS.value)
+  elif _STUDENT.value:
+    raise app.UsageError(f"--student={_STUDENT.value} is not a folder")
+  else:
+    before = after = {"status": f"not run: no student at {student} (run experiments.embedded_dual first)"}
+  payload = {"before": before, "after": after, "scheduler": scheduler_section(setup),
              "setup": {**setup, "prompts": PROMPTS, "choices": CHOICES, "learning_rate": LEARNING_RATE,
                        "base_length": BASE_LENGTH, "tail_sigma": TAIL_SIGMA, "quick": common.QUICK.value,
                        **common.machine_info()}}

@@ -78,7 +78,7 @@ def _data(config: PipelineConfig, seed: int):
   return [t for group in by_level.values() for t in group], evaluation
 
 
-def _lengths(config: PipelineConfig, tokenizer) -> tuple[int, int]:
+def sequence_lengths(config: PipelineConfig, tokenizer) -> tuple[int, int]:
   """(seq_len, max_new_tokens): room for the canonical slow reply of the hardest level in auto mode plus a
   margin, in every mode (one token cap for all modes). Longer (verbose) teacher candidates never win the
   shortest-correct pick; a training pair that does not fit is an error in `sft_batch`."""
@@ -99,7 +99,7 @@ def run(config: PipelineConfig, *, seed: int = 0, checkpoint_dir: str | None = N
   begin = time.perf_counter()
   tokenizer = ByteTokenizer()
   pool, evaluation = _data(config, seed)
-  seq_len, max_new = _lengths(config, tokenizer)
+  seq_len, max_new = sequence_lengths(config, tokenizer)
   model_config = models.tiny(vocab_size=tokenizer.vocab_size, d_model=config.width, n_layers=config.layers,
                              n_heads=4, n_kv_heads=2, d_ff=4 * config.width)
   # One schedule for every phase: the optimiser reset restarts it (20 warm-up steps, then cosine decay).

@@ -1,0 +1,65 @@
+"""GRPO on the student: MARS scores the chat format's answers, and a train step runs end to end."""
+
+import jax
+import numpy as np
+import pytest
+
+from pangu import models
+from pangu.data.tokenizer import ByteTokenizer
+from pangu.reason import chat, grpo, rewards, rl, tasks
+
+FMT = chat.COMPACT_FORMAT
+TASK_CONFIG = tasks.TaskConfig(modulus=10, arith_ops="+-")
+
+
+def _reply(answer: str, reasoning: str = "2+3=5") -> str:
+  return chat.render_response(reasoning, answer, mode="slow", fmt=FMT)
+
+
+def test_mars_rewards_the_correct_answer_and_penalises_a_broken_reply():
+  task = tasks.generate("arith", 1, 1, 0, TASK_CONFIG)[0]
+  wrong = str((int(task.answer) + 1) % 10)
+  mars = rewards.MARS()
+  score = lambda text: mars(rl.reward_request(task, text, [1, 2, 3], FMT, "slow"))
+  assert score(_reply(task.answer)).reward == 1.0
+  assert score(_reply(wrong)).reward == 0.0
+  broken = score(_reply(task.answer)[:2])  # cut before the reasoning closes
+  assert broken.format_error is not None and broken.reward < 0
+
+
+def test_families_without_a_mars_source_and_bad_configs_are_named():
+  task = tasks.generate("list", 1, 1, 0)[0]
+  with pytest.raises(ValueError, match="'list' family"):
+    rl.reward_request(task, _reply("[1]"), [], FMT, "slow")
+  with pytest.raises(ValueError, match="RLConfig.mode"):
+    rl.RLConfig(mode="auto")
+  with pytest.raises(ValueError, match="RLConfig.steps"):
+    rl.RLConfig(steps=0)
+
+
+class _ParityScorer:
+  """A scorer with MARS's call signature whose reward varies within a group (parity of the reply's byte sum)."""
+
+  def __call__(self, request):
+    return rewards.MARSReward(reward=float(sum(request.tokens) % 2), task_reward=0.0, source="parity",
+                              verified=False, repetition=False, format_error=None, reason="test")
+
+
+@pytest.mark.parametrize("scorer, moves", [(rewards.MARS(), False), (_ParityScorer(), True)],
+                         ids=["no_signal", "signal"])
+def test_a_grpo_step_moves_the_params_only_when_the_group_rewards_differ(scorer, moves):
+  """A random student gets equal MARS rewards in a group (zero advantages) and starts at the reference (zero KL),
+  so its gradient and update are exactly zero; rewards that differ move it. The input params are never changed."""
+  tokenizer = ByteTokenizer()
+  config = models.tiny(vocab_size=tokenizer.vocab_size, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64)
+  params = models.init_params(config, jax.random.key(0))
+  before = jax.tree.map(np.array, params)
+  items = tasks.generate("arith", 1, 8, 0, TASK_CONFIG)
+  trained, history = rl.train_grpo(config, params, items, tokenizer, FMT,
+                                   rl.RLConfig(steps=1, prompts_per_step=2, max_new_tokens=6, seq_len=48),
+                                   grpo.GRPOConfig(num_generations=4, max_gen_batches=1), scorer,
+                                   log=lambda _: None)
+  assert len(history) == 1 and np.isfinite(history[0]["loss"])
+  jax.tree.map(np.testing.assert_array_equal, params, before)
+  moved = any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), trained, before)))
+  assert moved == moves
