@@ -16,7 +16,7 @@ Mixture of Lookup Experts (arXiv 2503.15798), spec mole.md section 4:
    chose and running each on exactly the rows routed to it (the paper's offloading baseline, at the FLOPs of
    routing); MoLE-16E with the table (float16 by default, as the paper) in pinned host memory and
    memory-mapped on disk. Every system runs in pangu.infer.decode_layout (unrolled layers, [out, in] kernels,
-   MoE experts by the `selected` loop over the experts a step chose).
+   MoE experts by the `selected` loop: each expert a step chose runs on its own rows).
    Device-resident bytes of each and bytes moved per generated token (MoLE: one table row, L N D values;
    offloaded MoE: distinct experts per step x expert bytes, from the actual routing of the decoded tokens).
    On a CPU, host and device are the same RAM: "offloading" is a copy, so the bytes are reported beside the times,

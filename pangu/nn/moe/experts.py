@@ -10,10 +10,9 @@ T tokens (rows), W choices per row, E experts, D model width, F expert width. On
 - `blocked`: the same sort, with each expert's rows padded to whole blocks (MegaBlocks' layout) and a scan of
   dense [block, D] x [D, F] matmuls, one expert per block. Touches each assignment once plus at most one block
   of padding per expert; the fast choice on CPU.
-- `selected`: a loop over the distinct experts the rows chose, each applied to all T rows with the weight of
-  the rows that chose it (zero elsewhere). O(U T D F) for U <= min(E, T W) chosen experts, and it reads only
-  their kernels: the fast choice for a handful of rows, as in decoding, where `blocked` pays a block per
-  expert. Inference only: the loop's trip count is dynamic, which reverse-mode differentiation does not
+- `selected`: a loop over the distinct experts the rows chose, each applied to exactly the rows routed to it
+  (one matrix-vector product per assignment). O(T W D F), and it reads only the chosen experts' kernels, once
+  each: the fast choice for a handful of rows, as in decoding, where `blocked` pays a block per expert. Inference only: the loop's trip count is dynamic, which reverse-mode differentiation does not
   support. `pangu.nn.moe.offload` runs the same loop on kernels copied in from host memory.
 
 `capacity_experts` is the capacity-factor variant: fixed [E, C] slots per expert and exact dropped counts.
@@ -74,17 +73,31 @@ def selected_experts(expert_ids: jax.Array, num_experts: int) -> tuple[jax.Array
 
 def loop_over_selected(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, num_experts: int,
                        load: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
-  """sum over the chosen experts e of coef_e * E_e(x), with E_e's kernels from `load(e)` (a while loop, so
-  only the chosen experts are loaded). x [T, D], weights / expert_ids [T, W]; weights of unchosen slots 0."""
+  """sum over the chosen experts e of w * E_e(x_t) for exactly the rows t routed to e, with E_e's kernels from
+  `load(e)`: a while loop over the chosen experts (so only they are loaded, once each) and, inside, over their
+  assignments (one [D] x [D, F] product per (row, choice): the FLOPs of routing, no padding).
+  x [T, D], weights / expert_ids [T, W]; weights of unchosen slots 0."""
   order, count = selected_experts(expert_ids, num_experts)
+  # Assignments sorted by expert: expert e's rows are the slice [starts[e], starts[e + 1]).
+  flat_ids = expert_ids.reshape(-1)
+  by_expert = jnp.argsort(flat_ids, stable=True)
+  rows = by_expert // expert_ids.shape[1]
+  coefs = weights.reshape(-1)[by_expert].astype(x.dtype)
+  starts = jnp.searchsorted(flat_ids[by_expert], jnp.arange(num_experts + 1), side="left")
 
-  def apply_one(carry):
+  def apply_expert(carry):
     i, y = carry
     expert = order[i]
-    coef = jnp.sum(jnp.where(expert_ids == expert, weights, 0), axis=-1).astype(x.dtype)
-    return i + 1, y + coef[:, None] * swiglu(x, *load(expert))
+    kernels = load(expert)
 
-  return jax.lax.while_loop(lambda c: c[0] < count, apply_one, (jnp.zeros((), jnp.int32), jnp.zeros_like(x)))[1]
+    def apply_row(inner):
+      j, y = inner
+      return j + 1, y.at[rows[j]].add(coefs[j] * swiglu(x[rows[j]], *kernels))
+
+    _, y = jax.lax.while_loop(lambda c: c[0] < starts[expert + 1], apply_row, (starts[expert], y))
+    return i + 1, y
+
+  return jax.lax.while_loop(lambda c: c[0] < count, apply_expert, (jnp.zeros((), jnp.int32), jnp.zeros_like(x)))[1]
 
 
 def _block_rows(num_rows: int, num_experts: int) -> int:
