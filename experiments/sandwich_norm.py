@@ -8,9 +8,10 @@ Variants (spec pangu_ultra.md, section 4): (A) `pre`: Pre-LN + small init, the p
 A sweep then looks for the paper's regime: learning rates x depths x seeds (--sweep_lrs, --sweep_layers, --seeds),
 every variant at every point with the spike detector fixed beforehand (the train loop's, set on a pilot run).
 Writes results/sandwich_norm.json: {"variants": {name: {final_loss, val_loss, loss_spikes, grad_norm_spikes,
-max_grad_norm, diverged, ...}}, "sweep": {lr: {variant: {"loss_spikes", "grad_norm_spikes", "diverged",
+max_grad_norm, diverged, "gains_over_training": {"steps": [s], norm: {"mean", "std"}: [snapshot][layer]}, ...}},
+"sweep": {lr: {variant: {"loss_spikes", "grad_norm_spikes", "diverged",
 "final_loss"}}} (each a list over "sweep_runs", the (layers, seed) of every run), "setup": {...}} and
-sandwich_norm.png (loss and log grad norm per step).
+sandwich_norm.png (loss and log grad norm per step; DSSN's four norm gains over training, Fig. 10).
 """
 
 from absl import app, flags
@@ -46,6 +47,7 @@ VARIANTS = {
     "dssn_small_init": dict(norm_placement="depth_scaled_sandwich", init="small"),
 }
 BATCH, WARMUP = 16, 20
+GAIN_SNAPSHOTS = 10  # norm-gain statistics recorded about this many times per run (Fig. 10)
 
 
 def run_variant(name: str, seed: int, setup: dict, mesh, train_data, val_data) -> dict:
@@ -53,6 +55,7 @@ def run_variant(name: str, seed: int, setup: dict, mesh, train_data, val_data) -
   import numpy as np
 
   from pangu import data, models
+  from pangu.models.norm_gains import norm_gain_stats
   from pangu.train.config import TrainConfig
   from pangu.train.loop import LoopConfig, train
 
@@ -62,7 +65,17 @@ def run_variant(name: str, seed: int, setup: dict, mesh, train_data, val_data) -
   steps, lr = setup["steps"], setup["lr"]
   train_config = TrainConfig(peak_lr=lr, end_lr=lr / 10, warmup_steps=WARMUP, total_steps=steps)
   batches = data.BatchIterator(train_data, global_batch_size=BATCH, seed=seed)
-  state, history = train(model, train_config, LoopConfig(steps=steps, seed=seed), batches, mesh)
+  gains = {"steps": []}
+  probe_every = max(steps // GAIN_SNAPSHOTS, 1)
+
+  def record_gains(step, _record, state):
+    if step % probe_every == 0 or step == steps - 1:
+      gains["steps"].append(step)
+      for norm, stats in norm_gain_stats(jax.device_get(state.params)).items():
+        for stat, per_layer in stats.items():
+          gains.setdefault(norm, {"mean": [], "std": []})[stat].append(per_layer)
+
+  state, history = train(model, train_config, LoopConfig(steps=steps, seed=seed), batches, mesh, on_step=record_gains)
   forward = jax.jit(lambda p, x: models.forward(model, p, x))
   val = [float(models.cross_entropy_loss(forward(state.params, b["inputs"]), b["targets"], b["mask"])[0])
          for b in data.eval_batches(val_data, global_batch_size=BATCH, max_batches=8)]
@@ -85,10 +98,7 @@ def run_variant(name: str, seed: int, setup: dict, mesh, train_data, val_data) -
       "loss_curve": losses.tolist(),
       "grad_norm_curve": grad_norms.tolist(),
   }
-  if model.norm_placement != "pre":
-    gains = state.params["layers"]
-    result["post_gain_mean_by_layer"] = {
-        k: np.asarray(gains[k]["scale"]).mean(axis=1).tolist() for k in ("post_attn_norm", "post_mlp_norm")}
+  result["gains_over_training"] = gains
   return result
 
 
@@ -109,7 +119,27 @@ def claims(payload: dict) -> list[dict]:
           f"{dssn['final_loss']:.3f} ({payload['setup']['layers']} layers, lr {payload['setup']['lr']:g})")
   return [common.claim("Pangu Ultra", "Depth-scaled sandwich norm + TinyInit trains without the loss spikes "
                        "Pre-LN shows at the same learning rate", "135B: no loss spikes with DSSN (Fig. 3)", ours,
-                       verdict), sweep_claim(payload)]
+                       verdict), sweep_claim(payload), gains_claim(payload)]
+
+
+def gains_claim(payload: dict) -> dict:
+  """Fig. 10 on the DSSN run: do all four gains shrink in training, and do the post-norm gains' mean and std grow
+  with depth (Spearman correlation with the layer index > 0 at the end)?"""
+  import numpy as np
+  from scipy import stats
+
+  gains = payload["variants"]["depth_scaled_sandwich"]["gains_over_training"]
+  norms = [n for n in gains if n != "steps"]
+  shrank = [n for n in norms if np.mean(gains[n]["mean"][-1]) < np.mean(gains[n]["mean"][0])]
+  post = [(n, s) for n in norms if n.startswith("post") for s in ("mean", "std")]
+  rho = {f"{n} {s}": stats.spearmanr(np.arange(len(gains[n][s][-1])), gains[n][s][-1]).statistic for n, s in post}
+  grew = [k for k, r in rho.items() if r > 0]
+  held = (len(shrank) == len(norms)) + (len(grew) == len(rho))
+  verdict = "reproduced" if held == 2 else "partly" if held == 1 or shrank or grew else "not reproduced"
+  ours = (f"{len(shrank)}/{len(norms)} gains shrank (layer-mean, step {gains['steps'][0]} -> {gains['steps'][-1]}); "
+          "depth correlation of the final post gains: " + ", ".join(f"{k} {r:+.2f}" for k, r in rho.items()))
+  return common.claim("Pangu Ultra", "All four norm gains shrink over training; the post-norm gains' mean and std "
+                      "grow with depth", "Fig. 10 (135B)", ours, verdict)
 
 
 def sweep_claim(payload: dict) -> dict:
@@ -152,13 +182,23 @@ def run_sweep(setup: dict, mesh, train_data, val_data) -> tuple[dict, list]:
 
 
 def plot(variants: dict) -> None:
-  fig, axes = common.new_figure(ncols=2, size=(6, 4))
+  import numpy as np
+  fig, axes = common.new_figure(ncols=3, size=(6, 4))
   for name, r in variants.items():
     axes[0, 0].plot(r["loss_curve"], label=name, lw=1)
     axes[0, 1].semilogy(r["grad_norm_curve"], label=name, lw=1)
   axes[0, 0].set(xlabel="step", ylabel="training loss", title="loss")
   axes[0, 1].set(xlabel="step", ylabel="grad norm (before clipping)", title="gradient norm")
   axes[0, 0].legend(fontsize=8)
+  if "depth_scaled_sandwich" in variants:
+    gains = variants["depth_scaled_sandwich"]["gains_over_training"]
+    for norm in (n for n in gains if n != "steps"):
+      mean, std = np.mean(gains[norm]["mean"], axis=1), np.mean(gains[norm]["std"], axis=1)
+      line, = axes[0, 2].plot(gains["steps"], mean, label=norm, lw=1)
+      axes[0, 2].fill_between(gains["steps"], mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    axes[0, 2].set(xlabel="step", ylabel="gain (mean over layers; band: channel std)",
+                   title="DSSN norm gains")
+    axes[0, 2].legend(fontsize=8)
   common.save_figure(fig, "sandwich_norm")
 
 

@@ -92,10 +92,12 @@ def _stop_requests():
 
 
 def train(model_config: TransformerConfig, train_config: TrainConfig, loop_config: LoopConfig,
-          data: ResumableBatches, mesh: Mesh, on_step: Callable[[int, dict], None] | None = None, *,
+          data: ResumableBatches, mesh: Mesh, on_step: Callable[[int, dict, TrainState], None] | None = None, *,
           loss_fn: LossFn | None = None, batch_axes: BatchAxes | None = None) -> tuple[TrainState, list[dict]]:
   """Trains for `loop_config.steps` steps, resuming from the newest checkpoint if there is one.
 
+  on_step(step, record, state): called after every step with its metrics and the new state (for probes that read
+    parameters during training, e.g. norm gains).
   loss_fn, batch_axes: the objective and its batch layout, as in `make_train_step` (None: the LM loss and batch).
   Returns the final state and one metrics dict per step run in this call, with `step` and, when the loss reports
   `tokens`, `tokens_per_s`. After SIGTERM / SIGINT it returns early, the state saved: `state.step` then falls
@@ -133,7 +135,7 @@ def train(model_config: TransformerConfig, train_config: TrainConfig, loop_confi
       if (step + 1) % loop_config.save_every == 0:
         save()
       if on_step is not None:
-        on_step(step, record)
+        on_step(step, record, state)
       if stop:
         break
     save()

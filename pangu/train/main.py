@@ -89,7 +89,7 @@ def run():
   mesh = cpu_mesh(**(parse_plan(_MESH.value) if _MESH.value else {"data": len(jax.devices())}))
   loss_fn = None if _LOSS.value is None else losses.load_loss_factory(_LOSS.value)(model_config, train_config)
 
-  def log(step, record):
+  def log(step, record, _state):
     throughput = f" tokens/s {record['tokens_per_s']:.0f}" if "tokens_per_s" in record else ""
     print(f"step {step} loss {record['loss']:.6f} grad_norm {record['grad_norm']:.4f}{throughput}", flush=True)
     if _METRICS.value and jax.process_index() == 0:
