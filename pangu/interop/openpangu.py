@@ -62,13 +62,16 @@ position 0 (a serving convention); omni-infer and pangu's MTP (Decoder.mtp_logit
   Tensors beyond Llama's: mlp.gate.weight [E, D], mlp.router_scale [1, E] (weights x scale[id], no
   renormalisation; moe.router_scale), mlp.experts.j.{gate,up,down}_proj, mlp.shared_expert.{gate,up,down}_proj.
 
-`PanguProMoEV2ForCausalLM` (vllm-project/vllm vllm/model_executor/models/openpangu.py: an OpenPanguMoEModel;
-omni-ai-npu/omni-infer omni/models/pangu/pangu_pro_moe_v2/pangu_moe_v2.py) is not V1 with new names: its attention
-(OpenPanguSinkAttention) has keys and queries of qk_nope_dim + qk_rope_dim with RoPE on the qk_rope_dim interleaved
-dims only, values of another width (v_channels), an RMSNorm on the keys alone (k_layernorm) and learned sink keys
-and values (param_sink_number, param_sink_key / param_sink_value), and its gate is the sigmoid top-K of Ultra MoE
-(n_routed_experts, first_k_dense_replace, optional e_score_correction_bias) rather than MoGE. Our GQA has none of
-the four attention features, so loading one raises CheckpointFormatError saying so.
+`PanguProMoEV2ForCausalLM` (openPangu-R-72B-2512; its config.json on huggingface.co/openpangu/openPangu-R-72B-2512
+keeps model_type `PanguProMoE` and V1's MoE fields, and adds qk_nope_dim 128, qk_rope_dim 64, v_channels 128,
+param_sink_number 128, router_enable_expert_bias, sandwich_norm; modeling code: vllm-project/vllm
+vllm/model_executor/models/openpangu.py, where it is an OpenPanguMoEModel, and omni-ai-npu/omni-infer
+omni/models/pangu/pangu_pro_moe_v2/pangu_moe_v2.py) is not V1 with new names. Its attention (OpenPanguSinkAttention)
+has queries and keys of qk_nope_dim + qk_rope_dim with RoPE on the qk_rope_dim dims only (interleaved pairs),
+values of another width (v_channels), an RMSNorm on the keys alone (k_layernorm) and learned sink keys and values
+(param_sink_number: param_sink_key / param_sink_value); its gate is a sigmoid top-K with routed_scaling_factor and
+an expert bias on the choice (router_enable_expert_bias: e_score_correction_bias), not MoGE. Our GQA has none of the
+four attention features and our gate no selection bias, so the architecture is refused (NOT_MAPPED says why).
 
 Options the published code has that we do not build raise CheckpointFormatError naming the field: more than one
 MTP layer (`num_mtp_layers` / `num_nextn_predict_layers` > 1) and MTP layers outside Ultra MoE, `norm_topk_prob`
@@ -89,7 +92,7 @@ MODEL_TYPES = {EMBEDDED: "PanguEmbedded", PRO_MOE: "PanguProMoE", ULTRA_MOE: "pa
 NOT_MAPPED = {"PanguProMoEV2ForCausalLM": (
     "its attention differs from what pangu builds: partial interleaved RoPE (qk_nope_dim, qk_rope_dim), value "
     "heads of another width (v_channels), an RMSNorm on keys alone (k_layernorm) and learned attention sinks "
-    "(param_sink_number)")}
+    "(param_sink_number); its gate adds an expert bias to the choice (router_enable_expert_bias)")}
 _MTP_FIELDS = ("num_mtp_layers", "num_nextn_predict_layers")
 
 
