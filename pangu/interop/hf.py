@@ -1,6 +1,7 @@
 """Hugging Face checkpoints in and out: Llama, Qwen2, Qwen3 and openPangu folders (config.json + safetensors),
 no torch. The openPangu formats (PanguEmbeddedForCausalLM, PanguProMoEForCausalLM, PanguUltraMoEForCausalLM) are
-mapped in pangu.interop.openpangu; the layouts below are shared (pangu.interop.tensor_layout).
+mapped in pangu.interop.openpangu, the Ultra MoE MTP layer (model.layers.L, L = num_hidden_layers) included; the
+layouts below are shared (pangu.interop.tensor_layout).
 
 Tensor names and layouts (HF Linear weights are [out, in]; ours put the input first and split heads):
   model.embed_tokens.weight              [V, D]       -> embedding [V, D]
@@ -131,9 +132,20 @@ def _layer_table(config: TransformerConfig, family: str, i: int) -> dict:
   return _LAYER_TENSORS
 
 
+def _mtp_table(config: TransformerConfig, family: str) -> dict:
+  """Our MTP param path -> (full HF name, layout); only Ultra MoE folders hold an MTP layer."""
+  return openpangu.ultra_moe_mtp_tensors(config) if config.mtp_layers and family == openpangu.ULTRA_MOE else {}
+
+
+def _shared_copies(config: TransformerConfig, family: str) -> dict[str, str]:
+  """HF tensors that copy another (the MTP layer's embedding and head): copy name -> copied name."""
+  return openpangu.ultra_moe_mtp_copies(config) if _mtp_table(config, family) else {}
+
+
 def _entries(config: TransformerConfig, family: str) -> list[_Entry]:
   """Every param leaf of `config`'s model with its HF names, in our tree order."""
   out = []
+  mtp = _mtp_table(config, family)
   leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params(config)))[0]
   for path, leaf in leaves:
     keys = _path_keys(path)
@@ -142,16 +154,21 @@ def _entries(config: TransformerConfig, family: str) -> list[_Entry]:
       out.append(_Entry(keys, (name,), layout, tuple(leaf.shape)))
       continue
     layer_key, inner = keys[0], keys[1:]
-    layers = range(config.n_layers) if layer_key == LAYERS_KEY else (int(layer_key.removeprefix("layer_")),)
-    table = _layer_table(config, family, layers[0])
-    if inner not in table:
+    if keys in mtp:
+      (name, layout), layers, stack = mtp[keys], (None,), ()
+    elif layer_key == LAYERS_KEY or layer_key.startswith("layer_"):
+      layers = range(config.n_layers) if layer_key == LAYERS_KEY else (int(layer_key.removeprefix("layer_")),)
+      table = _layer_table(config, family, layers[0])
+      if inner not in table:
+        raise CheckpointFormatError(f"parameter {'/'.join(keys)} has no {family} checkpoint counterpart")
+      (name, layout), stack = table[inner], (config.n_layers,) if layer_key == LAYERS_KEY else ()
+    else:
       raise CheckpointFormatError(f"parameter {'/'.join(keys)} has no {family} checkpoint counterpart")
-    name, layout = table[inner]
-    stack = (config.n_layers,) if layer_key == LAYERS_KEY else ()
     if "{expert}" in name:
       stack += (config.moe.num_experts,)
     experts = range(config.moe.num_experts) if "{expert}" in name else (0,)
-    names = tuple(f"model.layers.{i}.{name.format(expert=j)}" for i in layers for j in experts)
+    names = tuple(name.format(expert=j) if i is None else f"model.layers.{i}.{name.format(expert=j)}"
+                  for i in layers for j in experts)
     out.append(_Entry(keys, names, layout, tuple(leaf.shape[len(stack):]), stack))
   return out
 
@@ -289,6 +306,9 @@ def config_to_hf(config: TransformerConfig, architecture: str | None = None) -> 
   max_position_embeddings is the config's, or DEFAULT_MAX_POSITION_EMBEDDINGS when it does not know.
   """
   family = _save_family(config, architecture)
+  if config.mtp_layers and family != openpangu.ULTRA_MOE:
+    raise ValueError(f"mtp_layers={config.mtp_layers}: only PanguUltraMoEForCausalLM folders hold an MTP layer, "
+                     f"not {architecture or family}")
   if family in openpangu.SAVED_ARCHITECTURE:
     return openpangu.config_to_openpangu(config, family, _llama_fields(config, "llama"))
   return _llama_fields(config, family)
@@ -358,23 +378,42 @@ def _tensor_info(files: dict[str, str]) -> dict[str, tuple[tuple[int, ...], str]
   return info
 
 
-def _check_tensors(entries: list[_Entry], files: dict[str, str], info: dict[str, tuple[tuple[int, ...], str]],
-                   where: str) -> dict[str, str]:
-  """Maps every needed HF name to its file; raises naming missing, unexpected or misshapen tensors."""
+def _check_tensors(entries: list[_Entry], copies: dict[str, str], files: dict[str, str],
+                   info: dict[str, tuple[tuple[int, ...], str]], where: str) -> dict[str, str]:
+  """Maps every needed HF name to its file; raises naming missing, unexpected or misshapen tensors (`copies`,
+  copy name -> copied name, may be absent)."""
   expected = {name: e.layout.hf_shape(e.shape) for e in entries for name in e.hf_names}
   tied_head = "lm_head.weight" if "lm_head.weight" not in expected else None
   missing = sorted(set(expected) - set(info))
-  unexpected = sorted(n for n in set(info) - set(expected) if n != tied_head and not n.endswith(_IGNORED_SUFFIXES))
+  unexpected = sorted(n for n in set(info) - set(expected) - set(copies)
+                      if n != tied_head and not n.endswith(_IGNORED_SUFFIXES))
   problems = [f"missing {missing}"] * bool(missing) + [f"unexpected {unexpected}"] * bool(unexpected)
-  for name in sorted(set(expected) & set(info)):
+  shapes = {**expected, **{copy: expected[main] for copy, main in copies.items() if copy in info}}
+  for name in sorted(set(shapes) & set(info)):
     shape, dtype = info[name]
-    if shape != expected[name]:
-      problems.append(f"{name} has shape {list(shape)}, config expects {list(expected[name])}")
+    if shape != shapes[name]:
+      problems.append(f"{name} has shape {list(shape)}, config expects {list(shapes[name])}")
     if dtype not in _SAFETENSORS_DTYPES:
       problems.append(f"{name} has unsupported dtype {dtype}")
   if problems:
     raise CheckpointFormatError(f"{where}: tensors do not match the config: " + "; ".join(problems))
   return {name: files[name] for name in expected}
+
+
+def _check_copies(copies: dict[str, str], files: dict[str, str], where: str, block_bytes: int = 64 << 20) -> None:
+  """Raises naming each copy present in `files` that differs from the tensor it copies (pangu holds the tensor
+  once), reading both in row blocks of about `block_bytes`."""
+  for copy, main in copies.items():
+    if copy not in files:
+      continue
+    with safe_open(files[copy], framework="np") as f, safe_open(files[main], framework="np") as g:
+      a, b = f.get_slice(copy), g.get_slice(main)
+      rows = a.get_shape()[0]
+      step = max(1, block_bytes // max(1, 4 * math.prod(a.get_shape()[1:])))
+      blocks = ((i, min(i + step, rows)) for i in range(0, rows, step))
+      if any(not np.array_equal(a[i:j], b[i:j]) for i, j in blocks):
+        raise CheckpointFormatError(f"{where}: {copy} differs from {main}; pangu's MTP block shares the main "
+                                    "model's embedding and output head, so the copy must equal it")
 
 
 def _read_array(file: str, name: str, layout: Layout, shape: tuple[int, ...], sharding, dtype) -> jax.Array:
@@ -427,8 +466,11 @@ def load_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype:
   stored_dtype = info.get("model.embed_tokens.weight", next(iter(info.values())))[1]
   dtype = dtype or _SAFETENSORS_DTYPES.get(stored_dtype, "float32")
   config = config_from_hf(hf, dtype=dtype, where=config_path).replace(scan_layers=scan_layers)
-  entries = _entries(config, checkpoint_family(hf, config_path))
-  files = _check_tensors(entries, files, info, path)
+  family = checkpoint_family(hf, config_path)
+  entries, copies = _entries(config, family), _shared_copies(config, family)
+  needed = _check_tensors(entries, copies, files, info, path)
+  _check_copies(copies, files, path)
+  files = needed
 
   abstract = abstract_params(config)
   if mesh is None:
@@ -471,6 +513,8 @@ def _hf_tensors(config: TransformerConfig, params: dict,
       get = (lambda leaf=leaf, i=i, e=e: e.layout.to_hf(np.asarray(leaf[np.unravel_index(i, e.stack)]
                                                                     if e.stack else leaf)))
       by_name[name] = (get, math.prod(e.shape) * leaf.dtype.itemsize)
+  for copy, main in _shared_copies(config, family).items():
+    by_name[copy] = by_name[main]
   layer_names = sorted((n for n in by_name if n.startswith("model.layers.")),
                        key=lambda n: (int(n.split(".")[2]), n))
   order = ["model.embed_tokens.weight", *layer_names, "model.norm.weight", "lm_head.weight"]

@@ -31,6 +31,24 @@ has none. Tensor names are Llama's (pangu.interop.hf). Ours: attention_bias = at
 The modeling code's RoPE pairs interleaved dims (2j, 2j + 1) of q_pe / k_pe; ours pairs the halves (j, j + P/2),
 so the RoPE rows of q_b_proj (q_proj) and kv_a_proj_with_mqa are reordered on load and back on save.
 The gate is sigmoid -> top-K -> divide by the K scores' sum -> x routed_scaling_factor.
+Its MTP layer follows DeepSeek-V3's layout. Names from omni-ai-npu/omni-infer omni/models/pangu/
+pangu_ultra_moe_mtp.py (read in the zhengjinhuan/omni-infer and mingtingwei/omni-infer copies) and vllm-project/vllm
+vllm/model_executor/models/openpangu_mtp.py; the count field also from huggingface/transformers
+src/transformers/models/openpangu_moe/configuration_openpangu_moe.py (whose modeling code builds no MTP layer):
+  config.json                                     ours
+  num_mtp_layers (omni-infer, transformers) /     mtp_layers (0 or 1; equal when both are given; both written
+  num_nextn_predict_layers (vLLM)                 on save; neither given: 0, as vLLM and omni-infer read it,
+                                                  and a folder holding model.layers.L tensors is then refused)
+  Tensors of model.layers.L. (L = num_hidden_layers):
+  enorm, hnorm [D]                                -> mtp_embed_norm, mtp_hidden_norm
+  eh_proj [D, 2D] (input [enorm(emb); hnorm(h)])  -> mtp_proj [2D, D] (input [hidden; embedding]: halves swapped)
+  a decoder layer's tensors (a MoE layer)         -> mtp_block (the kind of layer L - 1)
+  shared_head.norm [D]                            -> mtp_head_norm
+  embed_tokens [V, D], shared_head.head [V, D]    copies of model.embed_tokens / lm_head, which the MTP layer
+                                                  shares: optional on load and checked equal, written on save
+Forward (both codes): logits = head(shared_head.norm(layer(eh_proj([enorm(emb(t_{s+1})); hnorm(h_s)])))), h_s the
+main model's last hidden state before model.norm. vLLM's DeepSeek-derived layer also zeroes the embedding at
+position 0 (a serving convention); omni-infer and pangu's MTP (Decoder.mtp_logits) do not.
 
 `PanguProMoEForCausalLM` (Pangu Pro MoE 72B; the vllm-ascend modeling code `pangu_moe.py`):
   config.json                                    ours
@@ -44,14 +62,23 @@ The gate is sigmoid -> top-K -> divide by the K scores' sum -> x routed_scaling_
   Tensors beyond Llama's: mlp.gate.weight [E, D], mlp.router_scale [1, E] (weights x scale[id], no
   renormalisation; moe.router_scale), mlp.experts.j.{gate,up,down}_proj, mlp.shared_expert.{gate,up,down}_proj.
 
-Options the published code has that we do not build raise CheckpointFormatError naming the field: the MTP
-layers (`num_mtp_layers` / `num_nextn_predict_layers` > 0), `norm_topk_prob` false, `moe_layer_freq` != 1,
-`hidden_act` other than silu, Pro MoE's `mlp_only_layers` other than a prefix [0, k); so does
-`PanguProMoEV2ForCausalLM`, which is not mapped yet.
+`PanguProMoEV2ForCausalLM` (openPangu-R-72B-2512; its config.json on huggingface.co/openpangu/openPangu-R-72B-2512
+keeps model_type `PanguProMoE` and V1's MoE fields, and adds qk_nope_dim 128, qk_rope_dim 64, v_channels 128,
+param_sink_number 128, router_enable_expert_bias, sandwich_norm; modeling code: vllm-project/vllm
+vllm/model_executor/models/openpangu.py, where it is an OpenPanguMoEModel, and omni-ai-npu/omni-infer
+omni/models/pangu/pangu_pro_moe_v2/pangu_moe_v2.py) is not V1 with new names. Its attention (OpenPanguSinkAttention)
+has queries and keys of qk_nope_dim + qk_rope_dim with RoPE on the qk_rope_dim dims only (interleaved pairs),
+values of another width (v_channels), an RMSNorm on the keys alone (k_layernorm) and learned sink keys and values
+(param_sink_number: param_sink_key / param_sink_value); its gate is a sigmoid top-K with routed_scaling_factor and
+an expert bias on the choice (router_enable_expert_bias: e_score_correction_bias), not MoGE. Our GQA has none of the
+four attention features and our gate no selection bias, so the architecture is refused (NOT_MAPPED says why).
+
+Options the published code has that we do not build raise CheckpointFormatError naming the field: more than one
+MTP layer (`num_mtp_layers` / `num_nextn_predict_layers` > 1) and MTP layers outside Ultra MoE, `norm_topk_prob`
+false, `moe_layer_freq` != 1, `hidden_act` other than silu, Pro MoE's `mlp_only_layers` other than a prefix [0, k).
 """
 
-from pangu.interop.tensor_layout import (HEADS_IN, HEADS_OUT, SAME_1D, TRANSPOSED, Layout, LeadingOne,
-                                         RowPermuted)
+from pangu.interop.tensor_layout import HEADS_IN, HEADS_OUT, SAME_1D, TRANSPOSED, Layout, LeadingOne, Permuted
 from pangu.models.config import RopeScaling, TransformerConfig
 from pangu.nn.mla import LatentDims
 from pangu.nn.moe.config import MoEConfig
@@ -62,7 +89,10 @@ ARCHITECTURES = {"PanguEmbeddedForCausalLM": EMBEDDED, "PanguProMoEForCausalLM":
 SAVED_ARCHITECTURE = {EMBEDDED: "PanguEmbeddedForCausalLM", PRO_MOE: "PanguProMoEForCausalLM",
                       ULTRA_MOE: "PanguUltraMoEForCausalLM"}
 MODEL_TYPES = {EMBEDDED: "PanguEmbedded", PRO_MOE: "PanguProMoE", ULTRA_MOE: "pangu_ultra_moe"}
-NOT_MAPPED = ("PanguProMoEV2ForCausalLM",)
+NOT_MAPPED = {"PanguProMoEV2ForCausalLM": (
+    "its attention differs from what pangu builds: partial interleaved RoPE (qk_nope_dim, qk_rope_dim), value "
+    "heads of another width (v_channels), an RMSNorm on keys alone (k_layernorm) and learned attention sinks "
+    "(param_sink_number); its gate adds an expert bias to the choice (router_enable_expert_bias)")}
 _MTP_FIELDS = ("num_mtp_layers", "num_nextn_predict_layers")
 
 
@@ -75,11 +105,23 @@ def family_of(hf: dict) -> str | None:
   architectures = hf.get("architectures") or []
   for name in architectures:
     if name in NOT_MAPPED:
-      raise UnsupportedOption(f"architecture {name} is not mapped yet (supported openPangu architectures: "
-                              f"{sorted(ARCHITECTURES)})")
+      raise UnsupportedOption(f"architecture {name} is not mapped: {NOT_MAPPED[name]} (supported openPangu "
+                              f"architectures: {sorted(ARCHITECTURES)})")
     if name in ARCHITECTURES:
       return ARCHITECTURES[name]
   return {v: k for k, v in MODEL_TYPES.items()}.get(hf.get("model_type"))
+
+
+def _mtp_layers(hf: dict) -> int:
+  """The MTP layer count of a config.json: `num_mtp_layers` or `num_nextn_predict_layers` (equal when both are
+  given), 0 when neither is."""
+  given = {name: hf[name] for name in _MTP_FIELDS if hf.get(name) is not None}
+  if len(set(given.values())) > 1:
+    raise UnsupportedOption(" and ".join(f"{k}={v}" for k, v in given.items()) + " disagree")
+  for name, count in given.items():
+    if count not in (0, 1):
+      raise UnsupportedOption(f"{name}={count} (one MTP layer is built: TransformerConfig.mtp_layers)")
+  return next(iter(given.values()), 0)
 
 
 def _common(hf: dict, dtype: str, theta: float, scaling: RopeScaling | None) -> dict:
@@ -99,15 +141,16 @@ def config_from_openpangu(hf: dict, family: str, *, dtype: str, theta: float,
   """Our config for an openPangu config.json (RoPE already parsed); UnsupportedOption names a field we lack."""
   base = _common(hf, dtype, theta, scaling)
   heads = hf["num_attention_heads"]
+  mtp = _mtp_layers(hf)
+  if mtp and family != ULTRA_MOE:
+    field = next(name for name in _MTP_FIELDS if hf.get(name))
+    raise UnsupportedOption(f"{field}={hf[field]}: only the Ultra MoE MTP layer is mapped")
   if family == EMBEDDED:
     bias = bool(hf.get("bias", True))
     return TransformerConfig(**base, n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
                              head_dim=hf.get("head_dim"), attention_bias=bias, attention_output_bias=bias)
   if family == PRO_MOE:
     return _pro_moe_config(hf, base)
-  for name in _MTP_FIELDS:
-    if hf.get(name):
-      raise UnsupportedOption(f"{name}={hf[name]}: the MTP layers are not loaded (pangu decodes without them)")
   if hf.get("moe_layer_freq", 1) != 1:
     raise UnsupportedOption(f"moe_layer_freq={hf['moe_layer_freq']} (only 1: every layer after the dense ones)")
   mla = LatentDims(q_lora_rank=hf.get("attention_q_lora_dim"), kv_lora_rank=hf["attention_kv_lora_dim"],
@@ -123,7 +166,7 @@ def config_from_openpangu(hf: dict, family: str, *, dtype: str, theta: float,
                     routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)))
     first_k_dense = hf.get("num_dense_layers", 0)
   return TransformerConfig(**base, n_heads=heads, n_kv_heads=heads, head_dim=mla.qk_dim, mla=mla, moe=moe,
-                           first_k_dense=first_k_dense,
+                           first_k_dense=first_k_dense, mtp_layers=mtp,
                            norm_placement="sandwich" if hf.get("sandwich_norm") else "pre")
 
 
@@ -180,7 +223,8 @@ def config_to_openpangu(config: TransformerConfig, family: str, hf: dict) -> dic
   out = {**common, "attention_q_lora_dim": dims.q_lora_rank, "attention_kv_lora_dim": dims.kv_lora_rank,
          "attention_qk_dim": dims.qk_nope_dim, "attention_qk_rope_dim": dims.qk_rope_dim,
          "attention_v_dim": dims.v_head_dim, "sandwich_norm": config.norm_placement != "pre",
-         "num_dense_layers": config.first_k_dense, "num_routed_experts": None, "num_mtp_layers": 0}
+         "num_dense_layers": config.first_k_dense, "num_routed_experts": None,
+         **{name: config.mtp_layers for name in _MTP_FIELDS}}
   if moe is not None:
     if moe.router != "sigmoid_topk" or moe.router_scale:
       raise ValueError(f"PanguUltraMoEForCausalLM's gate is sigmoid_topk without router_scale, got router="
@@ -241,9 +285,9 @@ def ultra_moe_layer_tensors(config: TransformerConfig, i: int) -> dict[tuple[str
       ("pre_attn_norm", "scale"): ("input_layernorm.weight", SAME_1D),
       ("attn", "q_down"): ("self_attn.q_a_proj.weight", TRANSPOSED),
       ("attn", "q_norm"): ("self_attn.q_a_layernorm.weight", SAME_1D),
-      ("attn", "q_up"): ("self_attn.q_b_proj.weight", RowPermuted(HEADS_IN, q_rows)),
-      ("attn", "q"): ("self_attn.q_proj.weight", RowPermuted(HEADS_IN, q_rows)),
-      ("attn", "kv_down"): ("self_attn.kv_a_proj_with_mqa.weight", RowPermuted(TRANSPOSED, kv_rows)),
+      ("attn", "q_up"): ("self_attn.q_b_proj.weight", Permuted(HEADS_IN, q_rows)),
+      ("attn", "q"): ("self_attn.q_proj.weight", Permuted(HEADS_IN, q_rows)),
+      ("attn", "kv_down"): ("self_attn.kv_a_proj_with_mqa.weight", Permuted(TRANSPOSED, kv_rows)),
       ("attn", "kv_norm"): ("self_attn.kv_a_layernorm.weight", SAME_1D),
       ("attn", "kv_up"): ("self_attn.kv_b_proj.weight", HEADS_IN),
       ("attn", "o"): ("self_attn.o_proj.weight", HEADS_OUT),
@@ -263,3 +307,25 @@ def ultra_moe_layer_tensors(config: TransformerConfig, i: int) -> dict[tuple[str
     for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
       table[("mlp", ours)] = (f"mlp.{theirs}.weight", TRANSPOSED)
   return table
+
+
+def ultra_moe_mtp_tensors(config: TransformerConfig) -> dict[tuple[str, ...], tuple[str, Layout]]:
+  """Our MTP param path -> (full HF name, layout): the layer model.layers.L (L = n_layers), see the module doc."""
+  prefix, d = f"model.layers.{config.n_layers}.", config.d_model
+  hidden_first = tuple(range(d, 2 * d)) + tuple(range(d))  # our input [hidden; emb] from eh_proj's [emb; hidden]
+  table = {
+      ("mtp_hidden_norm", "scale"): (prefix + "hnorm.weight", SAME_1D),
+      ("mtp_embed_norm", "scale"): (prefix + "enorm.weight", SAME_1D),
+      ("mtp_proj",): (prefix + "eh_proj.weight", Permuted(TRANSPOSED, hidden_first, axis=1)),
+      ("mtp_head_norm", "scale"): (prefix + "shared_head.norm.weight", SAME_1D),
+  }
+  for inner, (name, layout) in ultra_moe_layer_tensors(config, config.n_layers - 1).items():
+    table[("mtp_block", *inner)] = (prefix + name, layout)
+  return table
+
+
+def ultra_moe_mtp_copies(config: TransformerConfig) -> dict[str, str]:
+  """The MTP layer's copies of shared tensors: HF name -> the tensor it copies."""
+  prefix = f"model.layers.{config.n_layers}."
+  head = "model.embed_tokens.weight" if config.tie_embeddings else "lm_head.weight"
+  return {prefix + "embed_tokens.weight": "model.embed_tokens.weight", prefix + "shared_head.head.weight": head}

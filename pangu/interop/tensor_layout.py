@@ -2,8 +2,8 @@
 
 Hugging Face Linear weights are [out, in] with heads flattened into one axis; ours put the input first and split
 heads. A `TensorLayout` says which HF axis splits into which of our axes and in what order they come; `read`
-touches only the HF rows and columns a device shard needs. `RowPermuted` adds a fixed reordering of the HF rows
-(openPangu Ultra MoE's interleaved RoPE pairs, see pangu.interop.openpangu).
+touches only the HF rows and columns a device shard needs. `Permuted` adds a fixed reordering along one HF axis
+(openPangu Ultra MoE's interleaved RoPE pairs and MTP input halves, see pangu.interop.openpangu).
 """
 
 import dataclasses
@@ -65,23 +65,25 @@ HEADS_OUT = TensorLayout(((0,), (1, 2)), (1, 2, 0))  # [D, N*Dh] -> [N, Dh, D]
 
 
 @dataclasses.dataclass(frozen=True)
-class RowPermuted:
-  """`base` applied after reordering the HF tensor's rows: ours reads HF row `rows[i]` as row i.
+class Permuted:
+  """`base` applied after reordering the HF tensor along `axis`: ours reads HF index `order[i]` there as index i.
 
-  The whole tensor is read to reorder it (used for the small projections whose RoPE rows are interleaved).
+  The whole tensor is read to reorder it (used for small projections: openPangu's interleaved RoPE rows, the
+  MTP projection's input halves).
   """
 
   base: TensorLayout
-  rows: tuple[int, ...]
+  order: tuple[int, ...]
+  axis: int = 0
 
   def hf_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
     return self.base.hf_shape(ours)
 
   def to_hf(self, ours: np.ndarray) -> np.ndarray:
-    return self.base.to_hf(ours)[np.argsort(self.rows)]
+    return np.take(self.base.to_hf(ours), np.argsort(self.order), axis=self.axis)
 
   def read(self, tensor, ours_shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
-    return self.base.read(np.asarray(tensor[:])[list(self.rows)], ours_shape, index)
+    return self.base.read(np.take(np.asarray(tensor[:]), self.order, axis=self.axis), ours_shape, index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,4 +100,4 @@ class LeadingOne:
     return np.asarray(tensor[:])[0][index]
 
 
-Layout = TensorLayout | RowPermuted | LeadingOne
+Layout = TensorLayout | Permuted | LeadingOne

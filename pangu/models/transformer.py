@@ -21,7 +21,8 @@ the two param layouts.
 With `config.mtp_layers`, the decoder also owns one multi-token-prediction block (`mtp_*` params, Pangu Ultra
 MoE / DeepSeek-V3 sec. 2.2): `Decoder.mtp_logits` combines the last hidden state h_s with the embedding of token
 s+1 as W [norm(h_s); norm(emb(t_{s+1}))], runs one more decoder block of the last layer's kind over the result,
-and predicts token s+2 through the shared final norm and output head. The plain forward never runs it.
+and predicts token s+2 through its own output norm and the shared output head (DeepSeek-V3's `shared_head`:
+a norm per MTP module, the head shared). The plain forward never runs it.
 
 `Decoder.run` is the one forward: optionally over a KV cache (one `LayerCache` per layer, stacked for a
 scanned model; see pangu.infer.kv_cache) and optionally in stages with a hook between them
@@ -155,6 +156,7 @@ class Decoder(nn.Module):
       self.mtp_proj = linear.kernel(self, cfg.projection, "mtp_proj", (2 * cfg.d_model,), (cfg.d_model,),
                                     (None,), (rules.EMBED,), inits.kernel_init(cfg.init_config))
       self.mtp_block = _remat(DecoderBlock, cfg.remat)(cfg, cfg.n_layers - 1)
+      self.mtp_head_norm = RMSNorm(cfg.norm_eps)
     if not cfg.tie_embeddings:
       self.lm_head = linear.kernel(self, cfg.projection, "lm_head", (cfg.d_model,), (cfg.vocab_size,),
                                    (rules.EMBED,), (rules.VOCAB,), inits.kernel_init(cfg.init_config))
@@ -182,7 +184,7 @@ class Decoder(nn.Module):
     x = linear.project(joined.astype(cfg.dtype), self.mtp_proj, cfg.projection)
     mask = AttentionMask.self_attention(positions.astype(jnp.int32), segment_ids=segment_ids)
     x, _ = self.mtp_block(x, mask)
-    return self._logits(x)
+    return self._output_head(self.mtp_head_norm(x))
 
   def run(self, tokens: jax.Array, positions: jax.Array | None = None, *, caches: LayerCaches | None = None,
           segment_ids: jax.Array | None = None, stages: LayerStages | None = None, stage_params=None,
@@ -277,8 +279,11 @@ class Decoder(nn.Module):
     return jax.lax.scan(body, x, (params, caches, expert_input[first:end] if per_layer else None))
 
   def _logits(self, x: jax.Array) -> jax.Array:
+    return self._output_head(self.final_norm(x))
+
+  def _output_head(self, x: jax.Array) -> jax.Array:
+    """Logits of normalised hidden states x [B, S, D] through the (shared) output projection."""
     cfg = self.config
-    x = self.final_norm(x)
     if cfg.tie_embeddings:  # the embedding [V, D] is an [out, in] kernel in either layout
       logits = linear.project_out_in(x, self.embedding.astype(cfg.dtype), cfg.projection,
                                      preferred_element_type=jnp.float32)

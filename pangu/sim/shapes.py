@@ -133,8 +133,8 @@ class ModelShape:
     d_ff: F of the dense SwiGLU (the dense layers of a MoE model).
     moe: the sparse feed-forward of MoE layers (pangu.nn.moe.MoEConfig), or None for a dense model.
     first_k_dense: with `moe`, layers [0, first_k_dense) are dense.
-    mtp_layers: multi-token-prediction modules (one MoE layer, a 2D -> D projection and two norms each). They
-      are trained, so they cost time and memory, but they are left out of `param_count` (Ultra MoE spec).
+    mtp_layers: multi-token-prediction modules (one MoE layer, a 2D -> D projection and three norms each).
+      They are trained, so they cost time and memory, but they are left out of `param_count` (Ultra MoE spec).
     norms_per_layer: RMSNorm gains per layer: 2 (pre-norm) or 4 (sandwich / DSSN).
     tie_embeddings: the output projection reuses the embedding.
   """
@@ -196,8 +196,9 @@ class ModelShape:
     return attention + self.ffn_params(kind)
 
   def mtp_projection_params(self) -> ParamGroups:
-    """What an MTP module adds to its MoE layer: the 2D -> D projection of [embedding; hidden] and two norms."""
-    return ParamGroups(tensor=2 * self.d_model * self.d_model, replicated=2 * self.d_model, experts=0)
+    """What an MTP module adds to its MoE layer: the 2D -> D projection of [embedding; hidden] and three norms
+    (embedding, hidden and output: DeepSeek-V3's enorm, hnorm and shared_head.norm)."""
+    return ParamGroups(tensor=2 * self.d_model * self.d_model, replicated=3 * self.d_model, experts=0)
 
   def embedding_params(self) -> ParamGroups:
     """Input embedding, the untied output projection and the final norm."""

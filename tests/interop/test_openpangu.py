@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 from pangu import models
 from pangu.infer import decoding
 from pangu.interop.hf import CheckpointFormatError, load_pretrained, save_pretrained
+from pangu.models.transformer import Decoder
 
 ULTRA = {
     "sandwich_first_dense": dict(attention_q_lora_dim=16, sandwich_norm=True, num_dense_layers=1),
@@ -61,7 +62,8 @@ def random_tensors(hf: dict, seed: int = 0) -> dict[str, np.ndarray]:
   gain = lambda n: 1 + 0.1 * rng.normal(size=n)
   t = {"model.embed_tokens.weight": rng.normal(0, 0.5, (v, d)), "model.norm.weight": gain(d),
        "lm_head.weight": rng.normal(0, 0.2, (v, d))}
-  for i in range(hf["num_hidden_layers"]):
+  mtp = hf.get("num_mtp_layers") or 0
+  for i in range(hf["num_hidden_layers"] + mtp):
     p = f"model.layers.{i}."
     t[p + "input_layernorm.weight"] = gain(d)
     t[p + "post_attention_layernorm.weight"] = gain(d)
@@ -103,6 +105,10 @@ def random_tensors(hf: dict, seed: int = 0) -> dict[str, np.ndarray]:
       for j in range(hf["num_routed_experts"]):
         t.update(_mlp_tensors(rng, p + f"mlp.experts.{j}", d, hf["moe_intermediate_size"]))
       t.update(_mlp_tensors(rng, p + "mlp.shared_experts", d, hf["moe_intermediate_size"] * hf["num_shared_experts"]))
+    if i >= hf["num_hidden_layers"]:  # the MTP layer: DeepSeek-V3's names, copies of the shared embedding and head
+      t.update({p + "enorm.weight": gain(d), p + "hnorm.weight": gain(d), p + "shared_head.norm.weight": gain(d),
+                p + "eh_proj.weight": rng.normal(0, 0.2, (d, 2 * d)),
+                p + "embed_tokens.weight": t["model.embed_tokens.weight"], p + "shared_head.head.weight": t["lm_head.weight"]})
   return {k: np.asarray(x, np.float32) for k, x in t.items()}
 
 
@@ -112,6 +118,11 @@ def write_folder(path, hf: dict, tensors: dict) -> str:
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(hf, f)
   return str(path)
+
+
+def _read_folder(path) -> dict[str, np.ndarray]:
+  with safe_open(os.path.join(path, "model.safetensors"), framework="np") as f:
+    return {k: f.get_tensor(k) for k in f.keys()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -205,26 +216,50 @@ def _embedded_attention(x, t, p, hf):
   return out @ t[p + "self_attn.o_proj.weight"].T + t[p + "self_attn.o_proj.bias"]
 
 
-def reference_logits(hf: dict, tensors: dict, tokens: np.ndarray) -> np.ndarray:
-  t = {k: np.asarray(x, np.float64) for k, x in tensors.items()}
-  eps = hf["rms_norm_eps"]
+def _layer(x, t, i, hf):
+  """Decoder layer i (model.layers.i) of the published code."""
+  p, eps = f"model.layers.{i}.", hf["rms_norm_eps"]
+  norm = lambda y, name: _rms(y, t[p + name + ".weight"], eps)
+  if "num_key_value_heads" in hf:
+    x = x + _embedded_attention(norm(x, "input_layernorm"), t, p, hf)
+    u = norm(x, "post_attention_layernorm")
+    moge = "num_experts" in hf and i not in hf["mlp_only_layers"]
+    return x + (_moge(u, t, p, hf) if moge else _mlp(u, t, p + "mlp"))
+  h = _mla(norm(x, "input_layernorm"), t, p, hf)
+  sandwich = hf["sandwich_norm"]
+  x = x + (norm(h, "post_attention_layernorm") if sandwich else h)
+  u = norm(x, "pre_mlp_layernorm" if sandwich else "post_attention_layernorm")
+  h = _mlp(u, t, p + "mlp") if i < hf["num_dense_layers"] else _moe(u, t, p, hf)
+  return x + (norm(h, "post_mlp_layernorm") if sandwich else h)
+
+
+def _last_hidden(hf, t, tokens):
+  """The last decoder layer's output [S, D], before model.norm."""
   x = t["model.embed_tokens.weight"][tokens]
   for i in range(hf["num_hidden_layers"]):
-    p = f"model.layers.{i}."
-    norm = lambda y, name: _rms(y, t[p + name + ".weight"], eps)
-    if "num_key_value_heads" in hf:
-      x = x + _embedded_attention(norm(x, "input_layernorm"), t, p, hf)
-      u = norm(x, "post_attention_layernorm")
-      moge = "num_experts" in hf and i not in hf["mlp_only_layers"]
-      x = x + (_moge(u, t, p, hf) if moge else _mlp(u, t, p + "mlp"))
-      continue
-    h = _mla(norm(x, "input_layernorm"), t, p, hf)
-    sandwich = hf["sandwich_norm"]
-    x = x + (norm(h, "post_attention_layernorm") if sandwich else h)
-    u = norm(x, "pre_mlp_layernorm" if sandwich else "post_attention_layernorm")
-    h = _mlp(u, t, p + "mlp") if i < hf["num_dense_layers"] else _moe(u, t, p, hf)
-    x = x + (norm(h, "post_mlp_layernorm") if sandwich else h)
-  return _rms(x, t["model.norm.weight"], eps) @ t["lm_head.weight"].T
+    x = _layer(x, t, i, hf)
+  return x
+
+
+def _float64(tensors):
+  return {k: np.asarray(x, np.float64) for k, x in tensors.items()}
+
+
+def reference_logits(hf: dict, tensors: dict, tokens: np.ndarray) -> np.ndarray:
+  t = _float64(tensors)
+  return _rms(_last_hidden(hf, t, tokens), t["model.norm.weight"], hf["rms_norm_eps"]) @ t["lm_head.weight"].T
+
+
+def reference_mtp_logits(hf: dict, tensors: dict, tokens: np.ndarray) -> np.ndarray:
+  """The MTP layer's logits [S - 1, V] (DeepSeek-V3 layout, as omni-infer's pangu_ultra_moe_mtp.py runs it):
+  position s reads the main model's last hidden state h_s and the embedding of token s+1, through enorm, hnorm,
+  eh_proj([e; h]), decoder layer L, shared_head.norm and shared_head.head; it predicts token s+2."""
+  t, eps, n = _float64(tensors), hf["rms_norm_eps"], hf["num_hidden_layers"]
+  p = f"model.layers.{n}."
+  hidden = _rms(_last_hidden(hf, t, tokens)[:-1], t[p + "hnorm.weight"], eps)
+  embedded = _rms(t[p + "embed_tokens.weight"][tokens[1:]], t[p + "enorm.weight"], eps)
+  x = _layer(np.concatenate([embedded, hidden], -1) @ t[p + "eh_proj.weight"].T, t, n, hf)
+  return _rms(x, t[p + "shared_head.norm.weight"], eps) @ t[p + "shared_head.head.weight"].T
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -245,14 +280,69 @@ def test_logits_match_float64_reference_and_save_round_trips(name, tmp_path):
   np.testing.assert_allclose(logits, reference_logits(hf, tensors, TOKENS), rtol=1e-4, atol=1e-4)
 
   save_pretrained(config, params, tmp_path / "out", architecture=hf["architectures"][0])
-  with safe_open(os.path.join(tmp_path / "out", "model.safetensors"), framework="np") as f:
-    saved = {k: f.get_tensor(k) for k in f.keys()}
+  saved = _read_folder(tmp_path / "out")
   assert sorted(saved) == sorted(tensors)
   for k in tensors:
     np.testing.assert_array_equal(saved[k], tensors[k], err_msg=k)
   config2, params2 = load_pretrained(tmp_path / "out")
   assert config2 == config
   jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_ultra_moe_mtp_layer_matches_float64_reference_and_round_trips(tmp_path):
+  hf = ultra_config(num_mtp_layers=1)
+  tensors = random_tensors(hf)
+  config, params = load_pretrained(write_folder(tmp_path / "in", hf, tensors))
+  assert config.mtp_layers == 1
+
+  @jax.jit
+  def mtp_logits(params, tokens):
+    def run(module, tokens):
+      _, _, state = module.run(tokens[:, :-1])
+      return module.mtp_logits(state.x, tokens[:, 1:])
+    return Decoder(config).apply({"params": params}, tokens, method=run)
+
+  got = mtp_logits(params, jnp.asarray(TOKENS[None]))[0]
+  np.testing.assert_allclose(got, reference_mtp_logits(hf, tensors, TOKENS), rtol=1e-4, atol=1e-4)
+
+  save_pretrained(config, params, tmp_path / "out")
+  saved = _read_folder(tmp_path / "out")
+  assert sorted(saved) == sorted(tensors)
+  for k in tensors:
+    np.testing.assert_array_equal(saved[k], tensors[k], err_msg=k)
+  with open(tmp_path / "out" / "config.json") as f:
+    written = json.load(f)
+  assert written["num_mtp_layers"] == written["num_nextn_predict_layers"] == 1
+  # The MTP layer's copies of the shared embedding and head are optional on load.
+  bare = {k: v for k, v in tensors.items() if not k.endswith(("3.embed_tokens.weight", "3.shared_head.head.weight"))}
+  config2, params2 = load_pretrained(write_folder(tmp_path / "bare", hf, bare))
+  assert config2 == config
+  jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def _with_different_head_copy(tensors):
+  changed = tensors["model.layers.3.shared_head.head.weight"].copy()
+  changed[5, 7] += 1.0
+  return {**tensors, "model.layers.3.shared_head.head.weight": changed}
+
+
+@pytest.mark.parametrize("case, hf, tensors, message", [
+    ("two MTP layers", ultra_config(num_mtp_layers=2), None, "num_mtp_layers=2"),
+    ("fields disagree", ultra_config(num_mtp_layers=1, num_nextn_predict_layers=0), None,
+     "num_mtp_layers=1 and num_nextn_predict_layers=0 disagree"),
+    ("MTP tensors missing", ultra_config(num_mtp_layers=1), ultra_config(), r"missing \[.*model\.layers\.3\.eh_proj"),
+    ("MTP tensors without the field", ultra_config(), ultra_config(num_mtp_layers=1),
+     r"unexpected \[.*model\.layers\.3\.enorm"),
+    ("own MTP head", ultra_config(num_mtp_layers=1), "different_head", r"layers\.3\.shared_head\.head\.weight differs"),
+    ("Pro MoE MTP", pro_config(num_mtp_layers=1), pro_config(), "num_mtp_layers=1"),
+])
+def test_mtp_folders_we_cannot_hold_are_named(case, hf, tensors, message, tmp_path):
+  if tensors == "different_head":
+    tensors = _with_different_head_copy(random_tensors(hf))
+  else:
+    tensors = random_tensors(tensors or hf)
+  with pytest.raises(CheckpointFormatError, match=message):
+    load_pretrained(write_folder(tmp_path, hf, tensors))
 
 
 @pytest.mark.slow
@@ -265,8 +355,8 @@ def test_loaded_ultra_moe_generates_greedily(tmp_path):
   np.testing.assert_array_equal(out, reference_logits(hf, random_tensors(hf), tokens)[len(prompt) - 1:].argmax(-1))
 
 
-@pytest.mark.parametrize("field, value", [("num_mtp_layers", 1), ("norm_topk_prob", False), ("moe_layer_freq", 2),
-                                          ("hidden_act", "gelu")])
+@pytest.mark.parametrize("field, value", [("num_nextn_predict_layers", 2), ("norm_topk_prob", False),
+                                          ("moe_layer_freq", 2), ("hidden_act", "gelu")])
 def test_unsupported_ultra_options_name_the_field(field, value, tmp_path):
   hf = ultra_config(**{field: value})
   with pytest.raises(CheckpointFormatError, match=field):
@@ -275,7 +365,8 @@ def test_unsupported_ultra_options_name_the_field(field, value, tmp_path):
 
 def test_unmapped_architecture_is_named(tmp_path):
   hf = embedded_config(architectures=["PanguProMoEV2ForCausalLM"])
-  with pytest.raises(CheckpointFormatError, match="PanguProMoEV2ForCausalLM"):
+  with pytest.raises(CheckpointFormatError, match="PanguProMoEV2ForCausalLM is not mapped: .*v_channels.*"
+                                                 "param_sink_number"):
     load_pretrained(write_folder(tmp_path, hf, random_tensors(embedded_config())))
 
 
@@ -294,8 +385,11 @@ def test_missing_and_misshapen_tensors_are_named(tmp_path):
     load_pretrained(write_folder(tmp_path, hf, tensors))
 
 
-def test_saving_a_config_the_format_cannot_hold_names_it(tmp_path):
-  config = models.tiny(attention_bias=True)  # q/k/v biases without an o bias: not Embedded's `bias`
-  with pytest.raises(ValueError, match="attention_output_bias"):
-    save_pretrained(config, models.init_params(config, jax.random.key(0)), tmp_path,
-                    architecture="PanguEmbeddedForCausalLM")
+@pytest.mark.parametrize("config, architecture, field", [
+    (models.tiny(attention_bias=True), "PanguEmbeddedForCausalLM", "attention_output_bias"),  # q/k/v biases only
+    (models.tiny(mtp_layers=1), None, "mtp_layers"),  # only Ultra MoE folders hold an MTP layer
+])
+def test_saving_a_config_the_format_cannot_hold_names_it(config, architecture, field, tmp_path):
+  with pytest.raises(ValueError, match=field):
+    params = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))  # the config alone is refused
+    save_pretrained(config, params, tmp_path, architecture=architecture)

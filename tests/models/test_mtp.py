@@ -31,7 +31,7 @@ def reference_mtp_logits(cfg, params, tokens):
   joined = np.concatenate([ref.rms_norm(hidden, p["mtp_hidden_norm"]["scale"], cfg.norm_eps),
                            ref.rms_norm(nxt, p["mtp_embed_norm"]["scale"], cfg.norm_eps)], -1)
   y = _block(joined @ p["mtp_proj"], p["mtp_block"], cfg, positions[:-1])
-  return ref.rms_norm(y, p["final_norm"]["scale"], cfg.norm_eps) @ p["lm_head"]
+  return ref.rms_norm(y, p["mtp_head_norm"]["scale"], cfg.norm_eps) @ p["lm_head"]
 
 
 def test_mtp_logits_match_float64_reference():
@@ -52,12 +52,12 @@ def test_mtp_logits_match_float64_reference():
                                 models.forward(cfg.replace(mtp_layers=0), plain, tokens[None]))
 
 
-def test_mtp_params_are_one_block_a_projection_and_two_norms():
+def test_mtp_params_are_one_block_a_projection_and_three_norms():
   cfg = models.tiny(mtp_layers=1, scan_layers=False)
   d = cfg.d_model
   extra = models.param_count(cfg) - models.param_count(cfg.replace(mtp_layers=0))
   block = models.param_count(cfg.replace(mtp_layers=0)) - models.param_count(cfg.replace(mtp_layers=0, n_layers=1))
-  assert extra == block + 2 * d * d + 2 * d
+  assert extra == block + 2 * d * d + 3 * d  # hidden, embedding and output norms
 
 
 @pytest.mark.parametrize("bad", [dict(mtp_layers=2), dict(mtp_layers=True)])
