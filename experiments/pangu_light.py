@@ -8,9 +8,11 @@ pruning experiment (experiments/small_lm.py, cached under <results_dir>/pruning_
 cut to the spec's proportions (L' = 10/12 L, D' = 3/4 D, H' = 3/4 H, F' = 512/704 F; flags override) with
 pangu.compress.prune.pangu_light_prune in four variants: `truncate` (importance selection, layers dropped, gains
 sliced: the Minitron-style baseline), `slnp` (+ SLNP), `clap` (+ CLAP), `clap_slnp` (Pangu Light), and
-`slimllm` (pangu.compress.prune.prune at the same non-embedding ratio, width only). Every variant is then
-distilled from the unpruned model for the same steps on the same batches (logit KL at T = 1,
-pangu.train.distill.kd_loss in the shared train step), with the validation perplexity along the way.
+`random` (truncation with seeded random importances: the lower bound), and `slimllm`
+(pangu.compress.prune.prune at the same non-embedding ratio, width only). Every variant is then distilled from the
+unpruned model for the same steps on the same batches (logit KL at T = 1, pangu.train.distill.kd_loss in the
+shared train step), with the validation perplexity along the way; `scratch` trains the same pruned shape from a
+fresh init with the LM loss on those very batches (the spec's same-size-from-scratch comparison).
 
 The paper's claim under test: the re-initialisation (CLAP + SLNP) beats plain truncation at equal distillation
 budget, and beats other pruned models of the same size. The base model is pre-norm (the pruning experiment's), so
@@ -21,6 +23,7 @@ Writes <results_dir>/pangu_light.json: {"base": {"params", "ppl"}, "variants": {
 pangu_light.png (recovery curves) and pangu_light.md.
 """
 
+import dataclasses
 import math
 import os
 
@@ -50,7 +53,8 @@ FULL = dict(small_lm.BASE_FULL, kd_steps=400, kd_eval_every=50, eval_batches=32,
 QUICK = dict(small_lm.BASE_QUICK, kd_steps=20, kd_eval_every=5, eval_batches=8, repeats=5)
 PREFILL_BATCH = 8
 VARIANTS = {"truncate": dict(depth_reinit="drop", slnp="none"), "slnp": dict(depth_reinit="drop", slnp="l2"),
-            "clap": dict(depth_reinit="clap", slnp="none"), "clap_slnp": dict(depth_reinit="clap", slnp="l2")}
+            "clap": dict(depth_reinit="clap", slnp="none"), "clap_slnp": dict(depth_reinit="clap", slnp="l2"),
+            "random": dict(depth_reinit="drop", slnp="none", importance="random")}
 CLOSE = 0.01  # relative perplexity difference below which a comparison is a tie
 PAPER = "Pangu Light-32B 81.6 avg at 2585 tok/s vs Qwen3-32B 80.9 at 2225 tok/s (Ascend NPU)"
 
@@ -63,10 +67,10 @@ def target_shape(setup: dict) -> dict:
   return {k: flags_[k].value if flags_[k].value is not None else v for k, v in default.items()}
 
 
-def distill(student_config, student_params, step_fn, train_config, train_data, val_batches: list, steps: int,
+def recover(student_config, student_params, step_fn, train_config, train_data, val_batches: list, steps: int,
             every: int) -> tuple[dict, list[dict]]:
-  """(distilled params, [{"step", "ppl"}]): `steps` shared-train-step updates on batches drawn with one seed, so
-  every variant sees the very same tokens."""
+  """(trained params, [{"step", "ppl"}]): `steps` shared-train-step updates (KD, or CE for the from-scratch
+  baseline) on batches drawn with one seed, so every variant sees the very same tokens."""
   import jax
 
   from pangu import data
@@ -129,6 +133,18 @@ def claims(payload: dict) -> list[dict]:
       "spec prediction (unconfirmed)",
       "before KD: " + ", ".join(f"{n} {before[n]:.4g}" for n in ("truncate", "slnp", "clap", "clap_slnp")),
       "reproduced" if len(wins) == 3 else "partly" if wins else "not reproduced"))
+  vs_scratch = _compare(best, after["scratch"])
+  rows.append(common.claim(
+      "Pangu Light", "Pruned + KD beats the same shape trained from scratch on as many tokens",
+      "spec prediction (the analogue of Pangu Light-32B vs Qwen3-32B)",
+      f"clap_slnp after KD {best:.4g} vs from scratch (CE, peak lr {small_lm.PEAK_LR:g}) {after['scratch']:.4g}",
+      "reproduced" if vs_scratch < 0 else "contradicted" if vs_scratch > 0 else "not reproduced"))
+  vs_random = _compare(after["truncate"], after["random"])
+  rows.append(common.claim(
+      "Pangu Light", "Activation importance beats random selection at equal KD (the ablation's lower bound)",
+      "spec prediction (unconfirmed)",
+      f"after KD: truncate {after['truncate']:.4g} vs random selection {after['random']:.4g}",
+      "reproduced" if vs_random < 0 else "contradicted" if vs_random > 0 else "not reproduced"))
   return rows
 
 
@@ -168,6 +184,8 @@ def report_table(payload: dict, details: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax
+
   from pangu import models
   from pangu.compress.prune import LightOptions, LightTarget, pangu_light_prune, prune
   from pangu.train.config import TrainConfig
@@ -205,13 +223,21 @@ def main(argv):
                              warmup_steps=max(1, min(steps // 10, 20)), total_steps=steps, weight_decay=0.0)
   step_fns, curves, distilled = {}, {}, {}
   for name, (student_config, student_params) in pruned.items():
-    if student_config not in step_fns:  # the four Pangu Light variants share one shape, so one compiled step
+    if student_config not in step_fns:  # the Pangu Light variants share one shape, so one compiled step
       loss = kd_loss(student_config, config, params, temperature=setup["temperature"])
       step_fns[student_config] = make_train_step(student_config, train_config, small_lm.data_mesh(), loss_fn=loss)
-    distilled[name], curves[name] = distill(student_config, student_params, step_fns[student_config], train_config,
+    distilled[name], curves[name] = recover(student_config, student_params, step_fns[student_config], train_config,
                                             train_data, val_batches, steps, every)
     print(f"{name}: ppl {curves[name][0]['ppl']:.3f} -> {curves[name][-1]['ppl']:.3f} after {steps} KD steps",
           flush=True)
+  # The same shape from scratch with the LM loss, on the same batches, at the base model's own learning rate.
+  scratch_config = pruned["truncate"][0]
+  scratch_train = dataclasses.replace(train_config, peak_lr=small_lm.PEAK_LR, end_lr=small_lm.PEAK_LR / 10)
+  pruned["scratch"] = (scratch_config, models.init_params(scratch_config, jax.random.key(small_lm.SEED)))
+  distilled["scratch"], curves["scratch"] = recover(
+      scratch_config, pruned["scratch"][1], make_train_step(scratch_config, scratch_train, small_lm.data_mesh()),
+      scratch_train, train_data, val_batches, steps, every)
+  print(f"scratch: ppl {curves['scratch'][-1]['ppl']:.3f} after {steps} CE steps", flush=True)
 
   systems = {"base": (config, params), **{n: (pruned[n][0], distilled[n]) for n in pruned}}
   prefill_tokens = val_batches[0]["inputs"][:PREFILL_BATCH]
@@ -222,7 +248,8 @@ def main(argv):
   payload = {"base": base, "variants": variants}
   payload["claims"] = claims(payload)
   details = {"setup": setup, "curves": curves, "prefill_seconds": seconds,
-             "achieved_ratio": {n: r.achieved_ratio for n, r in reports.items()},
+             "achieved_ratio": {**{n: r.achieved_ratio for n, r in reports.items()},
+                                "scratch": reports["truncate"].achieved_ratio},
              "reports": {n: r.to_dict() for n, r in reports.items()},
              "training": {k: v for k, v in training.items() if k != "signature"}, **common.machine_info()}
   common.write_json("pangu_light", payload)

@@ -12,6 +12,7 @@ import tempfile
 import time
 
 SEQ_LEN, BATCH, SEED = 128, 16, 0
+PEAK_LR = 3e-3  # the base model's training recipe (also the from-scratch baseline's)
 FLAT = 0.01  # validation loss has flattened when the last interval improved it by less than this fraction
 # The base model's training and shape (the pruning experiment's --quick / full defaults).
 BASE_FULL = dict(steps=3000, eval_every=250, width=256, layers=12, heads=8, d_ff=640)
@@ -64,7 +65,7 @@ def train_base(setup: dict, results_dir: str, train_data, val_batches: list) -> 
 
   config = base_config(setup)
   steps, every = setup["steps"], setup["eval_every"]
-  train_config = TrainConfig(peak_lr=3e-3, end_lr=3e-4, warmup_steps=max(steps // 50, 10), total_steps=steps)
+  train_config = TrainConfig(peak_lr=PEAK_LR, end_lr=PEAK_LR / 10, warmup_steps=max(steps // 50, 10), total_steps=steps)
   folder = os.path.join(results_dir, "pruning_base")
   record_path = os.path.join(folder, "training.json")
   signature = json.loads(json.dumps({"model": config.to_dict(), "train": dataclasses.asdict(train_config),

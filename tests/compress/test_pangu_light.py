@@ -167,3 +167,17 @@ def test_bad_options_are_refused():
     LightOptions(slnp="l1")
   with pytest.raises(ValueError, match="absorb"):
     LightOptions(absorb="exact")
+
+
+def test_random_importance_is_seeded_and_ignores_the_activations(sandwich_params):
+  """The random lower bound: the target shape, the same selection for the same seed, and a selection that does not
+  follow the activation importances (another seed picks other channels)."""
+  prune = lambda **o: pangu_light_prune(SANDWICH, sandwich_params, TOKENS, target=SMALLER,
+                                        options=LightOptions(importance="random", **o))
+  config, params, report = prune(seed=3)
+  _check_model(config, params)
+  assert (config.n_layers, config.d_model, config.n_heads, config.d_ff) == (3, 48, 2, 96)
+  assert prune(seed=3)[2].kept_channels == report.kept_channels
+  assert prune(seed=4)[2].kept_channels != report.kept_channels
+  with pytest.raises(ValueError, match="importance"):
+    LightOptions(importance="gradient")

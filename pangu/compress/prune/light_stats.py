@@ -109,3 +109,11 @@ def collect_light_stats(config: TransformerConfig, params: dict, tokens: np.ndar
         absorb[(i, sub)] = AbsorbStats(*(float(v) for v in next(rows)), count)
   return LightStats(hidden=total["hidden"], heads=total["heads"], ffn=total["ffn"],
                     block_influence=1 - total["cosine"] / count, absorb=absorb)
+
+
+def random_importance(stats: LightStats, seed: int) -> LightStats:
+  """`stats` with every importance (hidden channels, heads, FFN neurons, Block Influence) replaced by seeded uniform
+  noise: the random-selection lower bound of the spec's ablation. The absorption sums are not importances and stay."""
+  rng = np.random.default_rng(seed)
+  return dataclasses.replace(stats, hidden=rng.random(stats.hidden.shape), heads=rng.random(stats.heads.shape),
+                             ffn=rng.random(stats.ffn.shape), block_influence=rng.random(stats.block_influence.shape))

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pangu.compress.prune import light_reinit, surgery
-from pangu.compress.prune.light_stats import POST_NORMS, LightStats, collect_light_stats
+from pangu.compress.prune.light_stats import POST_NORMS, LightStats, collect_light_stats, random_importance
 from pangu.config_checks import one_of, positive_ints
 from pangu.models.config import TransformerConfig
 from pangu.models.counting import param_count
@@ -36,6 +36,7 @@ from pangu.models.counting import param_count
 DEPTH_REINITS = ("clap", "drop")
 CLAP_FFN = ("drop", "merge")
 ABSORB_STAGES = ("before_kd", "after_kd")
+IMPORTANCES = ("activation", "random")
 _OUTPUT = {"attn": ("o", "o_bias"), "mlp": ("down", "down_bias")}
 
 
@@ -78,6 +79,9 @@ class LightOptions:
     slnp: hidden-dim gains after width pruning: `l2` (norm-preserving), `sqrt_ratio` or `none` (truncation).
     absorb: post-norm absorption: `const_lstsq`, `const_mean`, `drop` (delete the norm) or `none` (keep it).
     absorb_stage: `before_kd` (here, before CLAP) or `after_kd` (kept here; call `absorb_post_norms` later).
+    importance: `activation` (the calibration statistics) or `random` (seeded noise in their place: the lower bound
+      the spec's ablation compares against).
+    seed: the noise seed of `random` importance.
     batch_size: calibration sequences per batch.
   """
 
@@ -88,6 +92,8 @@ class LightOptions:
   slnp: str = "l2"
   absorb: str = "const_lstsq"
   absorb_stage: str = "before_kd"
+  importance: str = "activation"
+  seed: int = 0
   batch_size: int = 8
 
   def __post_init__(self):
@@ -98,6 +104,7 @@ class LightOptions:
     one_of(self, "slnp", light_reinit.SLNP_MODES)
     one_of(self, "absorb", light_reinit.ABSORB_METHODS)
     one_of(self, "absorb_stage", ABSORB_STAGES)
+    one_of(self, "importance", IMPORTANCES)
     positive_ints(self, "batch_size")
 
 
@@ -288,6 +295,8 @@ def pangu_light_prune(config: TransformerConfig, params: dict, calibration_token
   like = config
   work_config, work = surgery.unrolled(config, params)
   stats = collect_light_stats(work_config, work, tokens.astype(np.int32), options.batch_size)
+  if options.importance == "random":
+    stats = random_importance(stats, options.seed)
   coefficients, rms_cv = {}, {}
   if work_config.norm_placement != "pre" and options.absorb != "none" and options.absorb_stage == "before_kd":
     work_config, work, coefficients = fold_post_norms(work_config, work, stats.absorb, options.absorb)
