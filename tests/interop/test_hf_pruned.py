@@ -7,20 +7,12 @@ import os
 
 import numpy as np
 import pytest
-from pruned_fixtures import ARCHITECTURES, FAMILIES, prune_fixture, pruned_path
-from safetensors import safe_open
 
 from pangu import models
 from pangu.interop import hf
 
-
-def _tensors(folder) -> dict[str, np.ndarray]:
-  out = {}
-  for file in sorted(os.listdir(folder)):
-    if file.endswith(".safetensors"):
-      with safe_open(os.path.join(folder, file), framework="np") as f:
-        out.update({name: f.get_tensor(name) for name in f.keys()})
-  return out
+from pruned_fixtures import ARCHITECTURES, FAMILIES, FIXTURES, prune_fixture, pruned_path
+from safetensors_folder import folder_tensors
 
 
 def _config_json(folder) -> dict:
@@ -36,7 +28,7 @@ def test_pruned_folder_is_what_transformers_loaded(family, tmp_path):
   committed = pruned_path(family)
   saved = _config_json(tmp_path)
   assert saved == _config_json(committed) and saved["architectures"] == [ARCHITECTURES[family]]
-  ours, theirs = _tensors(tmp_path), _tensors(committed)
+  ours, theirs = folder_tensors(tmp_path), folder_tensors(committed)
   assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
   for name in theirs:  # re-running the calibration may round differently in the last bits, not more
     np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -51,8 +43,8 @@ def test_pruned_folder_is_what_transformers_loaded(family, tmp_path):
 def test_recovery_biases_are_carried_where_the_family_can():
   """Llama's attention_bias / mlp_bias switches hold the o_proj / down_proj recovery biases (q/k/v and gate/up
   zeros where the source had none); Qwen3 has no MLP biases, so its FFN refit added none."""
-  llama, qwen2, qwen3 = (_tensors(pruned_path(f)) for f in ("llama", "qwen2", "qwen3"))
-  sources = {f: _tensors(os.path.join(os.path.dirname(pruned_path(f)), f)) for f in ("llama", "qwen2", "qwen3")}
+  llama, qwen2, qwen3 = (folder_tensors(pruned_path(f)) for f in ("llama", "qwen2", "qwen3"))
+  sources = {f: folder_tensors(os.path.join(FIXTURES, f)) for f in ("llama", "qwen2", "qwen3")}
   assert "model.layers.0.self_attn.o_proj.bias" not in sources["qwen2"]
   assert np.abs(qwen2["model.layers.0.self_attn.o_proj.bias"]).max() > 0  # the attention recovery's intercept
   assert np.abs(qwen2["model.layers.0.mlp.down_proj.bias"]).max() > 0
