@@ -21,7 +21,10 @@ Both sides use RoPE's rotate-half pairing (i, i + Dh/2), so q/k need no permutat
 `training` param layout; `save_pretrained` converts other layouts first.
 
 Biases by family, as transformers builds them: Llama's `attention_bias` covers q, k, v and o, its `mlp_bias`
-gate, up and down; Qwen2 always has q/k/v biases and nothing else; Qwen3's `attention_bias` covers q, k, v, o.
+gate, up and down; Qwen2 always has q/k/v biases and nothing else; Qwen3's `attention_bias` covers q, k, v, o,
+and its MLP has no bias at all. So a pruned model's recovery biases (pangu.compress.prune) save as Llama's or
+Qwen3's o_proj bias (zeros for q/k/v where it had none), Llama's down_proj bias (zeros for gate/up), and a Qwen2
+that gains an o_proj bias as the Llama it then is; a Qwen3 with MLP biases has no format and is refused.
 config.json's max_position_embeddings, bos_token_id and eos_token_id travel in our config's fields of the
 same names (eos_token_ids, a tuple).
 
@@ -282,7 +285,8 @@ def _hf_family(config: TransformerConfig) -> str:
                      f"{config.attention_output_bias} matches no Hugging Face family: q/k/v biases alone are "
                      "Qwen2's (no q/k norms, no mlp_bias), Llama's and Qwen3's attention_bias covers o_proj too")
   if config.qk_norm and config.mlp_bias:
-    raise ValueError("qk_norm with mlp_bias matches no Hugging Face family (Qwen3 has no MLP biases)")
+    raise ValueError("qk_norm with mlp_bias matches no Hugging Face family (Qwen3 has no MLP biases; a pruned "
+                     "Qwen3 keeps its FFN refit bias-free: prune(..., mlp_recovery_bias=False))")
   return "qwen3" if config.qk_norm else "llama"
 
 

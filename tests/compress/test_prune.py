@@ -124,7 +124,9 @@ def test_recovery_lowers_the_layer_output_error(params):
     (dict(method="layer_drop", ratio=0.2, uniform=True), "uniform=True does not apply to method 'layer_drop'"),
     (dict(method="slimllm", ratio=0.2, tokens=TOKENS[0]), r"calibration_tokens must be int \[N, S\]"),
     (dict(method="slimllm", ratio=0.2, tokens=TOKENS + CONFIG.vocab_size), r"must lie in \[0, vocab_size=384\)"),
-    (dict(method="slimllm", ratio=0.2, recovery="mean_shift", recovery_bias=False), "mean_shift.* leaves nothing"),
+    (dict(method="slimllm", ratio=0.2, recovery="mean_shift", recovery_bias=False),
+     "mean_shift.* recovery_bias=False leaves nothing"),
+    (dict(method="flap", ratio=0.2, mlp_recovery_bias=False), "mean_shift.* mlp_recovery_bias=False leaves nothing"),
 ])
 def test_invalid_requests_are_refused(kwargs, message):
   config = kwargs.pop("config", CONFIG)
@@ -184,8 +186,8 @@ def test_decode_layout_comes_back_in_decode_layout(params):
 def test_hugging_face_models_prune_save_and_reload(family, tmp_path):
   config, params = hf.load_pretrained(os.path.join(FIXTURES, family))
   tokens = TOKENS % config.vocab_size
-  # Qwen3 checkpoints have no MLP biases (pangu.interop.hf): refit the kernels only, adding no bias.
-  options = dict(recovery_bias=False) if family == "qwen3" else {}
+  # Qwen3 checkpoints have no MLP biases (pangu.interop.hf): o_proj takes its intercept, down_proj is refit only.
+  options = dict(mlp_recovery_bias=False) if family == "qwen3" else {}
   pruned_config, pruned, report = prune(config, params, tokens, method="slimllm", ratio=0.3, batch_size=4, **options)
   _check_model(pruned_config, pruned, report, tokens)
   hf.save_pretrained(pruned_config, pruned, tmp_path)

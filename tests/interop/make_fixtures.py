@@ -1,7 +1,12 @@
-"""Writes the Hugging Face fixtures of tests/interop: tiny random Llama, Qwen2 and Qwen3 models and their logits.
+"""Writes the Hugging Face fixtures of tests/interop: tiny random Llama, Qwen2 and Qwen3 models and their logits,
+and transformers' logits for the SlimLLM-pruned copies that pangu makes of them (pruned_fixtures.py).
 
-Run by hand after changing a fixture (needs torch and transformers, which the tests themselves do not):
-  .venv/bin/pip install torch transformers && .venv/bin/python tests/interop/make_fixtures.py
+Run by hand after changing a fixture, in three steps: torch and transformers in a venv of their own (the tests
+need neither), pangu in the repo's:
+  python3.11 -m venv /tmp/tvenv && /tmp/tvenv/bin/pip install torch==2.13.0 transformers safetensors numpy
+  /tmp/tvenv/bin/python tests/interop/make_fixtures.py           # fixtures/<family>/
+  PYTHONPATH=. .venv/bin/python tests/interop/pruned_fixtures.py  # fixtures/<family>_pruned/, by pangu
+  /tmp/tvenv/bin/python tests/interop/make_fixtures.py --pruned  # their reference.npz, by transformers
 
 Each fixtures/<family>/ holds what `save_pretrained` of transformers wrote (config.json + safetensors, float32)
 and reference.npz: `tokens` [2, 24] with the reference `logits` [2, 24, V], plus a greedy continuation
@@ -10,10 +15,16 @@ scale (not HF's 0.02), so that every layer visibly moves the logits, and the mod
 load_pretrained translates: llama3 RoPE scaling, q/k/v/o and MLP biases and a sharded checkpoint (Llama),
 q/k/v biases, linear RoPE scaling and tied embeddings (Qwen2), q/k norms, q/k/v/o biases, yarn RoPE scaling
 and a head_dim that is not hidden_size / heads (Qwen3).
+
+With --pruned, each fixtures/<family>_pruned/ is loaded with AutoModelForCausalLM (its architecture checked
+against config.json's, no weight missing or unused) and reference.npz beside it gets the source fixture's
+`tokens` and transformers' `logits` on them.
 """
 
+import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import torch
@@ -53,7 +64,7 @@ def randomise(model: torch.nn.Module, generator: torch.Generator) -> None:
         p.copy_(torch.randn(p.shape, generator=generator) / p.shape[1] ** 0.5)
 
 
-def main() -> None:
+def write_sources() -> None:
   for family, (config_cls, model_cls, options) in sorted(FAMILIES.items()):
     generator = torch.Generator().manual_seed(SEEDS[family])
     model = model_cls(config_cls(**SHAPE, **options)).float().eval()
@@ -83,5 +94,25 @@ def main() -> None:
     print(family, sorted(os.listdir(out)), f"{sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))} bytes")
 
 
+def write_pruned_references() -> None:
+  for family in sorted(FAMILIES):
+    path = os.path.join(FIXTURES, f"{family}_pruned")
+    with open(os.path.join(path, "config.json")) as f:
+      architecture = json.load(f)["architectures"][0]
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                                    output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v}
+    if type(model).__name__ != architecture or problems:
+      raise RuntimeError(f"{family}_pruned: transformers built {type(model).__name__} for {architecture}, {problems}")
+    tokens = np.load(os.path.join(FIXTURES, family, "reference.npz"))["tokens"]
+    with torch.no_grad():
+      logits = model.eval()(torch.from_numpy(tokens).long()).logits
+    np.savez(os.path.join(path, "reference.npz"), tokens=tokens, logits=logits.numpy().astype(np.float32))
+    print(f"{family}_pruned", architecture, sorted(os.listdir(path)))
+
+
 if __name__ == "__main__":
-  main()
+  if sys.argv[1:] == ["--pruned"]:
+    write_pruned_references()
+  else:
+    write_sources()

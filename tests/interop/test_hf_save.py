@@ -7,11 +7,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from safetensors import safe_open
 
 from pangu import infer, models
 from pangu.interop import hf
 from pangu.models import LayerShape
+
+from safetensors_folder import folder_tensors
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
@@ -22,21 +23,12 @@ def _random_params(config: models.TransformerConfig, seed: int = 0) -> dict:
   return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), nn.unbox(models.abstract_params(config)))
 
 
-def _tensors(folder) -> dict[str, np.ndarray]:
-  out = {}
-  for file in sorted(os.listdir(folder)):
-    if file.endswith(".safetensors"):
-      with safe_open(os.path.join(folder, file), framework="np") as f:
-        out.update({name: f.get_tensor(name) for name in f.keys()})
-  return out
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_resaving_a_fixture_reproduces_transformers_tensors(family, tmp_path):
   source = os.path.join(FIXTURES, family)
   config, params = hf.load_pretrained(source)
   hf.save_pretrained(config, params, tmp_path)
-  ours, theirs = _tensors(tmp_path), _tensors(source)
+  ours, theirs = folder_tensors(tmp_path), folder_tensors(source)
   assert sorted(ours) == sorted(theirs)
   for name in theirs:
     np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
@@ -92,7 +84,7 @@ def test_decode_layout_saves_the_training_layout_tensors(tmp_path):
   hf.save_pretrained(config, params, tmp_path / "training")
   decode_config, decode_params = infer.decode_layout(config, params)
   hf.save_pretrained(decode_config, decode_params, tmp_path / "decode")
-  training, decode = _tensors(tmp_path / "training"), _tensors(tmp_path / "decode")
+  training, decode = folder_tensors(tmp_path / "training"), folder_tensors(tmp_path / "decode")
   assert sorted(training) == sorted(decode)
   for name in training:
     np.testing.assert_array_equal(decode[name], training[name], err_msg=name)

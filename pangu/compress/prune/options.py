@@ -20,8 +20,8 @@ RECOVERIES = ("none", "mean_shift", "channel_affine", "lstsq")
 DEFAULT_RECOVERY = {"slimllm": "channel_affine", "magnitude": "none", "wanda_sp": "none", "flap": "mean_shift",
                     "taylor": "none", "layer_drop": "none"}
 
-_LAYERWISE = frozenset({"gqa", "recovery", "recovery_bias", "ridge", "layer_alpha", "selected_layers",
-                        "max_layer_ratio", "batch_size"})
+_LAYERWISE = frozenset({"gqa", "recovery", "recovery_bias", "mlp_recovery_bias", "ridge", "layer_alpha",
+                        "selected_layers", "max_layer_ratio", "batch_size"})
 # The options each method reads; passing another is an error rather than silently ignored.
 METHOD_OPTIONS = {
     "slimllm": _LAYERWISE | {"head_corr", "greedy_search", "ffn_importance", "ffn_exempt_lowest_frac"},
@@ -48,6 +48,8 @@ class PruneOptions:
       (FLAP's bias compensation); `channel_affine` (SlimLLM's per-output-channel y ~ A x + B); `lstsq` (a full
       least-squares refit of the kept kernel, with `ridge`).
     recovery_bias: the fit has an intercept, which adds a bias to `o` / `down` (False: scale / kernel only).
+    mlp_recovery_bias: with recovery_bias, the FFN's fit has one too (False: `o` gets a bias, `down` none, as a
+      Qwen3 checkpoint needs: transformers' Qwen3 has o_proj biases but no MLP biases, pangu.interop.hf).
     ridge: lstsq's Tikhonov term, relative to the mean diagonal of the input covariance.
     layer_alpha: softmax temperature of the per-layer ratios (None: 10 below a 35 % ratio, 7 from it).
     selected_layers: how many layers are pruned, the most input/output-similar ones (None: round(L * 26/32)
@@ -68,6 +70,7 @@ class PruneOptions:
   gqa: str = "groups"
   recovery: str | None = None
   recovery_bias: bool = True
+  mlp_recovery_bias: bool = True
   ridge: float = 1e-4
   layer_alpha: float | None = None
   selected_layers: int | None = None
@@ -99,8 +102,9 @@ class PruneOptions:
       raise ValueError(f"PruneOptions.ffn_exempt_lowest_frac must be in [0, 1), got {self.ffn_exempt_lowest_frac!r}")
     if not self.ridge >= 0:
       raise ValueError(f"PruneOptions.ridge must be >= 0, got {self.ridge!r}")
-    if self.recovery_method == "mean_shift" and not self.recovery_bias:
-      raise ValueError("PruneOptions.recovery='mean_shift' is a bias correction; recovery_bias=False leaves nothing")
+    if self.recovery_method == "mean_shift" and not (self.recovery_bias and self.mlp_recovery_bias):
+      flag = "mlp_recovery_bias" if self.recovery_bias else "recovery_bias"
+      raise ValueError(f"PruneOptions.recovery='mean_shift' is a bias correction; {flag}=False leaves nothing")
     if self.method == "layer_drop" and self.uniform:
       raise ValueError("PruneOptions.uniform=True does not apply to method 'layer_drop', which removes whole layers")
 
@@ -118,10 +122,13 @@ class PruneOptions:
   def recovery_method(self) -> str:
     return DEFAULT_RECOVERY[self.method] if self.recovery is None else self.recovery
 
-  @property
-  def adds_bias(self) -> bool:
-    """Whether recovery writes a bias into the pruned output projections."""
-    return self.recovery_method != "none" and self.recovery_bias
+  def intercept(self, sublayer: str) -> bool:
+    """Whether the refit of `sublayer`'s ("attn" or "mlp") output projection has an intercept."""
+    return self.recovery_bias and (sublayer == "attn" or self.mlp_recovery_bias)
+
+  def adds_bias(self, sublayer: str) -> bool:
+    """Whether recovery writes a bias into `sublayer`'s pruned output projection."""
+    return self.recovery_method != "none" and self.intercept(sublayer)
 
   def layer_settings(self, n_layers: int) -> tuple[float, int]:
     """(alpha, number of pruned layers) of the per-layer ratios (spec 3.1), scaled to n_layers."""

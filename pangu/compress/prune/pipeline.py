@@ -192,7 +192,7 @@ def _cut(options: PruneOptions, config: TransformerConfig, params: dict, layer: 
   kernel = params[f"layer_{layer}"][sublayer][kernel_name]
   cut = surgery.keep_heads if sublayer == "attn" else surgery.keep_channels
   new_config, new_params = cut(config, params, layer, kept)
-  method = options.recovery_method
+  method, intercept = options.recovery_method, options.intercept(sublayer)
   if method == "none":
     return new_config, new_params
   d_model = kernel.shape[-1]
@@ -213,17 +213,17 @@ def _cut(options: PruneOptions, config: TransformerConfig, params: dict, layer: 
       first.add(x, y)
       second.add(x)
   if method == "lstsq":
-    new_kernel, shift = recovery.least_squares(first, second, options.recovery_bias, options.ridge)
+    new_kernel, shift = recovery.least_squares(first, second, intercept, options.ridge)
   else:
     scale, shift = recovery.channel_fit(recovery.ChannelMoments.from_pairs(first, second), method,
-                                        options.recovery_bias)
+                                        intercept)
     new_kernel = np.asarray(flat_kernel, np.float64)[kept_rows] * scale
-  if options.recovery_bias:
+  if intercept:
     new_config, new_params = surgery.enable_output_biases(new_config, new_params, attention=sublayer == "attn",
                                                           mlp=sublayer == "mlp")
   sub = dict(new_params[f"layer_{layer}"][sublayer])
   sub[kernel_name] = jnp.asarray(new_kernel.reshape(sub[kernel_name].shape), kernel.dtype)
-  if options.recovery_bias:
+  if intercept:
     sub[bias_name] = jnp.asarray(np.asarray(sub[bias_name], np.float64) + shift, sub[bias_name].dtype)
   return new_config, {**new_params, f"layer_{layer}": {**new_params[f"layer_{layer}"], sublayer: sub}}
 

@@ -71,7 +71,7 @@ def pruned_config(config: TransformerConfig, shapes: list[LayerShape], options: 
   surgery.enable_output_biases)."""
   heads_cut = any(s.n_heads < config.layer(i).n_heads for i, s in enumerate(shapes))
   channels_cut = any(s.d_ff < config.layer(i).d_ff for i, s in enumerate(shapes))
-  attention, mlp = options.adds_bias and heads_cut, options.adds_bias and channels_cut
+  attention, mlp = options.adds_bias("attn") and heads_cut, options.adds_bias("mlp") and channels_cut
   return config.replace(layer_shapes=tuple(shapes),
                         attention_bias=config.attention_bias or attention,
                         attention_output_bias=config.attention_output_bias or attention,
