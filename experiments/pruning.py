@@ -163,8 +163,8 @@ def report_table(payload: dict) -> str:
       f"Verdict: **{payload['verdict']['status']}** ({payload['verdict']['reason']}).",
       f"Prefill speed-up at 50 % (goal >= {goals['prefill_speedup_goal']}): " + ", ".join(
           f"{m} {v:.2f}x" for m, v in goals["prefill_speedup_50"].items()),
-      f"Slowest calibration here: {goals['calibration_seconds_max']:.1f} s (goal < "
-      f"{goals['calibration_seconds_goal']} s on the small preset)."]
+      f"Slowest calibration on {goals['calibration_timed_on']}: {goals['calibration_slowest']} "
+      f"{goals['calibration_seconds_max']:.1f} s (goal < {goals['calibration_seconds_goal']} s on the small preset)."]
   ablations = payload["ablations"]
   if ablations:
     shown = list(next(iter(ablations.values())))
@@ -232,9 +232,14 @@ def main(argv):
     results[method][r]["flops_speedup"] = (models.forward_matmul_flops_per_token(config, SEQ_LEN)
                                            / models.forward_matmul_flops_per_token(systems[(method, r)][0], SEQ_LEN))
   status, reason = verdict(results, ratios)
+  timing = time_preset(_TIMING_PRESET.value, methods, calibration) if _TIMING_PRESET.value else None
+  # The goal is stated on the `small` preset: its timing when measured, else this experiment's own model.
+  timed = timing["seconds"] if timing else {f"{m}_{r}": v["calibration_seconds"] for m in methods
+                                           for r, v in results[m].items()}
   goals = {"prefill_speedup_50": {m: results[m]["50"]["prefill_speedup"] for m in methods} if "50" in ratios else {},
            "prefill_speedup_goal": PREFILL_GOAL,
-           "calibration_seconds_max": max(v["calibration_seconds"] for m in methods for v in results[m].values()),
+           "calibration_seconds_max": max(timed.values()), "calibration_slowest": max(timed, key=timed.get),
+           "calibration_timed_on": timing["preset"] if timing else "the experiment's base model",
            "calibration_seconds_goal": 120}
   payload = {
       "base": base, "methods": results, "claim": CLAIM, "paper": PAPER,
@@ -248,7 +253,6 @@ def main(argv):
                 "recovery": "each method's own (slimllm: channel_affine, flap: mean_shift, others: none)",
                 "quick": common.QUICK.value, **common.machine_info()},
   }
-  timing = time_preset(_TIMING_PRESET.value, methods, calibration) if _TIMING_PRESET.value else None
   if timing:
     payload["calibration_timing"] = timing
   payload["claims"] = claims(payload)
