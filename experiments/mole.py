@@ -24,6 +24,13 @@ Mixture of Lookup Experts (arXiv 2503.15798), spec mole.md section 4:
 3. Whether random weights stand in for trained ones: latency depends on the weights only through routing (how
    many distinct experts a step loads), so the distinct experts per decode step of the trained MoE-10E are
    measured beside those of the same model at its random initialisation.
+4. Hot-row cache (ours, beyond the paper; pangu.nn.hot_rows): the latency MoLE with the table rows of the most
+   frequent tokens of the training corpus in device memory, the rest in pinned host memory, for several cache
+   sizes from none to the whole vocabulary. Per size: the fraction of validation-text lookups it serves, device
+   bytes, bytes that still cross per token (misses, copied in power-of-two buckets) and the modelled link time,
+   and the decode latency. The hit rate depends on the tokens, and a random-weight model's own samples are not
+   text, so these systems (and dense and cacheless MoLE beside them, in the same interleaved runs) decode the
+   validation text teacher-forced: each step's input is the text's next token.
 
 Paper's prediction: MoLE's latency is close to dense and flat in batch, far below offloaded MoE, whose latency
 grows with batch (more distinct experts to load), at dense-sized device memory.
@@ -32,8 +39,9 @@ Writes <results_dir>/mole.json: {"val_loss": {model: loss}, "lut_max_abs_err", "
 "decode_ms_per_token": {model: {"b1", "b16"}} with model in dense, moe, moe_offload, mole_host, mole_disk,
 "device_bytes": {...}, "per_token_transfer_bytes": {...}, "systems": {model: {"dtype", "flops_per_token",
 "transfer_ms_modelled": {"b1", "b16"}}}, "link_gb_per_s", "distinct_experts_per_step": {"trained", "random"},
-"goals": {...}, "setup": {...}}, mole.png (latency
-vs device bytes, like the paper's Fig. 1; validation loss) and mole.md.
+"hot_row_cache": {"per_size": [{"fraction", "rows", "hit_rate", "device_bytes", "host_bytes_per_token",
+"latency_ms", "transfer_ms_modelled"}], "dense_latency_ms", ...}, "goals": {...}, "setup": {...}},
+mole.png (latency vs device bytes, like the paper's Fig. 1; validation loss; the cache sweep) and mole.md.
 """
 
 import statistics
@@ -60,12 +68,16 @@ _LINK_GB_PER_S = flags.DEFINE_float("link_gb_per_s", 32.0, "Host-to-device link 
                                     "transfer times assume (default: PCIe 4.0 x16 peak).", lower_bound=1e-3)
 _REPEATS = flags.DEFINE_integer("repeats", None, "Timed runs per system and batch (default 5, --quick 3).",
                                 lower_bound=1)
+_CACHE_FRACTIONS = flags.DEFINE_list("cache_fractions", None, "Hot-row cache sizes as fractions of the vocabulary "
+                                      "(default 0,1/32,1/16,1/8,1/4,1/2,1; --quick 0,1/16,1/8,1/4,1).")
 
 SEQ_LEN, BATCH, PROMPT_LEN, HEADS = 128, 16, 16, 4
 LATENCY_BATCHES = (1, 16)
 TABLE_FORMATS = ("float32", "bfloat16", "float16", "int8", "nf4")
 SYSTEMS = ("dense", "moe", "moe_offload", "mole_host", "mole_disk")
 FLOAT_FORMATS = ("float32", "bfloat16", "float16")
+# Our claim for the cache, fixed before any run: this fraction of the vocabulary serves >= 90% of lookups.
+CLAIM_FRACTION, CLAIM_HIT_RATE = 1 / 8, 0.9
 
 
 def offload_dtype(table_format: str) -> str:
@@ -92,8 +104,9 @@ def model_configs(width: int, layers: int, vocab: int, heads: int) -> dict:
   return {"dense": dense, "moe_10e": moe(10), "moe_34e": moe(34), "mole_4e": mole(4), "mole_16e": mole(16)}
 
 
-def train_models(configs: dict, steps: int, quick: bool) -> tuple[dict, dict, object]:
-  """Trains each config on the same batches: name -> (params, validation loss), and the validation batches."""
+def train_models(configs: dict, steps: int, quick: bool) -> tuple[dict, dict, list, object]:
+  """Trains each config on the same batches: name -> (params, validation loss), the validation batches, and how
+  often each token occurs in the training split [V]."""
   import jax
   import numpy as np
   from pangu import data, models
@@ -116,7 +129,9 @@ def train_models(configs: dict, steps: int, quick: bool) -> tuple[dict, dict, ob
     losses = [models.cross_entropy_loss(models.forward(config, params[name], b["inputs"]), b["targets"],
                                         b["mask"])[0] for b in val_batches]
     val_loss[name] = float(np.mean(losses))
-  return params, val_loss, val_batches
+  packed = train_data.packed
+  real = np.arange(packed.rows.shape[1]) < packed.lengths[:, None]
+  return params, val_loss, val_batches, np.bincount(packed.rows[real], minlength=configs["dense"].vocab_size)
 
 
 def lut_errors(configs: dict, params: dict, val_batches: list) -> dict:
@@ -174,32 +189,51 @@ def device_bytes(params: dict) -> int:
              or x.sharding.memory_kind in (None, "device"))
 
 
-def measure_latency(systems: dict, new_tokens: int, repeats: int) -> dict:
-  """name -> {"b1", "b16"}: median ms per decode step, runs interleaved across systems so load hits all alike."""
+def forced_decode(config, gen, params: dict, state, forced):
+  """Decode steps whose inputs are forced [B, n] instead of the sampled tokens (teacher forcing); traceable."""
+  import jax
+  from pangu import infer
+
+  step = lambda state, token: (infer.decode_step(config, gen, params, state.replace(last=token)), None)
+  return jax.lax.scan(step, state, forced.T)[0]
+
+
+def measure_latency(systems: dict, new_tokens: int, repeats: int, forced_systems: dict, text) -> tuple[dict, dict]:
+  """Median ms per decode step at batch 1 and 16 ({"b1", "b16"} per name), runs interleaved across all systems
+  so load hits all alike: `systems` decode their own samples from random prompts; `forced_systems` decode the
+  rows of `text` [16, PROMPT_LEN + new_tokens - 1] teacher-forced (prompt, then one text token per step)."""
   import jax
   import numpy as np
   from pangu import infer
 
   gen = infer.GenerationConfig(max_new_tokens=new_tokens)
-  times = {name: {b: [] for b in LATENCY_BATCHES} for name in systems}
+  decode_forced = jax.jit(forced_decode, static_argnums=(0, 1), donate_argnums=3)
 
-  def run(config, params, batch):
-    tokens = np.random.default_rng(batch).integers(0, config.vocab_size, (batch, PROMPT_LEN)).astype(np.int32)
+  def run(config, params, batch, forced):
+    if forced:
+      tokens, steps = text[:batch, :PROMPT_LEN], text[:batch, PROMPT_LEN:]
+    else:
+      tokens = np.random.default_rng(batch).integers(0, config.vocab_size, (batch, PROMPT_LEN)).astype(np.int32)
     state = infer.prefill(config, gen, params, tokens, np.zeros((batch,), np.int32), jax.random.key(0))
     state.last.block_until_ready()
     start = time.perf_counter()
-    infer.decode(config, gen, params, state).tokens.block_until_ready()
+    out = decode_forced(config, gen, params, state, steps) if forced else infer.decode(config, gen, params, state)
+    out.tokens.block_until_ready()
     return time.perf_counter() - start
 
-  for name, (config, params) in systems.items():  # compile outside the timed runs
+  runs = {(name, False): system for name, system in systems.items()}
+  runs.update({(name, True): system for name, system in forced_systems.items()})
+  times = {key: {b: [] for b in LATENCY_BATCHES} for key in runs}
+  for (name, forced), (config, params) in runs.items():  # compile outside the timed runs
     for batch in LATENCY_BATCHES:
-      run(config, params, batch)
+      run(config, params, batch, forced)
   for _ in range(repeats):
     for batch in LATENCY_BATCHES:
-      for name, (config, params) in systems.items():
-        times[name][batch].append(run(config, params, batch))
-  return {name: {f"b{b}": 1e3 * statistics.median(t) / (new_tokens - 1) for b, t in per_batch.items()}
-          for name, per_batch in times.items()}
+      for (name, forced), (config, params) in runs.items():
+        times[name, forced][batch].append(run(config, params, batch, forced))
+  ms = {key: {f"b{b}": 1e3 * statistics.median(t) / (new_tokens - 1) for b, t in per_batch.items()}
+        for key, per_batch in times.items()}
+  return ({name: ms[name, False] for name in systems}, {name: ms[name, True] for name in forced_systems})
 
 
 def transfer_bytes(systems: dict, new_tokens: int, table_format: str) -> dict:
@@ -281,8 +315,78 @@ def routing_of_trained_and_random(config, trained: dict, prompts: list, new_toke
   return out
 
 
-def plot(latency: dict, device: dict, val_loss: dict) -> None:
-  fig, axes = common.new_figure(ncols=2, size=(5, 3.8))
+def cache_rows(fractions: list[float], vocab: int) -> list[int]:
+  """Cache sizes in rows for vocabulary fractions, no cache and the claim's fraction always among them."""
+  return sorted({round(f * vocab) for f in (0, *fractions, CLAIM_FRACTION)})
+
+
+def hot_row_systems(mole_host: tuple, token_counts, rows: list[int]) -> dict:
+  """rows -> (config, params): the host-table MoLE with a device cache of that many rows (0: none)."""
+  from pangu.models import mole
+
+  return {n: mole.cache_hot_rows(*mole_host, token_counts, n) if n else mole_host for n in rows}
+
+
+def cache_traffic(stored: dict, token_counts, n_rows: int, val_batches: list) -> dict:
+  """Lookups of the validation text through a cache of n_rows rows (pangu.nn.hot_rows.lookup), one decode step
+  per call: {"hit_rate", "host_bytes_per_token": {"b1", "b16"}} (misses copied in the lookup's buckets)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from pangu.nn import hot_rows
+
+  cache = hot_rows.build_cache(stored, token_counts, n_rows)
+  table = {name: jnp.asarray(a) for name, a in stored.items()}
+
+  @jax.jit
+  def counts(cache, table, steps):
+    gather = lambda ids: {name: jnp.take(a, ids, axis=0) for name, a in table.items()}
+    return jax.lax.map(lambda tokens: hot_rows.lookup(cache, tokens, gather)[1], steps)
+
+  text = np.concatenate([np.asarray(b["inputs"], np.int32).T for b in val_batches])  # [positions, rows]
+  out = {"host_bytes_per_token": {}}
+  for batch in LATENCY_BATCHES:
+    steps = text[:, :batch] if batch > 1 else text.reshape(-1, 1)
+    per_step = {k: np.asarray(v, np.int64) for k, v in counts(cache, table, steps).items()}
+    out["host_bytes_per_token"][f"b{batch}"] = float(per_step["moved_rows"].sum() * hot_rows.row_bytes(cache)
+                                                     / steps.size)
+    if batch == 1:
+      out["hit_rate"], out["lookups"] = float(per_step["hit_rows"].sum() / steps.size), int(steps.size)
+  return out
+
+
+def hot_row_section(rows: list[int], systems: dict, latency: dict, stored: dict, token_counts, val_batches: list,
+                    link_gb_per_s: float) -> dict:
+  """The hot_row_cache payload: per cache size its hit rate, device bytes, bytes crossing per token, the
+  modelled link time and the measured latency, beside dense decoding the same text."""
+  vocab = len(token_counts)
+  per_size = []
+  for n in rows:
+    traffic = cache_traffic(stored, token_counts, n, val_batches)
+    link = {f"b{b}": 1e3 * traffic["host_bytes_per_token"][f"b{b}"] * b / (link_gb_per_s * 1e9)
+            for b in LATENCY_BATCHES}
+    lat = latency[f"mole_hot_{n}"]
+    per_size.append({"fraction": n / vocab, "rows": n, "hit_rate": traffic["hit_rate"],
+                     "device_bytes": device_bytes(systems[n][1]),
+                     "host_bytes_per_token": traffic["host_bytes_per_token"], "latency_ms": lat,
+                     "transfer_ms_modelled": link,
+                     "measured_over_dense_b16": lat["b16"] / latency["dense"]["b16"],
+                     "modelled_over_dense_b16": (lat["b16"] + link["b16"]) / latency["dense"]["b16"]})
+  return {"label": "ours, beyond the paper", "per_size": per_size, "vocab": vocab, "dense_latency_ms": latency["dense"],
+          "link_gb_per_s": link_gb_per_s, "lookups": traffic["lookups"],
+          "token_counts_from": f"training split ({int(sum(token_counts))} tokens)",
+          "hit_rate_on": "validation split, one lookup per token; host bytes per decode step of 1 or 16 rows",
+          "protocol": "teacher-forced decoding of validation text, interleaved with the other systems",
+          "claim": {"fraction": CLAIM_FRACTION, "hit_rate": CLAIM_HIT_RATE}}
+
+
+def claim_size(hot: dict) -> dict:
+  """The per-size entry of the claim's cache fraction."""
+  return next(s for s in hot["per_size"] if s["rows"] == round(CLAIM_FRACTION * hot["vocab"]))
+
+
+def plot(latency: dict, device: dict, val_loss: dict, hot: dict) -> None:
+  fig, axes = common.new_figure(ncols=3, size=(5, 3.8))
   for name in SYSTEMS:
     axes[0, 0].scatter([device[name] / 2**20] * 2, [latency[name]["b1"], latency[name]["b16"]],
                        marker="o", label=name)
@@ -295,6 +399,19 @@ def plot(latency: dict, device: dict, val_loss: dict) -> None:
   axes[0, 1].set_xticks(range(len(names)), names, rotation=30, fontsize=8)
   axes[0, 1].set(ylabel="validation loss (nats / byte)", ylim=(min(val_loss.values()) - 0.1,
                                                               max(val_loss.values()) + 0.05), title="quality")
+  sizes = hot["per_size"]
+  fractions = [s["fraction"] for s in sizes]
+  axes[0, 2].plot(fractions, [s["hit_rate"] for s in sizes], "o-", color="C0", label="hit rate (validation)")
+  axes[0, 2].set(xlabel="cached fraction of the vocabulary rows", ylabel="hit rate", ylim=(0, 1.02),
+                 title="hot-row cache (ours)")
+  twin = axes[0, 2].twinx()
+  twin.plot(fractions, [s["latency_ms"]["b16"] for s in sizes], "s--", color="C1", label="b16 ms measured")
+  twin.plot(fractions, [s["latency_ms"]["b16"] + s["transfer_ms_modelled"]["b16"] for s in sizes], "^:",
+            color="C2", label="b16 ms + modelled link")
+  twin.axhline(hot["dense_latency_ms"]["b16"], color="gray", lw=0.8, label="dense b16")
+  twin.set(ylabel="ms per decode step", ylim=(0, None))
+  twin.legend(fontsize=7, loc="center right")
+  axes[0, 2].legend(fontsize=7, loc="lower right")
   common.save_figure(fig, "mole")
 
 
@@ -323,6 +440,31 @@ def claims(payload: dict) -> list[dict]:
                    f"table's dtype, each on its own rows); {goals['modelled_mole_over_moe_offload_b16']:.3f}x "
                    f"modelled with a {payload['link_gb_per_s']:g} GB/s host link",
                    ratio("mole_over_moe_offload_b16", 0.2, 0.5)),
+      *hot_row_claims(payload["hot_row_cache"]),
+  ]
+
+
+def hot_row_claims(hot: dict) -> list[dict]:
+  """Our claims for the hot-row cache (beyond the paper), judged at the fraction fixed before the runs."""
+  size, none = claim_size(hot), hot["per_size"][0]  # sizes ascend from no cache (`cache_rows`)
+  share = f"{size['rows']} of {hot['vocab']} rows"
+  return [
+      common.claim("MoLE (ours, beyond the paper)",
+                   f"A device cache of {CLAIM_FRACTION:.1%} of the table rows serves >= {CLAIM_HIT_RATE:.0%} of "
+                   "lookups", f"hit rate >= {CLAIM_HIT_RATE:.0%}",
+                   f"{size['hit_rate']:.1%} of validation lookups hit a cache of {share}",
+                   "reproduced" if size["hit_rate"] >= CLAIM_HIT_RATE else
+                   "partly" if size["hit_rate"] >= 0.75 else "not reproduced"),
+      common.claim("MoLE (ours, beyond the paper)",
+                   "With that cache and the rest of the table on host, decoding is about as fast as dense",
+                   "goal <= 1.2x dense at batch 16",
+                   f"{size['modelled_over_dense_b16']:.2f}x modelled (measured step + "
+                   f"{size['host_bytes_per_token']['b16']:.0f} B/token over a {hot['link_gb_per_s']:g} GB/s link), "
+                   f"{size['measured_over_dense_b16']:.2f}x measured here; without the cache "
+                   f"{none['modelled_over_dense_b16']:.2f}x modelled, {none['host_bytes_per_token']['b16']:.0f} "
+                   "B/token",
+                   "reproduced" if size["modelled_over_dense_b16"] <= 1.2 else
+                   "partly" if size["modelled_over_dense_b16"] <= 1.5 else "not reproduced"),
   ]
 
 
@@ -330,25 +472,35 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax
+  import numpy as np
   from pangu import data
+  from pangu.models import mole
   quick = common.QUICK.value
 
   steps, width, layers = common.pick(_STEPS, 400, 40), common.pick(_WIDTH, 96, 48), common.pick(_LAYERS, 6, 4)
   lat_width, lat_layers = common.pick(_LATENCY_WIDTH, 768, 384), common.pick(_LATENCY_LAYERS, 12, 4)
   new_tokens, repeats = common.pick(_NEW_TOKENS, 32, 12), common.pick(_REPEATS, 5, 3)
+  fractions = [_fraction(f) for f in common.pick(_CACHE_FRACTIONS, ["0", "1/32", "1/16", "1/8", "1/4", "1/2", "1"],
+                                                 ["0", "1/16", "1/8", "1/4", "1"])]
   if width % 3 or lat_width % 3:
     raise app.UsageError(f"--width={width} and --latency_width={lat_width} must be multiples of 3")
   vocab = data.ByteTokenizer().vocab_size
 
   configs = {k: v for k, v in model_configs(width, layers, vocab, HEADS).items() if k != "moe_34e"}
-  params, val_loss, val_batches = train_models(configs, steps, quick)
+  params, val_loss, val_batches, token_counts = train_models(configs, steps, quick)
   formats = lut_errors(configs, params, val_batches)
+  rows = cache_rows(fractions, vocab)
+  text = np.asarray(val_batches[0]["inputs"][:max(LATENCY_BATCHES), :PROMPT_LEN + new_tokens - 1], np.int32)
   with tempfile.TemporaryDirectory() as table_dir:
     systems = latency_systems(lat_width, lat_layers, vocab, HEADS, _TABLE_FORMAT.value, table_dir)
-    latency = measure_latency(systems, new_tokens, repeats)
+    cached = hot_row_systems(systems["mole_host"], token_counts, rows)
+    forced = {"dense": systems["dense"], **{f"mole_hot_{n}": system for n, system in cached.items()}}
+    latency, forced_latency = measure_latency(systems, new_tokens, repeats, forced, text)
     transfer = transfer_bytes(systems, new_tokens, _TABLE_FORMAT.value)
     device = {name: device_bytes(p) for name, (_, p) in systems.items()}
     system_info = describe_systems(systems, transfer, _TABLE_FORMAT.value, new_tokens, _LINK_GB_PER_S.value)
+    hot = hot_row_section(rows, cached, forced_latency, mole.table_arrays(*systems["mole_host"]), token_counts,
+                          val_batches, _LINK_GB_PER_S.value)
   prompts = val_batches[0]["inputs"][:max(LATENCY_BATCHES), :PROMPT_LEN].tolist()  # validation text
   routing = routing_of_trained_and_random(configs["moe_10e"], params["moe_10e"], prompts, new_tokens)
 
@@ -370,6 +522,7 @@ def main(argv):
       "systems": system_info,
       "link_gb_per_s": _LINK_GB_PER_S.value,
       "distinct_experts_per_step": routing,
+      "hot_row_cache": hot,
       "goals": goals,
       "setup": {"steps": steps, "width": width, "layers": layers, "heads": HEADS, "seq_len": SEQ_LEN,
                 "batch": BATCH, "vocab": vocab, "latency_width": lat_width, "latency_layers": lat_layers,
@@ -384,12 +537,17 @@ def main(argv):
   }
   payload["claims"] = claims(payload)
   common.write_json("mole", payload)
-  plot(latency, device, val_loss)
+  plot(latency, device, val_loss, hot)
   rows = [{"system": s, "dtype": system_info[s]["dtype"], "b1_ms": latency[s]["b1"], "b16_ms": latency[s]["b16"],
            "device_MiB": device[s] / 2**20, "bytes_per_token_b16": transfer[s]["b16"],
            "link_ms_b16_modelled": system_info[s]["transfer_ms_modelled"]["b16"],
            "MFLOP_per_token": system_info[s]["flops_per_token"] / 1e6} for s in SYSTEMS]
   loss_rows = [{"model": n, "val_loss": v, "params": payload["setup"]["params"][n]} for n, v in val_loss.items()]
+  hot_rows = [{"fraction": s["fraction"], "rows": s["rows"], "hit_rate": s["hit_rate"],
+               "device_MiB": s["device_bytes"] / 2**20, "host_B_per_token_b16": s["host_bytes_per_token"]["b16"],
+               "b1_ms": s["latency_ms"]["b1"], "b16_ms": s["latency_ms"]["b16"],
+               "link_ms_b16_modelled": s["transfer_ms_modelled"]["b16"],
+               "modelled_over_dense_b16": s["modelled_over_dense_b16"]} for s in hot["per_size"]]
   common.write_table("mole", "\n\n".join([
       f"Validation loss after {steps} steps (D={width}, L={layers}):",
       common.format_table(loss_rows, ["model", "val_loss", "params"]),
@@ -401,7 +559,24 @@ def main(argv):
       f"{goals['mole_over_moe_offload_b16']:.3f} measured, {goals['modelled_mole_over_moe_offload_b16']:.3f} "
       f"modelled at {_LINK_GB_PER_S.value:g} GB/s (goal <= 0.2)",
       f"Distinct experts per decode step at b16 (MoE-10E, summed over {routing['layers']} layers): trained "
-      f"{routing['trained']:.1f}, random init {routing['random']:.1f}"]))
+      f"{routing['trained']:.1f}, random init {routing['random']:.1f}",
+      f"Hot-row cache (ours, beyond the paper): MoLE table on host, the most frequent tokens' rows on device; "
+      f"validation text decoded teacher-forced; dense on the same text: {hot['dense_latency_ms']['b1']:.2f} / "
+      f"{hot['dense_latency_ms']['b16']:.2f} ms (b1 / b16):",
+      common.format_table(hot_rows, ["fraction", "rows", "hit_rate", "device_MiB", "host_B_per_token_b16", "b1_ms",
+                                     "b16_ms", "link_ms_b16_modelled", "modelled_over_dense_b16"])]))
+
+
+def _fraction(text: str) -> float:
+  """'1/8' or '0.125' -> 0.125, in [0, 1]."""
+  try:
+    num, _, den = text.partition("/")
+    value = float(num) / float(den or 1)
+  except (ValueError, ZeroDivisionError) as e:
+    raise app.UsageError(f"--cache_fractions: {text!r} is not a fraction") from e
+  if not 0 <= value <= 1:
+    raise app.UsageError(f"--cache_fractions: {text!r} is outside [0, 1]")
+  return value
 
 
 if __name__ == "__main__":

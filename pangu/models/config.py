@@ -173,6 +173,9 @@ class TransformerConfig:
         raise ValueError(f"TransformerConfig.{name} must hold ints >= 0, got {getattr(self, name)!r}")
     if self.mole is not None and not isinstance(self.mole, MoLEConfig):
       raise ValueError(f"TransformerConfig.mole must be a MoLEConfig or None, got {self.mole!r}")
+    if self.mole is not None and self.mole.hot_rows > self.vocab_size:
+      raise ValueError(f"TransformerConfig.mole.hot_rows must be <= vocab_size={self.vocab_size}, got "
+                       f"{self.mole.hot_rows}")
     if self.mole is not None and self.moe is not None:
       raise ValueError("TransformerConfig.mole and TransformerConfig.moe are exclusive: a MoLE layer's experts "
                        "are lookup experts beside a dense shared FFN")

@@ -1,10 +1,11 @@
 """MoLE after training: re-parameterise the experts into a lookup table and choose where the table lives.
 
-Both transforms are pure `(config, params) -> (config, params)` functions:
+The transforms are pure `(config, params) -> (config, params)` functions:
   `reparameterize` evaluates every layer's experts on every vocabulary row (their input is the token's
     embedding, so this enumerates every input they can ever see), stores the outputs as a table [V, L, N, D]
     in the requested format, and drops the expert weights and expert norms;
-  `place_table` moves the table between the device, pinned host memory, host RAM and a memory-mapped file.
+  `place_table` moves the table between the device, pinned host memory, host RAM and a memory-mapped file;
+  `cache_hot_rows` keeps the rows of the most frequent tokens in device memory beside a table kept off it.
 """
 
 import dataclasses
@@ -16,12 +17,13 @@ import numpy as np
 
 from pangu.models.config import TransformerConfig
 from pangu.models.transformer import LAYERS_KEY, layer_params, mole_table_shape
-from pangu.nn import lookup_table
+from pangu.nn import hot_rows, lookup_table
 from pangu.nn.mole import TABLE_STORAGES, expert_outputs
 from pangu.nn.norms import rms_norm
 from pangu.parallel import host_memory
 
 TABLE_KEY = "mole_table"
+HOT_KEY = "mole_hot_rows"
 EXPERT_PARAMS = ("up", "down", "expert_norm")
 
 
@@ -83,14 +85,16 @@ def place_table(config: TransformerConfig, params: dict, storage: str, *, path: 
   """Moves a lookup-form model's table to `storage` (see MoLEConfig.table_storage).
 
   `numpy` and `disk` write the table to the directory `path` (atomically) and keep it out of the params;
-  `host` places it in the device's `pinned_host` memory, which needs a backend with that memory kind.
+  `host` places it in the device's `pinned_host` memory, which needs a backend with that memory kind. A hot-row
+  cache (`cache_hot_rows`) stays with a table kept off the device and is dropped with `device`.
   """
   _check_lookup_form(config)
   if storage not in TABLE_STORAGES:
     raise ValueError(f"storage must be one of {TABLE_STORAGES}, got {storage!r}")
   mole = config.mole
   stored = table_arrays(config, params)
-  rest = {k: v for k, v in params.items() if k != TABLE_KEY}
+  rest = {k: v for k, v in params.items() if k != TABLE_KEY and (k != HOT_KEY or storage != "device")}
+  mole = dataclasses.replace(mole, hot_rows=0 if storage == "device" else mole.hot_rows)
   device = device or jax.devices()[0]
   if storage in ("numpy", "disk"):
     if path is None:
@@ -105,6 +109,24 @@ def place_table(config: TransformerConfig, params: dict, storage: str, *, path: 
     sharding = jax.sharding.SingleDeviceSharding(device)
   rest[TABLE_KEY] = {name: jax.device_put(np.asarray(array), sharding) for name, array in stored.items()}
   return config.replace(mole=dataclasses.replace(mole, table_storage=storage, table_path=None)), rest
+
+
+def cache_hot_rows(config: TransformerConfig, params: dict, token_counts: np.ndarray, n_rows: int, *,
+                   device: jax.Device | None = None) -> tuple[TransformerConfig, dict]:
+  """Keeps the table rows of the `n_rows` most frequent tokens in device memory (pangu.nn.hot_rows).
+
+  token_counts [V]: how often each token occurs, e.g. in the training corpus. The table must already live off
+  the device (`place_table`); it stays there whole and serves the other tokens. n_rows=0 drops the cache.
+  """
+  _check_lookup_form(config)
+  if config.mole.table_storage == "device":
+    raise ValueError("cache_hot_rows needs a table kept off the device (table_storage host / numpy / disk), got "
+                     "table_storage='device': place_table it first")
+  cache = hot_rows.build_cache(table_arrays(config, params), token_counts, n_rows)
+  rest = {k: v for k, v in params.items() if k != HOT_KEY}
+  if n_rows:
+    rest[HOT_KEY] = jax.device_put(cache, jax.sharding.SingleDeviceSharding(device or jax.devices()[0]))
+  return config.replace(mole=dataclasses.replace(config.mole, hot_rows=n_rows)), rest
 
 
 def table_bytes(config: TransformerConfig) -> int:

@@ -44,7 +44,7 @@ from pangu.nn import linear
 from pangu.nn.attention import Attention, AttentionMask, LayerCache
 from pangu.nn.mla import MultiHeadLatentAttention
 from pangu.nn.mlp import MLP
-from pangu.nn.mole import LookupExperts, StoredTable, TableShape, lookup_rows
+from pangu.nn.mole import HotRows, LookupExperts, StoredTable, TableShape, lookup_rows
 from pangu.nn.moe import MOE_COLLECTION, MoEFeedForward
 from pangu.nn.norms import RMSNorm, depth_scaled_gain
 from pangu.parallel import rules
@@ -149,6 +149,8 @@ class Decoder(nn.Module):
       self.blocks = [block(cfg, i, name=f"layer_{i}") for i in range(cfg.n_layers)]
     if cfg.mole is not None and cfg.mole.lookup and cfg.mole.table_storage in ("device", "host"):
       self.mole_table = StoredTable(mole_table_shape(cfg), cfg.mole.table_format)
+    if cfg.mole is not None and cfg.mole.hot_rows:
+      self.mole_hot_rows = HotRows(mole_table_shape(cfg), cfg.mole.table_format, cfg.mole.hot_rows)
     self.final_norm = RMSNorm(cfg.norm_eps)
     if cfg.mtp_layers:
       self.mtp_hidden_norm = RMSNorm(cfg.norm_eps)
@@ -227,7 +229,8 @@ class Decoder(nn.Module):
     if not mole.lookup:
       return x
     table = self.mole_table() if mole.table_storage in ("device", "host") else None
-    rows = lookup_rows(mole, mole_table_shape(self.config), table, tokens, self.config.dtype)
+    hot = self.mole_hot_rows() if mole.hot_rows else None
+    rows = lookup_rows(mole, mole_table_shape(self.config), table, tokens, self.config.dtype, hot)
     return jnp.moveaxis(rows, 2, 0)
 
   def _layers(self, state: TokenState, segment_ids: jax.Array | None, caches: LayerCaches | None,

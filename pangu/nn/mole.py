@@ -9,7 +9,8 @@ where e is the embedding output of the token, the same for every layer, and ffn(
 Because ffn_lj(rmsnorm_expert_l(e)) depends only on the token id, `pangu.models.mole.reparameterize` evaluates
 it once for every vocabulary row into a table [V, L, N, D] (stored flat as [V, L * N * D], L outermost), and
 the lookup form replaces the experts by the table rows of the current tokens. The table stays off the
-device; `lookup_rows` fetches the rows from where `MoLEConfig.table_storage` says it lives.
+device; `lookup_rows` fetches the rows from where `MoLEConfig.table_storage` says it lives, reading the rows of
+the most frequent tokens from a device-resident cache when `MoLEConfig.hot_rows` is set (pangu.nn.hot_rows).
 
 The table's formats (float, int8, nf4), file layout and host gathers are in `pangu.nn.lookup_table`.
 """
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from pangu.config_checks import one_of, positive_ints
-from pangu.nn import linear, lookup_table
+from pangu.nn import hot_rows, linear, lookup_table
 from pangu.nn.lookup_table import TableShape, stored_row_shapes
 from pangu.nn.norms import RMSNorm
 from pangu.parallel import host_memory, rules
@@ -47,6 +48,8 @@ class MoLEConfig:
       backend's `pinned_host` memory; rows are gathered on the host inside the compiled step, then copied),
       `numpy` (a NumPy array in host RAM loaded from `table_path`) or `disk` (`table_path` memory-mapped).
     table_path: the table directory written by `pangu.models.mole.place_table`, for `numpy` and `disk`.
+    hot_rows: rows of the most frequent tokens also kept in device memory when the table lives off it
+      (`pangu.models.mole.cache_hot_rows` builds them); only the other tokens' rows cross the link. 0: none.
   """
 
   num_experts: int
@@ -55,6 +58,7 @@ class MoLEConfig:
   table_format: TableFormat = "float32"
   table_storage: TableStorage = "device"
   table_path: str | None = None
+  hot_rows: int = 0
 
   def __post_init__(self):
     positive_ints(self, "num_experts", "expert_dim")
@@ -67,6 +71,11 @@ class MoLEConfig:
     if not self.lookup and (self.table_format != "float32" or self.table_storage != "device"):
       raise ValueError("MoLEConfig.table_format and table_storage describe the lookup form; the training form "
                        f"(lookup=False) got table_format={self.table_format!r}, table_storage={self.table_storage!r}")
+    if not isinstance(self.hot_rows, int) or isinstance(self.hot_rows, bool) or self.hot_rows < 0:
+      raise ValueError(f"MoLEConfig.hot_rows must be an int >= 0, got {self.hot_rows!r}")
+    if self.hot_rows and self.table_storage == "device":
+      raise ValueError(f"MoLEConfig.hot_rows caches rows of a table kept off the device; got hot_rows="
+                       f"{self.hot_rows} with table_storage='device' (lookup={self.lookup})")
 
 
 def gelu_ffn_hidden(x: jax.Array, up: jax.Array) -> jax.Array:
@@ -127,31 +136,38 @@ class LookupExperts(nn.Module):
 
 
 def lookup_rows(config: MoLEConfig, shape: TableShape, table: dict[str, jax.Array] | None, tokens: jax.Array,
-                dtype) -> jax.Array:
+                dtype, hot: dict[str, jax.Array] | None = None) -> jax.Array:
   """The decoded table rows of `tokens` [B, S] -> [B, S, L, N, D], fetched from the table's storage.
 
   `table` holds the stored arrays for `device` and `host` storage (params of the lookup model) and is None for
   `numpy` / `disk`, which read `config.table_path` through a host callback. Only the rows of these tokens
   cross to the device, still encoded, in one copy issued before the layer stack; nothing orders it after the
   first attention, so the backend may overlap the two. (One copy per layer, so that layer l would wait for its
-  rows alone, measured slower on an H200: 1.71 vs 1.44 ms per batch-16 step.)
+  rows alone, measured slower on an H200: 1.71 vs 1.44 ms per batch-16 step.) With `hot` (the device cache
+  of `config.hot_rows` rows, see pangu.nn.hot_rows) only the rows it misses are fetched from the storage.
   """
+  gather = functools.partial(_stored_rows, config, shape, table)
+  stored = gather(tokens) if hot is None else hot_rows.lookup(hot, tokens, gather)[0]
+  return lookup_table.decode_rows(stored, shape, config.table_format, dtype)
+
+
+def _stored_rows(config: MoLEConfig, shape: TableShape, table: dict[str, jax.Array] | None,
+                 tokens: jax.Array) -> dict[str, jax.Array]:
+  """The still-encoded rows of `tokens` (any shape), read where the table lives."""
   storage = config.table_storage
   if storage == "device":
-    stored = {name: jnp.take(array, tokens, axis=0) for name, array in table.items()}
-  elif storage == "host":
+    return {name: jnp.take(array, tokens, axis=0) for name, array in table.items()}
+  if storage == "host":
     gather = lambda table, tokens: {name: a.at[tokens].get(mode="promise_in_bounds") for name, a in table.items()}
-    stored = host_memory.to_device(host_memory.compute_on_host(gather, table, host_memory.to_host(tokens)))
-  else:
-    if table is not None:
-      raise ValueError(f"a {storage!r} table is read from table_path; the params must not hold it")
-    result = {name: jax.ShapeDtypeStruct((*tokens.shape, *row_shape), dt)
-              for name, (row_shape, dt) in stored_row_shapes(shape, config.table_format).items()}
-    args = (config.table_path, storage == "disk", shape, config.table_format)
-    lookup_table.open_table(*args)  # checks the file against the model now, not inside the compiled step
-    gather = functools.partial(lookup_table.host_gather, *args)
-    stored = jax.pure_callback(gather, result, tokens, vmap_method="sequential")
-  return lookup_table.decode_rows(stored, shape, config.table_format, dtype)
+    return host_memory.to_device(host_memory.compute_on_host(gather, table, host_memory.to_host(tokens)))
+  if table is not None:
+    raise ValueError(f"a {storage!r} table is read from table_path; the params must not hold it")
+  result = {name: jax.ShapeDtypeStruct((*tokens.shape, *row_shape), dt)
+            for name, (row_shape, dt) in stored_row_shapes(shape, config.table_format).items()}
+  args = (config.table_path, storage == "disk", shape, config.table_format)
+  lookup_table.open_table(*args)  # checks the file against the model now, not inside the compiled step
+  gather = functools.partial(lookup_table.host_gather, *args)
+  return jax.pure_callback(gather, result, tokens, vmap_method="sequential")
 
 
 class StoredTable(nn.Module):
@@ -166,3 +182,22 @@ class StoredTable(nn.Module):
         name: self.param(name, nn.with_logical_partitioning(jax.nn.initializers.zeros, (rules.VOCAB, None)),
                          (self.shape.vocab_size, *row_shape), dtype)
         for name, (row_shape, dtype) in stored_row_shapes(self.shape, self.table_format).items()}
+
+
+class HotRows(nn.Module):
+  """The device cache of a table's most frequent rows (pangu.nn.hot_rows) as params: "slots" [V] int32 and
+  the cached stored arrays [n_rows, ...]; built by `pangu.models.mole.cache_hot_rows`."""
+
+  shape: TableShape
+  table_format: str
+  n_rows: int
+
+  @nn.compact
+  def __call__(self) -> dict[str, jax.Array]:
+    no_slot = lambda key, shape, dtype: jnp.full(shape, -1, dtype)
+    cache = {hot_rows.SLOTS: self.param(hot_rows.SLOTS, nn.with_logical_partitioning(no_slot, (None,)),
+                                        (self.shape.vocab_size,), jnp.int32)}
+    for name, (row_shape, dtype) in stored_row_shapes(self.shape, self.table_format).items():
+      cache[name] = self.param(name, nn.with_logical_partitioning(jax.nn.initializers.zeros, (None, None)),
+                               (self.n_rows, *row_shape), dtype)
+    return cache

@@ -205,3 +205,67 @@ def test_a_quantised_table_gives_the_same_logits_on_host_and_device():
   tokens = _unseen_tokens()
   np.testing.assert_allclose(models.forward(*mole.place_table(lut_cfg, lut_params, "host"), tokens),
                              models.forward(lut_cfg, lut_params, tokens), atol=1e-6, rtol=0)
+
+
+# Hot-row cache: token counts in which the ids >= V // 2, never seen in training, are the rare ones.
+_COUNTS = np.concatenate([np.arange(V // 2, 0, -1) * 10.0, np.arange(V - V // 2, dtype=np.float64)])
+
+
+@pytest.mark.parametrize("storage, table_format", [("host", "nf4"), ("disk", "float32")])
+def test_a_hot_row_cache_gives_the_logits_of_the_table_on_device(storage, table_format, tmp_path):
+  cfg, params = _trained()
+  lut_cfg, lut_params = mole.reparameterize(cfg, params, table_format=table_format)
+  placed = mole.place_table(lut_cfg, lut_params, storage, path=str(tmp_path / "t"))
+  # Batches of one shape (one compile each): hits only, misses only (ids never seen in training), mixed.
+  batches = [jnp.tile(jnp.arange(3, dtype=jnp.int32), (2, 4))[:, :11], _unseen_tokens(),
+             jax.random.randint(jax.random.key(3), (2, 11), 0, V)]
+  for n_rows in (6, V):
+    hot_cfg, hot_params = mole.cache_hot_rows(*placed, _COUNTS, n_rows)
+    assert hot_cfg.mole.hot_rows == n_rows and mole.HOT_KEY in hot_params
+    for tokens in batches:
+      np.testing.assert_array_equal(models.forward(hot_cfg, hot_params, tokens),
+                                    models.forward(lut_cfg, lut_params, tokens), err_msg=f"{n_rows} rows")
+
+
+def test_a_cached_disk_table_reads_only_the_misses(tmp_path):
+  cfg, params = _trained()
+  path = str(tmp_path / "t")
+  hot_cfg, hot_params = mole.cache_hot_rows(
+      *mole.place_table(*mole.reparameterize(cfg, params), "disk", path=path), _COUNTS, 6)
+  hot = np.argsort(-_COUNTS)[:6]
+  for tokens in (np.array([[0, 1, 2, 3]]), np.array([[0, 20, 1, 28]]), np.array([[17, 20, 21, 28]])):
+    lookup_table.TRANSFERS.reset()
+    models.forward(hot_cfg, hot_params, jnp.asarray(tokens, jnp.int32))
+    misses = int(np.sum(~np.isin(tokens, hot)))
+    moved = 0 if misses == 0 else min(tokens.size, 1 << (misses - 1).bit_length())  # the copy's bucket
+    assert lookup_table.TRANSFERS.bytes.get(path, 0) == moved * L * N * D * 4, tokens
+
+
+def test_a_hot_row_cache_generates_the_same_tokens(tmp_path):
+  cfg, params = _trained()
+  gen = GenerationConfig(max_new_tokens=5)
+  prompts = [[3, 20, 7], [25, 1]]
+  want = generate(cfg, params, prompts, gen, jax.random.key(0))
+  lut = mole.place_table(*mole.reparameterize(cfg, params), "host")
+  got = generate(*mole.cache_hot_rows(*lut, _COUNTS, 6), prompts, gen, jax.random.key(0))
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
+
+
+def test_bad_hot_row_settings_name_the_field():
+  cfg, params = _trained()
+  lut_cfg, lut_params = mole.reparameterize(cfg, params)
+  with pytest.raises(ValueError, match="table_storage='device'"):
+    mole.cache_hot_rows(lut_cfg, lut_params, _COUNTS, 4)
+  host = mole.place_table(lut_cfg, lut_params, "host")
+  with pytest.raises(ValueError, match="n_rows must be an int in \\[0, vocab_size=29\\], got 30"):
+    mole.cache_hot_rows(*host, _COUNTS, V + 1)
+  with pytest.raises(ValueError, match="n_rows must be an int in \\[0, vocab_size=29\\], got -2"):
+    mole.cache_hot_rows(*host, _COUNTS, -2)
+  with pytest.raises(ValueError, match="MoLEConfig.hot_rows must be an int >= 0, got -1"):
+    MoLEConfig(num_experts=2, expert_dim=4, lookup=True, table_storage="host", hot_rows=-1)
+  with pytest.raises(ValueError, match="hot_rows must be <= vocab_size=29, got 30"):
+    lut_cfg.replace(mole=dataclasses.replace(host[0].mole, hot_rows=V + 1))
+  # Moving the table back onto the device drops the cache with it.
+  back_cfg, back_params = mole.place_table(*mole.cache_hot_rows(*host, _COUNTS, 4), "device")
+  assert back_cfg.mole.hot_rows == 0 and mole.HOT_KEY not in back_params
