@@ -13,8 +13,6 @@ from pangu.compress.quant.grouping import common_refinement, contiguous_groups
 from pangu.compress.quant.ptq import PTQConfig, quantise_dit
 from pangu.compress.quant.reparam import reparameterise
 from pangu.compress.quant.smoothing import HTGConfig, SmoothingPlan, ema_from_noisy, htg_plan
-from pangu.diffusion.samplers import ddim_sample, guided, sampling_timesteps
-from pangu.diffusion.schedules import ScheduleConfig
 from pangu.models.dit import DiT, DiTConfig, init_dit
 from pangu.nn.quantized import fake_quant_activation, fake_quant_weight, int8_matmul, symmetric_scale
 
@@ -144,32 +142,6 @@ def test_reparameterisation_is_exact_without_quantisation(proj_smoothing, n_grou
   for step in range(STEPS):  # every step, across every group boundary
     np.testing.assert_allclose(apply({"params": folded, "quant": quant}, step), apply({"params": params}, step),
                                atol=1e-5, rtol=1e-5)
-
-
-def test_sampler_reads_every_step_table_at_its_own_step():
-  """Through the DDIM sampler with guidance, a model folded with a different shift at every step reproduces the
-  float samples only if step i of the sampler selects group i's tables (an off-by-one between the sampler's
-  step index and the tables breaks it); and the calibration stats of the folded model at step i are the float
-  model's stats at step i, smoothed by group i's plan."""
-  params, plans = _random_params(), _random_plans(STEPS)
-  folded, quant = reparameterise(CONFIG, params, plans, STEPS)
-  model, schedule = DiT(CONFIG), ScheduleConfig()
-  labels = jnp.arange(3) % 10
-
-  def run(variables):
-    denoiser = guided(lambda x, t, y, i: model.apply(variables, x, t, y, i), CONFIG.n_classes, 1.5)
-    return ddim_sample(denoiser, schedule, labels, (8, 8, 1), jax.random.key(3), STEPS)
-
-  float_samples, trajectory = run({"params": params})
-  folded_samples, _ = run({"params": folded, "quant": quant})
-  np.testing.assert_allclose(folded_samples, float_samples, atol=1e-4, rtol=1e-4)
-  timesteps = sampling_timesteps(schedule.n_timesteps, STEPS)
-  raw = collect_input_stats(CONFIG, params, None, trajectory, timesteps, labels, 1.5)
-  smoothed = collect_input_stats(CONFIG, folded, quant, trajectory, timesteps, labels, 1.5)
-  for key, plan in plans.items():  # s > 0: the min / max of (X - z) / s are (min / max X - z) / s
-    for bound in ("min", "max"):
-      np.testing.assert_allclose(smoothed[key][bound], (raw[key][bound] - plan.shift_per_step()) / plan.scale,
-                                 atol=1e-4, rtol=1e-4)
 
 
 def test_smoothed_inputs_are_what_the_plan_says():
