@@ -26,6 +26,8 @@ _GUIDANCE = flags.DEFINE_float("guidance", 1.5, "Classifier-free guidance scale.
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of training, calibration and sampling noise.")
 
 METHODS = ("naive", "minmax", "smoothquant", "ptq4dit", "htg")
+# Spec-listed HTG ablations run at W4A8 besides the paper-faithful default (rows of their own in "w4a8").
+HTG_VARIANTS = {"htg_shift_only": {"use_scale": False}, "htg_alpha0.9": {"alpha": 0.9}}
 FP_CLOSE = {"w8a8": 0.05, "w4a8": 0.15}  # HTG's FID within this fraction of FP (the issue's goals)
 GROUP_CLOSE = 0.02  # G = T/10 within 2 % of G = T
 CALIBRATION_GOAL_S = 180.0
@@ -41,15 +43,18 @@ def claims(payload: dict) -> list[dict]:
     verdict = ("reproduced" if ratio <= close else "partly" if ratio <= 3 * close else "not reproduced")
     rows.append(common.claim("HTG (DiT PTQ)", f"{bits.upper()} with HTG keeps FID close to full precision",
                              f"goal: within {close:.0%} of FP (DiT-XL/2 ImageNet FID unconfirmed)",
-                             f"FID-digits {htg:.3g} vs FP {fp:.3g} ({ratio:+.1%})", verdict))
-  w4 = payload["w4a8"]
-  beaten = [m for m in ("naive", "smoothquant") if w4["htg"]["fid"] < w4[m]["fid"]]
+                             f"FID-digits {htg:.3g} vs FP {fp:.3g} ({ratio:+.1%}; FP itself moves "
+                             f"{fid_noise(payload) / fp:.1%} with other sampling noise)", verdict))
+  w4, noise = payload["w4a8"], fid_noise(payload)
+  beaten = [m for m in ("naive", "smoothquant") if beats(w4["htg"], w4[m], noise)]
   verdict = "reproduced" if len(beaten) == 2 else "partly" if beaten else "contradicted"
+  shown = ("htg", "naive", "smoothquant", *HTG_VARIANTS)
   rows.append(common.claim("HTG (DiT PTQ)", "At W4A8 HTG beats naive PTQ and SmoothQuant-style smoothing",
                            "state of the art among PTQ methods",
-                           "FID-digits " + ", ".join(f"{m} {w4[m]['fid']:.3g}" for m in ("htg", "naive", "smoothquant"))
-                           + "; paired sample MSE vs FP " + ", ".join(
-                               f"{m} {w4[m]['sample_mse']:.2g}" for m in ("htg", "naive", "smoothquant")), verdict))
+                           "FID-digits " + ", ".join(f"{m} {w4[m]['fid']:.3g}" for m in shown)
+                           + f" (FP's FID moves {noise:.2g} with other noise: smaller FID gaps are decided by the "
+                           "paired sample MSE vs FP: " + ", ".join(f"{m} {w4[m]['sample_mse']:.2g}" for m in shown)
+                           + ")", verdict))
   groups = payload["groups"]
   keys = sorted(groups, key=int)
   every, tenth = groups[keys[-1]]["fid"], groups[keys[len(keys) // 2]]["fid"]
@@ -67,8 +72,23 @@ def claims(payload: dict) -> list[dict]:
   return rows
 
 
+def fid_noise(payload: dict) -> float:
+  """How far the float model's FID-digits moves when only the sampling noise changes: FID gaps below this are
+  not resolved by the metric at this sample count."""
+  return abs(payload["fp"]["fid"] - payload["fp"]["fid_other_noise"])
+
+
+def beats(a: dict, b: dict, noise: float) -> bool:
+  """Configuration a beats b: a lower FID-digits by more than the noise; within the noise, a lower paired sample
+  MSE against the float model (same noise and labels, so far less noisy)."""
+  if abs(a["fid"] - b["fid"]) > noise:
+    return a["fid"] < b["fid"]
+  return a["sample_mse"] < b["sample_mse"]
+
+
 def report_table(payload: dict, setup: str) -> str:
-  rows = [{"config": "fp32", "fid": payload["fp"]["fid"], "class_acc": payload["fp"]["class_acc"]}]
+  rows = [{"config": "fp32", "fid": payload["fp"]["fid"], "class_acc": payload["fp"]["class_acc"]},
+          {"config": "fp32, other noise", "fid": payload["fp"]["fid_other_noise"]}]
   for bits in ("w8a8", "w4a8"):
     for method, v in payload[bits].items():
       rows.append({"config": f"{bits} {method}", **v})
@@ -163,6 +183,9 @@ def main(argv):
   sample_labels = jnp.arange(n_samples) % config.n_classes
   fp_samples = np.asarray(sample({"params": params}, sample_labels, sample_key)[0])
   fp = metric(fp_samples, sample_labels)
+  other_noise = jax.random.fold_in(sample_key, 1)
+  fp["fid_other_noise"] = metric(np.asarray(sample({"params": params}, sample_labels, other_noise)[0]),
+                                 sample_labels)["fid"]
   # Calibration time: the float trajectories, the float stats, then each method's own work (in `evaluate`).
   start = time.perf_counter()
   calib_labels = jax.random.randint(calib_key, (n_calib,), 0, config.n_classes)
@@ -192,6 +215,10 @@ def main(argv):
       payload[bits_name][method], samples = evaluate(PTQConfig(method, weight_bits=bits))
       grids[f"{bits_name} {method}"] = samples[:10]
       print(f"{bits_name} {method}: {payload[bits_name][method]}", flush=True)
+  for name, settings in HTG_VARIANTS.items():
+    payload["w4a8"][name], samples = evaluate(PTQConfig("htg", weight_bits=4, htg=HTGConfig(**settings)))
+    grids[f"w4a8 {name}"] = samples[:10]
+    print(f"w4a8 {name}: {payload['w4a8'][name]}", flush=True)
   for n_groups in sorted({1, default_n_groups(n_steps), n_steps}):
     if n_groups == default_n_groups(n_steps):
       result = payload["w4a8"]["htg"]
@@ -208,6 +235,7 @@ def main(argv):
            f"{n_samples} samples per configuration from identical noise; calibration on {n_calib} trajectories. "
            f"FID-digits: Frechet distance of a digits classifier's 64 penultimate features against all 1797 real "
            f"digits; class_acc: that classifier's agreement with the requested label (real digits ~1.0). "
+           f"'fp32, other noise': the float model sampled from different noise, the FID's noise floor. "
            f"Total {time.perf_counter() - begin:.0f} s.")
   common.write_table("dit_ptq", report_table(payload, setup))
 

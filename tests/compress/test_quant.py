@@ -46,6 +46,15 @@ def test_weight_fake_quant_error_at_most_half_a_step():
     assert levels.min() >= -(2 ** (bits - 1) - 1) and levels.max() <= 2 ** (bits - 1) - 1
 
 
+def test_int4_weights_symmetric_per_output_channel_float64():
+  """Against a float64 reference: column j of a [C_in, C_out] kernel is rounded on its own grid
+  max_i |W[i, j]| / 7 * {-7..7} (one scale per output channel, zero exact)."""
+  w = np.random.default_rng(0).normal(size=(24, 6)) * np.array([0.01, 0.1, 1.0, 10.0, 3.0, 0.5])
+  step = np.abs(w).max(axis=0) / 7
+  expected = np.clip(np.round(w / step), -7, 7) * step
+  np.testing.assert_allclose(fake_quant_weight(jnp.asarray(w, jnp.float32), 4), expected, rtol=1e-5, atol=1e-7)
+
+
 def test_activation_fake_quant_grid():
   x = jnp.linspace(-1.3, 2.9, 1000)
   out = np.asarray(fake_quant_activation(x, jnp.float32(-1.3), jnp.float32(2.9), 8))
@@ -195,6 +204,25 @@ def test_htg_plan_groups_and_scale():
   np.testing.assert_allclose(plan.shift, [[0.0] * 4, [3.0] * 4], atol=0.02)
   # alpha = 0: m is the cleanest step's half range (1.0); s = sqrt(1 / 4).
   np.testing.assert_allclose(plan.scale, 0.5, atol=0.01)
+
+
+def test_htg_scale_is_the_spec_ema_against_float64():
+  """Spec 3.6 with alpha = 0.99: r_t = max_n (X_t - z_t), m_T = r_T, m_t = alpha m_{t+1} + (1 - alpha) r_t down to
+  the cleanest step, s = sqrt(m_1 / max_j |W[i, j]|); step index 0 is the noisiest (t = T)."""
+  rng = np.random.default_rng(1)
+  lo = rng.normal(size=(15, 5)) - 2.0
+  hi = lo + rng.uniform(0.5, 4.0, size=(15, 5))
+  kernel = rng.normal(size=(5, 3))
+  plan = htg_plan({"min": lo, "max": hi}, kernel, HTGConfig(alpha=0.99))
+  r = (hi - lo) / 2  # max_n (X_t - z_t) with z_t the midpoint
+  m = r[0]
+  for t in range(1, 15):
+    m = 0.99 * m + 0.01 * r[t]
+  np.testing.assert_allclose(plan.scale, np.sqrt(m / np.abs(kernel).max(axis=1)), rtol=1e-12)
+  reversed_m = r[-1]  # the EMA run the wrong way (clean to noisy) is measurably different here
+  for t in range(13, -1, -1):
+    reversed_m = 0.99 * reversed_m + 0.01 * r[t]
+  assert np.abs(np.sqrt(reversed_m / np.abs(kernel).max(axis=1)) - plan.scale).max() > 1e-3
 
 
 def test_baseline_plans_closed_form():

@@ -70,6 +70,24 @@ def test_sampler_recovers_the_single_data_point(eta):
   assert trajectory.shape == (10, 4, 8, 8, 1)
 
 
+def test_sampler_step_index_and_timestep_stay_aligned():
+  """Quantisation tables are read at the sampler's step index i and calibration pairs trajectory[i] with tau_i.
+  A denoiser predicting zero noise only when it receives (tau_i, i) together leaves DDIM's closed form
+  x_{i+1} = sqrt(abar(tau_{i+1}) / abar(tau_i)) x_i; any off-by-one between i and tau_i moves it far off."""
+  schedule, steps = ScheduleConfig(), 7
+  taus = sampling_timesteps(schedule.n_timesteps, steps)
+
+  def denoiser(x, t, labels, i):
+    return jnp.zeros_like(x) + (t - jnp.asarray(taus)[i]).astype(x.dtype)[:, None, None, None]
+
+  samples, trajectory = ddim_sample(guided(denoiser, 10, 1.5), schedule, jnp.arange(2), (4, 4, 1),
+                                    jax.random.key(0), steps, clip=False)
+  bars = np.asarray(alpha_bars(schedule), np.float64)
+  start = np.asarray(trajectory[0], np.float64)
+  np.testing.assert_allclose(trajectory, [start * np.sqrt(bars[tau] / bars[taus[0]]) for tau in taus], rtol=1e-4)
+  np.testing.assert_allclose(samples, start / np.sqrt(bars[taus[0]]), rtol=1e-4)
+
+
 def test_sampler_deterministic_given_seed():
   config = DiTConfig(d_model=16, depth=1, n_heads=2)
   params = init_dit(config, jax.random.key(0))
