@@ -97,14 +97,18 @@ def train_grpo(model_config: TransformerConfig, params, items: Sequence[tasks.Ta
                fmt: chat.ChatFormat, rl: RLConfig, config: grpo.GRPOConfig,
                mars: Callable[[rewards.RewardRequest], rewards.MARSReward], *, seed: int = 0,
                log=print) -> tuple[dict, list[dict]]:
-  """GRPO from `params` on `items` -> (the trained params, per step {"reward", "loss", "dropped_groups"}).
+  """GRPO from `params` on `items` -> (the trained params, the per-step history).
 
-  `mars` scores one reply (a `rewards.MARS`, or any scorer with its call signature).
+  `mars` scores one reply (a `rewards.MARS`, or any scorer with its call signature). History per step: "reward"
+  (mean over the trained groups), "sampled_reward" (over every generated group, dropped ones included), "loss",
+  "dropped_groups", "generated_groups", "topped_up", "kl" (token mean to the reference), "grad_norm",
+  "update_norm", and "logp_shift_positive" / "logp_shift_negative" (mean token log-prob change the step made to
+  the replies with positive / negative advantage).
   """
   g = config.num_generations
   mesh = single_device_mesh()
   train_config = TrainConfig(peak_lr=rl.learning_rate, end_lr=rl.learning_rate, warmup_steps=rl.warmup_steps,
-                             total_steps=rl.steps + 1, weight_decay=0.0)
+                             total_steps=rl.steps, weight_decay=0.0)
   step = make_train_step(model_config, train_config, mesh, loss_fn=grpo.grpo_loss(model_config, config),
                          batch_axes=grpo.GRPO_BATCH_AXES)
   state = init_train_state(model_config, train_config, jax.random.key(seed), mesh)
