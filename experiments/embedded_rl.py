@@ -11,18 +11,24 @@ the reward-variance priority and with FIFO, it records the learner's idle fracti
 the final reward (the policy's expected accuracy over all prompts after the last step), over several seeds.
 
 The before/after-RL section starts from the distilled student of Pangu Embedded I (experiments/embedded_dual.py
-saves it under <results_dir>/embedded_dual_student; --student points elsewhere): greedy slow-mode accuracy per
-level on held-out arithmetic items, then GRPO with MARS rewards (`pangu.reason.rl.train_grpo`: the shared decode
-engine for rollouts, the shared train step with `grpo_loss`), then the same evaluation. Without a student the two
-keys say so and no claim is made about them.
+saves it under <results_dir>/embedded_dual_student; --student points elsewhere), on the task families and levels
+it was distilled on (its checkpoint metadata; --rl_families / --rl_levels override): greedy slow-mode accuracy and
+MARS reward per family and level on held-out items, then GRPO with MARS rewards (`pangu.reason.rl.train_grpo`:
+the shared decode engine for rollouts at temperature 1, zero-variance groups dropped and refilled, the shared train
+step with `grpo_loss`) on training prompts disjoint from the evaluation, then the same evaluation. The gain is the
+paired difference over the same items, reported with its standard error. Without a student the two keys say so
+and no claim is made about them. Goal (issue 19): RL improves mean accuracy by >= 5 points.
 
 Paper's prediction under test: the latency-tolerant scheduler cuts idle time (about 30 %, secondary source)
 without hurting the reward curve. Goal: s = 1 or 2 reduces idle time by >= 25 % vs s = 0 at an equal or better
 final reward.
 
 Writes <results_dir>/embedded_rl.json: {"before", "after", "scheduler": {s: {"idle_fraction", "samples_per_s",
-"final_reward", ...}}, "claims", "setup"}, embedded_rl.png (reward vs step and vs time; idle fraction per s) and
-embedded_rl.md.
+"final_reward", ...}}, "claims", "setup"}, embedded_rl.png (reward vs step and vs time; idle fraction per s; the
+GRPO reward curve on the student) and embedded_rl.md. "before" / "after": {"accuracy", "accuracy_se", "reward",
+"items", "per_level", "per_family": {family: {"accuracy", "reward", "per_level"}}}, and in "after" also "gain"
+(paired, with "se"), "history" (per GRPO step: rewards, dropped groups, KL, gradient and update norms, log-prob
+shifts of the replies with positive / negative advantage) and "rl" (the settings, wall and CPU seconds).
 """
 
 import dataclasses
@@ -47,17 +53,23 @@ _TRAIN_MS = flags.DEFINE_float("train_ms", 25.0, "Simulated learner time per ste
 _STALENESS = flags.DEFINE_list("staleness", ["0", "1", "2"], "Staleness bounds s to sweep.")
 _STUDENT = flags.DEFINE_string("student", None, "Checkpoint folder of the distilled student (default: "
                                "<results_dir>/embedded_dual_student).")
-_RL_STEPS = flags.DEFINE_integer("rl_steps", None, "GRPO steps on the student (default 100, --quick 12).",
+_RL_STEPS = flags.DEFINE_integer("rl_steps", None, "GRPO steps on the student (default 150, --quick 40).",
                                  lower_bound=1)
-_RL_LEVELS = flags.DEFINE_list("rl_levels", ["1", "2", "3"], "Arithmetic levels of the RL prompts and evaluation.")
-_RL_EVAL_ITEMS = flags.DEFINE_integer("rl_eval_items", 32, "Held-out items per level for before / after.",
-                                      lower_bound=1)
+_RL_FAMILIES = flags.DEFINE_list("rl_families", None, "Task families of the RL prompts and evaluation (default: "
+                                 "those the student was distilled on, from its checkpoint metadata).")
+_RL_LEVELS = flags.DEFINE_list("rl_levels", None, "Levels of the RL prompts and evaluation (default: the "
+                               "student's, from its checkpoint metadata).")
+_RL_EVAL_ITEMS = flags.DEFINE_integer("rl_eval_items", None, "Held-out items per family and level for before / "
+                                      "after (default 256, --quick 128).", lower_bound=1)
 
 FULL = dict(steps=80, seeds=3)
 QUICK = dict(steps=30, seeds=2)
 PROMPTS, CHOICES, LEARNING_RATE = 8, 8, 8.0
 BASE_LENGTH, TAIL_SIGMA = 100, 1.0  # tokens at difficulty 1, lognormal tail of each generation's length
 IDLE_GOAL, REWARD_TOLERANCE, RL_GOAL = 0.25, 0.02, 0.05
+RL_GENERATIONS = 8  # G of GRPO on the student (spec 3d); the rest are pangu.reason.rl.RLConfig's defaults
+# The families whose student was saved before the checkpoint metadata named them.
+DEFAULT_FAMILIES, DEFAULT_LEVELS = ["arith"], ["1", "2", "3"]
 PAPER = {"idle_reduction": 0.30}
 PRIORITIES = ("variance", "fifo")
 
@@ -214,8 +226,12 @@ def idle_verdict(scheduler: dict) -> tuple[str, str]:
   return "not reproduced", text
 
 
-def rl_section(student: str, steps: int, levels: list[int], eval_items: int) -> tuple[dict, dict]:
-  """(before, after): accuracy per level and overall of the student, and the GRPO curve in "after"."""
+def rl_section(student: str, steps: int, families: list[str] | None, levels: list[int] | None,
+               eval_items: int) -> tuple[dict, dict]:
+  """(before, after): greedy slow-mode accuracy and MARS reward of the student per family and level on held-out
+  items, and in "after" the paired gain with its standard error and the GRPO curves."""
+  import resource
+
   import jax
   import numpy as np
   from pangu import models
@@ -228,29 +244,55 @@ def rl_section(student: str, steps: int, levels: list[int], eval_items: int) -> 
   config = models.TransformerConfig.from_dict(meta["model"])
   params = checkpointer.restore_params(models.init_params(config, jax.random.key(0)))
   checkpointer.close()
+  families_from = ("--rl_families" if families else "checkpoint metadata" if "families" in meta
+                   else f"default {DEFAULT_FAMILIES}: the checkpoint names none")
+  families = families or meta.get("families", DEFAULT_FAMILIES)
+  levels = levels or [int(lv) for lv in meta.get("levels", DEFAULT_LEVELS)]
   task_config = tasks.TaskConfig(**meta["task_config"])
-  tokenizer, fmt = ByteTokenizer(), chat.COMPACT_FORMAT
-  seq_len, max_new = pipeline.sequence_lengths(pipeline.PipelineConfig(levels=tuple(levels)), tokenizer)
-  evaluation = [t for lv in levels for t in tasks.generate("arith", lv, eval_items, 20_000, task_config)]
+  tokenizer, fmt, mars = ByteTokenizer(), chat.COMPACT_FORMAT, rewards.MARS()
+  seq_len, max_new = pipeline.sequence_lengths(pipeline.PipelineConfig(levels=tuple(levels),
+                                                                       families=tuple(families)), tokenizer)
+  evaluation = [t for f in families for lv in levels for t in tasks.generate(f, lv, eval_items, 20_000, task_config)]
   held_out = {t.prompt for t in evaluation}
-  train_items = [t for lv in levels for t in tasks.generate("arith", lv, 256, 30_000, task_config)
+  train_items = [t for f in families for lv in levels for t in tasks.generate(f, lv, 256, 30_000, task_config)
                  if t.prompt not in held_out]
+  family = np.asarray([t.family for t in evaluation])
+  level = np.asarray([t.level for t in evaluation])
 
-  def evaluate(params) -> dict:
-    passed = rl.accuracy(config, params, evaluation, tokenizer, fmt, mode="slow", max_new_tokens=max_new,
-                         rng=jax.random.key(7))
-    level = np.asarray([t.level for t in evaluation])
-    return {"status": "measured", "accuracy": float(passed.mean()),
-            "per_level": {str(lv): float(passed[level == lv].mean()) for lv in levels}}
+  def evaluate(params) -> tuple[dict, np.ndarray]:
+    passed, reward = rl.evaluate(config, params, evaluation, tokenizer, fmt, mars, mode="slow",
+                                 max_new_tokens=max_new, rng=jax.random.key(7))
+    per_family = {f: {"accuracy": float(passed[family == f].mean()), "reward": float(reward[family == f].mean()),
+                      "per_level": {str(lv): float(passed[(family == f) & (level == lv)].mean()) for lv in levels}}
+                  for f in families}
+    return {"status": "measured", "accuracy": float(passed.mean()), "reward": float(reward.mean()),
+            "accuracy_se": float(passed.std(ddof=1) / np.sqrt(len(passed))), "items": len(passed),
+            "per_level": {str(lv): float(passed[level == lv].mean()) for lv in levels},
+            "per_family": per_family}, passed.astype(np.float64)
 
-  before = evaluate(params)
-  rl_config = rl.RLConfig(steps=steps, prompts_per_step=8, learning_rate=1e-4, max_new_tokens=max_new,
-                          seq_len=seq_len)
-  trained, history = rl.train_grpo(config, params, train_items, tokenizer, fmt, rl_config,
-                                   grpo.GRPOConfig(num_generations=4), rewards.MARS())
-  after = {**evaluate(trained), "reward_curve": [h["reward"] for h in history],
-           "rl": {**dataclasses.asdict(rl_config), "num_generations": 4, "train_prompts": len(train_items),
-                  "eval_items": len(evaluation), "student": student}}
+  before, passed_before = evaluate(params)
+  rl_config = rl.RLConfig(steps=steps, max_new_tokens=max_new, seq_len=seq_len)
+  grpo_config = grpo.GRPOConfig(num_generations=RL_GENERATIONS)
+  start_wall, start_cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+  trained, history = rl.train_grpo(config, params, train_items, tokenizer, fmt, rl_config, grpo_config, mars)
+  end_cpu = resource.getrusage(resource.RUSAGE_SELF)
+  rl_wall = time.perf_counter() - start_wall
+  rl_cpu = end_cpu.ru_utime + end_cpu.ru_stime - start_cpu.ru_utime - start_cpu.ru_stime
+  after, passed_after = evaluate(trained)
+  # The same items before and after: the paired difference's standard error separates a gain from noise.
+  difference = passed_after - passed_before
+  gain = {"accuracy": float(difference.mean()), "se": float(difference.std(ddof=1) / np.sqrt(len(difference))),
+          "items": len(difference),
+          "per_family": {f: {"accuracy": float(difference[family == f].mean()),
+                             "se": float(difference[family == f].std(ddof=1) / np.sqrt(np.sum(family == f)))}
+                         for f in families}}
+  after = {**after, "gain": gain, "reward_curve": [h["sampled_reward"] for h in history], "history": history,
+           "rl": {**dataclasses.asdict(rl_config), **dataclasses.asdict(grpo_config), "families": families,
+                  "families_from": families_from, "levels": levels, "train_prompts": len(train_items),
+                  "eval_items": len(evaluation), "student": student, "wall_s": rl_wall, "cpu_s": rl_cpu}}
+  print(f"RL: accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} ({100 * gain['accuracy']:+.1f} +- "
+        f"{100 * gain['se']:.1f} points over {gain['items']} held-out items), {rl_wall:.0f} s wall, {rl_cpu:.0f} s CPU",
+        flush=True)
   return before, after
 
 
@@ -262,18 +304,33 @@ def claims(payload: dict) -> list[dict]:
                       f"goal -{IDLE_GOAL:.0%} at equal reward", text, status)]
   before, after = payload["before"], payload["after"]
   if before.get("status") == "measured":
-    gain = after["accuracy"] - before["accuracy"]
-    verdict = ("reproduced" if gain >= RL_GOAL else "partly" if gain > 0 else
-               "contradicted" if gain < -RL_GOAL else "not reproduced")
     out.append(common.claim("Pangu Embedded", "RL (GRPO with MARS rewards) improves the distilled student's accuracy",
-                            f"improves (goal +{RL_GOAL * 100:.0f} points)",
-                            f"slow-mode accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
-                            f"({gain * 100:+.1f} points) after {after['rl']['steps']} GRPO steps", verdict))
+                            f"improves (goal +{RL_GOAL * 100:.0f} points)", *rl_verdict(before, after)))
   return out
 
 
-def plot(scheduler: dict) -> None:
-  fig, axes = common.new_figure(ncols=3, size=(4.5, 3.5))
+def rl_verdict(before: dict, after: dict) -> tuple[str, str]:
+  """Reproduced when the mean gain reaches the goal, every family gains, and the gain is over 2 standard errors
+  of the paired difference (the same held-out items before and after); partly when it only gains."""
+  gain = after["gain"]
+  families = ", ".join(f"{f} {before['per_family'][f]['accuracy']:.3f} -> {after['per_family'][f]['accuracy']:.3f}"
+                       for f in after["per_family"])
+  text = (f"slow-mode greedy accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
+          f"({100 * gain['accuracy']:+.1f} +- {100 * gain['se']:.1f} points, {gain['items']} held-out items) after "
+          f"{after['rl']['steps']} GRPO steps; per family {families}")
+  significant = gain["accuracy"] > 2 * gain["se"]
+  every_family = all(g["accuracy"] > 0 for g in gain["per_family"].values())
+  if gain["accuracy"] >= RL_GOAL and significant and every_family:
+    return text, "reproduced"
+  if gain["accuracy"] > 0:
+    return text, "partly"
+  return text, "contradicted" if gain["accuracy"] < -RL_GOAL and -gain["accuracy"] > 2 * gain["se"] else \
+      "not reproduced"
+
+
+def plot(scheduler: dict, after: dict) -> None:
+  """Scheduler: reward vs step and vs time, idle fraction per s; GRPO on the student: sampled reward per step."""
+  fig, axes = common.new_figure(ncols=4, size=(4.5, 3.5))
   for s, runs in scheduler.items():
     for name, run, style in (("variance", runs, "-"), ("fifo", runs["fifo"], ":")):
       axes[0, 0].plot(run["reward_curve"], style, label=f"s={s} {name}")
@@ -287,6 +344,11 @@ def plot(scheduler: dict) -> None:
   axes[0, 1].set(xlabel="wall clock (s)", ylabel="expected accuracy", title="reward vs time")
   axes[0, 2].set(ylabel="learner idle fraction", title="idle time (mean, s.e.)")
   axes[0, 0].legend(fontsize=6)
+  if "history" in after:
+    axes[0, 3].plot([h["sampled_reward"] for h in after["history"]], label="sampled (all groups)")
+    axes[0, 3].plot([h["reward"] for h in after["history"]], ":", label="trained (informative groups)")
+    axes[0, 3].legend(fontsize=6)
+  axes[0, 3].set(xlabel="GRPO step", ylabel="mean MARS reward", title="GRPO on the distilled student")
   common.save_figure(fig, "embedded_rl")
 
 
@@ -305,12 +367,30 @@ def report_table(payload: dict) -> str:
            f"{setup['workers']} workers, {setup['seeds']} seeds, long-tail lengths (difficulty 1-4 x {BASE_LENGTH} "
            f"tokens x lognormal sigma {TAIL_SIGMA}), {setup['token_ms']} ms/token, {setup['train_ms']} ms/step.",
            common.format_table(rows, columns),
-           "Before / after RL: " + (f"slow-mode accuracy {payload['before']['accuracy']:.3f} -> "
-                                    f"{payload['after']['accuracy']:.3f}, per level {payload['before']['per_level']} "
-                                    f"-> {payload['after']['per_level']}"
-                                    if payload["before"].get("status") == "measured" else payload["before"]["status"]),
+           rl_table(payload["before"], payload["after"]),
            "\n".join(f"- {c['claim']}: {c['ours']} -> **{c['verdict']}**" for c in payload["claims"])]
   return "\n\n".join(parts)
+
+
+def rl_table(before: dict, after: dict) -> str:
+  """Accuracy and MARS reward per family and level, before and after RL, and the run's settings."""
+  if before.get("status") != "measured":
+    return f"Before / after RL: {before['status']}"
+  rows = []
+  for f, (old, new) in ((f, (before["per_family"][f], after["per_family"][f])) for f in after["per_family"]):
+    gain = after["gain"]["per_family"][f]
+    rows.append({"family": f, "level": "all", "accuracy before": old["accuracy"], "accuracy after": new["accuracy"],
+                 "gain": gain["accuracy"], "gain se": gain["se"], "reward before": old["reward"],
+                 "reward after": new["reward"]})
+    rows += [{"family": f, "level": lv, "accuracy before": old["per_level"][lv],
+              "accuracy after": new["per_level"][lv]} for lv in new["per_level"]]
+  run = after["rl"]
+  return (f"Before / after RL on the distilled student ({run['steps']} GRPO steps x {run['prompts_per_step']} groups "
+          f"of {run['num_generations']}, learning rate {run['learning_rate']}, beta {run['beta']}; "
+          f"{run['train_prompts']} training prompts, {run['eval_items']} held-out items, greedy slow mode; "
+          f"{run['wall_s']:.0f} s wall, {run['cpu_s']:.0f} s CPU):\n\n"
+          + common.format_table(rows, ["family", "level", "accuracy before", "accuracy after", "gain", "gain se",
+                                       "reward before", "reward after"]))
 
 
 def main(argv):
@@ -325,8 +405,9 @@ def main(argv):
     raise app.UsageError(f"--staleness must include 0 (the synchronous baseline), got {_STALENESS.value}")
   student = _STUDENT.value or os.path.join(common.RESULTS_DIR.value, "embedded_dual_student")
   if os.path.isdir(student):
-    before, after = rl_section(os.path.abspath(student), common.pick(_RL_STEPS, 100, 12),
-                               [int(v) for v in _RL_LEVELS.value], _RL_EVAL_ITEMS.value)
+    levels = [int(v) for v in _RL_LEVELS.value] if _RL_LEVELS.value else None
+    before, after = rl_section(os.path.abspath(student), common.pick(_RL_STEPS, 150, 40), _RL_FAMILIES.value,
+                               levels, common.pick(_RL_EVAL_ITEMS, 256, 128))
   elif _STUDENT.value:
     raise app.UsageError(f"--student={_STUDENT.value} is not a folder")
   else:
@@ -337,7 +418,7 @@ def main(argv):
                        **common.machine_info()}}
   payload["claims"] = claims(payload)
   common.write_json("embedded_rl", payload)
-  plot(payload["scheduler"])
+  plot(payload["scheduler"], payload["after"])
   common.write_table("embedded_rl", report_table(payload))
 
 

@@ -43,7 +43,7 @@ EXPERIMENTS = (
     ("embedded_dual", "Pangu Embedded: iterative distillation with merging, then fast / slow / auto modes of a "
                       "byte-level student trained from scratch.", 120),
     ("embedded_rl", "Pangu Embedded: the SSP scheduler with a priority queue under long-tail generation lengths "
-                    "(s = 0, 1, 2); before/after RL once the distilled student exists.", 60),
+                    "(s = 0, 1, 2); GRPO with MARS on the distilled student once it exists.", 240),
     ("bench_moe_layer", "MoE layer step time per dispatch and exchange (benchmark, no paper claim).", 120),
     ("bench_moe_routing", "Fused Pallas MoGE routing kernel vs XLA (benchmark, no paper claim).", 60),
     ("bench_attention", "Attention implementations: the reference on CPU; Pallas vs XLA vs cuDNN on a GPU "

@@ -193,7 +193,9 @@ def run(config: PipelineConfig, *, seed: int = 0, checkpoint_dir: str | None = N
   if checkpoint_dir is not None:
     checkpointer = Checkpointer(checkpoint_dir, keep=1)
     checkpointer.save(state, data_state={}, metadata={"model": model_config.to_dict(), "chat_format": "compact",
-                                                      "task_config": dataclasses.asdict(TASK_CONFIG)})
+                                                      "task_config": dataclasses.asdict(TASK_CONFIG),
+                                                      "families": list(config.families),
+                                                      "levels": list(config.levels)})
     checkpointer.close()
     report.append(f"student saved to {checkpoint_dir}")
   report.append(f"total {time.perf_counter() - begin:.0f} s")

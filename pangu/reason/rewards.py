@@ -9,6 +9,8 @@ Sources, each in [0, 1]:
   exact rationals (including finite decimals) compare exactly; otherwise math-verify's `verify(parse(gold),
   parse(pred))`, gold first (its numeric tolerance and relation handling are not symmetric in general).
   A parse failure is inconclusive and falls back to the evaluator; a timeout or exception scores 0.
+- exact: the answer (its last `\\boxed{}` when it has one) against the gold text after collapsing whitespace;
+  for tasks whose answer is a string with one spelling (lists, strings, user data of the `exact` family).
 - code: the answer's last fenced code block, run against the task's unit tests by `pangu.reason.sandbox.run_code`;
   the fraction of tests passed (or 1 only when all pass, `binary_code`).
 - general: an evaluator model, any `Evaluator` callable `(prompt, response) -> score`, with r = sigmoid(score);
@@ -44,12 +46,12 @@ from pangu.reason.sandbox import WALL_CLOCK_SLACK_S, run_code
 
 logger = logging.getLogger(__name__)
 
-TaskType = Literal["math", "code", "general"]
+TaskType = Literal["math", "exact", "code", "general"]
 Mode = Literal["slow", "fast"]
 # (prompt, response) -> an unbounded score; the reward is its sigmoid.
 Evaluator = Callable[[str, str], float]
 
-SOURCES = ("math", "code", "judge")
+SOURCES = ("math", "exact", "code", "judge")
 _CODE_BLOCK = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 _RATIONAL = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)(/\d+)?$")
 _LATEX_FRACTION = re.compile(r"^([+-]?)\\[dt]?frac\{([+-]?\d+)\}\{(\d+)\}$")
@@ -81,12 +83,12 @@ class RewardRequest:
   tokens: tuple[int, ...] = ()
 
   def __post_init__(self):
-    if self.task not in ("math", "code", "general"):
-      raise ValueError(f"RewardRequest.task must be math, code or general, got {self.task!r}")
+    if self.task not in ("math", "exact", "code", "general"):
+      raise ValueError(f"RewardRequest.task must be math, exact, code or general, got {self.task!r}")
     if self.mode not in ("slow", "fast"):
       raise ValueError(f"RewardRequest.mode must be slow or fast, got {self.mode!r}")
-    if self.task == "math" and self.gold is None:
-      raise ValueError("RewardRequest.gold is required for a math task")
+    if self.task in ("math", "exact") and self.gold is None:
+      raise ValueError(f"RewardRequest.gold is required for task={self.task!r}")
     if self.task == "code" and not self.tests:
       raise ValueError("RewardRequest.tests must be non-empty for a code task")
     object.__setattr__(self, "tests", tuple(self.tests))
@@ -99,7 +101,7 @@ class MARSConfig:
 
   Attributes:
     combination: "route" (adaptive: the deciding source per sample) or "weighted_sum" (static ablation).
-    math_weight, code_weight, judge_weight: the source weights of "weighted_sum".
+    math_weight, exact_weight, code_weight, judge_weight: the source weights of "weighted_sum".
     repetition_weight, format_weight: penalty sizes (spec 3e: 0.5 each).
     repetition_min_n, repetition_max_n, repetition_repeats: rep(y)=1 when an n-gram, min_n <= n <= max_n tokens,
       repeats this many times in a row.
@@ -110,6 +112,7 @@ class MARSConfig:
   """
   combination: Literal["route", "weighted_sum"] = "route"
   math_weight: float = 1.0
+  exact_weight: float = 1.0
   code_weight: float = 1.0
   judge_weight: float = 0.5
   repetition_weight: float = 0.5
@@ -126,7 +129,7 @@ class MARSConfig:
   def __post_init__(self):
     if self.combination not in ("route", "weighted_sum"):
       raise ValueError(f"MARSConfig.combination must be route or weighted_sum, got {self.combination!r}")
-    for name in ("math_weight", "code_weight", "judge_weight", "repetition_weight", "format_weight",
+    for name in ("math_weight", "exact_weight", "code_weight", "judge_weight", "repetition_weight", "format_weight",
                  "source_timeout_s", "code_time_limit_s"):
       if not getattr(self, name) >= 0:
         raise ValueError(f"MARSConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -198,6 +201,14 @@ def math_score(answer: str, gold: str) -> SourceScore | None:
     return None
   equal = verify(gold_parsed, predicted_parsed, timeout_seconds=None)
   return SourceScore(float(equal), True, f"math-verify: {'equivalent' if equal else 'not equivalent'}")
+
+
+def exact_score(answer: str, gold: str) -> SourceScore:
+  """Exact match of the answer (its last `\\boxed{}` when present) with the gold text, whitespace collapsed."""
+  predicted = last_boxed(answer)
+  predicted = answer if predicted is None else predicted
+  equal = " ".join(predicted.split()) == " ".join(gold.split())
+  return SourceScore(float(equal), True, f"exact match: {'equal' if equal else 'different'}")
 
 
 def extract_code(answer: str) -> str | None:
@@ -313,6 +324,8 @@ class MARS:
     config = self.config
     if name == "math":
       fn, timeout_s = (lambda: math_score(request.answer, request.gold)), config.source_timeout_s
+    elif name == "exact":
+      fn, timeout_s = (lambda: exact_score(request.answer, request.gold)), config.source_timeout_s
     elif name == "code":
       fn = lambda: code_score(request.answer, request.tests, config)  # noqa: E731
       timeout_s = math.ceil(config.code_time_limit_s) + 2 * WALL_CLOCK_SLACK_S + 5.0
@@ -328,7 +341,7 @@ class MARS:
     return value
 
   def _applicable(self, request: RewardRequest) -> list[str]:
-    names = {"math": ["math"], "code": ["code"], "general": []}[request.task]
+    names = {"math": ["math"], "exact": ["exact"], "code": ["code"], "general": []}[request.task]
     return names + (["judge"] if self.evaluator is not None else [])
 
   def _task_reward(self, request: RewardRequest) -> tuple[float, str, bool, str]:

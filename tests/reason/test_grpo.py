@@ -9,7 +9,7 @@ import pytest
 from pangu import models
 from pangu.infer.decoding import GenerationConfig
 from pangu.models.transformer import Decoder
-from pangu.parallel import cpu_mesh
+from pangu.parallel import cpu_mesh, single_device_mesh
 from pangu.reason.grpo import (GRPO_BATCH_AXES, GRPOConfig, fill_groups, group_advantages, grpo_batch, grpo_loss,
                                grpo_objective, k3_kl, pack_rollouts, sample_groups, sequence_logprobs_fn,
                                token_logprobs, truncated_importance_weights)
@@ -196,6 +196,35 @@ def test_grpo_batch_assembles_advantages_and_off_policy_weights():
   assert set(on_policy) == set(GRPO_BATCH_AXES)
   with pytest.raises(ValueError, match="rewards of shape"):
     grpo_batch(packed, rewards.reshape(1, 4), behaviour, ref, config)
+
+
+def _answer_probs(model, params, prompt, answers) -> np.ndarray:
+  """float64 softmax of the decoder's next-token logits after `prompt`, at the `answers` tokens."""
+  logits = np.asarray(Decoder(model).apply({"params": params}, jnp.asarray([prompt]))[0, -1], np.float64)
+  probs = np.exp(logits - logits.max())
+  return (probs / probs.sum())[answers]
+
+
+def test_a_grpo_step_raises_the_expected_reward_of_a_toy_policy():
+  """One prompt, a group of four one-token answers, only the first rewarded: a train step with `grpo_loss` raises
+  that answer's probability and lowers the others', so the policy's expected reward over the group's answers,
+  p(rewarded) / sum p(answers), rises (float64 softmax of the model's logits before and after)."""
+  model = models.tiny(d_model=32, n_heads=2, n_kv_heads=1, d_ff=64)
+  config = GRPOConfig(num_generations=4, beta=0.04)
+  train = TrainConfig(peak_lr=1e-3, end_lr=1e-3, warmup_steps=0, total_steps=2, weight_decay=0.0)
+  mesh = single_device_mesh()
+  state = init_train_state(model, train, jax.random.key(0), mesh)
+  params = jax.device_get(state.params)
+  prompt, answers = [1, 2, 3], [10, 11, 12, 13]
+  packed = pack_rollouts([prompt] * 4, [[a] for a in answers], seq_len=4)
+  old = np.asarray(sequence_logprobs_fn(model)(params, packed["inputs"], packed["targets"]))
+  batch = grpo_batch(packed, np.array([[1.0, 0.0, 0.0, 0.0]]), old, old, config)
+  step = make_train_step(model, train, mesh, loss_fn=grpo_loss(model, config), batch_axes=GRPO_BATCH_AXES)
+  new_state, _ = step(state, batch)
+  before = _answer_probs(model, params, prompt, answers)
+  after = _answer_probs(model, jax.device_get(new_state.params), prompt, answers)
+  assert after[0] > before[0] and np.all(after[1:] < before[1:])
+  assert after[0] / after.sum() > before[0] / before.sum()
 
 
 @pytest.mark.parametrize("kwargs, field", [({"num_generations": 1}, "num_generations"), ({"epsilon": 1.5}, "epsilon"),

@@ -27,14 +27,36 @@ def test_mars_rewards_the_correct_answer_and_penalises_a_broken_reply():
   assert broken.format_error is not None and broken.reward < 0
 
 
-def test_families_without_a_mars_source_and_bad_configs_are_named():
-  task = tasks.generate("list", 1, 1, 0)[0]
-  with pytest.raises(ValueError, match="'list' family"):
-    rl.reward_request(task, _reply("[1]"), [], FMT, "slow")
+@pytest.mark.parametrize("family", ["list", "string"])
+def test_list_and_string_replies_are_scored_by_exact_match(family):
+  task = tasks.generate(family, 2, 1, 0, TASK_CONFIG)[0]
+  mars = rewards.MARS()
+  good = mars(rl.reward_request(task, _reply(task.answer, "step=x"), [1, 2, 3], FMT, "slow"))
+  assert (good.reward, good.source) == (1.0, "exact")
+  assert mars(rl.reward_request(task, _reply(task.answer + "x", "step=x"), [1, 2, 3], FMT, "slow")).reward == 0.0
+
+
+def test_code_replies_run_against_the_task_tests_in_the_sandbox():
+  """The answer field is the function (fenced for MARS); each unit test of the task becomes an assert."""
+  task = tasks.generate("code", 1, 1, 0)[0]
+  fmt = chat.RELEASE_FORMAT  # its turn end is not a newline, so a multi-line function fits the answer field
+  reply = lambda answer: chat.render_response("f(1)=?", answer, mode="slow", fmt=fmt)  # noqa: E731
+  mars = rewards.MARS()
+  request = rl.reward_request(task, reply(task.answer), [1, 2, 3], fmt, "slow")
+  assert request.tests == tuple(f"assert f({x}) == {y}" for x, y in task.tests)
+  assert mars(request).reward == 1.0 and mars(request).source == "code"
+  constant = mars(rl.reward_request(task, reply(f"def f(x):\n  return {task.tests[0][1]}"), [1], fmt, "slow"))
+  expected = np.mean([y == task.tests[0][1] for _, y in task.tests])  # the tests a constant function passes
+  assert constant.task_reward == pytest.approx(expected)
+
+
+def test_bad_configs_are_named():
   with pytest.raises(ValueError, match="RLConfig.mode"):
     rl.RLConfig(mode="auto")
   with pytest.raises(ValueError, match="RLConfig.steps"):
     rl.RLConfig(steps=0)
+  with pytest.raises(ValueError, match="RLConfig.warmup_steps"):
+    rl.RLConfig(steps=3, warmup_steps=3)
 
 
 class _ParityScorer:
@@ -56,10 +78,16 @@ def test_a_grpo_step_moves_the_params_only_when_the_group_rewards_differ(scorer,
   before = jax.tree.map(np.array, params)
   items = tasks.generate("arith", 1, 8, 0, TASK_CONFIG)
   trained, history = rl.train_grpo(config, params, items, tokenizer, FMT,
-                                   rl.RLConfig(steps=1, prompts_per_step=2, max_new_tokens=6, seq_len=48),
+                                   rl.RLConfig(steps=1, prompts_per_step=2, warmup_steps=0, max_new_tokens=6,
+                                               seq_len=48),
                                    grpo.GRPOConfig(num_generations=4, max_gen_batches=1), scorer,
                                    log=lambda _: None)
   assert len(history) == 1 and np.isfinite(history[0]["loss"])
   jax.tree.map(np.testing.assert_array_equal, params, before)
   moved = any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), trained, before)))
   assert moved == moves
+  shifts = history[0]["logp_shift_positive"], history[0]["logp_shift_negative"]
+  if moves:  # the rewarded replies' log-probs rise relative to the others'
+    assert shifts[0] > shifts[1]
+  else:
+    assert shifts == (0.0, 0.0) and history[0]["update_norm"] == 0.0

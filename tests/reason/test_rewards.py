@@ -11,8 +11,8 @@ import pytest
 from pangu.data.tokenizer import ByteTokenizer
 from pangu.models import presets
 from pangu.models.transformer import Decoder
-from pangu.reason.rewards import (MARS, DecoderJudge, MARSConfig, RewardRequest, exact_rational, format_error,
-                                  has_repetition, last_boxed, math_score)
+from pangu.reason.rewards import (MARS, DecoderJudge, MARSConfig, RewardRequest, exact_rational, exact_score,
+                                  format_error, has_repetition, last_boxed, math_score)
 
 
 def boxed(text: str) -> str:
@@ -102,6 +102,30 @@ def test_unparsable_math_falls_back_to_the_evaluator():
   assert reward.source == "judge" and reward.task_reward == 0.5 and "math inconclusive" in reward.reason
   alone = MARS()(RewardRequest("math", "q", boxed("\\foo{x}"), gold="y"))
   assert alone.source == "none" and alone.task_reward == 0.0
+
+
+@pytest.mark.parametrize("answer, gold, expected", [
+    ("1 2  3", "1 2 3", 1.0),  # whitespace runs collapse
+    (" NCB ", "NCB", 1.0),
+    ("\\boxed{1 2 3}", "1 2 3", 1.0),  # the last box when there is one
+    ("1 2 3", "1 2 3 4", 0.0),
+    ("ncb", "NCB", 0.0),  # case matters: `upper` is an operation of the string family
+    ("", "none", 0.0),
+])
+def test_exact_source_matches_the_gold_text(answer, gold, expected):
+  assert exact_score(answer, gold).score == expected
+
+
+def test_exact_tasks_route_to_the_exact_source_with_penalties():
+  mars = MARS()
+  good = mars(RewardRequest("exact", "rev:ab", "ba", thinking="rev=ba", gold="ba"))
+  assert (good.reward, good.source, good.verified) == (1.0, "exact", True)
+  assert mars(RewardRequest("exact", "rev:ab", "ab", thinking="rev=ab", gold="ba")).reward == 0.0
+  unclosed = mars(RewardRequest("exact", "rev:ab", "", thinking="rev=b", closed=False, gold="ba"))
+  assert unclosed.reward == -0.5 and unclosed.format_error == "slow output never closes its reasoning"
+  weighted = MARS(MARSConfig(combination="weighted_sum", exact_weight=3.0), evaluator=lambda p, r: 0.0)(
+      RewardRequest("exact", "rev:ab", "ba", thinking="t", gold="ba"))
+  assert weighted.task_reward == pytest.approx((3 * 1.0 + 0.5 * 0.5) / 3.5) and weighted.source == "exact+judge"
 
 
 CODE = "```python\ndef square(x):\n  return x * x\n```"
@@ -219,5 +243,7 @@ def test_config_errors_name_the_field(kwargs, field):
 def test_request_errors_name_the_field():
   with pytest.raises(ValueError, match="gold"):
     RewardRequest("math", "q", "a")
+  with pytest.raises(ValueError, match="gold is required for task='exact'"):
+    RewardRequest("exact", "q", "a")
   with pytest.raises(ValueError, match="tests"):
     RewardRequest("code", "q", "a")
