@@ -68,8 +68,9 @@ def validation_section() -> dict:
     validation.measure_in_subprocess(validation.OTHER_CALIBRATION_PATH, validation.OTHER_STEPS_PATH, _ROUNDS.value)
     calibrate.load.cache_clear()
   calibration, steps = calibrate.load(), validation.load_measurements()
+  other = calibrate.load(validation.OTHER_CALIBRATION_PATH)
   result = validation.compare(steps, calibration)
-  result["cross_run"] = validation.cross_run(calibration, steps, calibrate.load(validation.OTHER_CALIBRATION_PATH),
+  result["cross_run"] = validation.cross_run(calibration, steps, other,
                                              validation.load_measurements(validation.OTHER_STEPS_PATH))
   record = calibration.record
   result["calibration"] = {
@@ -77,7 +78,8 @@ def validation_section() -> dict:
       **record["device"], "op_costs": record["op_costs"],
       "optimizer_bytes_per_param": record["optimizer_bytes_per_param"], "step_overhead_s": record["step_overhead"],
       "axes": {name: {k: axis[k] for k in ("alpha", "beta", "held_out_bytes", "held_out_mape")}
-               for name, axis in record["axes"].items()}}
+               for name, axis in record["axes"].items()},
+      "stability": calibrate.stability(record, other.record)}
   return result
 
 
@@ -313,7 +315,7 @@ def _plot(validation: dict, ranked: list, reported_plans: list[str], scatter: di
 
 
 def _validation_table(validation: dict) -> str:
-  cross = validation["cross_run"]
+  cross, stability = validation["cross_run"], validation["calibration"]["stability"]
   other = {row["name"]: row for row in cross["configs"]}
   rows = [{**row, "other_run_measured_s": other[row["name"]]["measured_s"],
            "cross_run_error": other[row["name"]]["error"]} for row in validation["configs"]]
@@ -327,7 +329,11 @@ def _validation_table(validation: dict) -> str:
       f"Spearman of single rounds {min(validation['round_spearman']):.3f}-{max(validation['round_spearman']):.3f}.",
       f"Cross run: Spearman {cross['spearman']:.3f}, MAPE {cross['mape']:.1%} (the other run's calibration on this "
       f"run's steps: Spearman {cross['reverse']['spearman']:.3f}, MAPE {cross['reverse']['mape']:.1%}); the "
-      f"measured steps moved by a median {cross['step_drift']:.1%} between the runs."])
+      f"measured steps moved by a median {cross['step_drift']:.1%} between the runs.",
+      f"Calibration stability: the fitted constants of the two runs moved by a median {stability['median_abs_change']:.1%}; "
+      f"most: {stability['largest']['name']} ({stability['largest']['change']:+.1%}).", "",
+      common.format_table([{"constant": name, **row} for name, row in stability["constants"].items()],
+                          ["constant", "this_run", "other_run", "change"])])
 
 
 def claims(payload: dict) -> list[dict]:

@@ -34,9 +34,13 @@ once (one `shard_map` over a (`node` = 2, `npu` = 4) mesh), as the measured trai
   in cache between the update's passes), so the reference has our decoder's stacked layer leaves.
 - step overhead: a jitted call on a state-sized pytree of tiny sharded arrays (dispatch and host work).
 
-Compile time is excluded (each benchmark is built and warmed first), every call is blocked on, and the
-benchmarks run in interleaved rounds (with the measured train steps, when validating) so that the shared
-machine's drift hits them alike; fits use medians. Regenerate with
+Stability (the fitted constants moved 2-3x between runs of the shared machine before): compile time is
+excluded (each benchmark is built and warmed first, and a whole warm-up round is dropped), every call is
+blocked on, and the benchmarks run in interleaved rounds, each in a fresh random order (with the measured
+train steps, when validating), so that the machine's drift and bursts hit them alike; each benchmark's time is
+the best of its rounds (`best_of`), and the fits are robust: α-β and backward fits minimise a Cauchy loss of
+the log time (`robust_fit`), forward scales are medians of ratios. `stability` compares the constants of two
+calibrations. Regenerate with
 `python -m pangu.sim calibrate --out=pangu/sim/calibration/cpu8.json`.
 """
 
@@ -54,7 +58,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
-import scipy.stats
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pangu.config_checks import positive_ints
@@ -147,16 +150,55 @@ def _benchmark(name: str, fn: Callable, *args) -> Benchmark:
   return Benchmark(name, run)
 
 
-def time_rounds(benchmarks: list[Benchmark], rounds: int, log: Callable[[str], None] = print) -> dict[str, list[float]]:
-  """Seconds of every benchmark in each of `rounds` interleaved rounds."""
+def time_rounds(benchmarks: list[Benchmark], rounds: int, log: Callable[[str], None] = print, *,
+                warmup_rounds: int = 1, seed: int = 0) -> dict[str, list[float]]:
+  """Seconds of every benchmark in each of `rounds` interleaved rounds.
+
+  Each round runs every benchmark once in a fresh random order, so the two chain lengths of one benchmark and
+  the benchmarks of one family never run back to back in a fixed position: a burst of load on the shared
+  machine lands on a different benchmark each round, and the best of the rounds (`best_of`) escapes it. The
+  first `warmup_rounds` rounds (caches, allocator, thread pools settling) are not recorded.
+  """
   times = {b.name: [] for b in benchmarks}
-  for index in range(rounds):
-    for benchmark in benchmarks:
+  order = np.random.default_rng(seed)
+  for index in range(warmup_rounds + rounds):
+    for position in order.permutation(len(benchmarks)):
+      benchmark = benchmarks[position]
       start = time.perf_counter()
       benchmark.run()
-      times[benchmark.name].append(time.perf_counter() - start)
-    log(f"round {index + 1}/{rounds} done")
+      if index >= warmup_rounds:
+        times[benchmark.name].append(time.perf_counter() - start)
+    log(f"round {index + 1}/{warmup_rounds + rounds} done" + (" (warm-up)" if index < warmup_rounds else ""))
   return times
+
+
+def best_of(values: list[float]) -> float:
+  """A benchmark's time: the best of its rounds. The load of the shared machine only ever adds time, so the
+  fastest round is the least disturbed one and the statistic that moves least between runs; calibration and
+  measured step times use the same one."""
+  return float(np.min(values))
+
+
+def robust_fit(design: np.ndarray, measured: np.ndarray, offset: np.ndarray | float = 0.0, *,
+               f_scale: float = 0.05) -> np.ndarray:
+  """Non-negative c with design @ c + offset ≈ measured, robust to outliers.
+
+  Minimises Σ ρ(log((design @ c + offset) / measured)) with ρ the Cauchy loss (quadratic for errors below
+  `f_scale`, logarithmic above): relative errors, so small and large sizes weigh alike, and a measurement far
+  off the others (a burst of load) barely pulls the fit. Starts from non-negative least squares on
+  relative error; columns are normalised so constants of very different magnitudes (α ~ 1e-5 s,
+  β ~ 1e-9 s/byte) fit alike.
+  """
+  measured = np.asarray(measured, float)
+  offset = np.broadcast_to(np.asarray(offset, float), measured.shape)
+  norms = np.maximum(np.abs(design).max(axis=0), 1e-300)
+  scaled = design / norms
+  start, _ = scipy.optimize.nnls(scaled / measured[:, None], (measured - offset) / measured)
+  start = np.maximum(start, 1e-9 * max(float(start.max()), 1e-9))
+  residual = lambda c: np.log(np.maximum(scaled @ c + offset, 1e-30) / measured)
+  result = scipy.optimize.least_squares(residual, start, bounds=(0.0, np.inf), loss="cauchy", f_scale=f_scale,
+                                        xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=2000)
+  return result.x / norms
 
 
 def _mesh() -> jax.sharding.Mesh:
@@ -378,17 +420,16 @@ def benchmarks(*, quick: bool = False) -> list[Benchmark]:
   return result
 
 
-def _slope(medians: dict[str, float], name: str, chain: tuple[int, int] = CHAIN) -> float:
-  return max(medians[f"{name}/{chain[1]}"] - medians[f"{name}/{chain[0]}"], 0.0) / (chain[1] - chain[0])
+def _slope(best: dict[str, float], name: str, chain: tuple[int, int] = CHAIN) -> float:
+  return max(best[f"{name}/{chain[1]}"] - best[f"{name}/{chain[0]}"], 0.0) / (chain[1] - chain[0])
 
 
-def _fit_alpha_beta(points: list[dict], size: int) -> tuple[float, float]:
-  """seconds ≈ phases · (α + (n − 1)/n · V · β) by least squares on relative error."""
+def fit_alpha_beta(points: list[dict], size: int) -> tuple[float, float]:
+  """seconds ≈ phases · (α + (n − 1)/n · V · β), fitted by `robust_fit` (log time, Cauchy loss)."""
   phases = np.array([PHASES[p["kind"]] for p in points], float)
   volume = np.array([p["bytes"] for p in points], float) * (size - 1) / size
   seconds = np.array([p["seconds"] for p in points], float)
-  design = np.stack([phases, phases * volume], axis=1) / seconds[:, None]
-  (alpha, beta), *_ = np.linalg.lstsq(design, np.ones_like(seconds), rcond=None)
+  alpha, beta = robust_fit(np.stack([phases, phases * volume], axis=1), seconds)
   return max(float(alpha), 1e-7), max(float(beta), 1e-13)
 
 
@@ -433,41 +474,41 @@ def _family_point(forward: float, both: float, ops: list[operators.Op], device: 
 def _fit_family(points: list[dict[str, float]]) -> dict:
   """FamilyCost fields from a family's reference shapes.
 
-  forward_scale: geometric mean of measured / modelled forward. Then the backward, measured = scale ·
-  (backward_factor · roofline + static) + saved_passes · saved traffic, by non-negative least squares on
-  relative error: the FLOP-bound and the activation-bound parts of the backward pass, which the shapes weigh
-  differently (narrow layers move more activations per FLOP).
+  forward_scale: the median of measured / modelled forward over the shapes (one disturbed shape cannot move
+  it). Then the backward, measured = scale · (backward_factor · roofline + static) + saved_passes · saved
+  traffic, by `robust_fit`: the FLOP-bound and the activation-bound parts of the backward pass, which the
+  shapes weigh differently (narrow layers move more activations per FLOP).
   """
-  scale = float(scipy.stats.gmean([max(p["measured_forward_s"], 1e-9) / p["modelled_forward_s"] for p in points]))
+  scale = float(np.median([max(p["measured_forward_s"], 1e-9) / p["modelled_forward_s"] for p in points]))
   measured = np.array([max(p["measured_backward_s"], 1e-9) for p in points])
   design = np.array([[scale * p["roofline_s"], p["saved_traffic_s"]] for p in points])
-  target = measured - scale * np.array([p["backward_static_s"] for p in points])
-  (factor, passes), _ = scipy.optimize.nnls(design / measured[:, None], target / measured)
+  static = scale * np.array([p["backward_static_s"] for p in points])
+  factor, passes = robust_fit(design, measured, static)
   factor = max(float(factor), 1e-3)
-  predicted = design @ np.array([factor, passes]) + measured - target
+  predicted = design @ np.array([factor, passes]) + static
   return {"forward_scale": scale, "backward_factor": factor, "saved_passes": float(passes),
           "backward_fit_errors": [float(e) for e in predicted / measured - 1], "shapes": points}
 
 
-def fit_op_costs(medians: dict[str, float], fitted_device: dict) -> dict[str, dict]:
+def fit_op_costs(best: dict[str, float], fitted_device: dict) -> dict[str, dict]:
   """Each family's `FamilyCost` fields from its profiles (`_fit_family`), each shape's numbers kept under
   `shapes`: `attention` from the attention halves; `dense` from the dense layers less their attention halves;
   `experts` from the MoE layers less their attention halves and the dense family's ops (the FFN norm and
   residual) at the fitted dense cost; `head` from the head profiles."""
   device = _device_spec(fitted_device)
-  slope = lambda name: _slope(medians, name, PROFILE_CHAIN)
+  slope = lambda name: _slope(best, name, PROFILE_CHAIN)
   measured = lambda family, index: np.array([slope(f"profile/{family}/{index}/{kind}")
                                              for kind in ("forward", "grad")])
   select = lambda ops, family: [op for op in ops if op.family == family]
   points = {family: [] for family in operators.FAMILIES}
-  indices = [i for i in range(len(LAYER_PROFILES)) if f"profile/attention/{i}/forward/{PROFILE_CHAIN[0]}" in medians]
+  indices = [i for i in range(len(LAYER_PROFILES)) if f"profile/attention/{i}/forward/{PROFILE_CHAIN[0]}" in best]
   for index in indices:
     attention = measured("attention", index)
     ops = layer_profile_ops(LAYER_PROFILES[index], "dense")
     points["attention"].append(_family_point(*attention, select(ops, "attention"), device))
     points["dense"].append(_family_point(*(measured("dense", index) - attention), select(ops, "dense"), device))
   for index, profile in enumerate(HEAD_PROFILES):
-    if f"profile/head/{index}/forward/{PROFILE_CHAIN[0]}" in medians:
+    if f"profile/head/{index}/forward/{PROFILE_CHAIN[0]}" in best:
       points["head"].append(_family_point(*measured("head", index), head_ops(profile), device))
   fits = {family: _fit_family(points[family]) for family in ("attention", "dense", "head")}
   dense_cost = {"dense": operators.FamilyCost(fits["dense"]["forward_scale"], fits["dense"]["backward_factor"],
@@ -483,41 +524,41 @@ def fit_op_costs(medians: dict[str, float], fitted_device: dict) -> dict[str, di
 
 
 def fit(times: dict[str, list[float]]) -> dict:
-  """The calibration record from benchmark times (medians over rounds)."""
-  medians = {name: float(np.median(values)) for name, values in times.items()}
-  sizes = [size for size in MATMUL_SIZES if f"matmul/{size}/{CHAIN[0]}" in medians]
-  matmul = [{"size": size, "flops": 2.0 * size**3, "seconds": _slope(medians, f"matmul/{size}")} for size in sizes]
-  matmul_static = _slope(medians, f"matmul/{TINY}", STATIC_CHAIN)
+  """The calibration record from benchmark times (the best of the rounds, `best_of`)."""
+  best = {name: best_of(values) for name, values in times.items()}
+  sizes = [size for size in MATMUL_SIZES if f"matmul/{size}/{CHAIN[0]}" in best]
+  matmul = [{"size": size, "flops": 2.0 * size**3, "seconds": _slope(best, f"matmul/{size}")} for size in sizes]
+  matmul_static = _slope(best, f"matmul/{TINY}", STATIC_CHAIN)
   matmul_rate = float(np.median([m["flops"] / max(m["seconds"] - matmul_static, 1e-7) for m in matmul[1:]]))
-  (copy_name,) = [name for name in medians if name.startswith("copy/")]
-  copy_bandwidth = 2 * 4 * int(copy_name.split("/")[1]) / medians[copy_name]
+  (copy_name,) = [name for name in best if name.startswith("copy/")]
+  copy_bandwidth = 2 * 4 * int(copy_name.split("/")[1]) / best[copy_name]
 
   axes = {}
   for axis, size in zip(MESH_AXES, MESH_SHAPE):
     points = []
     for kind in COLLECTIVES:
       for nbytes in COLLECTIVE_BYTES:
-        seconds = _slope(medians, f"collective/{axis}/{kind}/{nbytes}") - _slope(medians, f"scale/{nbytes}")
+        seconds = _slope(best, f"collective/{axis}/{kind}/{nbytes}") - _slope(best, f"scale/{nbytes}")
         points.append({"kind": kind, "bytes": nbytes, "seconds": max(seconds, 1e-6)})
-    alpha_train, beta_train = _fit_alpha_beta([p for p in points if p["bytes"] != HELD_OUT_BYTES], size)
+    alpha_train, beta_train = fit_alpha_beta([p for p in points if p["bytes"] != HELD_OUT_BYTES], size)
     held = [p for p in points if p["bytes"] == HELD_OUT_BYTES]
     held_error = float(np.mean([abs(_predict_collective(p, alpha_train, beta_train, size) / p["seconds"] - 1)
                                 for p in held]))
-    alpha, beta = _fit_alpha_beta(points, size)
+    alpha, beta = fit_alpha_beta(points, size)
     axes[axis] = {"size": size, "alpha": alpha, "beta": beta, "held_out_bytes": HELD_OUT_BYTES,
                   "held_out_mape": held_error, "points": points}
   device = {"matmul_flops": matmul_rate, "matmul_static_cost": matmul_static,
-            "vector_static_cost": _slope(medians, "normalise", STATIC_CHAIN), "copy_bandwidth": copy_bandwidth}
+            "vector_static_cost": _slope(best, "normalise", STATIC_CHAIN), "copy_bandwidth": copy_bandwidth}
   return {
       "command": "python -m pangu.sim calibrate --out=pangu/sim/calibration/cpu8.json",
       "mesh": dict(zip(MESH_AXES, MESH_SHAPE)),
       "device": device,
-      "op_costs": fit_op_costs(medians, device),
-      "optimizer_bytes_per_param": medians["optimizer"] * copy_bandwidth / optimizer_params(),
-      "step_overhead": medians["dispatch"],
+      "op_costs": fit_op_costs(best, device),
+      "optimizer_bytes_per_param": best["optimizer"] * copy_bandwidth / optimizer_params(),
+      "step_overhead": best["dispatch"],
       "axes": axes,
       "matmul": matmul,
-      "medians": medians,
+      "best_times": best,
       "machine": {"cpu_count": os.cpu_count(), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")},
   }
 
@@ -545,14 +586,18 @@ class Calibration:
 
 @functools.lru_cache(maxsize=8)
 def load(path: str = DEFAULT_PATH) -> Calibration:
-  """The stored calibration as a `Topology` (axes `node` x `npu`, the host as one node) and `SimOptions`.
+  """The stored calibration (`from_record`)."""
+  with open(path) as f:
+    return from_record(json.load(f))
+
+
+def from_record(record: dict) -> Calibration:
+  """A calibration record as a `Topology` (axes `node` x `npu`, the host as one node) and `SimOptions`.
 
   The fitted α and β include every overhead, so link efficiency is 1 and the collective static cost 0; the
   fitted static costs go to the device. Our CPU decoder writes the S x S attention scores, its dropless experts
   run the `blocked` grouped matmul, and XLA:CPU does not overlap the gradient reduction.
   """
-  with open(path) as f:
-    record = json.load(f)
   device = _device_spec(record["device"])
   axes = tuple(AxisSpec(name=name, size=fit["size"], bandwidth=1.0 / fit["beta"], latency=fit["alpha"],
                         kind=LinkKind.FULL_MESH, fabric="shared-memory", intra_node=True, efficiency=1.0)
@@ -563,3 +608,31 @@ def load(path: str = DEFAULT_PATH) -> Calibration:
                        step_overhead=record["step_overhead"],
                        optimizer_bytes_per_param=record["optimizer_bytes_per_param"], op_costs=costs)
   return Calibration(Topology("cpu8", axes, device), options, record)
+
+
+def constants(record: dict) -> dict[str, float]:
+  """The fitted constants of a calibration record, flat: device rates and static costs, each family's cost,
+  the optimizer and step overhead, each axis's α and β."""
+  flat = {f"device/{k}": float(v) for k, v in record["device"].items()}
+  for family, cost in record["op_costs"].items():
+    flat.update({f"{family}/{k}": float(cost[k]) for k in ("forward_scale", "backward_factor", "saved_passes")})
+  flat["optimizer_bytes_per_param"] = float(record["optimizer_bytes_per_param"])
+  flat["step_overhead"] = float(record["step_overhead"])
+  for axis, fit in record["axes"].items():
+    flat.update({f"axis/{axis}/alpha": float(fit["alpha"]), f"axis/{axis}/beta": float(fit["beta"])})
+  return flat
+
+
+def stability(record: dict, other: dict) -> dict:
+  """How far the constants of two calibrations move: each constant in both and its change other / this − 1
+  (a constant fitted to 0 in both does not move), the median and the largest absolute change."""
+  this, that = constants(record), constants(other)
+  rows = {}
+  for name in sorted(set(this) & set(that)):
+    a, b = this[name], that[name]
+    change = 0.0 if a == b else (b / a - 1 if a else float("inf"))
+    rows[name] = {"this_run": a, "other_run": b, "change": change}
+  changes = {name: abs(row["change"]) for name, row in rows.items()}
+  largest = max(changes, key=changes.get)
+  return {"constants": rows, "median_abs_change": float(np.median(list(changes.values()))),
+          "largest": {"name": largest, "change": rows[largest]["change"]}}

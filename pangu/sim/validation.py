@@ -205,21 +205,24 @@ def predict(case: ValidationCase, calibration: Calibration) -> float:
 
 def compare(times: dict[str, list[float]], calibration: Calibration,
             cases: tuple[ValidationCase, ...] = CASES) -> dict:
-  """Spearman rank correlation and mean absolute percentage error of predicted vs median measured step times.
+  """Spearman rank correlation and mean absolute percentage error of predicted vs measured step times.
 
-  How far the noise of the shared machine reaches: each config's interquartile range over rounds, their median
-  relative to the step (`median_relative_iqr`), and the Spearman correlation of each round's times alone
+  A config's measured step is the best of its rounds (`calibrate.best_of`, the statistic the calibration's
+  benchmarks use, so both describe the least disturbed machine); the median is kept beside it. How far the
+  noise of the shared machine reaches: each config's interquartile range over rounds, their median relative
+  to the median step (`median_relative_iqr`), and the Spearman correlation of each round's times alone
   (`round_spearman`: the rounds are interleaved, so each is one snapshot of every config).
   """
   rows = []
   for case in cases:
     if case.name not in times:
       continue
-    measured = float(np.median(times[case.name]))
+    measured = calibrate.best_of(times[case.name])
     predicted = predict(case, calibration)
     spread = np.percentile(times[case.name], [25, 75])
-    rows.append({"name": case.name, "measured_s": measured, "predicted_s": predicted,
-                 "error": predicted / measured - 1, "measured_iqr_s": [float(v) for v in spread]})
+    rows.append({"name": case.name, "measured_s": measured, "measured_median_s": float(np.median(times[case.name])),
+                 "predicted_s": predicted, "error": predicted / measured - 1,
+                 "measured_iqr_s": [float(v) for v in spread]})
   measured = np.array([row["measured_s"] for row in rows])
   predicted = np.array([row["predicted_s"] for row in rows])
   rounds = min(len(times[row["name"]]) for row in rows)
@@ -227,7 +230,7 @@ def compare(times: dict[str, list[float]], calibration: Calibration,
                for r in range(rounds)]
   return {"spearman": float(scipy.stats.spearmanr(measured, predicted).statistic),
           "mape": float(np.mean(np.abs(predicted / measured - 1))), "n_configs": len(rows),
-          "median_relative_iqr": float(np.median([np.diff(row["measured_iqr_s"])[0] / row["measured_s"]
+          "median_relative_iqr": float(np.median([np.diff(row["measured_iqr_s"])[0] / row["measured_median_s"]
                                                   for row in rows])),
           "round_spearman": [float(v) for v in per_round], "configs": rows}
 
@@ -241,7 +244,7 @@ def cross_run(calibration: Calibration, steps: dict[str, list[float]], other_cal
   (how far the machine itself moved).
   """
   forward, reverse = compare(other_steps, calibration, cases), compare(steps, other_calibration, cases)
-  drift = [abs(float(np.median(other_steps[c.name])) / float(np.median(steps[c.name])) - 1)
+  drift = [abs(calibrate.best_of(other_steps[c.name]) / calibrate.best_of(steps[c.name]) - 1)
            for c in cases if c.name in steps and c.name in other_steps]
   return {"spearman": forward["spearman"], "mape": forward["mape"], "n_configs": forward["n_configs"],
           "configs": forward["configs"], "reverse": {"spearman": reverse["spearman"], "mape": reverse["mape"]},
