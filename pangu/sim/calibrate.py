@@ -28,6 +28,13 @@ once (one `shard_map` over a (`node` = 2, `npu` = 4) mesh), as the measured trai
   stacks every saved activation in the forward pass and slices it back in the backward pass, so the
   backward costs 4-10x the forward, more for narrow layers, not the 2x of proxies (2-D matmuls in an
   unrolled chain), which is what the simulator under-predicted before.
+- expert parallelism (`EP_PROFILES`): the library's MoE `DecoderBlock`, scanned, forward and under `jax.grad`, on
+  a (data, expert) mesh of the 8 devices with the default logical rules, so its own shard_map exchange runs
+  (the fixed all-to-all of MoGE or the ring of top-K). The layer less what the simulator gives its attention
+  and dense parts, over the simulator's experts compute plus EP exchange, is each exchange's measured scale
+  (`ExchangeCost`, forward and backward): the single-device experts profile and the α-β exchange alone
+  under-predicted expert-parallel steps by 26-44% (the ring scatters and gathers every token of the group,
+  and the blocked experts scan blocks sized for all of them).
 - optimizer: the AdamW update of our train step (clip, update, the gradient, update and per-layer norms) on a
   reference decoder's replicated parameters, as a data-parallel step runs it; stored as effective HBM bytes
   per parameter at the copy bandwidth. The cost per parameter grows with the leaves' sizes (small leaves stay
@@ -66,7 +73,7 @@ from pangu.nn.moe.config import MoEConfig
 from pangu.parallel.topology import AxisSpec, DeviceSpec, LinkKind, Topology, cpu
 from pangu.sim import operators
 from pangu.sim.shapes import GQA, ModelShape, from_config
-from pangu.sim.training import SimOptions
+from pangu.sim.training import ExchangeCost, SimOptions
 
 DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "calibration", "cpu8.json")
 MESH_AXES = ("node", "npu")
@@ -129,8 +136,41 @@ LAYER_PROFILES = (
                                         aux_loss_coef=0.0)),
     LayerProfile(1, 192, 448, MoEConfig(num_experts=8, top_k=2, expert_dim=224, router="topk", aux_loss_coef=0.0)),
 )
+@dataclasses.dataclass(frozen=True)
+class ExpertParallelProfile:
+  """A MoE layer under expert parallelism: `layer`'s per-device shape on the 8 devices of a (data = 8 / ep,
+  expert = ep) mesh, through the exchange our layer picks there (`pangu.nn.moe.parallel.exchange_for`)."""
+
+  layer: LayerProfile
+  ep: int
+
+  def __post_init__(self):
+    positive_ints(self, "ep")
+    if 8 % self.ep or self.ep == 1 or self.layer.moe.num_experts % self.ep:
+      raise ValueError(f"ExpertParallelProfile.ep must be 2, 4 or 8 and divide the {self.layer.moe.num_experts} "
+                       f"experts, got {self.ep}")
+
+  @property
+  def dispatch(self) -> str:
+    """The simulator's name of the exchange (`Plan.ep_dispatch`): `flat` for the fixed all-to-all, else `ring`."""
+    from pangu.nn.moe.parallel import exchange_for
+    return "flat" if exchange_for(self.layer.moe, self.ep) == "fixed" else "ring"
+
+
 HEAD_PROFILES = (HeadProfile(batch=3, seq=128, d_model=160, vocab_size=1536),
                  HeadProfile(batch=1, seq=192, d_model=448, vocab_size=3072))
+# MoE layers under expert parallelism, both exchanges at two EP degrees each (none a validated config);
+# quick mode keeps the first two (one per exchange).
+EP_PROFILES = (
+    ExpertParallelProfile(LayerProfile(2, 128, 192, MoEConfig(num_experts=8, top_k=2, expert_dim=128, router="topk",
+                                                              aux_loss_coef=0.0)), ep=4),
+    ExpertParallelProfile(LayerProfile(2, 128, 192, MoEConfig(num_experts=16, top_k=4, expert_dim=96, router="moge",
+                                                              num_groups=4, aux_loss_coef=0.0)), ep=4),
+    ExpertParallelProfile(LayerProfile(4, 128, 160, MoEConfig(num_experts=16, top_k=4, expert_dim=80, router="topk",
+                                                              aux_loss_coef=0.0)), ep=2),
+    ExpertParallelProfile(LayerProfile(4, 128, 128, MoEConfig(num_experts=16, top_k=8, expert_dim=64, router="moge",
+                                                              num_groups=8, aux_loss_coef=0.0)), ep=8),
+)
 # The decoder whose replicated parameters the optimizer benchmark updates.
 OPTIMIZER_DECODER = {"d_model": 192, "n_layers": 4, "vocab_size": 1024}
 
@@ -293,6 +333,49 @@ def _layer_profile(profile: LayerProfile, part: Literal["attention", "dense", "m
   return shape, step, params
 
 
+def _expert_parallel_benchmarks(name: str, profile: ExpertParallelProfile) -> list[Benchmark]:
+  """Chains of the library's MoE `DecoderBlock` (scanned, forward and under `jax.grad`) on the 8 devices of a
+  (data, expert) mesh with the default logical rules, as the train step runs it: tokens split over the batch
+  axes, experts over `expert`, the layer's own shard_map exchange between them."""
+  import flax.linen as nn
+
+  from pangu.models.transformer import DecoderBlock
+  from pangu.nn.attention import AttentionMask
+  from pangu.nn.moe import MOE_COLLECTION
+  from pangu.parallel import rules
+  from pangu.parallel.mesh import cpu_mesh
+
+  layer, devices = profile.layer, len(jax.devices())
+  module = DecoderBlock(layer.config(sparse=True))
+  shape = (devices * layer.batch, layer.seq, layer.d_model)
+  mask = AttentionMask.self_attention(jnp.broadcast_to(jnp.arange(layer.seq), shape[:2]))
+  mesh = cpu_mesh(data=devices // profile.ep, expert=profile.ep)
+  x = jnp.zeros(shape, jnp.float32)
+  init = lambda key: module.init(key, x, mask)["params"]
+  stacked = jax.tree.map(lambda sharding: NamedSharding(mesh, PartitionSpec(None, *sharding.spec)),
+                         rules.param_shardings(jax.eval_shape(init, jax.random.key(0)), mesh))
+  params = jax.device_put(jax.vmap(lambda key: nn.unbox(init(key)))(jax.random.split(jax.random.key(2),
+                                                                                     PROFILE_CHAIN[1])), stacked)
+  x = jax.device_put(jax.random.normal(jax.random.key(0), shape, jnp.float32),
+                     rules.activation_sharding(mesh, (rules.BATCH, None, None)))
+
+  def step(h, p):
+    (h, _), metrics = module.apply({"params": p}, h, mask, mutable=[MOE_COLLECTION])
+    return h + 1e-9 * sum(jnp.sum(leaf) for leaf in jax.tree.leaves(metrics))
+
+  result = []
+  for grad in (False, True):
+    for repeat in PROFILE_CHAIN:
+      fn = jax.jit(_chain(step, grad, scanned=True)(repeat))
+
+      def run(fn=fn):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules.DEFAULT_RULES):
+          jax.block_until_ready(fn(x, params))
+      run()  # compile and warm up
+      result.append(Benchmark(f"{name}/{'grad' if grad else 'forward'}/{repeat}", run))
+  return result
+
+
 def _head_profile(profile: HeadProfile) -> tuple[tuple[int, ...], Callable, dict]:
   """(per-device input shape, step, stacked parameters) of the decoder's output head and loss
   (`Decoder._logits`, `cross_entropy_loss`); each step feeds its loss back into x so the chain is serial."""
@@ -404,6 +487,8 @@ def benchmarks(*, quick: bool = False) -> list[Benchmark]:
       for grad in (False, True):
         result += _chains(f"profile/{family}/{index}/{'grad' if grad else 'forward'}", mesh,
                           _chain(step, grad, scanned=family != "head"), shape, PROFILE_CHAIN, params)
+  for index, profile in enumerate(EP_PROFILES[:2] if quick else EP_PROFILES):
+    result += _expert_parallel_benchmarks(f"ep/{index}", profile)
   result += _chains("normalise", mesh, _normalise_chain, (8, 64), STATIC_CHAIN)
   copy_elements = (1 << 21) if quick else (1 << 22)
   result.append(_per_device(f"copy/{copy_elements}", mesh, lambda x: x * 1.0001 + 1.0, (copy_elements,)))
@@ -523,6 +608,38 @@ def fit_op_costs(best: dict[str, float], fitted_device: dict) -> dict[str, dict]
   return {family: fits[family] for family in operators.FAMILIES}
 
 
+def fit_ep_costs(best: dict[str, float], calibration: Calibration) -> dict[str, dict]:
+  """Each exchange's `ExchangeCost` from its expert-parallel profiles.
+
+  Per profile, the measured layer (forward; backward = grad − forward) less what the simulator gives its
+  attention and dense parts at `calibration` (which has no EP costs yet) is the MoE feed-forward under EP; its
+  scale is that over the simulator's `experts` compute plus EP exchange. An exchange's scale is the median over
+  its profiles; each profile's numbers are kept under `profiles`.
+  """
+  from pangu.sim.plan import FP32, Plan, TrainWorkload
+  from pangu.sim.training import layer_cost
+  points: dict[str, list[dict]] = {}
+  for index, profile in enumerate(EP_PROFILES):
+    if f"ep/{index}/forward/{PROFILE_CHAIN[0]}" not in best:
+      continue
+    layer = profile.layer
+    forward, both = (_slope(best, f"ep/{index}/{kind}", PROFILE_CHAIN) for kind in ("forward", "grad"))
+    plan = Plan(dp=8, ep=profile.ep, micro_batch=layer.batch, sequence_parallel=False, zero_stage=0,
+                ep_dispatch=profile.dispatch)
+    cost = layer_cost(from_config(layer.config(sparse=True), "ep_profile"), "moe", plan,
+                      TrainWorkload(layer.seq, 8 * layer.batch), calibration.topology, FP32, calibration.options)
+    modelled = {"forward": cost.expert_forward + cost.ep_forward, "backward": cost.expert_backward + cost.ep_backward}
+    other = {"forward": cost.forward - modelled["forward"], "backward": cost.backward - modelled["backward"]}
+    measured = {"forward": forward, "backward": both - forward}
+    points.setdefault(profile.dispatch, []).append({
+        "profile": index, "ep": profile.ep, "measured_forward_s": forward, "measured_backward_s": both - forward,
+        "modelled_forward_s": cost.forward, "modelled_backward_s": cost.backward,
+        **{f"{part}_scale": max(measured[part] - other[part], 1e-9) / modelled[part] for part in measured}})
+  return {dispatch: {"forward_scale": float(np.median([p["forward_scale"] for p in rows])),
+                     "backward_scale": float(np.median([p["backward_scale"] for p in rows])), "profiles": rows}
+          for dispatch, rows in points.items()}
+
+
 def fit(times: dict[str, list[float]]) -> dict:
   """The calibration record from benchmark times (the best of the rounds, `best_of`)."""
   best = {name: best_of(values) for name, values in times.items()}
@@ -549,7 +666,7 @@ def fit(times: dict[str, list[float]]) -> dict:
                   "held_out_mape": held_error, "points": points}
   device = {"matmul_flops": matmul_rate, "matmul_static_cost": matmul_static,
             "vector_static_cost": _slope(best, "normalise", STATIC_CHAIN), "copy_bandwidth": copy_bandwidth}
-  return {
+  record = {
       "command": "python -m pangu.sim calibrate --out=pangu/sim/calibration/cpu8.json",
       "mesh": dict(zip(MESH_AXES, MESH_SHAPE)),
       "device": device,
@@ -561,6 +678,8 @@ def fit(times: dict[str, list[float]]) -> dict:
       "best_times": best,
       "machine": {"cpu_count": os.cpu_count(), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")},
   }
+  record["ep_costs"] = fit_ep_costs(best, from_record(record))
+  return record
 
 
 def run_microbenchmarks(*, quick: bool = False, rounds: int | None = None) -> dict:
@@ -596,7 +715,8 @@ def from_record(record: dict) -> Calibration:
 
   The fitted α and β include every overhead, so link efficiency is 1 and the collective static cost 0; the
   fitted static costs go to the device. Our CPU decoder writes the S x S attention scores, its dropless experts
-  run the `blocked` grouped matmul, and XLA:CPU does not overlap the gradient reduction.
+  run the `blocked` grouped matmul, and XLA:CPU does not overlap the gradient reduction. The measured
+  expert-parallel costs apply when the record has them.
   """
   device = _device_spec(record["device"])
   axes = tuple(AxisSpec(name=name, size=fit["size"], bandwidth=1.0 / fit["beta"], latency=fit["alpha"],
@@ -604,15 +724,18 @@ def from_record(record: dict) -> Calibration:
                for name, fit in record["axes"].items())
   costs = tuple((family, operators.FamilyCost(cost["forward_scale"], cost["backward_factor"], cost["saved_passes"]))
                 for family, cost in record["op_costs"].items())
+  ep_costs = tuple((dispatch, ExchangeCost(cost["forward_scale"], cost["backward_scale"]))
+                   for dispatch, cost in record.get("ep_costs", {}).items())
   options = SimOptions(fused_attention=False, overlap_grad_reduce=False, expert_block_rows=128,
                        step_overhead=record["step_overhead"],
-                       optimizer_bytes_per_param=record["optimizer_bytes_per_param"], op_costs=costs)
+                       optimizer_bytes_per_param=record["optimizer_bytes_per_param"], op_costs=costs,
+                       ep_costs=ep_costs)
   return Calibration(Topology("cpu8", axes, device), options, record)
 
 
 def constants(record: dict) -> dict[str, float]:
   """The fitted constants of a calibration record, flat: device rates and static costs, each family's cost,
-  the optimizer and step overhead, each axis's α and β."""
+  the optimizer and step overhead, each axis's α and β, and the exchanges' measured scales when present."""
   flat = {f"device/{k}": float(v) for k, v in record["device"].items()}
   for family, cost in record["op_costs"].items():
     flat.update({f"{family}/{k}": float(cost[k]) for k in ("forward_scale", "backward_factor", "saved_passes")})
@@ -620,6 +743,8 @@ def constants(record: dict) -> dict[str, float]:
   flat["step_overhead"] = float(record["step_overhead"])
   for axis, fit in record["axes"].items():
     flat.update({f"axis/{axis}/alpha": float(fit["alpha"]), f"axis/{axis}/beta": float(fit["beta"])})
+  for exchange, cost in record.get("ep_costs", {}).items():
+    flat.update({f"ep/{exchange}/{k}": float(cost[k]) for k in ("forward_scale", "backward_scale")})
   return flat
 
 

@@ -130,3 +130,44 @@ def test_stability_reports_how_far_each_constant_moves():
   assert moved["median_abs_change"] == 0.0
   assert calibrate.stability(record, record)["largest"]["change"] == 0.0
 
+
+def test_expert_parallel_profiles_cover_both_exchanges():
+  assert {profile.dispatch for profile in calibrate.EP_PROFILES} == {"flat", "ring"}
+  assert {profile.dispatch for profile in calibrate.EP_PROFILES[:2]} == {"flat", "ring"}  # quick mode
+  with pytest.raises(ValueError, match="ExpertParallelProfile.ep"):
+    calibrate.ExpertParallelProfile(calibrate.LAYER_PROFILES[0], ep=3)
+
+
+def test_ep_fit_recovers_known_exchange_costs_from_synthetic_profile_times():
+  from pangu.sim.plan import FP32, Plan, TrainWorkload
+  from pangu.sim.training import ExchangeCost, layer_cost
+  base = calibrate.from_record({k: v for k, v in calibrate.load().record.items() if k != "ep_costs"})
+  truth = {"ring": ExchangeCost(1.8, 2.6), "flat": ExchangeCost(0.9, 1.3)}
+  options = dataclasses.replace(base.options, ep_costs=tuple(truth.items()))
+  best = {}
+  for index, profile in enumerate(calibrate.EP_PROFILES):
+    layer = profile.layer
+    plan = Plan(dp=8, ep=profile.ep, micro_batch=layer.batch, sequence_parallel=False, zero_stage=0,
+                ep_dispatch=profile.dispatch)
+    cost = layer_cost(from_config(layer.config(sparse=True)), "moe", plan, TrainWorkload(layer.seq, 8 * layer.batch),
+                      base.topology, FP32, options)
+    for repeat in calibrate.PROFILE_CHAIN:
+      best[f"ep/{index}/forward/{repeat}"] = 0.01 + repeat * cost.forward
+      best[f"ep/{index}/grad/{repeat}"] = 0.02 + repeat * (cost.forward + cost.backward)
+  fitted = calibrate.fit_ep_costs(best, base)
+  for dispatch, cost in truth.items():
+    assert fitted[dispatch]["forward_scale"] == pytest.approx(cost.forward_scale, rel=1e-6)
+    assert fitted[dispatch]["backward_scale"] == pytest.approx(cost.backward_scale, rel=1e-6)
+
+
+def test_ep_costs_scale_only_moe_layers_under_expert_parallelism():
+  from pangu.sim import validation
+  from pangu.sim.training import ExchangeCost
+  base = calibrate.from_record({k: v for k, v in calibrate.load().record.items() if k != "ep_costs"})
+  scaled = dataclasses.replace(base, options=dataclasses.replace(
+      base.options, ep_costs=(("ring", ExchangeCost(2.0, 2.0)), ("flat", ExchangeCost(2.0, 2.0)))))
+  cases = {case.name: case for case in validation.CASES}
+  for name in ("d256_l2_dp8", "d256_l2_dp4_tp2"):  # dense: unchanged
+    assert validation.predict(cases[name], scaled) == validation.predict(cases[name], base)
+  for name in ("topk_d256_l2_dp4_ep2", "moge_d128_l2_dp4_ep2"):
+    assert validation.predict(cases[name], scaled) > validation.predict(cases[name], base)
