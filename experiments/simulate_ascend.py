@@ -15,7 +15,9 @@
 2. Ultra MoE: a full plan search for the 718B shape on 6,144 Atlas 800T A2 NPUs (timed); the best plans, their
    MFU and memory; where the reported layout (TP8 / PP16 / VPP2 / EP4, micro-batch 2; secondary) ranks against
    the confirmed 30.0% MFU, read two ways (experts split over TP, or TP ranks folded into EP), its MFU at
-   larger global batches (unpublished), and why it differs.
+   larger global batches (unpublished), and why it differs. `ultra_moe_readings`: the reported layout under
+   every combination of its unstated assumptions (micro-batches, EP overlap, how TP and EP combine,
+   recomputation, EP dispatch), the median MFU of each reading and the assumption that moves it most.
 3. Pro MoE: the §2.3 shape space, each shape with its best decode layout and batch under the 50 ms (800I A2,
    4-NPU instance) and 100 ms (300I Duo, 8-chip server) TPOT limits, W8A8; where 72B-A16B ranks. Also the
    training layouts of §3 (TP8/EP2/PP5/VPP5 vs TP1/EP8/CP8/PP6/VPP4, paper: +35% MFU) and the published decode
@@ -24,7 +26,7 @@
    batch size (the straggler of top-K vs MoGE's exact balance) and a training step.
 
 Writes results/simulate_ascend.json {"validation": {"spearman", "mape", "n_configs", "cross_run": {"spearman",
-"mape", "reverse", ...}, ...}, "ultra_moe": {...},
+"mape", "reverse", ...}, ...}, "ultra_moe": {...}, "ultra_moe_readings": {...},
 "pro_moe_search": {...}, "moge_vs_topk": {...}}, simulate_ascend.png (predicted vs measured; Ultra MoE search
 frontier; Pro MoE shape search) and the tables as simulate_ascend.md.
 """
@@ -52,6 +54,19 @@ REPORTED_READINGS = {
                                                                   micro_batch=2),
 }
 REPORTED_MFU = 0.30
+REPORTED_LAYOUT = dict(tp=8, pp=16, vpp=2, ep=4, dp=48, micro_batch=2)
+# The reported layout's unstated assumptions, each with its readings (changes to the plan or the global batch).
+ULTRA_ASSUMPTIONS = (
+    ("micro-batches per DP rank", {"16 (global batch 1536)": {"global_batch": 1536},
+                                   "32 (global batch 3072)": {"global_batch": 3072},
+                                   "64 (global batch 6144)": {"global_batch": 6144}}),
+    ("EP communication", {"exposed": {"ep_overlap": False}, "overlapped": {"ep_overlap": True}}),
+    ("TP and EP", {"EP across DP, experts split over TP (ETP8, EP4)": {"ep": 4, "expert_tp": None},
+                   "EP inside the TP group x EP (ETP1, EP32)": {"ep": 32, "expert_tp": 1}}),
+    ("recomputation", {"full": {"recompute": "full"}, "selective": {"recompute": "selective"},
+                       "none": {"recompute": "none"}}),
+    ("EP dispatch", {"flat all-to-all": {"ep_dispatch": "flat"}, "hierarchical": {"ep_dispatch": "hierarchical"}}),
+)
 PUBLISHED_PRO_SHAPE = "d5120_h40_kv8_l48_e64_f1344"
 DECODE_CONTEXT = 2048
 DECODE_TARGETS = (("atlas-800i-a2", 4, 0.050), ("atlas-300i-duo", 8, 0.100))
@@ -168,6 +183,38 @@ def _ultra_explanation(readings: dict, best) -> list[str]:
   ]
 
 
+def ultra_readings_section() -> dict:
+  """The reported Ultra MoE layout under every combination of `ULTRA_ASSUMPTIONS` (`pangu.sim.readings`), which
+  assumption moves its MFU most, and the readings nearest the reported 30.0%."""
+  from pangu.parallel.topology import pod
+  from pangu.sim import Plan, TrainWorkload, readings, ultra_moe_718b
+
+  assumptions = tuple(readings.assumption(name, **options) for name, options in ULTRA_ASSUMPTIONS)
+  rows = readings.readings(ultra_moe_718b(), Plan(**REPORTED_LAYOUT), TrainWorkload(ULTRA_SEQ, ULTRA_BATCH),
+                           pod("atlas-800t-a2", ULTRA_CHIPS), assumptions)
+  simulated = [row for row in rows if row["mfu"] is not None]
+  fitting = [row for row in simulated if row["fits"]]
+  effects = readings.effects(rows, assumptions)
+  driver = effects["by_assumption"][effects["driver"]]["median_mfu"]
+  closest = min(simulated, key=lambda row: abs(row["mfu"] - REPORTED_MFU))
+  best = max(fitting, key=lambda row: row["mfu"])
+  return {
+      "layout": Plan(**REPORTED_LAYOUT).describe(), "reported_mfu": REPORTED_MFU,
+      "assumptions": {name: list(options) for name, options in ULTRA_ASSUMPTIONS},
+      "effects": effects, "readings": rows, "closest_to_reported": closest, "best_that_fits": best,
+      "summary": [
+          f"{len(simulated)} of {len(rows)} readings simulated, {len(fitting)} fit 64 GiB; MFU "
+          f"{min(r['mfu'] for r in simulated):.1%}-{max(r['mfu'] for r in simulated):.1%}.",
+          f"The assumption that moves the MFU most is '{effects['driver']}': median MFU "
+          + ", ".join(f"{label} {value:.1%}" for label, value in driver.items()) + ".",
+          f"Nearest the reported {REPORTED_MFU:.0%}: {closest['mfu']:.1%} with "
+          + "; ".join(f"{k}: {v}" for k, v in closest["readings"].items())
+          + ("" if closest["fits"] else f" (does not fit: {closest['reason']})") + ".",
+          f"Best reading that fits memory: {best['mfu']:.1%} with "
+          + "; ".join(f"{k}: {v}" for k, v in best["readings"].items()) + "."],
+  }
+
+
 def pro_moe_section() -> tuple[dict, dict]:
   from pangu.parallel.topology import Topology, atlas_300i_duo, atlas_800i_a2, pod
   from pangu.sim import (MIXED_BF16, DecodeWorkload, MoEShapeSpace, Plan, TrainWorkload, get_shape,
@@ -271,9 +318,9 @@ def moge_vs_topk_section() -> dict:
           "training_64_npu": training}
 
 
-def _plot(validation: dict, ranked: list, reported_plans: list[str], scatter: dict) -> None:
+def _plot(validation: dict, ranked: list, reported_plans: list[str], scatter: dict, ultra_readings: dict) -> None:
   import matplotlib.ticker
-  fig, axes = common.new_figure(ncols=3, size=(5.2, 4.0))
+  fig, axes = common.new_figure(ncols=4, size=(5.2, 4.0))
   ax = axes[0, 0]
   rows = validation["configs"]
   measured = [r["measured_s"] for r in rows]
@@ -315,6 +362,18 @@ def _plot(validation: dict, ranked: list, reported_plans: list[str], scatter: di
       ax.scatter([star[0][0] / 1e9], [star[0][1]], marker="*", s=200, c="orange", edgecolors="k")
   ax.set(xlabel="total parameters (B)", ylabel="decode tokens/s per device", yscale="log",
          title="Pro MoE shape search (star: 72B-A16B)")
+  ax.legend(fontsize=7)
+  ax = axes[0, 3]
+  labels, values = [], []
+  for name, effect in ultra_readings["effects"]["by_assumption"].items():
+    for label, value in effect["median_mfu"].items():
+      labels.append(f"{name}: {label}"[:48])
+      values.append(value or 0.0)
+  ax.barh(range(len(values)), values, color="tab:purple")
+  ax.set_yticks(range(len(values)), labels, fontsize=5)
+  ax.axvline(REPORTED_MFU, color="gray", ls=":", label="reported 30%")
+  ax.invert_yaxis()
+  ax.set(xlabel="median MFU over the other assumptions", title="Ultra MoE reported layout: readings")
   ax.legend(fontsize=7)
   common.save_figure(fig, "simulate_ascend")
 
@@ -391,14 +450,16 @@ def main(argv):
     print(table)
     return
   ultra, ranked = ultra_moe_section()
+  ultra_readings = ultra_readings_section()
   pro, scatter = pro_moe_section()
   moge = moge_vs_topk_section()
-  payload = {"validation": validation, "ultra_moe": ultra, "pro_moe_search": pro, "moge_vs_topk": moge,
-             "seconds": time.perf_counter() - start, "machine": common.machine_info()}
+  payload = {"validation": validation, "ultra_moe": ultra, "ultra_moe_readings": ultra_readings,
+             "pro_moe_search": pro, "moge_vs_topk": moge, "seconds": time.perf_counter() - start,
+             "machine": common.machine_info()}
   payload["claims"] = claims(payload)
   common.write_json("simulate_ascend", payload)
   reported = [reading["best_variant"] for reading in ultra["reported"]["readings"].values()]
-  _plot(validation, ranked, [row["plan"] for row in reported], scatter)
+  _plot(validation, ranked, [row["plan"] for row in reported], scatter, ultra_readings)
   tables = [
       table, "",
       f"Ultra MoE 718B on {ULTRA_CHIPS} Atlas 800T A2 ({ultra['search']['evaluated']} plans, "
@@ -408,6 +469,14 @@ def main(argv):
                              for row in reported],
                           ["plan", "step_s", "mfu", "tokens_per_s", "bubble", "memory_gib"]), "",
       f"Reported MFU {REPORTED_MFU:.0%} (confirmed); the reported layout is secondary.", "",
+      f"Readings of the reported layout ({ultra_readings['layout']}): median MFU of each reading over every "
+      "combination of the other assumptions (over-memory readings at the MFU they would reach):", "",
+      common.format_table([{"assumption": name, "reading": label, "median_mfu": value,
+                            "spread": effect["spread"]}
+                           for name, effect in ultra_readings["effects"]["by_assumption"].items()
+                           for label, value in effect["median_mfu"].items()],
+                          ["assumption", "reading", "median_mfu", "spread"]), "",
+      *ultra_readings["summary"], "",
       "Pro MoE shape search (decode tokens/s per device under the TPOT limit):", "",
       common.format_table([{"hardware": name, "candidates": h["candidates"], "feasible": h["feasible"],
                             "published_rank": h["published_rank"], "best": h["top"][0]["shape"],
