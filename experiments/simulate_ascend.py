@@ -1,7 +1,8 @@
 """The performance simulator: validated on the CPU mesh, then used for the Pangu MoE design questions.
 
   python -m experiments.simulate_ascend --quick            # stored calibration and step times
-  python -m experiments.simulate_ascend --measure          # re-measure both first (15-25 min on 2 cores)
+  python -m experiments.simulate_ascend --measure          # re-measure first: two runs, the second in a fresh
+                                                           # process (30-50 min on 2 quiet cores)
   python -m experiments.simulate_ascend --measure --validation_only   # re-measure and validate, nothing else
 
 1. Validation (Ultra MoE spec §4): the cpu(8) calibration (`pangu/sim/calibration/cpu8.json`) and the

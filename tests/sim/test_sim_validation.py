@@ -82,3 +82,9 @@ def test_cross_run_scores_each_calibration_on_the_other_runs_steps():
   assert cross["worst_mape"] == pytest.approx(0.5) and cross["step_drift"] == pytest.approx(1.0)
   assert cross["spearman"] == pytest.approx(1.0) and cross["n_configs"] == 4
 
+
+
+def test_stored_other_run_covers_every_case():
+  times = validation.load_measurements(validation.OTHER_STEPS_PATH)
+  assert {case.name for case in validation.CASES} <= set(times)
+  assert calibrate.load(validation.OTHER_CALIBRATION_PATH).topology.num_devices == 8
