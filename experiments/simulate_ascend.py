@@ -396,7 +396,8 @@ def _validation_table(validation: dict) -> str:
       f"run's steps: Spearman {cross['reverse']['spearman']:.3f}, MAPE {cross['reverse']['mape']:.1%}); the "
       f"measured steps moved by a median {cross['step_drift']:.1%} between the runs.",
       f"Calibration stability: the fitted constants of the two runs moved by a median {stability['median_abs_change']:.1%}; "
-      f"most: {stability['largest']['name']} ({stability['largest']['change']:+.1%}).", "",
+      f"most: {stability['largest']['name']} ({stability['largest']['change']:+.1%}); the predicted steps moved by a "
+      f"median {cross['prediction_drift']:.1%}.", "",
       common.format_table([{"constant": name, **row} for name, row in stability["constants"].items()],
                           ["constant", "this_run", "other_run", "change"])])
 

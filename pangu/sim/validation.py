@@ -241,11 +241,15 @@ def cross_run(calibration: Calibration, steps: dict[str, list[float]], other_cal
 
   The headline (`spearman`, `mape`, `configs`) is this run's calibration on the other run's steps; `reverse`
   the other way round; `step_drift` the median relative change of a config's measured step between the runs
-  (how far the machine itself moved).
+  (how far the machine itself moved); `prediction_drift` the median relative change of a config's predicted
+  step between the two calibrations (how far their constants move where it matters: some constants fitted
+  near zero move by large factors without changing any prediction).
   """
   forward, reverse = compare(other_steps, calibration, cases), compare(steps, other_calibration, cases)
+  predicted = [abs(predict(c, other_calibration) / predict(c, calibration) - 1) for c in cases]
   drift = [abs(calibrate.best_of(other_steps[c.name]) / calibrate.best_of(steps[c.name]) - 1)
            for c in cases if c.name in steps and c.name in other_steps]
   return {"spearman": forward["spearman"], "mape": forward["mape"], "n_configs": forward["n_configs"],
           "configs": forward["configs"], "reverse": {"spearman": reverse["spearman"], "mape": reverse["mape"]},
-          "worst_mape": max(forward["mape"], reverse["mape"]), "step_drift": float(np.median(drift))}
+          "worst_mape": max(forward["mape"], reverse["mape"]), "step_drift": float(np.median(drift)),
+          "prediction_drift": float(np.median(predicted))}

@@ -81,6 +81,7 @@ def test_cross_run_scores_each_calibration_on_the_other_runs_steps():
   assert cross["mape"] == pytest.approx(0.5) and cross["reverse"]["mape"] == pytest.approx(0.0, abs=1e-12)
   assert cross["worst_mape"] == pytest.approx(0.5) and cross["step_drift"] == pytest.approx(1.0)
   assert cross["spearman"] == pytest.approx(1.0) and cross["n_configs"] == 4
+  assert cross["prediction_drift"] == 0.0  # the same calibration twice predicts the same steps
 
 
 
