@@ -2,9 +2,12 @@
 
   python -m pangu.sim search --topology=atlas-800t-a2 --chips=6144 --model=ultra-moe-718b
   python -m pangu.sim calibrate --out=pangu/sim/calibration/cpu8.json
+  python -m pangu.sim measure --out=/tmp/cpu8.json --steps_out=/tmp/cpu8_steps.json --rounds=7
 
 `search` prints the best training plans (step time, MFU, tokens/s, memory) and the rejection counts;
-`calibrate` reruns the CPU microbenchmarks on 8 fake devices and writes the calibration file.
+`calibrate` reruns the CPU microbenchmarks on 8 fake devices and writes the calibration file; `measure` runs
+the calibration and the validation configs' train steps in interleaved rounds (one run of
+`pangu.sim.validation.measure`) and writes both files: the independent run of the cross-run validation.
 """
 
 import os
@@ -21,8 +24,10 @@ _BATCH = flags.DEFINE_integer("global_batch", 1536, "Sequences per optimizer ste
 _TOP = flags.DEFINE_integer("top", 10, "Plans to print.")
 _OUT = flags.DEFINE_string("out", None, "Calibration file to write (default: the stored cpu8.json).")
 _QUICK = flags.DEFINE_bool("quick", False, "Calibrate with fewer sizes and repeats.")
+_STEPS_OUT = flags.DEFINE_string("steps_out", None, "measure: the step-times file to write.")
+_ROUNDS = flags.DEFINE_integer("rounds", 7, "measure: interleaved timing rounds.", lower_bound=2)
 
-COMMANDS = ("search", "calibrate")
+COMMANDS = ("search", "calibrate", "measure")
 
 
 def _search() -> None:
@@ -48,13 +53,22 @@ def _calibrate() -> None:
   print(f"wrote {path}")
 
 
+def _measure() -> None:
+  from pangu.sim import calibrate, validation
+  if not (_OUT.value and _STEPS_OUT.value):
+    raise app.UsageError("measure needs --out and --steps_out")
+  record, steps = validation.measure(_ROUNDS.value, quick=_QUICK.value)
+  record["command"] = (f"python -m pangu.sim measure --rounds={_ROUNDS.value}{' --quick' if _QUICK.value else ''} "
+                       "(interleaved with the step times)")
+  calibrate.save(record, _OUT.value)
+  validation.save_measurements(steps, _STEPS_OUT.value, command=record["command"])
+  print(f"wrote {_OUT.value} and {_STEPS_OUT.value}")
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m pangu.sim {{{'|'.join(COMMANDS)}}} [--flags]")
-  if argv[1] == "search":
-    _search()
-  else:
-    _calibrate()
+  {"search": _search, "calibrate": _calibrate, "measure": _measure}[argv[1]]()
 
 
 if __name__ == "__main__":

@@ -28,15 +28,26 @@ once (one `shard_map` over a (`node` = 2, `npu` = 4) mesh), as the measured trai
   stacks every saved activation in the forward pass and slices it back in the backward pass, so the
   backward costs 4-10x the forward, more for narrow layers, not the 2x of proxies (2-D matmuls in an
   unrolled chain), which is what the simulator under-predicted before.
+- expert parallelism (`EP_PROFILES`): the library's MoE `DecoderBlock`, scanned, forward and under `jax.grad`, on
+  a (data, expert) mesh of the 8 devices with the default logical rules, so its own shard_map exchange runs
+  (the fixed all-to-all of MoGE or the ring of top-K). The layer less what the simulator gives its attention
+  and dense parts, over the simulator's experts compute plus EP exchange, is each exchange's measured scale
+  (`ExchangeCost`, forward and backward): the single-device experts profile and the α-β exchange alone
+  under-predicted expert-parallel steps by 26-44% (the ring scatters and gathers every token of the group,
+  and the blocked experts scan blocks sized for all of them).
 - optimizer: the AdamW update of our train step (clip, update, the gradient, update and per-layer norms) on a
   reference decoder's replicated parameters, as a data-parallel step runs it; stored as effective HBM bytes
   per parameter at the copy bandwidth. The cost per parameter grows with the leaves' sizes (small leaves stay
   in cache between the update's passes), so the reference has our decoder's stacked layer leaves.
 - step overhead: a jitted call on a state-sized pytree of tiny sharded arrays (dispatch and host work).
 
-Compile time is excluded (each benchmark is built and warmed first), every call is blocked on, and the
-benchmarks run in interleaved rounds (with the measured train steps, when validating) so that the shared
-machine's drift hits them alike; fits use medians. Regenerate with
+Stability (the fitted constants moved 2-3x between runs of the shared machine before): compile time is
+excluded (each benchmark is built and warmed first, and a whole warm-up round is dropped), every call is
+blocked on, and the benchmarks run in interleaved rounds, each in a fresh random order (with the measured
+train steps, when validating), so that the machine's drift and bursts hit them alike; each benchmark's time is
+the best of its rounds (`best_of`), and the fits are robust: α-β and backward fits minimise a Cauchy loss of
+the log time (`robust_fit`), forward scales are medians of ratios. `stability` compares the constants of two
+calibrations. Regenerate with
 `python -m pangu.sim calibrate --out=pangu/sim/calibration/cpu8.json`.
 """
 
@@ -54,7 +65,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
-import scipy.stats
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pangu.config_checks import positive_ints
@@ -63,7 +73,7 @@ from pangu.nn.moe.config import MoEConfig
 from pangu.parallel.topology import AxisSpec, DeviceSpec, LinkKind, Topology, cpu
 from pangu.sim import operators
 from pangu.sim.shapes import GQA, ModelShape, from_config
-from pangu.sim.training import SimOptions
+from pangu.sim.training import ExchangeCost, SimOptions
 
 DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "calibration", "cpu8.json")
 MESH_AXES = ("node", "npu")
@@ -126,8 +136,41 @@ LAYER_PROFILES = (
                                         aux_loss_coef=0.0)),
     LayerProfile(1, 192, 448, MoEConfig(num_experts=8, top_k=2, expert_dim=224, router="topk", aux_loss_coef=0.0)),
 )
+@dataclasses.dataclass(frozen=True)
+class ExpertParallelProfile:
+  """A MoE layer under expert parallelism: `layer`'s per-device shape on the 8 devices of a (data = 8 / ep,
+  expert = ep) mesh, through the exchange our layer picks there (`pangu.nn.moe.parallel.exchange_for`)."""
+
+  layer: LayerProfile
+  ep: int
+
+  def __post_init__(self):
+    positive_ints(self, "ep")
+    if 8 % self.ep or self.ep == 1 or self.layer.moe.num_experts % self.ep:
+      raise ValueError(f"ExpertParallelProfile.ep must be 2, 4 or 8 and divide the {self.layer.moe.num_experts} "
+                       f"experts, got {self.ep}")
+
+  @property
+  def dispatch(self) -> str:
+    """The simulator's name of the exchange (`Plan.ep_dispatch`): `flat` for the fixed all-to-all, else `ring`."""
+    from pangu.nn.moe.parallel import exchange_for
+    return "flat" if exchange_for(self.layer.moe, self.ep) == "fixed" else "ring"
+
+
 HEAD_PROFILES = (HeadProfile(batch=3, seq=128, d_model=160, vocab_size=1536),
                  HeadProfile(batch=1, seq=192, d_model=448, vocab_size=3072))
+# MoE layers under expert parallelism, both exchanges at two EP degrees each (none a validated config);
+# quick mode keeps the first two (one per exchange).
+EP_PROFILES = (
+    ExpertParallelProfile(LayerProfile(2, 128, 192, MoEConfig(num_experts=8, top_k=2, expert_dim=128, router="topk",
+                                                              aux_loss_coef=0.0)), ep=4),
+    ExpertParallelProfile(LayerProfile(2, 128, 192, MoEConfig(num_experts=16, top_k=4, expert_dim=96, router="moge",
+                                                              num_groups=4, aux_loss_coef=0.0)), ep=4),
+    ExpertParallelProfile(LayerProfile(4, 128, 160, MoEConfig(num_experts=16, top_k=4, expert_dim=80, router="topk",
+                                                              aux_loss_coef=0.0)), ep=2),
+    ExpertParallelProfile(LayerProfile(4, 128, 128, MoEConfig(num_experts=16, top_k=8, expert_dim=64, router="moge",
+                                                              num_groups=8, aux_loss_coef=0.0)), ep=8),
+)
 # The decoder whose replicated parameters the optimizer benchmark updates.
 OPTIMIZER_DECODER = {"d_model": 192, "n_layers": 4, "vocab_size": 1024}
 
@@ -147,16 +190,55 @@ def _benchmark(name: str, fn: Callable, *args) -> Benchmark:
   return Benchmark(name, run)
 
 
-def time_rounds(benchmarks: list[Benchmark], rounds: int, log: Callable[[str], None] = print) -> dict[str, list[float]]:
-  """Seconds of every benchmark in each of `rounds` interleaved rounds."""
+def time_rounds(benchmarks: list[Benchmark], rounds: int, log: Callable[[str], None] = print, *,
+                warmup_rounds: int = 1, seed: int = 0) -> dict[str, list[float]]:
+  """Seconds of every benchmark in each of `rounds` interleaved rounds.
+
+  Each round runs every benchmark once in a fresh random order, so the two chain lengths of one benchmark and
+  the benchmarks of one family never run back to back in a fixed position: a burst of load on the shared
+  machine lands on a different benchmark each round, and the best of the rounds (`best_of`) escapes it. The
+  first `warmup_rounds` rounds (caches, allocator, thread pools settling) are not recorded.
+  """
   times = {b.name: [] for b in benchmarks}
-  for index in range(rounds):
-    for benchmark in benchmarks:
+  order = np.random.default_rng(seed)
+  for index in range(warmup_rounds + rounds):
+    for position in order.permutation(len(benchmarks)):
+      benchmark = benchmarks[position]
       start = time.perf_counter()
       benchmark.run()
-      times[benchmark.name].append(time.perf_counter() - start)
-    log(f"round {index + 1}/{rounds} done")
+      if index >= warmup_rounds:
+        times[benchmark.name].append(time.perf_counter() - start)
+    log(f"round {index + 1}/{warmup_rounds + rounds} done" + (" (warm-up)" if index < warmup_rounds else ""))
   return times
+
+
+def best_of(values: list[float]) -> float:
+  """A benchmark's time: the best of its rounds. The load of the shared machine only ever adds time, so the
+  fastest round is the least disturbed one and the statistic that moves least between runs; calibration and
+  measured step times use the same one."""
+  return float(np.min(values))
+
+
+def robust_fit(design: np.ndarray, measured: np.ndarray, offset: np.ndarray | float = 0.0, *,
+               f_scale: float = 0.05) -> np.ndarray:
+  """Non-negative c with design @ c + offset ≈ measured, robust to outliers.
+
+  Minimises Σ ρ(log((design @ c + offset) / measured)) with ρ the Cauchy loss (quadratic for errors below
+  `f_scale`, logarithmic above): relative errors, so small and large sizes weigh alike, and a measurement far
+  off the others (a burst of load) barely pulls the fit. Starts from non-negative least squares on
+  relative error; columns are normalised so constants of very different magnitudes (α ~ 1e-5 s,
+  β ~ 1e-9 s/byte) fit alike.
+  """
+  measured = np.asarray(measured, float)
+  offset = np.broadcast_to(np.asarray(offset, float), measured.shape)
+  norms = np.maximum(np.abs(design).max(axis=0), 1e-300)
+  scaled = design / norms
+  start, _ = scipy.optimize.nnls(scaled / measured[:, None], (measured - offset) / measured)
+  start = np.maximum(start, 1e-9 * max(float(start.max()), 1e-9))
+  residual = lambda c: np.log(np.maximum(scaled @ c + offset, 1e-30) / measured)
+  result = scipy.optimize.least_squares(residual, start, bounds=(0.0, np.inf), loss="cauchy", f_scale=f_scale,
+                                        xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=2000)
+  return result.x / norms
 
 
 def _mesh() -> jax.sharding.Mesh:
@@ -249,6 +331,49 @@ def _layer_profile(profile: LayerProfile, part: Literal["attention", "dense", "m
     (h, _), metrics = module.apply({"params": p}, h, mask, mutable=[MOE_COLLECTION])
     return h + 1e-9 * sum(jnp.sum(leaf) for leaf in jax.tree.leaves(metrics))
   return shape, step, params
+
+
+def _expert_parallel_benchmarks(name: str, profile: ExpertParallelProfile) -> list[Benchmark]:
+  """Chains of the library's MoE `DecoderBlock` (scanned, forward and under `jax.grad`) on the 8 devices of a
+  (data, expert) mesh with the default logical rules, as the train step runs it: tokens split over the batch
+  axes, experts over `expert`, the layer's own shard_map exchange between them."""
+  import flax.linen as nn
+
+  from pangu.models.transformer import DecoderBlock
+  from pangu.nn.attention import AttentionMask
+  from pangu.nn.moe import MOE_COLLECTION
+  from pangu.parallel import rules
+  from pangu.parallel.mesh import cpu_mesh
+
+  layer, devices = profile.layer, len(jax.devices())
+  module = DecoderBlock(layer.config(sparse=True))
+  shape = (devices * layer.batch, layer.seq, layer.d_model)
+  mask = AttentionMask.self_attention(jnp.broadcast_to(jnp.arange(layer.seq), shape[:2]))
+  mesh = cpu_mesh(data=devices // profile.ep, expert=profile.ep)
+  x = jnp.zeros(shape, jnp.float32)
+  init = lambda key: module.init(key, x, mask)["params"]
+  stacked = jax.tree.map(lambda sharding: NamedSharding(mesh, PartitionSpec(None, *sharding.spec)),
+                         rules.param_shardings(jax.eval_shape(init, jax.random.key(0)), mesh))
+  params = jax.device_put(jax.vmap(lambda key: nn.unbox(init(key)))(jax.random.split(jax.random.key(2),
+                                                                                     PROFILE_CHAIN[1])), stacked)
+  x = jax.device_put(jax.random.normal(jax.random.key(0), shape, jnp.float32),
+                     rules.activation_sharding(mesh, (rules.BATCH, None, None)))
+
+  def step(h, p):
+    (h, _), metrics = module.apply({"params": p}, h, mask, mutable=[MOE_COLLECTION])
+    return h + 1e-9 * sum(jnp.sum(leaf) for leaf in jax.tree.leaves(metrics))
+
+  result = []
+  for grad in (False, True):
+    for repeat in PROFILE_CHAIN:
+      fn = jax.jit(_chain(step, grad, scanned=True)(repeat))
+
+      def run(fn=fn):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules.DEFAULT_RULES):
+          jax.block_until_ready(fn(x, params))
+      run()  # compile and warm up
+      result.append(Benchmark(f"{name}/{'grad' if grad else 'forward'}/{repeat}", run))
+  return result
 
 
 def _head_profile(profile: HeadProfile) -> tuple[tuple[int, ...], Callable, dict]:
@@ -362,6 +487,8 @@ def benchmarks(*, quick: bool = False) -> list[Benchmark]:
       for grad in (False, True):
         result += _chains(f"profile/{family}/{index}/{'grad' if grad else 'forward'}", mesh,
                           _chain(step, grad, scanned=family != "head"), shape, PROFILE_CHAIN, params)
+  for index, profile in enumerate(EP_PROFILES[:2] if quick else EP_PROFILES):
+    result += _expert_parallel_benchmarks(f"ep/{index}", profile)
   result += _chains("normalise", mesh, _normalise_chain, (8, 64), STATIC_CHAIN)
   copy_elements = (1 << 21) if quick else (1 << 22)
   result.append(_per_device(f"copy/{copy_elements}", mesh, lambda x: x * 1.0001 + 1.0, (copy_elements,)))
@@ -378,17 +505,16 @@ def benchmarks(*, quick: bool = False) -> list[Benchmark]:
   return result
 
 
-def _slope(medians: dict[str, float], name: str, chain: tuple[int, int] = CHAIN) -> float:
-  return max(medians[f"{name}/{chain[1]}"] - medians[f"{name}/{chain[0]}"], 0.0) / (chain[1] - chain[0])
+def _slope(best: dict[str, float], name: str, chain: tuple[int, int] = CHAIN) -> float:
+  return max(best[f"{name}/{chain[1]}"] - best[f"{name}/{chain[0]}"], 0.0) / (chain[1] - chain[0])
 
 
-def _fit_alpha_beta(points: list[dict], size: int) -> tuple[float, float]:
-  """seconds ≈ phases · (α + (n − 1)/n · V · β) by least squares on relative error."""
+def fit_alpha_beta(points: list[dict], size: int) -> tuple[float, float]:
+  """seconds ≈ phases · (α + (n − 1)/n · V · β), fitted by `robust_fit` (log time, Cauchy loss)."""
   phases = np.array([PHASES[p["kind"]] for p in points], float)
   volume = np.array([p["bytes"] for p in points], float) * (size - 1) / size
   seconds = np.array([p["seconds"] for p in points], float)
-  design = np.stack([phases, phases * volume], axis=1) / seconds[:, None]
-  (alpha, beta), *_ = np.linalg.lstsq(design, np.ones_like(seconds), rcond=None)
+  alpha, beta = robust_fit(np.stack([phases, phases * volume], axis=1), seconds)
   return max(float(alpha), 1e-7), max(float(beta), 1e-13)
 
 
@@ -433,41 +559,41 @@ def _family_point(forward: float, both: float, ops: list[operators.Op], device: 
 def _fit_family(points: list[dict[str, float]]) -> dict:
   """FamilyCost fields from a family's reference shapes.
 
-  forward_scale: geometric mean of measured / modelled forward. Then the backward, measured = scale ·
-  (backward_factor · roofline + static) + saved_passes · saved traffic, by non-negative least squares on
-  relative error: the FLOP-bound and the activation-bound parts of the backward pass, which the shapes weigh
-  differently (narrow layers move more activations per FLOP).
+  forward_scale: the median of measured / modelled forward over the shapes (one disturbed shape cannot move
+  it). Then the backward, measured = scale · (backward_factor · roofline + static) + saved_passes · saved
+  traffic, by `robust_fit`: the FLOP-bound and the activation-bound parts of the backward pass, which the
+  shapes weigh differently (narrow layers move more activations per FLOP).
   """
-  scale = float(scipy.stats.gmean([max(p["measured_forward_s"], 1e-9) / p["modelled_forward_s"] for p in points]))
+  scale = float(np.median([max(p["measured_forward_s"], 1e-9) / p["modelled_forward_s"] for p in points]))
   measured = np.array([max(p["measured_backward_s"], 1e-9) for p in points])
   design = np.array([[scale * p["roofline_s"], p["saved_traffic_s"]] for p in points])
-  target = measured - scale * np.array([p["backward_static_s"] for p in points])
-  (factor, passes), _ = scipy.optimize.nnls(design / measured[:, None], target / measured)
+  static = scale * np.array([p["backward_static_s"] for p in points])
+  factor, passes = robust_fit(design, measured, static)
   factor = max(float(factor), 1e-3)
-  predicted = design @ np.array([factor, passes]) + measured - target
+  predicted = design @ np.array([factor, passes]) + static
   return {"forward_scale": scale, "backward_factor": factor, "saved_passes": float(passes),
           "backward_fit_errors": [float(e) for e in predicted / measured - 1], "shapes": points}
 
 
-def fit_op_costs(medians: dict[str, float], fitted_device: dict) -> dict[str, dict]:
+def fit_op_costs(best: dict[str, float], fitted_device: dict) -> dict[str, dict]:
   """Each family's `FamilyCost` fields from its profiles (`_fit_family`), each shape's numbers kept under
   `shapes`: `attention` from the attention halves; `dense` from the dense layers less their attention halves;
   `experts` from the MoE layers less their attention halves and the dense family's ops (the FFN norm and
   residual) at the fitted dense cost; `head` from the head profiles."""
   device = _device_spec(fitted_device)
-  slope = lambda name: _slope(medians, name, PROFILE_CHAIN)
+  slope = lambda name: _slope(best, name, PROFILE_CHAIN)
   measured = lambda family, index: np.array([slope(f"profile/{family}/{index}/{kind}")
                                              for kind in ("forward", "grad")])
   select = lambda ops, family: [op for op in ops if op.family == family]
   points = {family: [] for family in operators.FAMILIES}
-  indices = [i for i in range(len(LAYER_PROFILES)) if f"profile/attention/{i}/forward/{PROFILE_CHAIN[0]}" in medians]
+  indices = [i for i in range(len(LAYER_PROFILES)) if f"profile/attention/{i}/forward/{PROFILE_CHAIN[0]}" in best]
   for index in indices:
     attention = measured("attention", index)
     ops = layer_profile_ops(LAYER_PROFILES[index], "dense")
     points["attention"].append(_family_point(*attention, select(ops, "attention"), device))
     points["dense"].append(_family_point(*(measured("dense", index) - attention), select(ops, "dense"), device))
   for index, profile in enumerate(HEAD_PROFILES):
-    if f"profile/head/{index}/forward/{PROFILE_CHAIN[0]}" in medians:
+    if f"profile/head/{index}/forward/{PROFILE_CHAIN[0]}" in best:
       points["head"].append(_family_point(*measured("head", index), head_ops(profile), device))
   fits = {family: _fit_family(points[family]) for family in ("attention", "dense", "head")}
   dense_cost = {"dense": operators.FamilyCost(fits["dense"]["forward_scale"], fits["dense"]["backward_factor"],
@@ -482,44 +608,78 @@ def fit_op_costs(medians: dict[str, float], fitted_device: dict) -> dict[str, di
   return {family: fits[family] for family in operators.FAMILIES}
 
 
+def fit_ep_costs(best: dict[str, float], calibration: Calibration) -> dict[str, dict]:
+  """Each exchange's `ExchangeCost` from its expert-parallel profiles.
+
+  Per profile, the measured layer (forward; backward = grad − forward) less what the simulator gives its
+  attention and dense parts at `calibration` (which has no EP costs yet) is the MoE feed-forward under EP; its
+  scale is that over the simulator's `experts` compute plus EP exchange. An exchange's scale is the median over
+  its profiles; each profile's numbers are kept under `profiles`.
+  """
+  from pangu.sim.plan import FP32, Plan, TrainWorkload
+  from pangu.sim.training import layer_cost
+  points: dict[str, list[dict]] = {}
+  for index, profile in enumerate(EP_PROFILES):
+    if f"ep/{index}/forward/{PROFILE_CHAIN[0]}" not in best:
+      continue
+    layer = profile.layer
+    forward, both = (_slope(best, f"ep/{index}/{kind}", PROFILE_CHAIN) for kind in ("forward", "grad"))
+    plan = Plan(dp=8, ep=profile.ep, micro_batch=layer.batch, sequence_parallel=False, zero_stage=0,
+                ep_dispatch=profile.dispatch)
+    cost = layer_cost(from_config(layer.config(sparse=True), "ep_profile"), "moe", plan,
+                      TrainWorkload(layer.seq, 8 * layer.batch), calibration.topology, FP32, calibration.options)
+    modelled = {"forward": cost.expert_forward + cost.ep_forward, "backward": cost.expert_backward + cost.ep_backward}
+    other = {"forward": cost.forward - modelled["forward"], "backward": cost.backward - modelled["backward"]}
+    measured = {"forward": forward, "backward": both - forward}
+    points.setdefault(profile.dispatch, []).append({
+        "profile": index, "ep": profile.ep, "measured_forward_s": forward, "measured_backward_s": both - forward,
+        "modelled_forward_s": cost.forward, "modelled_backward_s": cost.backward,
+        **{f"{part}_scale": max(measured[part] - other[part], 1e-9) / modelled[part] for part in measured}})
+  return {dispatch: {"forward_scale": float(np.median([p["forward_scale"] for p in rows])),
+                     "backward_scale": float(np.median([p["backward_scale"] for p in rows])), "profiles": rows}
+          for dispatch, rows in points.items()}
+
+
 def fit(times: dict[str, list[float]]) -> dict:
-  """The calibration record from benchmark times (medians over rounds)."""
-  medians = {name: float(np.median(values)) for name, values in times.items()}
-  sizes = [size for size in MATMUL_SIZES if f"matmul/{size}/{CHAIN[0]}" in medians]
-  matmul = [{"size": size, "flops": 2.0 * size**3, "seconds": _slope(medians, f"matmul/{size}")} for size in sizes]
-  matmul_static = _slope(medians, f"matmul/{TINY}", STATIC_CHAIN)
+  """The calibration record from benchmark times (the best of the rounds, `best_of`)."""
+  best = {name: best_of(values) for name, values in times.items()}
+  sizes = [size for size in MATMUL_SIZES if f"matmul/{size}/{CHAIN[0]}" in best]
+  matmul = [{"size": size, "flops": 2.0 * size**3, "seconds": _slope(best, f"matmul/{size}")} for size in sizes]
+  matmul_static = _slope(best, f"matmul/{TINY}", STATIC_CHAIN)
   matmul_rate = float(np.median([m["flops"] / max(m["seconds"] - matmul_static, 1e-7) for m in matmul[1:]]))
-  (copy_name,) = [name for name in medians if name.startswith("copy/")]
-  copy_bandwidth = 2 * 4 * int(copy_name.split("/")[1]) / medians[copy_name]
+  (copy_name,) = [name for name in best if name.startswith("copy/")]
+  copy_bandwidth = 2 * 4 * int(copy_name.split("/")[1]) / best[copy_name]
 
   axes = {}
   for axis, size in zip(MESH_AXES, MESH_SHAPE):
     points = []
     for kind in COLLECTIVES:
       for nbytes in COLLECTIVE_BYTES:
-        seconds = _slope(medians, f"collective/{axis}/{kind}/{nbytes}") - _slope(medians, f"scale/{nbytes}")
+        seconds = _slope(best, f"collective/{axis}/{kind}/{nbytes}") - _slope(best, f"scale/{nbytes}")
         points.append({"kind": kind, "bytes": nbytes, "seconds": max(seconds, 1e-6)})
-    alpha_train, beta_train = _fit_alpha_beta([p for p in points if p["bytes"] != HELD_OUT_BYTES], size)
+    alpha_train, beta_train = fit_alpha_beta([p for p in points if p["bytes"] != HELD_OUT_BYTES], size)
     held = [p for p in points if p["bytes"] == HELD_OUT_BYTES]
     held_error = float(np.mean([abs(_predict_collective(p, alpha_train, beta_train, size) / p["seconds"] - 1)
                                 for p in held]))
-    alpha, beta = _fit_alpha_beta(points, size)
+    alpha, beta = fit_alpha_beta(points, size)
     axes[axis] = {"size": size, "alpha": alpha, "beta": beta, "held_out_bytes": HELD_OUT_BYTES,
                   "held_out_mape": held_error, "points": points}
   device = {"matmul_flops": matmul_rate, "matmul_static_cost": matmul_static,
-            "vector_static_cost": _slope(medians, "normalise", STATIC_CHAIN), "copy_bandwidth": copy_bandwidth}
-  return {
+            "vector_static_cost": _slope(best, "normalise", STATIC_CHAIN), "copy_bandwidth": copy_bandwidth}
+  record = {
       "command": "python -m pangu.sim calibrate --out=pangu/sim/calibration/cpu8.json",
       "mesh": dict(zip(MESH_AXES, MESH_SHAPE)),
       "device": device,
-      "op_costs": fit_op_costs(medians, device),
-      "optimizer_bytes_per_param": medians["optimizer"] * copy_bandwidth / optimizer_params(),
-      "step_overhead": medians["dispatch"],
+      "op_costs": fit_op_costs(best, device),
+      "optimizer_bytes_per_param": best["optimizer"] * copy_bandwidth / optimizer_params(),
+      "step_overhead": best["dispatch"],
       "axes": axes,
       "matmul": matmul,
-      "medians": medians,
+      "best_times": best,
       "machine": {"cpu_count": os.cpu_count(), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")},
   }
+  record["ep_costs"] = fit_ep_costs(best, from_record(record))
+  return record
 
 
 def run_microbenchmarks(*, quick: bool = False, rounds: int | None = None) -> dict:
@@ -545,21 +705,59 @@ class Calibration:
 
 @functools.lru_cache(maxsize=8)
 def load(path: str = DEFAULT_PATH) -> Calibration:
-  """The stored calibration as a `Topology` (axes `node` x `npu`, the host as one node) and `SimOptions`.
+  """The stored calibration (`from_record`)."""
+  with open(path) as f:
+    return from_record(json.load(f))
+
+
+def from_record(record: dict) -> Calibration:
+  """A calibration record as a `Topology` (axes `node` x `npu`, the host as one node) and `SimOptions`.
 
   The fitted α and β include every overhead, so link efficiency is 1 and the collective static cost 0; the
   fitted static costs go to the device. Our CPU decoder writes the S x S attention scores, its dropless experts
-  run the `blocked` grouped matmul, and XLA:CPU does not overlap the gradient reduction.
+  run the `blocked` grouped matmul, and XLA:CPU does not overlap the gradient reduction. The measured
+  expert-parallel costs apply when the record has them.
   """
-  with open(path) as f:
-    record = json.load(f)
   device = _device_spec(record["device"])
   axes = tuple(AxisSpec(name=name, size=fit["size"], bandwidth=1.0 / fit["beta"], latency=fit["alpha"],
                         kind=LinkKind.FULL_MESH, fabric="shared-memory", intra_node=True, efficiency=1.0)
                for name, fit in record["axes"].items())
   costs = tuple((family, operators.FamilyCost(cost["forward_scale"], cost["backward_factor"], cost["saved_passes"]))
                 for family, cost in record["op_costs"].items())
+  ep_costs = tuple((dispatch, ExchangeCost(cost["forward_scale"], cost["backward_scale"]))
+                   for dispatch, cost in record.get("ep_costs", {}).items())
   options = SimOptions(fused_attention=False, overlap_grad_reduce=False, expert_block_rows=128,
                        step_overhead=record["step_overhead"],
-                       optimizer_bytes_per_param=record["optimizer_bytes_per_param"], op_costs=costs)
+                       optimizer_bytes_per_param=record["optimizer_bytes_per_param"], op_costs=costs,
+                       ep_costs=ep_costs)
   return Calibration(Topology("cpu8", axes, device), options, record)
+
+
+def constants(record: dict) -> dict[str, float]:
+  """The fitted constants of a calibration record, flat: device rates and static costs, each family's cost,
+  the optimizer and step overhead, each axis's α and β, and the exchanges' measured scales when present."""
+  flat = {f"device/{k}": float(v) for k, v in record["device"].items()}
+  for family, cost in record["op_costs"].items():
+    flat.update({f"{family}/{k}": float(cost[k]) for k in ("forward_scale", "backward_factor", "saved_passes")})
+  flat["optimizer_bytes_per_param"] = float(record["optimizer_bytes_per_param"])
+  flat["step_overhead"] = float(record["step_overhead"])
+  for axis, fit in record["axes"].items():
+    flat.update({f"axis/{axis}/alpha": float(fit["alpha"]), f"axis/{axis}/beta": float(fit["beta"])})
+  for exchange, cost in record.get("ep_costs", {}).items():
+    flat.update({f"ep/{exchange}/{k}": float(cost[k]) for k in ("forward_scale", "backward_scale")})
+  return flat
+
+
+def stability(record: dict, other: dict) -> dict:
+  """How far the constants of two calibrations move: each constant in both and its change other / this − 1
+  (a constant fitted to 0 in both does not move), the median and the largest absolute change."""
+  this, that = constants(record), constants(other)
+  rows = {}
+  for name in sorted(set(this) & set(that)):
+    a, b = this[name], that[name]
+    change = 0.0 if a == b else (b / a - 1 if a else float("inf"))
+    rows[name] = {"this_run": a, "other_run": b, "change": change}
+  changes = {name: abs(row["change"]) for name, row in rows.items()}
+  largest = max(changes, key=changes.get)
+  return {"constants": rows, "median_abs_change": float(np.median(list(changes.values()))),
+          "largest": {"name": largest, "change": rows[largest]["change"]}}

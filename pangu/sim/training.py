@@ -26,8 +26,22 @@ from pangu.sim import communication, operators, pipeline
 from pangu.sim.imbalance import straggler_factor
 from pangu.sim.memory import MemoryBreakdown, check_fits, stage_params, training_memory
 from pangu.sim.placement import place
-from pangu.sim.plan import MIXED_BF16, Infeasible, Plan, Precision, TrainWorkload
+from pangu.sim.plan import DISPATCHES, MIXED_BF16, Infeasible, Plan, Precision, TrainWorkload
 from pangu.sim.shapes import GQA, ModelShape
+
+
+@dataclasses.dataclass(frozen=True)
+class ExchangeCost:
+  """Measured time / modelled time of a MoE layer's feed-forward (its `experts` family ops plus the EP exchange)
+  under expert parallelism, forward and backward apart (1: the model holds)."""
+
+  forward_scale: float = 1.0
+  backward_scale: float = 1.0
+
+  def __post_init__(self):
+    if not (self.forward_scale > 0 and self.backward_scale > 0):
+      raise ValueError(f"ExchangeCost.forward_scale and backward_scale must be > 0, got {self.forward_scale} and "
+                       f"{self.backward_scale}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +60,11 @@ class SimOptions:
       its layer scan, on [B, S, D] activations), whose backward costs 4-6x its forward.
     optimizer_bytes_per_param: effective HBM bytes of one AdamW update per parameter; None: the precision's
       read/write count (`Precision.optimizer_traffic_bytes`); calibrated on CPU.
+    ep_costs: measured cost of a MoE layer's feed-forward under expert parallelism, per `Plan.ep_dispatch`, as
+      (dispatch, ExchangeCost) pairs: its `experts` family ops and EP exchange scaled together; a dispatch not
+      listed follows the model. Calibrated on CPU by running the library's MoE layer on an expert-parallel mesh
+      through the exchange it really uses (the fixed all-to-all or the ring), which the single-device profiles
+      and the α-β exchange alone under-predicted.
     max_noop_layers: no-op layers a plan may add so that pp · vpp divides the layers.
     memory_fraction: share of device memory a plan may use.
     imbalance_samples: routed batches sampled per straggler factor.
@@ -57,6 +76,7 @@ class SimOptions:
   step_overhead: float = 0.0
   op_costs: tuple[tuple[str, operators.FamilyCost], ...] = ()
   optimizer_bytes_per_param: float | None = None
+  ep_costs: tuple[tuple[str, ExchangeCost], ...] = ()
   max_noop_layers: int = 4
   memory_fraction: float = 1.0
   imbalance_samples: int = 32
@@ -68,6 +88,10 @@ class SimOptions:
       if family not in operators.FAMILIES or not isinstance(cost, operators.FamilyCost):
         raise ValueError(f"SimOptions.op_costs entries must be (family in {operators.FAMILIES}, FamilyCost), got "
                          f"{(family, cost)!r}")
+    for dispatch, cost in self.ep_costs:
+      if dispatch not in DISPATCHES or not isinstance(cost, ExchangeCost):
+        raise ValueError(f"SimOptions.ep_costs entries must be (dispatch in {DISPATCHES}, ExchangeCost), got "
+                         f"{(dispatch, cost)!r}")
     if self.optimizer_bytes_per_param is not None and not self.optimizer_bytes_per_param > 0:
       raise ValueError(f"SimOptions.optimizer_bytes_per_param must be > 0 or None, got "
                        f"{self.optimizer_bytes_per_param}")
@@ -127,43 +151,67 @@ def check_divisibility(shape: ModelShape, plan: Plan) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class _LayerCost:
+class LayerCost:
+  """One layer and micro-batch on the busiest device.
+
+  Attributes:
+    forward, backward: seconds, traffic and recomputation included.
+    compute_backward: the backward's compute alone (what can hide the gradient reduction).
+    expert_forward, expert_backward: the `experts` family's compute within them (after `SimOptions.ep_costs`).
+    saved: activation bytes kept for the backward pass.
+    tp_traffic, cp_traffic: one pass's TP and CP collectives.
+    ep_forward, ep_backward: the EP exchange of the forward and of the backward pass.
+  """
+
   forward: float
   backward: float
   compute_backward: float
+  expert_forward: float
+  expert_backward: float
   saved: float
   tp_traffic: float
-  ep_traffic: float
+  ep_forward: float
+  ep_backward: float
   cp_traffic: float
 
 
 @functools.lru_cache(maxsize=65536)
 def _layer_cost(shape: ModelShape, kind: str, plan: Plan, ctx: operators.OpContext, groups: tuple[Topology, ...],
-                precision: Precision, straggler: float,
-                op_costs: tuple[tuple[str, operators.FamilyCost], ...]) -> _LayerCost:
+                precision: Precision, straggler: float, op_costs: tuple[tuple[str, operators.FamilyCost], ...],
+                ep_costs: tuple[tuple[str, ExchangeCost], ...]) -> LayerCost:
   """Forward and backward seconds and saved bytes of one layer and micro-batch; cached, since the pipeline and
   data-parallel sizes of a search do not change it (`plan` arrives with them normalised away)."""
   tp_group, etp_group, ep_group, cp_group = groups
   device, dtype, a = tp_group.device, precision.compute_dtype, precision.activation_bytes
   costs = dict(op_costs)
   ops = operators.layer_ops(shape, kind, ctx, plan.ep_dispatch)
-  compute_forward = operators.forward_seconds(ops, device, dtype, costs, routed_factor=straggler)
-  compute_backward = operators.forward_seconds(ops, device, dtype, costs, routed_factor=straggler, backward=True)
+  measured = dict(ep_costs).get(plan.ep_dispatch) if kind == "moe" and plan.ep > 1 else None
+  scale = measured or ExchangeCost()
+  experts = [op for op in ops if op.family == "experts"]
+  others = [op for op in ops if op.family != "experts"]
+  seconds = lambda chosen, backward=False: operators.forward_seconds(chosen, device, dtype, costs,
+                                                                     routed_factor=straggler, backward=backward)
+  expert_forward, expert_backward = scale.forward_scale * seconds(experts), scale.backward_scale * seconds(experts, True)
+  compute_forward = seconds(others) + expert_forward
+  compute_backward = seconds(others, True) + expert_backward
   recompute = operators.recompute_seconds(ops, device, dtype, plan.recompute, costs, routed_factor=straggler)
   tp_traffic, ep_traffic = communication.layer_traffic_seconds(tp_group, etp_group, ep_group, plan, kind, ctx.tokens,
                                                                shape, a, straggler)
+  ep_forward, ep_backward = scale.forward_scale * ep_traffic, scale.backward_scale * ep_traffic
   cp_traffic = communication.context_parallel_seconds(cp_group, plan, ctx.tokens, shape, a)
 
-  def with_traffic(compute: float) -> float:
-    hidden = max(compute, ep_traffic) if plan.ep_overlap else compute + ep_traffic
+  def with_traffic(compute: float, ep: float) -> float:
+    hidden = max(compute, ep) if plan.ep_overlap else compute + ep
     return hidden + tp_traffic + cp_traffic
 
-  forward = with_traffic(compute_forward)
-  backward = with_traffic(compute_backward) + (with_traffic(recompute) if plan.recompute == "full" else recompute)
+  forward = with_traffic(compute_forward, ep_forward)
+  backward = with_traffic(compute_backward, ep_backward) + (
+      with_traffic(recompute, ep_forward) if plan.recompute == "full" else recompute)
   layer_input = a * ctx.norm_tokens * shape.d_model
-  return _LayerCost(forward=forward, backward=backward, compute_backward=compute_backward,
-                    saved=operators.saved_bytes(ops, plan.recompute, layer_input), tp_traffic=tp_traffic,
-                    ep_traffic=ep_traffic, cp_traffic=cp_traffic)
+  return LayerCost(forward=forward, backward=backward, compute_backward=compute_backward,
+                   expert_forward=expert_forward, expert_backward=expert_backward,
+                   saved=operators.saved_bytes(ops, plan.recompute, layer_input), tp_traffic=tp_traffic,
+                   ep_forward=ep_forward, ep_backward=ep_backward, cp_traffic=cp_traffic)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -188,6 +236,38 @@ def model_flops_per_sequence(shape: ModelShape, seq_len: int) -> float:
   return 3.0 * forward
 
 
+def _context(shape: ModelShape, plan: Plan, workload: TrainWorkload, precision: Precision,
+             options: SimOptions) -> tuple[operators.OpContext, float]:
+  """How one device sees a micro-batch, and the routed experts' straggler factor."""
+  tokens = plan.micro_batch * workload.seq_len / plan.cp
+  ctx = operators.OpContext(tokens=tokens, kv_len=workload.seq_len, cp=plan.cp, tp=plan.tp,
+                            sequence_parallel=plan.sequence_parallel, ep=plan.ep, expert_tp=plan.etp,
+                            activation_bytes=precision.activation_bytes,
+                            weight_bytes=precision.weight_bytes, fused_attention=options.fused_attention,
+                            expert_block_rows=options.expert_block_rows)
+  straggler = 1.0
+  if shape.moe is not None:
+    group_tokens = int(round(plan.ep * tokens * plan.etp / plan.tp))  # tokens the EP group routes per micro-batch
+    straggler = straggler_factor(shape.moe, plan.ep, group_tokens, samples=options.imbalance_samples)
+  return ctx, straggler
+
+
+def _placed_layer_cost(shape: ModelShape, kind: str, plan: Plan, ctx: operators.OpContext, placement,
+                       precision: Precision, straggler: float, options: SimOptions) -> LayerCost:
+  layer_plan = plan.replace(pp=1, vpp=1, dp=plan.ep, zero_stage=0, zero_shards=None, expert_zero_shards=None)
+  groups = (placement["tp"], placement["etp"], placement["ep"], placement["cp"])
+  return _layer_cost(shape, kind, layer_plan, ctx, groups, precision, straggler, options.op_costs, options.ep_costs)
+
+
+def layer_cost(shape: ModelShape, kind: str, plan: Plan, workload: TrainWorkload, topology: Topology,
+               precision: Precision = MIXED_BF16, options: SimOptions = SimOptions()) -> LayerCost:
+  """One layer of `kind` ("dense" or "moe"), one micro-batch, as `simulate_training` prices it: what the
+  calibration compares with a measured layer."""
+  check_divisibility(shape, plan)
+  ctx, straggler = _context(shape, plan, workload, precision, options)
+  return _placed_layer_cost(shape, kind, plan, ctx, place(topology, plan), precision, straggler, options)
+
+
 def simulate_training(shape: ModelShape, plan: Plan, workload: TrainWorkload, topology: Topology,
                       precision: Precision = MIXED_BF16, options: SimOptions = SimOptions()) -> TrainEstimate:
   """Step time, MFU and memory of `plan`; raises Infeasible with the reason for a plan that cannot run."""
@@ -200,19 +280,9 @@ def simulate_training(shape: ModelShape, plan: Plan, workload: TrainWorkload, to
   device, dtype, a = topology.device, precision.compute_dtype, precision.activation_bytes
   device.peak_flops(dtype)  # raises for a dtype the device lacks
 
-  tokens = plan.micro_batch * workload.seq_len / plan.cp
-  ctx = operators.OpContext(tokens=tokens, kv_len=workload.seq_len, cp=plan.cp, tp=plan.tp,
-                            sequence_parallel=plan.sequence_parallel, ep=plan.ep, expert_tp=plan.etp,
-                            activation_bytes=a,
-                            weight_bytes=precision.weight_bytes, fused_attention=options.fused_attention,
-                            expert_block_rows=options.expert_block_rows)
-  straggler = 1.0
-  if shape.moe is not None:
-    group_tokens = int(round(plan.ep * tokens * plan.etp / plan.tp))  # tokens the EP group routes per micro-batch
-    straggler = straggler_factor(shape.moe, plan.ep, group_tokens, samples=options.imbalance_samples)
-  layer_plan = plan.replace(pp=1, vpp=1, dp=plan.ep, zero_stage=0, zero_shards=None, expert_zero_shards=None)
-  groups = (placement["tp"], placement["etp"], placement["ep"], placement["cp"])
-  costs = {kind: _layer_cost(shape, kind, layer_plan, ctx, groups, precision, straggler, options.op_costs)
+  ctx, straggler = _context(shape, plan, workload, precision, options)
+  tokens = ctx.tokens
+  costs = {kind: _placed_layer_cost(shape, kind, plan, ctx, placement, precision, straggler, options)
            for kind in set(kinds)}
   embedding_time, head_time, head_saved = _ends_cost(shape, ctx, device, dtype, options.op_costs)
   sends = 2 * plan.vpp * communication.point_to_point(
@@ -258,7 +328,7 @@ def simulate_training(shape: ModelShape, plan: Plan, workload: TrainWorkload, to
   stage_kinds = stages[busiest]
   per_micro_batch = {
       "tp_traffic": sum(costs[k].tp_traffic for k in stage_kinds) * 2,
-      "ep_traffic": sum(costs[k].ep_traffic for k in stage_kinds) * 2,
+      "ep_traffic": sum(costs[k].ep_forward + costs[k].ep_backward for k in stage_kinds),
       "cp_traffic": sum(costs[k].cp_traffic for k in stage_kinds) * 2,
       "pp_sends": sends if plan.pp > 1 else 0.0,
   }

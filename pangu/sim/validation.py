@@ -4,9 +4,13 @@
 Each case is a `TransformerConfig` (dense, MoGE or top-K MoE) and a `ParallelPlan` over (data, fsdp, expert,
 tensor). `step_benchmarks` compiles every case first; `calibrate.time_rounds` then times one step of each case per
 round, interleaved with the calibration microbenchmarks, so that drift of the shared machine hits them all
-alike, and the medians over rounds are compared. `to_sim` maps a case
-to the simulator's inputs: dp = data · fsdp · expert (the batch axes), ZeRO-3 over the fsdp axis,
-fp32 parameters and activations.
+alike (`measure`: one run). `to_sim` maps a case to the simulator's inputs: dp = data · fsdp · expert (the
+batch axes), ZeRO-3 over the fsdp axis, fp32 parameters and activations.
+
+A calibration scored on the step times of its own run says little about another day on the shared machine, so
+a second, independent run (`measure_in_subprocess`: `python -m pangu.sim measure` in a fresh process, with its
+own XLA_FLAGS for 8 host devices) calibrates and measures again; `compare` of one run's calibration against the
+other run's step times is the cross-run figure.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -25,12 +31,15 @@ from pangu.models.config import TransformerConfig
 from pangu.nn.moe.config import MoEConfig
 from pangu.nn.moe.parallel import exchange_for
 from pangu.parallel.mesh import ParallelPlan
-from pangu.sim import shapes
+from pangu.sim import calibrate, shapes
 from pangu.sim.calibrate import Benchmark, Calibration, decoder_config
 from pangu.sim.plan import FP32, Plan, TrainWorkload
 from pangu.sim.training import simulate_training
 
 DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "calibration", "cpu8_steps.json")
+# The second, independent run: calibration and step times measured in another process.
+OTHER_CALIBRATION_PATH = os.path.join(os.path.dirname(__file__), "calibration", "cpu8_other_run.json")
+OTHER_STEPS_PATH = os.path.join(os.path.dirname(__file__), "calibration", "cpu8_other_run_steps.json")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
@@ -149,9 +158,34 @@ def step_benchmarks(cases: tuple[ValidationCase, ...] = CASES,
   return result
 
 
-def save_measurements(times: dict[str, list[float]], path: str = DEFAULT_PATH) -> str:
+def measure(rounds: int, *, quick: bool = False, log: Callable[[str], None] = print
+            ) -> tuple[dict, dict[str, list[float]]]:
+  """One run in this process: the calibration microbenchmarks (`quick`: fewer sizes and profiles) and every
+  case's train step, timed in the same interleaved rounds; (calibration record, step seconds per case and
+  round)."""
+  benchmarks = calibrate.benchmarks(quick=quick) + step_benchmarks(log=log)
+  times = calibrate.time_rounds(benchmarks, rounds, log)
+  steps = {case.name: times.pop(case.name) for case in CASES}
+  return calibrate.fit(times), steps
+
+
+def measure_in_subprocess(calibration_path: str, steps_path: str, rounds: int, *, quick: bool = False,
+                          log: Callable[[str], None] = print) -> None:
+  """`measure` in a fresh process (`python -m pangu.sim measure`) with its own XLA_FLAGS for 8 host devices:
+  nothing of this process (compiled executables, caches, allocator state) reaches that run."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "PYTHONPATH": os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+  command = [sys.executable, "-m", "pangu.sim", "measure", f"--out={calibration_path}", f"--steps_out={steps_path}",
+             f"--rounds={rounds}"] + (["--quick"] if quick else [])
+  log("measuring in another process: " + " ".join(command[1:]))
+  subprocess.run(command, env=env, cwd=root, check=True)
+
+
+def save_measurements(times: dict[str, list[float]], path: str = DEFAULT_PATH,
+                      command: str = "python -m experiments.simulate_ascend --measure") -> str:
   import jax
-  record = {"command": "python -m experiments.simulate_ascend --measure", "cpu_count": os.cpu_count(),
+  record = {"command": command, "cpu_count": os.cpu_count(), "pid": os.getpid(),
             "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "step_seconds": times}
   with open(path, "w") as f:
     json.dump(record, f, indent=1)
@@ -171,21 +205,24 @@ def predict(case: ValidationCase, calibration: Calibration) -> float:
 
 def compare(times: dict[str, list[float]], calibration: Calibration,
             cases: tuple[ValidationCase, ...] = CASES) -> dict:
-  """Spearman rank correlation and mean absolute percentage error of predicted vs median measured step times.
+  """Spearman rank correlation and mean absolute percentage error of predicted vs measured step times.
 
-  How far the noise of the shared machine reaches: each config's interquartile range over rounds, their median
-  relative to the step (`median_relative_iqr`), and the Spearman correlation of each round's times alone
+  A config's measured step is the best of its rounds (`calibrate.best_of`, the statistic the calibration's
+  benchmarks use, so both describe the least disturbed machine); the median is kept beside it. How far the
+  noise of the shared machine reaches: each config's interquartile range over rounds, their median relative
+  to the median step (`median_relative_iqr`), and the Spearman correlation of each round's times alone
   (`round_spearman`: the rounds are interleaved, so each is one snapshot of every config).
   """
   rows = []
   for case in cases:
     if case.name not in times:
       continue
-    measured = float(np.median(times[case.name]))
+    measured = calibrate.best_of(times[case.name])
     predicted = predict(case, calibration)
     spread = np.percentile(times[case.name], [25, 75])
-    rows.append({"name": case.name, "measured_s": measured, "predicted_s": predicted,
-                 "error": predicted / measured - 1, "measured_iqr_s": [float(v) for v in spread]})
+    rows.append({"name": case.name, "measured_s": measured, "measured_median_s": float(np.median(times[case.name])),
+                 "predicted_s": predicted, "error": predicted / measured - 1,
+                 "measured_iqr_s": [float(v) for v in spread]})
   measured = np.array([row["measured_s"] for row in rows])
   predicted = np.array([row["predicted_s"] for row in rows])
   rounds = min(len(times[row["name"]]) for row in rows)
@@ -193,6 +230,26 @@ def compare(times: dict[str, list[float]], calibration: Calibration,
                for r in range(rounds)]
   return {"spearman": float(scipy.stats.spearmanr(measured, predicted).statistic),
           "mape": float(np.mean(np.abs(predicted / measured - 1))), "n_configs": len(rows),
-          "median_relative_iqr": float(np.median([np.diff(row["measured_iqr_s"])[0] / row["measured_s"]
+          "median_relative_iqr": float(np.median([np.diff(row["measured_iqr_s"])[0] / row["measured_median_s"]
                                                   for row in rows])),
           "round_spearman": [float(v) for v in per_round], "configs": rows}
+
+
+def cross_run(calibration: Calibration, steps: dict[str, list[float]], other_calibration: Calibration,
+              other_steps: dict[str, list[float]], cases: tuple[ValidationCase, ...] = CASES) -> dict:
+  """Each run's calibration scored on the other run's step times.
+
+  The headline (`spearman`, `mape`, `configs`) is this run's calibration on the other run's steps; `reverse`
+  the other way round; `step_drift` the median relative change of a config's measured step between the runs
+  (how far the machine itself moved); `prediction_drift` the median relative change of a config's predicted
+  step between the two calibrations (how far their constants move where it matters: some constants fitted
+  near zero move by large factors without changing any prediction).
+  """
+  forward, reverse = compare(other_steps, calibration, cases), compare(steps, other_calibration, cases)
+  predicted = [abs(predict(c, other_calibration) / predict(c, calibration) - 1) for c in cases]
+  drift = [abs(calibrate.best_of(other_steps[c.name]) / calibrate.best_of(steps[c.name]) - 1)
+           for c in cases if c.name in steps and c.name in other_steps]
+  return {"spearman": forward["spearman"], "mape": forward["mape"], "n_configs": forward["n_configs"],
+          "configs": forward["configs"], "reverse": {"spearman": reverse["spearman"], "mape": reverse["mape"]},
+          "worst_mape": max(forward["mape"], reverse["mape"]), "step_drift": float(np.median(drift)),
+          "prediction_drift": float(np.median(predicted))}

@@ -1,8 +1,11 @@
 """The calibration's operator profiles: the modules it times are the layers the simulator models, and the fit
 recovers known family costs from synthetic profile times."""
 
-import jax
+import dataclasses
+
 import flax.linen as nn
+import jax
+import numpy as np
 import pytest
 
 from pangu.models.transformer import DecoderBlock
@@ -83,3 +86,88 @@ def test_attention_block_ops_form_the_attention_family():
       "output_projection"}
   assert families["ffn_gate_up"] == families["ffn_norm"] == "dense"
   assert {op.family for op in operators.head_ops(from_config(config), ctx)} == {"head"}
+
+
+def test_alpha_beta_fit_recovers_known_constants_despite_an_outlier():
+  alpha, beta, size = 3e-5, 2e-9, 4
+  exact = [{"kind": kind, "bytes": nbytes, "seconds": calibrate.PHASES[kind] * (alpha + (size - 1) / size * nbytes * beta)}
+           for kind in calibrate.COLLECTIVES for nbytes in calibrate.COLLECTIVE_BYTES]
+  assert calibrate.fit_alpha_beta(exact, size) == pytest.approx((alpha, beta), rel=1e-6)
+  for index in range(len(exact)):
+    points = [dict(p) for p in exact]
+    points[index]["seconds"] *= 4.0  # one measurement hit by a burst of load
+    assert calibrate.fit_alpha_beta(points, size) == pytest.approx((alpha, beta), rel=0.01)
+  # Plain least squares on relative error (the fit before) is pulled far off by such an outlier.
+  points = [dict(p) for p in exact]
+  points[0]["seconds"] *= 4.0
+  phases = np.array([calibrate.PHASES[p["kind"]] for p in points], float)
+  volume = np.array([p["bytes"] for p in points], float) * (size - 1) / size
+  seconds = np.array([p["seconds"] for p in points])
+  (plain_alpha, _), *_ = np.linalg.lstsq(np.stack([phases, phases * volume], 1) / seconds[:, None],
+                                         np.ones_like(seconds), rcond=None)
+  assert abs(plain_alpha / alpha - 1) > 0.3
+
+
+def test_time_rounds_shuffles_each_round_and_drops_the_warm_up():
+  calls = []
+  benchmarks = [calibrate.Benchmark(str(i), lambda i=i: calls.append(i)) for i in range(6)]
+  times = calibrate.time_rounds(benchmarks, rounds=3, log=lambda _: None, warmup_rounds=1)
+  assert all(len(times[str(i)]) == 3 for i in range(6))  # the warm-up round is not recorded
+  rounds = [calls[6 * r:6 * (r + 1)] for r in range(4)]
+  assert len(calls) == 24 and all(sorted(r) == list(range(6)) for r in rounds)
+  assert len({tuple(r) for r in rounds}) > 1  # not the same fixed order every round
+  assert calibrate.best_of([0.3, 0.1, 0.2]) == 0.1
+
+
+def test_stability_reports_how_far_each_constant_moves():
+  record = calibrate.load().record
+  other = {**record, "op_costs": {**record["op_costs"],
+                                  "dense": {**record["op_costs"]["dense"],
+                                            "forward_scale": 3 * record["op_costs"]["dense"]["forward_scale"]}}}
+  moved = calibrate.stability(record, other)
+  assert moved["constants"]["dense/forward_scale"]["change"] == pytest.approx(2.0)
+  assert moved["largest"] == {"name": "dense/forward_scale", "change": pytest.approx(2.0)}
+  assert moved["median_abs_change"] == 0.0
+  assert calibrate.stability(record, record)["largest"]["change"] == 0.0
+
+
+def test_expert_parallel_profiles_cover_both_exchanges():
+  assert {profile.dispatch for profile in calibrate.EP_PROFILES} == {"flat", "ring"}
+  assert {profile.dispatch for profile in calibrate.EP_PROFILES[:2]} == {"flat", "ring"}  # quick mode
+  with pytest.raises(ValueError, match="ExpertParallelProfile.ep"):
+    calibrate.ExpertParallelProfile(calibrate.LAYER_PROFILES[0], ep=3)
+
+
+def test_ep_fit_recovers_known_exchange_costs_from_synthetic_profile_times():
+  from pangu.sim.plan import FP32, Plan, TrainWorkload
+  from pangu.sim.training import ExchangeCost, layer_cost
+  base = calibrate.from_record({k: v for k, v in calibrate.load().record.items() if k != "ep_costs"})
+  truth = {"ring": ExchangeCost(1.8, 2.6), "flat": ExchangeCost(0.9, 1.3)}
+  options = dataclasses.replace(base.options, ep_costs=tuple(truth.items()))
+  best = {}
+  for index, profile in enumerate(calibrate.EP_PROFILES):
+    layer = profile.layer
+    plan = Plan(dp=8, ep=profile.ep, micro_batch=layer.batch, sequence_parallel=False, zero_stage=0,
+                ep_dispatch=profile.dispatch)
+    cost = layer_cost(from_config(layer.config(sparse=True)), "moe", plan, TrainWorkload(layer.seq, 8 * layer.batch),
+                      base.topology, FP32, options)
+    for repeat in calibrate.PROFILE_CHAIN:
+      best[f"ep/{index}/forward/{repeat}"] = 0.01 + repeat * cost.forward
+      best[f"ep/{index}/grad/{repeat}"] = 0.02 + repeat * (cost.forward + cost.backward)
+  fitted = calibrate.fit_ep_costs(best, base)
+  for dispatch, cost in truth.items():
+    assert fitted[dispatch]["forward_scale"] == pytest.approx(cost.forward_scale, rel=1e-6)
+    assert fitted[dispatch]["backward_scale"] == pytest.approx(cost.backward_scale, rel=1e-6)
+
+
+def test_ep_costs_scale_only_moe_layers_under_expert_parallelism():
+  from pangu.sim import validation
+  from pangu.sim.training import ExchangeCost
+  base = calibrate.from_record({k: v for k, v in calibrate.load().record.items() if k != "ep_costs"})
+  scaled = dataclasses.replace(base, options=dataclasses.replace(
+      base.options, ep_costs=(("ring", ExchangeCost(2.0, 2.0)), ("flat", ExchangeCost(2.0, 2.0)))))
+  cases = {case.name: case for case in validation.CASES}
+  for name in ("d256_l2_dp8", "d256_l2_dp4_tp2"):  # dense: unchanged
+    assert validation.predict(cases[name], scaled) == validation.predict(cases[name], base)
+  for name in ("topk_d256_l2_dp4_ep2", "moge_d128_l2_dp4_ep2"):
+    assert validation.predict(cases[name], scaled) > validation.predict(cases[name], base)

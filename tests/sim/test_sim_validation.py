@@ -68,3 +68,24 @@ def test_cases_span_width_depth_experts_and_every_parallel_axis():
   assert {c.moe.num_experts for c in configs if c.moe} >= {8, 16, 32}
   for axis in validation.MESH_AXES:
     assert {dict(case.mesh).get(axis, 1) for case in validation.CASES} >= {1, 4}, axis
+
+
+def test_cross_run_scores_each_calibration_on_the_other_runs_steps():
+  calibration = calibrate.load()
+  cases = validation.CASES[:4]
+  predicted = {case.name: validation.predict(case, calibration) for case in cases}
+  this_run = {name: [t, t] for name, t in predicted.items()}
+  other_run = {name: [2 * t, 2 * t] for name, t in predicted.items()}
+  cross = validation.cross_run(calibration, this_run, calibration, other_run, cases)
+  # This calibration predicts t against the other run's 2t: |t / 2t - 1| = 0.5; the reverse is exact.
+  assert cross["mape"] == pytest.approx(0.5) and cross["reverse"]["mape"] == pytest.approx(0.0, abs=1e-12)
+  assert cross["worst_mape"] == pytest.approx(0.5) and cross["step_drift"] == pytest.approx(1.0)
+  assert cross["spearman"] == pytest.approx(1.0) and cross["n_configs"] == 4
+  assert cross["prediction_drift"] == 0.0  # the same calibration twice predicts the same steps
+
+
+
+def test_stored_other_run_covers_every_case():
+  times = validation.load_measurements(validation.OTHER_STEPS_PATH)
+  assert {case.name for case in validation.CASES} <= set(times)
+  assert calibrate.load(validation.OTHER_CALIBRATION_PATH).topology.num_devices == 8
