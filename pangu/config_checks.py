@@ -11,6 +11,14 @@ def positive_ints(obj, *names: str) -> None:
       raise ValueError(f"{type(obj).__name__}.{name} must be a positive int, got {value!r}")
 
 
+def positive_numbers(obj, *names: str) -> None:
+  """Each named field of `obj` is a number > 0 (NaN rejected)."""
+  for name in names:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+      raise ValueError(f"{type(obj).__name__}.{name} must be > 0, got {value!r}")
+
+
 def one_of(obj, name: str, allowed: Collection) -> None:
   """The field `name` of `obj` is one of `allowed`."""
   value = getattr(obj, name)

@@ -20,6 +20,7 @@ import dataclasses
 import math
 from typing import Literal
 
+from pangu.config_checks import positive_numbers
 from pangu.parallel.topology import DeviceSpec
 from pangu.sim.imbalance import expected_distinct_experts
 from pangu.sim.shapes import GQA, MLA, ModelShape
@@ -84,9 +85,7 @@ class FamilyCost:
   saved_passes: float = 0.0
 
   def __post_init__(self):
-    if not (self.forward_scale > 0 and self.backward_factor > 0):
-      raise ValueError(f"FamilyCost.forward_scale and backward_factor must be > 0, got {self.forward_scale} and "
-                       f"{self.backward_factor}")
+    positive_numbers(self, "forward_scale", "backward_factor")
     if not self.saved_passes >= 0:
       raise ValueError(f"FamilyCost.saved_passes must be >= 0, got {self.saved_passes}")
 

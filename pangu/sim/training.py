@@ -21,6 +21,7 @@ import collections
 import dataclasses
 import functools
 
+from pangu.config_checks import positive_numbers
 from pangu.parallel.topology import DeviceSpec, Topology
 from pangu.sim import communication, operators, pipeline
 from pangu.sim.imbalance import straggler_factor
@@ -39,9 +40,7 @@ class ExchangeCost:
   backward_scale: float = 1.0
 
   def __post_init__(self):
-    if not (self.forward_scale > 0 and self.backward_scale > 0):
-      raise ValueError(f"ExchangeCost.forward_scale and backward_scale must be > 0, got {self.forward_scale} and "
-                       f"{self.backward_scale}")
+    positive_numbers(self, "forward_scale", "backward_scale")
 
 
 @dataclasses.dataclass(frozen=True)
