@@ -2,6 +2,8 @@
 reference); CLAP's merged layer and SLNP's gains against the spec's formulas written out in NumPy; a pruned model
 that saves to Hugging Face and reloads with identical logits; clear errors for impossible targets."""
 
+import pathlib
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -14,6 +16,7 @@ from pangu.compress.prune.light_stats import LightStats
 from pangu.compress.prune.pangu_light import _depth_plan
 from pangu.interop import hf
 
+FIXTURES = pathlib.Path(__file__).parents[1] / "interop" / "fixtures"
 TOKENS = np.random.default_rng(0).integers(0, 384, (8, 32)).astype(np.int32)
 SANDWICH = models.tiny(n_layers=4, norm_placement="depth_scaled_sandwich", max_position_embeddings=64)
 PRE_NORM = models.tiny(n_layers=4, tie_embeddings=True, max_position_embeddings=64)
@@ -68,6 +71,25 @@ def test_pruned_pre_norm_tied_model_saves_and_reloads(tmp_path):
   loaded_config, loaded = hf.load_pretrained(tmp_path)
   assert loaded_config.tie_embeddings and loaded_config.d_model == 48
   np.testing.assert_array_equal(models.forward(loaded_config, loaded, TOKENS), models.forward(config, pruned, TOKENS))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_model_loaded_from_a_hugging_face_folder_prunes_saves_and_reloads(family, tmp_path):
+  """Loaded models (Qwen2's q/k/v biases, Qwen3's per-head q/k norms): nothing removed is the identity, and a pruned
+  model saves as a folder of its architecture that reloads with identical logits."""
+  source_config, source = hf.load_pretrained(FIXTURES / family)
+  tokens = TOKENS % source_config.vocab_size
+  full = LightTarget(source_config.n_layers, source_config.d_model, source_config.n_heads, source_config.d_ff)
+  same_config, same, _ = pangu_light_prune(source_config, source, tokens, target=full)
+  np.testing.assert_allclose(models.forward(same_config, same, tokens), models.forward(source_config, source, tokens),
+                             rtol=1e-5, atol=1e-5)
+  target = LightTarget(n_layers=1, d_model=48, n_heads=2, d_ff=48)
+  config, params, _ = pangu_light_prune(source_config, source, tokens, target=target)
+  assert (config.n_layers, config.d_model, config.n_heads, config.n_kv_heads, config.d_ff) == (1, 48, 2, 1, 48)
+  _check_model(config, params)
+  hf.save_pretrained(config, params, tmp_path)
+  loaded_config, loaded = hf.load_pretrained(tmp_path)
+  np.testing.assert_array_equal(models.forward(loaded_config, loaded, tokens), models.forward(config, params, tokens))
 
 
 def test_absorption_is_exact_when_the_rms_is_constant():
