@@ -18,7 +18,8 @@ cache), analytic prefill FLOPs, and prefill wall time relative to the unpruned p
 one run. Then the SDTP / unpruned prefill speed-up at growing prompt lengths (the trained LM, batch 1).
 
 Writes <results_dir>/sdtp.json: {"keep_ratio", "methods": {name: {"accuracy", "ppl", "prefill_flops",
-"prefill_time_ratio"}}, "flops_reduction", "prefill_speedup", "claims"}, sdtp.png (speed-up vs prompt length,
+"prefill_time_ratio"}}, "flops_reduction", "prefill_speedup", "speedup_by_length": [{"length", "none_ms", "sdtp_ms",
+"speedup", "flops_reduction"}], "claims"}, sdtp.png (speed-up vs prompt length,
 accuracy per method) and sdtp.md (the table, setup and speed-up per length).
 """
 
@@ -366,7 +367,7 @@ def main(argv):
   keep_ratio = sdtp.tokens_per_layer(config, schedule, n)[-1] / n
   payload = {"keep_ratio": keep_ratio, "methods": results,
              "flops_reduction": 1 - results["sdtp"]["prefill_flops"] / results["none"]["prefill_flops"],
-             "prefill_speedup": speed[-1]["speedup"]}
+             "prefill_speedup": speed[-1]["speedup"], "speedup_by_length": speed}
   payload["claims"] = claims(payload)
   common.write_json("sdtp", payload, results_dir)
   plot(speed, results)
