@@ -51,7 +51,7 @@ _TIMING_METHODS = flags.DEFINE_list("timing_methods", None, "Methods timed on --
                                     "--quick: slimllm, the slowest).")
 
 FULL = dict(small_lm.BASE_FULL, eval_batches=32, repeats=20)
-QUICK = dict(small_lm.BASE_QUICK, eval_batches=8, repeats=15)
+QUICK = dict(small_lm.BASE_QUICK, eval_batches=8, repeats=8)
 SEQ_LEN, BATCH, PREFILL_BATCH, SEED = small_lm.SEQ_LEN, small_lm.BATCH, 8, small_lm.SEED
 CLOSE = 0.05  # within this relative perplexity a ranking is not evidence against the claim
 CLAIM = ("SlimLLM has the lowest perplexity among training-free structured pruning methods at both 20 % and 50 % "
