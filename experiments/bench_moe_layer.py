@@ -15,16 +15,15 @@ bench_moe_layer.png and the table as bench_moe_layer.md.
 """
 
 import statistics
-import time
 
 from absl import app, flags
 
 from experiments import common
 
-_TOKENS = flags.DEFINE_integer("tokens", 8192, "Tokens per step (--quick: 2048).")
-_D_MODEL = flags.DEFINE_integer("d_model", 256, "Model width D (--quick: 128).")
-_EXPERT_DIM = flags.DEFINE_integer("expert_dim", 128, "Expert width F (--quick: 64).")
-_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps per variant (--quick: 5).", lower_bound=1)
+_TOKENS = flags.DEFINE_integer("tokens", None, "Tokens per step (default 8192, --quick 2048).", lower_bound=1)
+_D_MODEL = flags.DEFINE_integer("d_model", None, "Model width D (default 256, --quick 128).", lower_bound=1)
+_EXPERT_DIM = flags.DEFINE_integer("expert_dim", None, "Expert width F (default 128, --quick 64).", lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", None, "Timed steps per variant (default 10, --quick 5).", lower_bound=1)
 
 VARIANTS = {
     "topk": dict(router="topk"),
@@ -71,10 +70,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quick = common.QUICK.value
-  tokens = 2048 if quick else _TOKENS.value
-  d_model = 128 if quick else _D_MODEL.value
-  expert_dim = 64 if quick else _EXPERT_DIM.value
-  repeats = 5 if quick else _REPEATS.value
+  tokens = common.pick(_TOKENS, 8192, 2048)
+  d_model = common.pick(_D_MODEL, 256, 128)
+  expert_dim = common.pick(_EXPERT_DIM, 128, 64)
+  repeats = common.pick(_REPEATS, 10, 5)
   if tokens % (SEQ_LEN * 8):
     raise app.UsageError(f"--tokens={tokens} must be a multiple of {SEQ_LEN * 8} (sequences split over 8 devices)")
 
@@ -85,12 +84,7 @@ def main(argv):
       (_, layer_metrics), _ = step()  # compile and warm up
       steps[variant, devices] = step
       metrics[variant, devices] = layer_metrics
-  times = {key: [] for key in steps}
-  for _ in range(repeats):
-    for key, step in steps.items():
-      start = time.perf_counter()
-      step()
-      times[key].append(time.perf_counter() - start)
+  times = common.interleaved_seconds(steps, repeats)
 
   results = {variant: {} for variant in VARIANTS}
   for (variant, devices), samples in times.items():

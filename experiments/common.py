@@ -10,7 +10,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -51,6 +51,22 @@ def median_ms(fn, repeats: int) -> float:
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
   return 1e3 * sorted(times)[len(times) // 2]
+
+
+def interleaved_seconds(fns: dict[Any, Callable[[], Any]], rounds: int) -> dict[Any, list[float]]:
+  """Wall seconds of every `fns[name]()` per round, each waited for with `jax.block_until_ready`, the contenders
+  taking turns round after round (after one warm-up call each), so load that comes and goes on a shared machine
+  hits all of them alike: the rule for comparisons made side by side in one run."""
+  import jax
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return times
 
 
 def machine_info() -> dict[str, Any]:
