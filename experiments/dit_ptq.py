@@ -148,7 +148,7 @@ def main(argv):
   from pangu.diffusion.samplers import ddim_sample, guided, sampling_timesteps
   from pangu.diffusion.schedules import ScheduleConfig
   from pangu.diffusion.train import DiffusionTrainConfig, train_diffusion
-  from pangu.models.dit import DiT, DiTConfig, init_dit
+  from pangu.models.dit import DiT, DiTConfig
 
   begin = time.perf_counter()
   d_model, depth = common.pick(_D_MODEL, 128, 48), common.pick(_DEPTH, 6, 2)
@@ -165,7 +165,7 @@ def main(argv):
 
   tag = f"d{d_model}_l{depth}_s{train.steps}_seed{_SEED.value}"
   params, cached = _cached(os.path.join(results_dir, f"dit_ptq_model_{tag}.msgpack"), lambda: train_diffusion(
-      train, ddpm_loss(config, schedule), init_dit(config, train_key), images, labels, train_key)[0])
+      train, config, ddpm_loss(config, schedule), images, labels, train_key)[0])
   classifier_config = ClassifierConfig()
   classifier, _ = _cached(os.path.join(results_dir, "dit_ptq_classifier.msgpack"),
                           lambda: train_classifier(classifier_config, images, labels, classifier_key))
