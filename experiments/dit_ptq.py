@@ -3,8 +3,10 @@
 Trains a class-conditional DiT on scikit-learn's digits (or reuses the copy cached under --results_dir), trains the
 FID-digits classifier, then quantises the block linears with every method at W8A8 and W4A8 and sweeps HTG's G over
 {1, T/10, T}. Every configuration samples from the same noise and labels (DDIM, CFG), so the numbers are paired.
-Writes <results_dir>/dit_ptq.json {"fp", "w8a8", "w4a8", "groups", "claims"}, dit_ptq.png (sample grids, z_t of
-a few layers) and dit_ptq.md.
+HTG's constants the paper leaves open at this scale (EMA alpha, whether fc2's post-GELU input is scaled) are
+picked per bit width on the calibration split, never on the evaluation samples.
+Writes <results_dir>/dit_ptq.json {"fp", "w8a8", "w4a8", "groups", "htg_selection", "claims"}, dit_ptq.png
+(sample grids, z_t of a few layers) and dit_ptq.md.
 
   python -m experiments.dit_ptq --quick
 """
