@@ -1,4 +1,5 @@
-"""HTG (hierarchical timestep grouping) post-training quantisation of a small DiT on the 8x8 digits.
+"""HTG (hierarchical timestep grouping) post-training quantisation of a small DiT on the 8x8 digits (16x16,
+upsampled bilinearly, in full mode).
 
 Trains a class-conditional DiT on scikit-learn's digits (or reuses the copy cached under --results_dir), trains the
 FID-digits classifier, then quantises the block linears with every method at W8A8 and W4A8 and sweeps HTG's G over
@@ -20,6 +21,9 @@ from experiments import common
 
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", None, "DiT training steps (quick 1500, full 6000).")
 _D_MODEL = flags.DEFINE_integer("d_model", None, "DiT width (quick 48, full 128).")
+_IMAGE_SIZE = flags.DEFINE_enum("image_size", None, ["8", "16"],
+                                "Digit side: 8, or 16 upsampled bilinearly (quick 8, full 16); patches of side/4 "
+                                "keep 16 tokens either way.")
 _DEPTH = flags.DEFINE_integer("depth", None, "DiT blocks (quick 2, full 6).")
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", None, "DDIM steps T (quick 20, full 100).")
 _SAMPLES = flags.DEFINE_integer("samples", None, "Generated samples per configuration (quick 200, full 1000).")
@@ -128,15 +132,15 @@ def report_table(payload: dict, setup: str) -> str:
                       common.format_table(search, ["bits", "candidate", "calibration_sample_mse"])])
 
 
-def plot(grids: dict, shifts: dict) -> None:
+def plot(grids: dict, shifts: dict, side: int) -> None:
   import numpy as np
   from pangu.diffusion.digits import to_unit_range
   fig, axes = common.new_figure(ncols=2, size=(6.0, 0.5 * len(grids) + 1.5))
-  # One row per configuration, a blank pixel around each 8x8 digit.
+  # One row per configuration, a blank pixel around each digit.
   rows = [np.concatenate([np.pad(image, 1) for image in to_unit_range(images)[:, :, :, 0]], axis=1)
           for images in grids.values()]
   axes[0, 0].imshow(np.concatenate(rows, axis=0), cmap="gray_r", vmin=0, vmax=1)
-  axes[0, 0].set_yticks([10 * i + 5 for i in range(len(grids))], list(grids), fontsize=7)
+  axes[0, 0].set_yticks([(side + 2) * i + side // 2 + 1 for i in range(len(grids))], list(grids), fontsize=7)
   axes[0, 0].set_xticks([])
   axes[0, 0].set_title("samples from identical noise")
   for name, z in shifts.items():
@@ -185,24 +189,25 @@ def main(argv):
 
   begin = time.perf_counter()
   d_model, depth = common.pick(_D_MODEL, 128, 48), common.pick(_DEPTH, 6, 2)
-  config = DiTConfig(d_model=d_model, depth=depth, n_heads=4)
+  side = int(common.pick(_IMAGE_SIZE, "16", "8"))
+  config = DiTConfig(image_size=side, patch_size=side // 4, d_model=d_model, depth=depth, n_heads=4)
   train = DiffusionTrainConfig(steps=common.pick(_TRAIN_STEPS, 6000, 1500), batch_size=128,
                                learning_rate=_LEARNING_RATE.value, ema_decay=_EMA_DECAY.value)
   n_steps, n_samples = common.pick(_SAMPLE_STEPS, 100, 20), common.pick(_SAMPLES, 1000, 200)
   n_calib, guidance = common.pick(_CALIB_SAMPLES, 256, 32), _GUIDANCE.value
   schedule = ScheduleConfig(kind=_SCHEDULE.value)
-  images, labels = load_digits_images()
+  images, labels = load_digits_images(side)
   key = jax.random.key(_SEED.value)
   train_key, classifier_key, calib_key, sample_key = jax.random.split(key, 4)
   results_dir = common.RESULTS_DIR.value
   os.makedirs(results_dir, exist_ok=True)
 
-  tag = (f"d{d_model}_l{depth}_s{train.steps}_{schedule.kind}_lr{train.learning_rate:g}_ema{train.ema_decay:g}"
+  tag = (f"{side}px_d{d_model}_l{depth}_s{train.steps}_{schedule.kind}_lr{train.learning_rate:g}_ema{train.ema_decay:g}"
          f"_seed{_SEED.value}")
   params, cached = _cached(os.path.join(results_dir, f"dit_ptq_model_{tag}.msgpack"), lambda: train_diffusion(
       train, config, ddpm_loss(config, schedule), images, labels, train_key)[0])
   classifier_config = ClassifierConfig()
-  classifier, _ = _cached(os.path.join(results_dir, "dit_ptq_classifier.msgpack"),
+  classifier, _ = _cached(os.path.join(results_dir, f"dit_ptq_classifier_{side}px.msgpack"),
                           lambda: train_classifier(classifier_config, images, labels, classifier_key))
   metric = digits_metric(classifier_config, classifier, images)
   print(f"model {'cached' if cached else 'trained'} ({time.perf_counter() - begin:.0f} s)", flush=True)
@@ -288,8 +293,9 @@ def main(argv):
   common.write_json("dit_ptq", payload)
   shifts = {f"{block}.{name}": per_step_shift(float_stats[(block, name)])[:, :3]
             for block, name in (("block_0", "qkv"), ("block_0", "fc2"))}
-  plot(grids, {f"{k}[{c}]": v[:, c] for k, v in shifts.items() for c in range(3)})
-  setup = (f"DiT D={d_model}, depth {depth}, 4 heads, patch 2 on 8x8 digits, {train.steps} training steps "
+  plot(grids, {f"{k}[{c}]": v[:, c] for k, v in shifts.items() for c in range(3)}, side)
+  setup = (f"DiT D={d_model}, depth {depth}, 4 heads, patch {config.patch_size} on {side}x{side} digits"
+           f"{' (upsampled)' if side != 8 else ''}, {train.steps} training steps "
            f"through the shared train step (lr {train.learning_rate:g}, {schedule.kind} schedule, EMA "
            f"{train.ema_decay:g}; {'cached' if cached else 'trained this run'}); DDIM T={n_steps} steps, "
            f"CFG {guidance}; "
