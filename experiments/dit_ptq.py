@@ -69,11 +69,13 @@ def claims(payload: dict) -> list[dict]:
   spec_beaten = [m for m in baselines if beats(w4["htg_spec"], w4[m], noise)]
   verdict = "reproduced" if len(beaten) == 2 else "partly" if beaten else "contradicted"
   shown = ("htg", *baselines, *HTG_VARIANTS)
-  picked = payload["htg_selection"]["w4a8"]["chosen"]
+  picked = payload["htg_selection"]["w4a8"]
+  how = "picked on the calibration split" if picked["calibration_sample_mse"] else "the spec's, --nohtg_select"
+  picked = picked["chosen"]
   rows.append(common.claim("HTG (DiT PTQ)", "At W4A8 HTG beats naive PTQ and SmoothQuant-style smoothing",
                            "state of the art among PTQ methods",
                            f"HTG with alpha {picked['alpha']} and scaled inputs {'/'.join(picked['scaled_layers'])} "
-                           f"(picked on the calibration split) beats {', '.join(beaten) or 'neither'}; with the "
+                           f"({how}) beats {', '.join(beaten) or 'neither'}; with the "
                            f"spec's constants (htg_spec) it beats {', '.join(spec_beaten) or 'neither'}. FID-digits "
                            + ", ".join(f"{m} {w4[m]['fid']:.3g}" for m in shown)
                            + f" (FP's FID moves {noise:.2g} with other noise: smaller FID gaps are decided by the "
