@@ -35,8 +35,9 @@ LAYERS = (
 # Same-layer imports, each one in use: the generate CLI (pangu/infer/generate.py) reads the params of a pangu.train
 # checkpoint or loads a Hugging Face folder through pangu.interop. Pangu Embedded samples its students with the
 # pangu.infer decode engine and trains them with the shared pangu.train step (distillation: pangu/reason/distill.py,
-# pipeline.py; GRPO: grpo.py, a pangu.train LossFn).
-SIBLING_EDGES = {"infer": {"train", "interop"}, "reason": {"train", "infer"}}
+# pipeline.py; GRPO: grpo.py, a pangu.train LossFn). The DiTs of pangu.diffusion train through the shared step with
+# the DDPM loss injected (pangu/diffusion/train.py).
+SIBLING_EDGES = {"infer": {"train", "interop"}, "reason": {"train", "infer"}, "diffusion": {"train"}}
 _RANK = {package: rank for rank, layer in enumerate(LAYERS) for package in layer}
 ALLOWED = {package: {other for other in _RANK if _RANK[other] < _RANK[package]} | SIBLING_EDGES.get(package, set())
            for package in _RANK}

@@ -1,9 +1,9 @@
-"""A plain optax loop for the small DiTs of the diffusion experiments.
+"""Training of the small DiTs through the shared train step (pangu.train.step) with the DDPM loss injected, plus
+the exponential moving average of the weights that diffusion models sample with (Ho et al. 2020; DiT).
 
-Why not pangu.train.step.make_train_step: that step builds and shards a `Decoder` train state (its init, its
-per-decoder-layer gradient norms, the mesh shardings of an LM batch); a DiT on 8x8 digits trains on one CPU device
-in a minute, and giving the shared step a model-agnostic init would change every existing caller. The objective is
-still an injected loss of the same contract, `loss(params, batch, rng) -> (loss, metrics)`.
+The step owns the optimizer (clip, AdamW, warmup + cosine schedule), the rng and the metrics; this module adds
+what a DiT needs of it (`dit_train_model`: init and per-block gradient norms), the batch layout of the loss
+(`DIFFUSION_BATCH_AXES`), batches drawn with replacement from the in-memory digits, and the EMA.
 """
 
 import dataclasses
@@ -15,12 +15,20 @@ import optax
 
 from pangu.config_checks import positive_ints
 from pangu.diffusion.objective import DiffusionLoss
+from pangu.models.dit import DiT, DiTConfig
+from pangu.parallel import rules
+from pangu.parallel.mesh import single_device_mesh
+from pangu.train.config import TrainConfig
+from pangu.train.step import TrainModel, init_train_state, make_train_step
+
+# The batch `pangu.diffusion.objective.ddpm_loss` reads: images [B, H, W, C], labels [B].
+DIFFUSION_BATCH_AXES = {"images": (rules.BATCH, None, None, None), "labels": (rules.BATCH,)}
 
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionTrainConfig:
-  """Attributes: steps, batch_size, peak learning_rate (cosine decay after warmup_steps), ema_decay of the
-  weights kept for sampling (0 disables), grad_clip (global norm)."""
+  """Attributes: steps, batch_size, peak learning_rate (linear warmup over warmup_steps, then cosine decay to
+  0), ema_decay of the weights kept for sampling (0 disables), grad_clip (global norm), adam_b2."""
 
   steps: int = 2000
   batch_size: int = 128
@@ -28,38 +36,63 @@ class DiffusionTrainConfig:
   warmup_steps: int = 100
   ema_decay: float = 0.999
   grad_clip: float = 1.0
+  adam_b2: float = 0.999
 
   def __post_init__(self):
     positive_ints(self, "steps", "batch_size", "warmup_steps")
     if not 0.0 <= self.ema_decay < 1.0:
       raise ValueError(f"DiffusionTrainConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
 
+  def train_config(self) -> TrainConfig:
+    """The shared step's settings: no weight decay (small diffusion models train without it), cosine to 0."""
+    return TrainConfig(peak_lr=self.learning_rate, end_lr=0.0, warmup_steps=self.warmup_steps,
+                       total_steps=self.steps, b2=self.adam_b2, weight_decay=0.0, clip_norm=self.grad_clip)
 
-def train_diffusion(config: DiffusionTrainConfig, loss_fn: DiffusionLoss, params: dict, images: np.ndarray,
-                    labels: np.ndarray, rng: jax.Array, log_every: int = 0) -> tuple[dict, list[float]]:
-  """Trains on batches drawn with replacement; returns (EMA params, loss per step)."""
-  schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps, config.steps)
-  tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adamw(schedule, weight_decay=0.0))
-  opt_state = tx.init(params)
-  images, labels = jnp.asarray(images), jnp.asarray(labels)
 
-  @jax.jit
-  def step(params, ema, opt_state, key, index):
-    idx_key, loss_key = jax.random.split(key)
-    idx = jax.random.randint(idx_key, (config.batch_size,), 0, images.shape[0])
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, {"images": images[idx], "labels": labels[idx]}, loss_key)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    # The usual warm-up of the EMA decay, so the average forgets the random init within a short run.
-    decay = jnp.minimum(config.ema_decay, (1.0 + index) / (10.0 + index))
-    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
-    return params, ema, opt_state, loss
+def dit_train_model(config: DiTConfig) -> TrainModel:
+  """The DiT as the shared step sees it: boxed params from an rng, gradient norm of each block."""
+  s = config.image_size
 
-  ema, losses = params, []
-  for i, key in enumerate(jax.random.split(rng, config.steps)):
-    params, ema, opt_state, loss = step(params, ema, opt_state, key, i)
-    losses.append(loss)
+  def init_params(rng):
+    return DiT(config).init(rng, jnp.zeros((1, s, s, config.channels)), jnp.zeros((1,)),
+                            jnp.zeros((1,), jnp.int32))["params"]
+
+  def layer_grad_norms(grads):
+    return jnp.stack([optax.tree.norm(grads[f"block_{i}"]) for i in range(config.depth)])
+
+  return TrainModel(init_params, layer_grad_norms)
+
+
+def ema_decay_at(config: DiffusionTrainConfig, step: int) -> float:
+  """The usual warm-up of the EMA decay, min(decay, (1 + step) / (10 + step)), so a short run's average forgets
+  the random init."""
+  return min(config.ema_decay, (1.0 + step) / (10.0 + step))
+
+
+@jax.jit
+def _ema_update(ema, params, decay):
+  return jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+
+
+def train_diffusion(config: DiffusionTrainConfig, model_config: DiTConfig, loss_fn: DiffusionLoss,
+                    images: np.ndarray, labels: np.ndarray, rng: jax.Array, log_every: int = 0
+                    ) -> tuple[dict, list[float]]:
+  """Trains a fresh DiT (init from `rng`) on batches drawn with replacement; returns (sampling params: the EMA,
+  or the last params with ema_decay 0, as plain arrays; loss per step)."""
+  train_config, model, mesh = config.train_config(), dit_train_model(model_config), single_device_mesh()
+  state = init_train_state(model, train_config, rng, mesh)
+  step = make_train_step(model, train_config, mesh, loss_fn=loss_fn, batch_axes=DIFFUSION_BATCH_AXES)
+  # The step donates its state, so the average starts from its own copy.
+  ema = jax.tree.map(jnp.copy, state.params)
+  draw = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel())
+  losses = []
+  for i in range(config.steps):
+    idx = draw.integers(0, images.shape[0], config.batch_size)
+    state, metrics = step(state, {"images": images[idx], "labels": labels[idx]})
+    if config.ema_decay:
+      ema = _ema_update(ema, state.params, ema_decay_at(config, i))
+    losses.append(metrics["loss"])
     if log_every and (i + 1) % log_every == 0:
-      print(f"diffusion step {i + 1}: loss {float(loss):.4f}", flush=True)
-  return (ema if config.ema_decay else params), [float(v) for v in losses]
+      print(f"diffusion step {i + 1}: loss {float(metrics['loss']):.4f}", flush=True)
+  final = ema if config.ema_decay else state.params
+  return jax.tree.map(np.asarray, final), [float(v) for v in losses]

@@ -195,8 +195,9 @@ class DiT(nn.Module):
     x = x + self.param("pos_embed", nn.with_logical_partitioning(jax.nn.initializers.normal(0.02),
                                                                  (None, rules.EMBED)), (cfg.n_tokens, d))
     t = timestep_features(timesteps, cfg.frequency_dim)
-    t = QuantDense(d, None, rules.EMBED, cfg.act_bits, name="t_embed_1")(t)
-    t = QuantDense(d, rules.EMBED, rules.EMBED, cfg.act_bits, name="t_embed_2")(jax.nn.silu(t))
+    # The timestep embedder is an MLP (hidden width D): its two kernels carry the MLP's logical axes.
+    t = QuantDense(d, None, rules.MLP, cfg.act_bits, name="t_embed_1")(t)
+    t = QuantDense(d, rules.MLP, rules.EMBED, cfg.act_bits, name="t_embed_2")(jax.nn.silu(t))
     y = nn.Embed(cfg.n_classes + 1, d, embedding_init=jax.nn.initializers.normal(0.02), name="label_embed")(labels)
     c = t + y
     for i in range(cfg.depth):

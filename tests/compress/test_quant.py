@@ -236,3 +236,59 @@ def test_baseline_plans_closed_form():
   for plan in (sq, balanced):
     np.testing.assert_array_equal(plan.shift, 0.0)
     np.testing.assert_array_equal(plan.group_of_step, [0, 0])
+
+
+# HTG settings left open by the paper: which inputs get the channel scale, and calibration-picked constants.
+
+def _synthetic_stats(seed=0):
+  """Per-step channel min / max of every quantised linear, drifting with the step (no model run)."""
+  rng = np.random.default_rng(seed)
+  stats = {}
+  for block, name in quantised_layers(CONFIG):
+    width = CONFIG.d_ff if name == "fc2" else CONFIG.d_model
+    lo = rng.normal(size=(STEPS, width)) + np.linspace(-1, 1, STEPS)[:, None]
+    stats[(block, name)] = {"min": lo, "max": lo + rng.uniform(0.5, 3.0, size=(STEPS, width))}
+  return stats
+
+
+def test_unscaled_layers_keep_the_shift_alone():
+  from pangu.compress.quant.ptq import smoothing_plans
+  params, stats = _random_params(), _synthetic_stats()
+  everything = smoothing_plans(CONFIG, params, stats, PTQConfig("htg"))
+  no_fc2 = smoothing_plans(CONFIG, params, stats, PTQConfig("htg", htg=HTGConfig(scaled_layers=("qkv", "proj",
+                                                                                                  "fc1"))))
+  for key in quantised_layers(CONFIG):
+    np.testing.assert_array_equal(no_fc2[key].group_of_step, everything[key].group_of_step)
+    np.testing.assert_allclose(no_fc2[key].shift, everything[key].shift)
+    if key[1] == "fc2":
+      np.testing.assert_array_equal(no_fc2[key].scale, 1.0)
+      assert np.abs(everything[key].scale - 1.0).max() > 1e-2
+    else:
+      np.testing.assert_allclose(no_fc2[key].scale, everything[key].scale)
+  with pytest.raises(ValueError, match="scaled_layers"):
+    HTGConfig(scaled_layers=("qkv", "adaLN"))
+
+
+def test_select_htg_keeps_the_candidate_with_the_lowest_calibration_score():
+  """The score here is the quantised model's output error against float on held-out inputs, computed
+  independently for each candidate; the selection must return its argmin."""
+  from pangu.compress.quant.select import htg_candidates, select_htg
+  params, stats = _random_params(), _synthetic_stats(1)
+  stats_fn = lambda p, q: stats  # noqa: E731 (the ranges do not matter for the ordering checked here)
+  model, (x, t, y) = DiT(CONFIG), _inputs(batch=2, seed=5)
+  apply = jax.jit(lambda variables: model.apply(variables, x, t, y, 3))
+  reference = np.asarray(apply({"params": params}))
+
+  def score(qparams, quant):
+    return float(np.mean((np.asarray(apply({"params": qparams, "quant": quant})) - reference) ** 2))
+
+  ptq = PTQConfig("htg", weight_bits=4)
+  candidates = htg_candidates(ptq.htg, alphas=(0.0, 0.99))
+  assert [(c.alpha, "fc2" in c.scaled_layers) for c in candidates] == [(0.0, True), (0.0, False), (0.99, True),
+                                                                         (0.99, False)]
+  chosen, scores = select_htg(CONFIG, params, stats_fn, ptq, candidates, score, stats=stats)
+  expected = [score(*quantise_dit(CONFIG, params, stats_fn, PTQConfig("htg", weight_bits=4, htg=c), stats)[:2])
+              for c in candidates]
+  np.testing.assert_allclose(scores, expected, rtol=1e-6)
+  assert len(set(np.round(scores, 12))) > 1
+  assert chosen == candidates[int(np.argmin(expected))]

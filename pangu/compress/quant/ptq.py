@@ -73,7 +73,8 @@ def smoothing_plans(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfi
       continue
     kernel, layer_stats = np.asarray(params[block][name]["kernel"]), stats[(block, name)]
     if ptq.method == "htg":
-      plans[(block, name)] = htg_plan(layer_stats, kernel, ptq.htg)
+      htg = ptq.htg if name in ptq.htg.scaled_layers else dataclasses.replace(ptq.htg, use_scale=False)
+      plans[(block, name)] = htg_plan(layer_stats, kernel, htg)
     elif ptq.method == "smoothquant":
       plans[(block, name)] = smoothquant_plan(layer_stats, kernel)
     elif ptq.method == "ptq4dit":
