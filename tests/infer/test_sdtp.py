@@ -213,3 +213,30 @@ def test_prefill_flops_count_each_layers_tokens():
   assert sdtp.prefill_flops(CONFIG, SCHEDULE, N) == pytest.approx(want + 2 * CONFIG.d_model * CONFIG.vocab_size
                                                                    + predictors)
   assert models.forward_matmul_flops_per_token(CONFIG, N) * N > sdtp.prefill_flops(CONFIG, SCHEDULE, N)
+
+
+def test_pruned_prefill_composes_with_h2o_eviction(lm_params, predictors):
+  """Keep ratio 1 and a budget covering every slot: SDTP + H2O decodes exactly like plain decoding. A real
+  schedule and budget: each layer keeps the `recent` latest and the heaviest others among the tokens SDTP kept."""
+  prompt, start = _tokens(9, N, batch=2), jnp.zeros((2,), jnp.int32)
+  gen = infer.GenerationConfig(max_new_tokens=6)
+  plain = infer.decode(CONFIG, gen, lm_params, infer.prefill(CONFIG, gen, lm_params, prompt, start, jax.random.key(0)))
+  state = sdtp.prefill_with_eviction(CONFIG, gen, lm_params, prompt, start, jax.random.key(0),
+                                     config=sdtp.SDTPConfig(layers=(1, 2, 3), keep_ratio=1.0),
+                                     stage_params=predictors, budget=N + gen.max_new_tokens - 1, recent=4)
+  np.testing.assert_array_equal(infer.decode(CONFIG, gen, lm_params, state).tokens, plain.tokens)
+
+  budget, recent = 16, 4
+  pruned = infer.prefill(CONFIG, gen, lm_params, prompt, start, jax.random.key(0),
+                         stages=sdtp.pruning_stages(CONFIG, SCHEDULE, N), stage_params=predictors)
+  state = sdtp.prefill_with_eviction(CONFIG, gen, lm_params, prompt, start, jax.random.key(0), config=SCHEDULE,
+                                     stage_params=predictors, budget=budget, recent=recent)
+  kept_positions = np.asarray(pruned.cache.layers.positions)  # [L, B, T]
+  evicted = np.asarray(state.cache.layers.positions)  # [L, B, budget]
+  assert evicted.shape[-1] == budget
+  for layer in range(CONFIG.n_layers):
+    for row in range(2):
+      alive = set(kept_positions[layer, row][kept_positions[layer, row] >= 0])
+      held = set(evicted[layer, row][evicted[layer, row] >= 0])
+      assert held <= alive and len(held) == min(budget, len(alive))
+      assert set(range(N - recent, N)) <= held  # the latest prompt tokens are never evicted
