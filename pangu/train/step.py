@@ -6,6 +6,7 @@ params' logical names, batch arrays their declared axes (the batch axis split ov
 metrics are replicated.
 """
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -38,22 +39,48 @@ class TrainState:
   spikes: SpikeState
 
 
-def _init_state(model_config: TransformerConfig, train_config: TrainConfig, rng: jax.Array) -> TrainState:
+@dataclasses.dataclass(frozen=True)
+class TrainModel:
+  """What the step needs of a model besides its loss, so models other than the decoder (e.g. the DiT of
+  pangu.diffusion) train through the same step.
+
+  Attributes:
+    init_params: rng -> boxed (logically partitioned) params.
+    layer_grad_norms: grads -> [L] global norm of each layer's gradients (the `per_layer_grad_norm` metric).
+  """
+
+  init_params: Callable[[jax.Array], Any]
+  layer_grad_norms: Callable[[Any], jax.Array]
+
+
+# A model the step trains: a decoder's config, or any other model as a `TrainModel`.
+Model = TransformerConfig | TrainModel
+
+
+def train_model(model: Model) -> TrainModel:
+  """The `TrainModel` of a decoder config (Decoder init, per-decoder-layer norms); a `TrainModel` as it is."""
+  if isinstance(model, TrainModel):
+    return model
+  return TrainModel(init_params=lambda rng: Decoder(model).init(rng, jnp.zeros((1, 1), jnp.int32))["params"],
+                    layer_grad_norms=lambda grads: per_layer_grad_norms(model, grads))
+
+
+def _init_state(model_config: Model, train_config: TrainConfig, rng: jax.Array) -> TrainState:
   """Boxed (logically partitioned) state: used under eval_shape for specs and, unboxed, for real init."""
   init_rng, state_rng = jax.random.split(rng)
-  params = Decoder(model_config).init(init_rng, jnp.zeros((1, 1), jnp.int32))["params"]
+  params = train_model(model_config).init_params(init_rng)
   opt_state = make_optimizer(train_config).init(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=state_rng,
                     spikes=init_spike_state(train_config.spikes, len(SPIKE_SIGNALS)))
 
 
-def state_shardings(model_config: TransformerConfig, train_config: TrainConfig, mesh: Mesh,
+def state_shardings(model_config: Model, train_config: TrainConfig, mesh: Mesh,
                     logical_rules: rules.LogicalRules = rules.DEFAULT_RULES) -> TrainState:
   abstract = jax.eval_shape(lambda: _init_state(model_config, train_config, jax.random.key(0)))
   return rules.param_shardings(abstract, mesh, logical_rules)
 
 
-def init_train_state(model_config: TransformerConfig, train_config: TrainConfig, rng: jax.Array,
+def init_train_state(model_config: Model, train_config: TrainConfig, rng: jax.Array,
                      mesh: Mesh, logical_rules: rules.LogicalRules = rules.DEFAULT_RULES) -> TrainState:
   """Initialises every array directly in its target sharding (no full host copy)."""
   require_no_pipeline(mesh, "init_train_state")
@@ -97,13 +124,15 @@ def _microbatches(batch: Batch, n: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
-def make_train_step(model_config: TransformerConfig, train_config: TrainConfig, mesh: Mesh,
+def make_train_step(model_config: Model, train_config: TrainConfig, mesh: Mesh,
                     logical_rules: rules.LogicalRules = rules.DEFAULT_RULES, *, loss_fn: LossFn | None = None,
                     batch_axes: BatchAxes | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """Returns step(state, batch) -> (state, metrics), jitted with explicit in/out shardings.
 
-  loss_fn: the objective (`pangu.train.losses.LossFn`); None is `lm_loss(model_config, train_config)`.
+  model_config: a decoder's config, or a `TrainModel`.
+  loss_fn: the objective (`pangu.train.losses.LossFn`); None is `lm_loss(model_config, train_config)` (a decoder
+    only: a `TrainModel` brings its own loss).
   batch_axes: logical axis names of each batch key (the jit's batch in_shardings); None is `LM_BATCH_AXES`.
   Each step splits `state.rng`: the new state keeps one half, the loss gets the other (one key per microbatch
   with gradient accumulation).
@@ -111,6 +140,9 @@ def make_train_step(model_config: TransformerConfig, train_config: TrainConfig, 
   event counts per (signal, threshold), and every metric the loss returns (`lm_loss`: ce, z_loss, tokens, moe_*).
   """
   require_no_pipeline(mesh, "make_train_step")
+  model = train_model(model_config)
+  if loss_fn is None and isinstance(model_config, TrainModel):
+    raise ValueError("make_train_step: a TrainModel needs its loss_fn (lm_loss is the decoder's)")
   loss_fn = lm_loss(model_config, train_config) if loss_fn is None else loss_fn
   batch_axes = LM_BATCH_AXES if batch_axes is None else batch_axes
   tx = make_optimizer(train_config)
@@ -139,7 +171,7 @@ def make_train_step(model_config: TransformerConfig, train_config: TrainConfig, 
     spikes = update_spike_state(train_config.spikes, state.spikes, jnp.stack([loss, jnp.log(grad_norm)]))
     metrics = {
         "loss": loss, "grad_norm": grad_norm, "update_norm": optax.tree.norm(updates),
-        "learning_rate": schedule(state.step), "per_layer_grad_norm": per_layer_grad_norms(model_config, grads),
+        "learning_rate": schedule(state.step), "per_layer_grad_norm": model.layer_grad_norms(grads),
         "spike_flags": spikes.flagged, "spike_events": spikes.events,
     }
     if clash := sorted(set(metrics) & set(loss_metrics)):

@@ -7,12 +7,13 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from pangu import infer, models
 from pangu.infer import sdtp
 from pangu.models.counting import layer_matmul_flops
+from pangu.parallel import single_device_mesh
+from pangu.train.config import TrainConfig
 
 CONFIG = models.tiny(n_layers=4)
 N = 40
@@ -167,15 +168,20 @@ def test_training_changes_only_the_predictors(lm_params):
   loss_fn = sdtp.sdtp_loss(CONFIG, schedule, prompt)
   lm_grads = jax.jit(jax.grad(lambda lm: loss_fn(predictors, lm, batch, jax.random.key(0))[0]))(lm_params)
   assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(lm_grads))
-  optimizer = optax.adam(1e-2)
-  step = sdtp.make_predictor_train_step(CONFIG, schedule, prompt, optimizer)
+  # Through the shared train step: its state holds the predictors only; the LM is an input of the loss.
+  train_config = TrainConfig(peak_lr=1e-2, warmup_steps=1, total_steps=10, weight_decay=0.0)
+  state, step = sdtp.predictor_training(CONFIG, schedule, prompt, lm_params, train_config, single_device_mesh(),
+                                        jax.random.key(1))
+  start = jax.tree.map(np.array, state.params)
+  assert jax.tree.structure(start) == jax.tree.structure(predictors)
   before = jax.tree.map(np.array, lm_params)
-  new, opt_state, metrics = step(predictors, optimizer.init(predictors), lm_params, batch, jax.random.key(1))
-  new, opt_state, metrics = step(new, opt_state, lm_params, batch, jax.random.key(2))
+  for _ in range(2):
+    state, metrics = step(state, batch)
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, lm_params))
-  assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(predictors)))
+  assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(start)))
+  assert int(state.step) == 2 and metrics["per_layer_grad_norm"].shape == (schedule.n_stages,)
   np.testing.assert_allclose(metrics["kept_fraction"], schedule.keep_counts(prompt)[-1] / prompt)
-  assert np.isfinite(float(metrics["loss"])) and float(metrics["rank"]) > 0
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["rank"]) > 0 and float(metrics["grad_norm"]) > 0
 
 
 def _hide_dropped(stage, tokens, alive):
