@@ -229,7 +229,7 @@ class SpeCacheLayerCache:
 
   def _mixed(self, low: LowBit, residual: jax.Array, top: jax.Array, keys: bool) -> jax.Array:
     """[dequantised low-bit slots, residual] [B, K, T + Rc, Dh] with the top-k slots overwritten by their
-    full-precision rows (the dequantisation and the concatenation fuse into one pass; the scatter is in place)."""
+    full-precision rows: concatenated first, so the rows are scattered once into the array attention reads."""
     dequantized = dequantize(low, self.config.quant.bits, keys=keys).astype(residual.dtype)
     mixed = jnp.concatenate([dequantized, residual], axis=2)
     index = jnp.where(self.topk_index < self.slots, self.topk_index, mixed.shape[2])  # out of range: dropped
