@@ -19,9 +19,20 @@ another job holds a core. The parent interleaves the timed runs of all workers, 
 hits every engine alike, and keeps per engine and metric the median over --repeats of its faster setting.
 The 1-minute load average is recorded before and after.
 
+SpeCache sweep (issue 16's decode-time goal, SpeCache <= 1.3x the full cache per token): the same model (the
+small preset, decode layout, batch 1) decodes --specache_steps greedy tokens per call after a context of 1k, 2k,
+4k and 8k tokens, with the full dense cache (`specache.cached_decode`, one row per step) and with SpeCache 1-bit,
+g = 32, R = 64, k = 64, its full-precision store in pinned_host memory and the asynchronous prefetch
+(`specache.specache_decode`, two rows per step: the real and the speculative token). Both are one compiled loop
+over a donated cache. A step's cost depends only on the shapes, so the context is random keys and values
+written into the cache rather than a prefill (which would take minutes per context on a CPU). The two run in
+interleaved rounds (full, SpeCache, full, ...), each round `common.median_ms` of --repeats calls; the result is
+the median over rounds, in ms per generated token, and ratio = specache_ms / full_ms.
+
 Writes <results_dir>/bench_decode.json: {"ours": {"prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b8"},
 "transformers": {same keys, "generate_tok_s_b1", "generate_tok_s_b8"} | {"skipped": reason},
-"speedup": {...}, "greedy_match": bool, "threads": {...}, "shape": {...}, "machine": {...}},
+"speedup": {...}, "greedy_match": bool, "threads": {...}, "shape": {...}, "machine": {...},
+"specache": {context: {"full_ms", "specache_ms", "ratio"}}, "specache_setup": {...}},
 bench_decode.png and bench_decode.md.
 """
 
@@ -40,6 +51,13 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", None, "Prompt tokens (default 1
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", None, "Generated tokens (default 128, --quick 16).", lower_bound=2)
 _REPEATS = flags.DEFINE_integer("repeats", None, "Timed runs per measurement (default 5, --quick 3).", lower_bound=1)
 _TORCH = flags.DEFINE_bool("torch", True, "Also time transformers' LlamaForCausalLM (skipped if not installed).")
+_SPECACHE = flags.DEFINE_bool("specache", True, "Also run the SpeCache vs full-cache decode sweep.")
+_SPECACHE_CONTEXTS = flags.DEFINE_list("specache_contexts", ["1024", "2048", "4096", "8192"],
+                                       "Context lengths of the SpeCache sweep.")
+_SPECACHE_STEPS = flags.DEFINE_integer("specache_steps", None, "Tokens per timed decode call (default 16, --quick 8).",
+                                       lower_bound=1)
+_SPECACHE_ROUNDS = flags.DEFINE_integer("specache_rounds", None, "Interleaved rounds (default 5, --quick 3).",
+                                        lower_bound=1)
 
 KEYS = ("prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b8")
 PREFILL_CALLS = 4
@@ -194,6 +212,60 @@ def measure(folder: str, prompt_len: int, new_tokens: int, repeats: int, with_to
   return out
 
 
+def _context_cache(config, params, context: int, free: int):
+  """A dense KVCache of batch 1 holding `context` tokens of random keys and values, with `free` more slots."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from pangu import infer
+
+  rng = np.random.default_rng(context)
+  cache = infer.init_cache(config, jnp.zeros((1,), jnp.int32), context + free)
+  kv = lambda: jnp.asarray(rng.normal(size=(1, context, config.n_kv_heads, config.head_dim)), config.dtype)
+  layers = tuple(layer.write(kv(), kv(), jnp.arange(context, dtype=jnp.int32)[None]) for layer in cache.layers)
+  return cache.replace(layers=layers, next_positions=cache.next_positions + context)
+
+
+def specache_sweep(config, params, contexts: list[int], steps: int, rounds: int,
+                   repeats: int) -> tuple[dict, str | None]:
+  """({context: {"full_ms", "specache_ms", "ratio"}}, the memory kind SpeCache's full-precision store got): ms
+  per generated token, interleaved (module docstring)."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from pangu.infer import specache
+  from pangu.infer.quantized_kv import QuantConfig
+
+  settings = specache.SpeCacheConfig(QuantConfig(bits=1, group=32), residual=64, top_k=64)
+  token = jnp.array([1], jnp.int32)
+  free = steps * rounds * (repeats + 1) + 1
+  out, memory_kind = {}, None
+  for context in contexts:
+    full = [_context_cache(config, params, context, free)]
+    spec = specache.offload_host_store(specache.to_specache(_context_cache(config, params, context, free), settings))
+    memory_kind = spec.layers[0].host_keys.sharding.memory_kind
+    _, spec = specache.predecode(config, params, spec, token)
+    spec = [spec]
+
+    def full_call():
+      tokens, full[0] = specache.cached_decode(config, params, full[0], token, steps)
+      return tokens
+
+    def spec_call():
+      tokens, spec[0] = specache.specache_decode(config, params, spec[0], token, token, steps)
+      return tokens
+
+    times = {"full_ms": [], "specache_ms": []}
+    for _ in range(rounds):
+      times["full_ms"].append(common.median_ms(full_call, repeats) / steps)
+      times["specache_ms"].append(common.median_ms(spec_call, repeats) / steps)
+    row = {name: float(np.median(t)) for name, t in times.items()}
+    row["ratio"] = row["specache_ms"] / row["full_ms"]
+    out[str(context)] = row
+    print(f"specache sweep: context {context}: {row}", flush=True)
+  return out, memory_kind
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -230,10 +302,24 @@ def main(argv):
     result["greedy_match"] = ours["greedy"] == theirs["greedy"]
     for row in rows:
       row.update(transformers=theirs["tok_s"][row["metric"]], speedup=result["speedup"][row["metric"]])
+  table = common.format_table(rows, ["metric", "pangu", "transformers", "speedup"])
+  if _SPECACHE.value:
+    from pangu import infer
+    steps, rounds = common.pick(_SPECACHE_STEPS, 16, 8), common.pick(_SPECACHE_ROUNDS, 5, 3)
+    contexts = [int(c) for c in _SPECACHE_CONTEXTS.value]
+    sweep_config, sweep_params = infer.decode_layout(config, models.init_params(config, jax.random.key(0)))
+    result["specache"], memory_kind = specache_sweep(sweep_config, sweep_params, contexts, steps, rounds, repeats)
+    result["specache_setup"] = {"bits": 1, "group": 32, "residual": 64, "top_k": 64, "host_store": memory_kind,
+                                "prefetch": "async", "batch": 1, "steps_per_call": steps, "rounds": rounds,
+                                "repeats": repeats, "rows_per_step": {"full": 1, "specache": 2},
+                                "load_avg_1min_after": os.getloadavg()[0]}
+    sweep_rows = [{"context": c, **r} for c, r in result["specache"].items()]
+    table += "\n\nSpeCache vs full cache, ms per generated token (batch 1)\n\n" + common.format_table(
+        sweep_rows, ["context", "full_ms", "specache_ms", "ratio"])
   common.write_json("bench_decode", result)
-  common.write_table("bench_decode", common.format_table(rows, ["metric", "pangu", "transformers", "speedup"]))
+  common.write_table("bench_decode", table)
 
-  _, axes = common.new_figure(size=(6.0, 3.5))
+  _, axes = common.new_figure(ncols=2 if _SPECACHE.value else 1, size=(6.0, 3.5))
   ax = axes[0][0]
   positions = range(len(KEYS))
   ax.bar([p - 0.2 for p in positions], [ours["tok_s"][k] for k in KEYS], width=0.4, label="pangu (JAX)")
@@ -244,6 +330,16 @@ def main(argv):
   ax.set_ylabel("tokens / s")
   ax.set_title(f"small preset, CPU, prompt {prompt_len}, {new_tokens} new tokens")
   ax.legend()
+  if _SPECACHE.value:
+    sweep = axes[0][1]
+    contexts = [int(c) for c in result["specache"]]
+    sweep.plot(contexts, [r["ratio"] for r in result["specache"].values()], "o-", label="SpeCache / full")
+    sweep.axhline(1.3, color="gray", linestyle="--", label="goal 1.3x")
+    sweep.set_xscale("log", base=2)
+    sweep.set_xlabel("context tokens")
+    sweep.set_ylabel("decode time per token, ratio")
+    sweep.set_title("SpeCache 1-bit vs full cache, CPU, batch 1")
+    sweep.legend()
   common.save_figure(ax.figure, "bench_decode")
 
 

@@ -2,9 +2,11 @@
 each step's top-k full-precision pairs prefetched by a speculative next token.
 
 Per layer and KV head (spec sections 3.1-3.5):
-  1. Host store: every token's K and V at full precision. Rows move to the device only through `_fetch`,
-     which counts them (`fetched_rows`). On CPU "host" and "device" are the same memory; the accounting
-     (`device_bytes`, `host_bytes`) says which side each array belongs to.
+  1. Host store: every token's K and V at full precision. `offload_host_store` places it in the backend's
+     `pinned_host` memory (jax memory kinds; CPU, GPU and TPU backends expose one); there every write and
+     gather runs on the host inside the compiled step (`pangu.parallel.host_memory`), and only the gathered
+     top-k rows cross to the device, an explicit copy counted in `fetched_rows`. Where the backend has no
+     pinned_host memory the store stays in default memory (on CPU the same RAM) with the same accounting.
   2. Device: the low-bit keys (per channel over g tokens) and values (per token over g_v channels), bit-packed;
      a full-precision residual of the latest < R tokens (flushed into the low-bit store as one block of R when
      full, at the start of the next write, so a speculative token never enters it); the top-k buffer.
@@ -13,6 +15,12 @@ Per layer and KV head (spec sections 3.1-3.5):
   4. After attending, `observe_queries` scores the last query row (the speculative token's in a SpeCache step)
      against the low-bit keys (pangu_kernels.specache), averages over each KV group (`gqa_reduce`), takes the
      top-k low-bit positions and prefetches them for the same layer's next step.
+  5. Prefetch (`SpeCacheConfig.prefetch`). `async` (default): the gather and copy of layer l's next top-k rows
+     are issued in `observe_queries`, right after layer l's speculative scores, and consumed only by layer l
+     of the next step; nothing else in the step waits for them, so the scheduler runs the copy beside layers
+     l+1..L (on a GPU the host-to-device copy runs on its own stream; in `specache_decode`'s loop the copy
+     issued at step t also overlaps the rest of step t). `sync`: only the indices are kept, and the rows are
+     fetched when the next step reads the cache, on the attention's critical path. Both give equal outputs.
 
 A SpeCache decode step (`specache_step`) runs [T_t, T'_{t+1}] at positions [p, p + 1] through the unchanged
 model: causal masking hides the speculative key at p + 1 from the real token at p, and `drop_last(1)`
@@ -33,9 +41,11 @@ from pangu.infer.quantized_kv import LowBit, QuantConfig, dequantize, lowbit_byt
 from pangu.models.config import TransformerConfig
 from pangu.models.transformer import Decoder
 from pangu.nn.attention import CachedKV
+from pangu.parallel import host_memory
 from pangu_kernels import specache as kernel
 
 GQA_REDUCE = ("mean_prob", "mean_logit")
+PREFETCH = ("async", "sync")
 _MASKED = -1e30
 
 
@@ -48,6 +58,8 @@ class SpeCacheConfig:
     gqa_reduce: how a KV group's query heads vote: mean of probabilities (paper) or of logits.
     max_step_tokens: most tokens one decode write appends (the real and the speculative token: 2).
     scoring: pangu_kernels.specache implementation (None: the kernel where it compiles, else the reference).
+    prefetch: `async` fetches the next step's top-k rows as soon as they are chosen, `sync` when they are
+      read (module docstring, item 5).
   """
 
   quant: QuantConfig = QuantConfig()
@@ -56,6 +68,7 @@ class SpeCacheConfig:
   gqa_reduce: str = "mean_prob"
   max_step_tokens: int = 2
   scoring: str | None = None
+  prefetch: str = "async"
 
   def __post_init__(self):
     if not isinstance(self.residual, int) or self.residual < 1 or self.residual % self.quant.group:
@@ -66,6 +79,7 @@ class SpeCacheConfig:
         raise ValueError(f"SpeCacheConfig.{name} must be a non-negative int (max_step_tokens >= 1), "
                          f"got {getattr(self, name)!r}")
     one_of(self, "gqa_reduce", GQA_REDUCE)
+    one_of(self, "prefetch", PREFETCH)
 
   @property
   def residual_slots(self) -> int:
@@ -75,6 +89,34 @@ class SpeCacheConfig:
   def store_slots(self, max_length: int) -> int:
     """Low-bit / host slots for a context of max_length: rounded up to whole residual blocks."""
     return -(-max_length // self.residual) * self.residual
+
+
+def _on_store(fn, store: jax.Array, *operands: jax.Array) -> jax.Array:
+  """fn(store, *operands) where the store lives: on the host (operands copied there first) for a pinned-host
+  store, else in place. Index operands are computed on the device and clamped, since a host computation gets
+  no bounds checks (`promise_in_bounds`)."""
+  if host_memory.in_host_memory(store):
+    return host_memory.compute_on_host(fn, store, *host_memory.to_host(operands))
+  return fn(store, *operands)
+
+
+def _store_write(store: jax.Array, new: jax.Array, offsets: jax.Array) -> jax.Array:
+  """store [B, K, T, Dh] with new [B, K, S, Dh] written at each row's slots offsets[b] ..."""
+  b, k, t, _ = store.shape
+  slots = jnp.minimum(offsets[:, None, None] + jnp.arange(new.shape[2]), t - 1)
+  rows, heads = jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None]
+  write = lambda s, n, r, h, c: s.at[r, h, c].set(n, mode="promise_in_bounds")
+  return _on_store(write, store, new.astype(store.dtype), rows, heads, slots)
+
+
+def _store_gather(store: jax.Array, index: jax.Array) -> jax.Array:
+  """The rows [B, K, k, Dh] of store [B, K, T, Dh] at index [B, K, k] (clamped to T - 1), on the device: the
+  one host -> device transfer of the cache."""
+  b, k, t, _ = store.shape
+  rows, heads = jnp.arange(b)[:, None, None], jnp.arange(k)[None, :, None]
+  gather = lambda s, r, h, i: s.at[r, h, i].get(mode="promise_in_bounds")
+  out = _on_store(gather, store, rows, heads, jnp.minimum(index, t - 1))
+  return host_memory.to_device(out) if host_memory.in_host_memory(store) else out
 
 
 def _rows(fn):
@@ -169,28 +211,41 @@ class SpeCacheLayerCache:
     if s > self.config.max_step_tokens:
       raise ValueError(f"SpeCacheLayerCache.write: {s} tokens in one write, at most max_step_tokens="
                        f"{self.config.max_step_tokens}; prefill into a DenseLayerCache and use from_dense")
-    cache = jax.lax.cond(jnp.any(self.lengths - self.quantized >= self.config.residual),
-                         SpeCacheLayerCache._flush, lambda c: c, self)
+    # The flush touches only device arrays: the host store stays out of the cond.
+    device = self.replace(host_keys=None, host_values=None)
+    device = jax.lax.cond(jnp.any(self.lengths - self.quantized >= self.config.residual),
+                          SpeCacheLayerCache._flush, lambda c: c, device)
+    cache = device.replace(host_keys=self.host_keys, host_values=self.host_values)
     keys, values = keys.swapaxes(1, 2), values.swapaxes(1, 2)
     offset = cache.lengths - cache.quantized
     return cache.replace(
-        host_keys=write_rows(cache.host_keys, keys, cache.lengths, 1),
-        host_values=write_rows(cache.host_values, values, cache.lengths, 1),
+        host_keys=_store_write(cache.host_keys, keys, cache.lengths),
+        host_values=_store_write(cache.host_values, values, cache.lengths),
         positions=write_rows(cache.positions, positions, cache.lengths, 0),
         residual_keys=write_rows(cache.residual_keys, keys, offset, 1),
         residual_values=write_rows(cache.residual_values, values, offset, 1),
         residual_positions=write_rows(cache.residual_positions, positions, offset, 0),
         lengths=cache.lengths + s)
 
-  def _mixed(self, low: LowBit, top: jax.Array, keys: bool) -> jax.Array:
-    """Dequantised [B, K, T, Dh] with the top-k slots overwritten by their full-precision rows."""
-    full = dequantize(low, self.config.quant.bits, keys=keys).astype(self.host_keys.dtype)
-    scatter = lambda rows, index, update: rows.at[index].set(update, mode="drop")  # index T: no slot
-    return jax.vmap(jax.vmap(scatter))(full, self.topk_index, top)
+  def _mixed(self, low: LowBit, residual: jax.Array, top: jax.Array, keys: bool) -> jax.Array:
+    """[dequantised low-bit slots, residual] [B, K, T + Rc, Dh] with the top-k slots overwritten by their
+    full-precision rows: concatenated first, so the rows are scattered once into the array attention reads."""
+    dequantized = dequantize(low, self.config.quant.bits, keys=keys).astype(residual.dtype)
+    mixed = jnp.concatenate([dequantized, residual], axis=2)
+    index = jnp.where(self.topk_index < self.slots, self.topk_index, mixed.shape[2])  # out of range: dropped
+    scatter = lambda rows, index, update: rows.at[index].set(update, mode="drop")
+    return jax.vmap(jax.vmap(scatter))(mixed, index, top)
+
+  def _top_rows(self) -> tuple[jax.Array, jax.Array]:
+    """The full-precision rows of the top-k slots: prefetched (`async`) or fetched now (`sync`)."""
+    if self.config.prefetch == "async":
+      return self.topk_keys, self.topk_values
+    return _store_gather(self.host_keys, self.topk_index), _store_gather(self.host_values, self.topk_index)
 
   def read(self) -> CachedKV:
-    keys = jnp.concatenate([self._mixed(self.keys_low, self.topk_keys, True), self.residual_keys], axis=2)
-    values = jnp.concatenate([self._mixed(self.values_low, self.topk_values, False), self.residual_values], axis=2)
+    top_keys, top_values = self._top_rows()
+    keys = self._mixed(self.keys_low, self.residual_keys, top_keys, True)
+    values = self._mixed(self.values_low, self.residual_values, top_values, False)
     low_positions = jnp.where(jnp.arange(self.slots)[None] < self.quantized[:, None], self.positions, -1)
     positions = jnp.concatenate([low_positions, self.residual_positions], axis=1)
     return CachedKV(keys, values, positions, self.slots + self.lengths - self.quantized)
@@ -221,11 +276,14 @@ class SpeCacheLayerCache:
     return jnp.pad(slot, ((0, 0), (0, 0), (0, cfg.top_k - k)), constant_values=t)
 
   def _fetch(self, index: jax.Array) -> "SpeCacheLayerCache":
-    """Moves the host rows at index [B, K, k] to the device top-k buffer, counting them."""
-    safe = jnp.minimum(index, self.slots - 1)[..., None]
-    take = lambda store: jnp.take_along_axis(store, safe, axis=2)
-    return self.replace(topk_index=index, topk_keys=take(self.host_keys), topk_values=take(self.host_values),
-                        fetched_rows=self.fetched_rows + jnp.sum(index < self.slots, dtype=jnp.int32))
+    """Keeps the next step's top-k slots index [B, K, k], counting the rows that will cross to the device;
+    `async` prefetch issues their host gather and copy now (`sync`: when read)."""
+    cache = self.replace(topk_index=index,
+                         fetched_rows=self.fetched_rows + jnp.sum(index < self.slots, dtype=jnp.int32))
+    if self.config.prefetch == "sync":
+      return cache
+    return cache.replace(topk_keys=_store_gather(self.host_keys, index),
+                         topk_values=_store_gather(self.host_values, index))
 
   def observe_queries(self, queries: jax.Array, positions: jax.Array) -> "SpeCacheLayerCache":
     """After attending: the last query row (the speculative token's) picks next step's top-k, prefetched now."""
@@ -264,6 +322,21 @@ def to_specache(cache: KVCache, config: SpeCacheConfig) -> KVCache:
   return cache.map_layers(functools.partial(SpeCacheLayerCache.from_dense, config=config))
 
 
+def offload_host_store(cache: KVCache, device: jax.Device | None = None) -> KVCache:
+  """A SpeCache `KVCache` with every layer's full-precision store moved to `device`'s pinned_host memory (the
+  first device by default), where the backend has that memory kind; unchanged otherwise (the store then stays
+  in default memory, which on CPU is the same RAM). Steps run unchanged on either."""
+  device = device or jax.devices()[0]
+  if not host_memory.has_pinned_host(device):
+    return cache
+  host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+  place = lambda layer: layer.replace(host_keys=jax.device_put(layer.host_keys, host),
+                                      host_values=jax.device_put(layer.host_values, host))
+  if isinstance(cache.layers, tuple):
+    return cache.replace(layers=tuple(place(layer) for layer in cache.layers))
+  return cache.replace(layers=place(cache.layers))
+
+
 def fetched_rows(cache: KVCache) -> jax.Array:
   """Host -> device K/V rows moved so far, summed over layers."""
   layers = cache.layers if isinstance(cache.layers, tuple) else (cache.layers,)
@@ -293,3 +366,35 @@ def cached_step(config: TransformerConfig, params: dict, cache: KVCache, tokens:
   """A plain one-token step over any cache (the baselines' decode): (logits [B, V], cache)."""
   logits, cache = extend_cache(Decoder(config), params, tokens[:, None], cache)
   return logits[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=2)
+def specache_decode(config: TransformerConfig, params: dict, cache: KVCache, tokens: jax.Array,
+                    speculative: jax.Array, steps: int) -> tuple[jax.Array, KVCache]:
+  """`steps` greedy SpeCache steps in one compiled loop, the cache donated (updated in place): from the real
+  tokens [B] and first speculative tokens [B] (`predecode`'s argmax) -> (the real tokens fed at each step
+  [B, steps], cache). Each step's real argmax is the next real token, its speculative argmax the next guess."""
+  def step(i, carry):
+    out, cache, token, guess = carry
+    real, spec, cache = specache_step(config, params, cache, token, guess)
+    out = out.at[:, i].set(token)
+    return out, cache, jnp.argmax(real, -1).astype(token.dtype), jnp.argmax(spec, -1).astype(token.dtype)
+
+  out = jnp.zeros((tokens.shape[0], steps), tokens.dtype)
+  out, cache, _, _ = jax.lax.fori_loop(0, steps, step, (out, cache, tokens, speculative))
+  return out, cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=2)
+def cached_decode(config: TransformerConfig, params: dict, cache: KVCache, tokens: jax.Array,
+                  steps: int) -> tuple[jax.Array, KVCache]:
+  """`steps` greedy one-token steps over any cache in one compiled loop, the cache donated: the baselines'
+  counterpart of `specache_decode` (same loop, one row per step) -> (tokens fed [B, steps], cache)."""
+  def step(i, carry):
+    out, cache, token = carry
+    logits, cache = cached_step(config, params, cache, token)
+    return out.at[:, i].set(token), cache, jnp.argmax(logits, -1).astype(token.dtype)
+
+  out = jnp.zeros((tokens.shape[0], steps), tokens.dtype)
+  out, cache, _ = jax.lax.fori_loop(0, steps, step, (out, cache, tokens))
+  return out, cache

@@ -27,6 +27,16 @@ def to_device(tree):
   return jax.tree.map(lambda x: jax.device_put(x, _space(x, "Device")), tree)
 
 
+def in_host_memory(x: jax.Array) -> bool:
+  """Whether x (traced or concrete) lives in host memory, so computing on it needs `compute_on_host`."""
+  return jax.typeof(x).memory_space == _space(x, "Host")
+
+
+def has_pinned_host(device: jax.Device) -> bool:
+  """Whether `device`'s backend exposes a pinned_host memory kind (jax memory kinds)."""
+  return "pinned_host" in {m.kind for m in device.addressable_memories()}
+
+
 def compute_on_host(fn: Callable, *args):
   """fn(*args) computed by the host, on operands in host memory; the outputs stay in host memory."""
   if "out_memory_spaces" in inspect.signature(_compute_on.compute_on).parameters:
@@ -39,8 +49,8 @@ def compute_on_host(fn: Callable, *args):
 def pinned_host_sharding(device: jax.Device, fallback: str) -> jax.sharding.SingleDeviceSharding:
   """Where to place arrays kept off `device`: its pinned host memory; a clear error (suggesting `fallback`)
   on backends without that memory kind."""
-  kinds = {m.kind for m in device.addressable_memories()}
-  if "pinned_host" not in kinds:
+  if not has_pinned_host(device):
+    kinds = {m.kind for m in device.addressable_memories()}
     raise ValueError(f"{device.platform} devices have no pinned_host memory (memory kinds {sorted(kinds)}); "
                      f"{fallback}")
   return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")

@@ -7,12 +7,13 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from pangu import infer, models
 from pangu.infer import sdtp
 from pangu.models.counting import layer_matmul_flops
+from pangu.parallel import single_device_mesh
+from pangu.train.config import TrainConfig
 
 CONFIG = models.tiny(n_layers=4)
 N = 40
@@ -167,15 +168,20 @@ def test_training_changes_only_the_predictors(lm_params):
   loss_fn = sdtp.sdtp_loss(CONFIG, schedule, prompt)
   lm_grads = jax.jit(jax.grad(lambda lm: loss_fn(predictors, lm, batch, jax.random.key(0))[0]))(lm_params)
   assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(lm_grads))
-  optimizer = optax.adam(1e-2)
-  step = sdtp.make_predictor_train_step(CONFIG, schedule, prompt, optimizer)
+  # Through the shared train step: its state holds the predictors only; the LM is an input of the loss.
+  train_config = TrainConfig(peak_lr=1e-2, warmup_steps=1, total_steps=10, weight_decay=0.0)
+  state, step = sdtp.predictor_training(CONFIG, schedule, prompt, lm_params, train_config, single_device_mesh(),
+                                        jax.random.key(1))
+  start = jax.tree.map(np.array, state.params)
+  assert jax.tree.structure(start) == jax.tree.structure(predictors)
   before = jax.tree.map(np.array, lm_params)
-  new, opt_state, metrics = step(predictors, optimizer.init(predictors), lm_params, batch, jax.random.key(1))
-  new, opt_state, metrics = step(new, opt_state, lm_params, batch, jax.random.key(2))
+  for _ in range(2):
+    state, metrics = step(state, batch)
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, lm_params))
-  assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(predictors)))
+  assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(start)))
+  assert int(state.step) == 2 and metrics["per_layer_grad_norm"].shape == (schedule.n_stages,)
   np.testing.assert_allclose(metrics["kept_fraction"], schedule.keep_counts(prompt)[-1] / prompt)
-  assert np.isfinite(float(metrics["loss"])) and float(metrics["rank"]) > 0
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["rank"]) > 0 and float(metrics["grad_norm"]) > 0
 
 
 def _hide_dropped(stage, tokens, alive):
@@ -213,3 +219,30 @@ def test_prefill_flops_count_each_layers_tokens():
   assert sdtp.prefill_flops(CONFIG, SCHEDULE, N) == pytest.approx(want + 2 * CONFIG.d_model * CONFIG.vocab_size
                                                                    + predictors)
   assert models.forward_matmul_flops_per_token(CONFIG, N) * N > sdtp.prefill_flops(CONFIG, SCHEDULE, N)
+
+
+def test_pruned_prefill_composes_with_h2o_eviction(lm_params, predictors):
+  """Keep ratio 1 and a budget covering every slot: SDTP + H2O decodes exactly like plain decoding. A real
+  schedule and budget: each layer keeps the `recent` latest and the heaviest others among the tokens SDTP kept."""
+  prompt, start = _tokens(9, N, batch=2), jnp.zeros((2,), jnp.int32)
+  gen = infer.GenerationConfig(max_new_tokens=6)
+  plain = infer.decode(CONFIG, gen, lm_params, infer.prefill(CONFIG, gen, lm_params, prompt, start, jax.random.key(0)))
+  state = sdtp.prefill_with_eviction(CONFIG, gen, lm_params, prompt, start, jax.random.key(0),
+                                     config=sdtp.SDTPConfig(layers=(1, 2, 3), keep_ratio=1.0),
+                                     stage_params=predictors, budget=N + gen.max_new_tokens - 1, recent=4)
+  np.testing.assert_array_equal(infer.decode(CONFIG, gen, lm_params, state).tokens, plain.tokens)
+
+  budget, recent = 16, 4
+  pruned = infer.prefill(CONFIG, gen, lm_params, prompt, start, jax.random.key(0),
+                         stages=sdtp.pruning_stages(CONFIG, SCHEDULE, N), stage_params=predictors)
+  state = sdtp.prefill_with_eviction(CONFIG, gen, lm_params, prompt, start, jax.random.key(0), config=SCHEDULE,
+                                     stage_params=predictors, budget=budget, recent=recent)
+  kept_positions = np.asarray(pruned.cache.layers.positions)  # [L, B, T]
+  evicted = np.asarray(state.cache.layers.positions)  # [L, B, budget]
+  assert evicted.shape[-1] == budget
+  for layer in range(CONFIG.n_layers):
+    for row in range(2):
+      alive = set(kept_positions[layer, row][kept_positions[layer, row] >= 0])
+      held = set(evicted[layer, row][evicted[layer, row] >= 0])
+      assert held <= alive and len(held) == min(budget, len(alive))
+      assert set(range(N - recent, N)) <= held  # the latest prompt tokens are never evicted

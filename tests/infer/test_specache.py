@@ -1,5 +1,7 @@
 """SpeCache: the KIVI quantiser against float64 NumPy, the cache against the dense cache's exact decoding."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ from pangu.infer import quantized_kv, specache
 from pangu.infer.kv_cache import DenseLayerCache
 from pangu.infer.quantized_kv import QuantConfig
 from pangu.infer.specache import SpeCacheConfig, SpeCacheLayerCache
+from pangu.parallel import host_memory
 
 CONFIG = models.tiny(n_heads=4, n_kv_heads=2, d_model=64)  # head dim 16, two query heads per KV head
 PROMPT, STEPS = 45, 24  # a partial residual block, and a flush at 64 within the steps
@@ -193,3 +196,40 @@ def test_eviction_baselines_keep_the_tokens_their_rule_names(model):
     got_heavy, full_heavy = specache.cached_step(config, params, full_heavy, token)
     np.testing.assert_allclose(got_sink, want, atol=2e-5)
     np.testing.assert_allclose(got_heavy, want, atol=2e-5)
+
+
+def test_host_store_in_pinned_host_memory_and_async_prefetch_decode_like_the_synchronous_path(model):
+  """The full-precision store placed in pinned_host memory (jax exposes it on CPU too): its arrays report that
+  memory kind before and after the donated decode loop, and the asynchronous prefetch (rows gathered on the
+  host and copied when chosen) feeds the same tokens, picks the same slots and moves as many rows as fetching
+  them when read (`sync`) from a store in default memory, through a residual flush."""
+  config, params = model
+  assert host_memory.has_pinned_host(jax.devices()[0])
+  sequence = np.random.default_rng(7).integers(0, config.vocab_size, (2, PROMPT + 1)).astype(np.int32)
+  _, dense = _prefill(config, params, sequence[:, :PROMPT], STEPS + 1)
+  small_k = SpeCacheConfig(QuantConfig(bits=1, group=16), residual=32, top_k=8)  # k < slots: the choice matters
+  token = jnp.asarray(sequence[:, PROMPT])
+  runs = []
+  for prefetch, offload in (("sync", False), ("async", True)):
+    cache = specache.to_specache(dense, dataclasses.replace(small_k, prefetch=prefetch))
+    if offload:
+      cache = specache.offload_host_store(cache)
+      assert cache.layers.host_keys.sharding.memory_kind == "pinned_host"
+    first, cache = specache.predecode(config, params, cache, token)
+    tokens, cache = specache.specache_decode(config, params, cache, token, jnp.argmax(first, -1).astype(jnp.int32),
+                                             STEPS)
+    memory = {a.sharding.memory_kind for a in (cache.layers.host_keys, cache.layers.host_values)}
+    assert memory == ({"pinned_host"} if offload else {"device"})
+    runs.append((np.asarray(tokens), np.asarray(cache.layers.topk_index), np.asarray(cache.layers.topk_keys)[0],
+                 int(specache.fetched_rows(cache)), np.asarray(cache.layers.quantized)))
+  (want_tokens, want_index, _, want_rows, _), (got_tokens, got_index, got_rows_kept, got_rows, got_q) = runs
+  np.testing.assert_array_equal(got_tokens, want_tokens)
+  np.testing.assert_array_equal(got_index, want_index)
+  assert got_rows == want_rows > 0
+  np.testing.assert_array_equal(got_q, 64)  # the flush happened inside the loop
+  # The asynchronously prefetched rows are the host store's rows at the chosen slots.
+  layer0 = jax.tree.map(lambda a: a[0], cache.layers)
+  want_kept = np.take_along_axis(np.asarray(layer0.host_keys), np.minimum(got_index[0], layer0.slots - 1)[..., None],
+                                 axis=2)
+  valid = (got_index[0] < layer0.slots)[..., None]
+  np.testing.assert_array_equal(np.where(valid, got_rows_kept, 0), np.where(valid, want_kept, 0))

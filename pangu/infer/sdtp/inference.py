@@ -13,6 +13,10 @@ Scorers (the same schedule and forced tokens for each; only the ranking differs)
     computed with that layer's own q / k projections (`stage_params` = `attention_scorer_params`), the
     training-free H2O-style baseline;
   * "local": recency (sinks + the most recent tokens; `stage_params` unused).
+
+Composition with KV eviction (spec section 2, Table 6: SDTP + H2O): `prefill_with_eviction` runs the pruned
+prefill into caches that record the attention mass each kept token receives, then cuts every layer to H2O's
+budget (pangu.infer.eviction_cache), so `decoding.decode` continues with pruned prompt and evicting cache alike.
 """
 
 import dataclasses
@@ -22,6 +26,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from pangu.infer import decoding, eviction_cache
 from pangu.infer.sdtp.predictor import keep_scores, predictor_flops, predictor_logits
 from pangu.infer.sdtp.schedule import SDTPConfig, select_tokens
 from pangu.models.config import TransformerConfig
@@ -137,3 +142,16 @@ def prefill_flops(model_config: TransformerConfig, config: SDTPConfig | None, pr
   if config is not None:
     total += predictor_flops(config, model_config.d_model, [per_layer[l - 1] for l in config.layers])
   return float(total)
+
+
+def prefill_with_eviction(model_config: TransformerConfig, gen: decoding.GenerationConfig, params: dict,
+                          tokens: jax.Array, start: jax.Array, rng: jax.Array, *, config: SDTPConfig,
+                          stage_params, budget: int, recent: int, scorer: str = "sdtp") -> decoding.DecodeState:
+  """SDTP-pruned prefill of tokens [B, N] (left-padded, start [B]), then H2O eviction: each layer keeps its
+  `recent` latest tokens and the heaviest others up to `budget` slots, ranked by the attention mass the pruned
+  prefill's queries paid them. The returned state decodes with `decoding.decode`, every new token evicting the
+  lightest older slot. A budget of at least N + gen.max_new_tokens - 1 slots evicts nothing."""
+  stages = pruning_stages(model_config, config, tokens.shape[1], scorer)
+  state = decoding.prefill(model_config, gen, params, tokens, start, rng, stages=stages, stage_params=stage_params,
+                           layer_cache=eviction_cache.AttentionMassRecorder.empty)
+  return state.replace(cache=eviction_cache.to_heavy_hitter(state.cache, budget=budget, recent=recent))

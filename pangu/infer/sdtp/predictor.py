@@ -37,12 +37,17 @@ def predictor_hidden(config: SDTPConfig, d_model: int) -> int:
   return config.hidden if config.hidden is not None else max(1, d_model // 4)
 
 
-def init_predictors(config: SDTPConfig, d_model: int, rng: jax.Array) -> dict:
-  """{"stage_<s>": params} for every stage, unboxed."""
+def boxed_predictors(config: SDTPConfig, d_model: int, rng: jax.Array) -> dict:
+  """{"stage_<s>": params} for every stage, logically partitioned (what the shared train step initialises)."""
   module = TokenPredictor(predictor_hidden(config, d_model))
   keys = jax.random.split(rng, config.n_stages)
   x = jnp.zeros((1, 1, d_model), jnp.float32)
-  return {f"stage_{s}": nn.unbox(module.init(keys[s], x)["params"]) for s in range(config.n_stages)}
+  return {f"stage_{s}": module.init(keys[s], x)["params"] for s in range(config.n_stages)}
+
+
+def init_predictors(config: SDTPConfig, d_model: int, rng: jax.Array) -> dict:
+  """{"stage_<s>": params} for every stage, unboxed."""
+  return nn.unbox(boxed_predictors(config, d_model, rng))
 
 
 def predictor_logits(params: dict, stage: int, x: jax.Array) -> jax.Array:

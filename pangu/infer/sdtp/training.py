@@ -17,9 +17,9 @@ where the LM loss is taken (the suffix).
      (sigmoid(score) - t)^2 over the prunable live tokens of each stage; L_r, the pairwise ranking loss
      (`ranking_loss`). The stage sums are averaged over stages.
 
-Only the predictors train: the loss is differentiated with respect to them alone and the LM params enter under
-`stop_gradient`. The shared train step (pangu.train.step) holds a decoder's params as its state, so the step
-here is its own small jitted optax update of the predictor params.
+Only the predictors train, through the shared train step (pangu.train.step): `predictor_training` gives it the
+predictors as the model (`TrainModel`: their init, one gradient norm per stage) and `predictor_loss` as the
+injected loss, with the frozen LM's params closed over (under `stop_gradient`), never part of the train state.
 """
 
 from collections.abc import Callable
@@ -28,12 +28,16 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
-from pangu.infer.sdtp.predictor import KEEP, keep_scores, predictor_logits
+from pangu.infer.sdtp.predictor import KEEP, boxed_predictors, keep_scores, predictor_logits
 from pangu.infer.sdtp.schedule import SDTPConfig, forced_mask, select_tokens
 from pangu.models.config import TransformerConfig
 from pangu.models.stages import LayerStages, TokenState
 from pangu.models.transformer import Decoder, cross_entropy_loss, forward_in_stages
+from pangu.train.config import TrainConfig
+from pangu.train.losses import LossFn
+from pangu.train.step import TrainModel, TrainState, init_train_state, make_train_step
 
 Batch = dict[str, jax.Array]
 
@@ -130,16 +134,36 @@ def sdtp_loss(model_config: TransformerConfig, config: SDTPConfig, prompt_length
   return loss_fn
 
 
-def make_predictor_train_step(model_config: TransformerConfig, config: SDTPConfig, prompt_length: int,
-                              optimizer: optax.GradientTransformation):
-  """step(predictors, opt_state, lm_params, batch, rng) -> (predictors, opt_state, metrics), jitted; the LM
-  params are an input, never an output, so nothing but the predictors can change."""
+def predictor_loss(model_config: TransformerConfig, config: SDTPConfig, prompt_length: int,
+                   lm_params: dict) -> LossFn:
+  """`sdtp_loss` as the shared step's `LossFn` of the predictors: loss(predictors, batch, rng), the frozen LM's
+  params closed over (like kd_loss's teacher). Metrics: cls, mse, rank, kept_fraction (the step adds loss)."""
   loss_fn = sdtp_loss(model_config, config, prompt_length)
 
-  @jax.jit
-  def step(predictors: dict, opt_state, lm_params: dict, batch: Batch, rng: jax.Array):
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(predictors, lm_params, batch, rng)
-    updates, opt_state = optimizer.update(grads, opt_state, predictors)
-    return optax.apply_updates(predictors, updates), opt_state, metrics
+  def loss(predictors: dict, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict]:
+    value, metrics = loss_fn(predictors, lm_params, batch, rng)
+    return value, {k: v for k, v in metrics.items() if k != "loss"}
 
-  return step
+  return loss
+
+
+def predictor_train_model(model_config: TransformerConfig, config: SDTPConfig) -> TrainModel:
+  """The predictors as the shared step's model: their (logically partitioned) init, and one gradient norm per
+  stage as `per_layer_grad_norm`."""
+  return TrainModel(
+      init_params=lambda rng: boxed_predictors(config, model_config.d_model, rng),
+      layer_grad_norms=lambda grads: jnp.stack([optax.tree.norm(grads[f"stage_{s}"]) for s in range(config.n_stages)]))
+
+
+def predictor_training(model_config: TransformerConfig, config: SDTPConfig, prompt_length: int, lm_params: dict,
+                       train_config: TrainConfig, mesh: Mesh, rng: jax.Array
+                       ) -> tuple[TrainState, Callable[[TrainState, Batch], tuple[TrainState, dict]]]:
+  """(state, step) training the predictors with the shared train step (`pangu.train.step`): state.params are
+  the predictors, the batch is the LM batch (inputs, targets, mask), step(state, batch) -> (state, metrics)
+  with the step's metrics and `sdtp_loss`'s. The LM params are an input of the loss only, so nothing but the
+  predictors can change."""
+  model = predictor_train_model(model_config, config)
+  state = init_train_state(model, train_config, rng, mesh)
+  step = make_train_step(model, train_config, mesh,
+                         loss_fn=predictor_loss(model_config, config, prompt_length, lm_params))
+  return state, step
