@@ -1,14 +1,14 @@
-"""Key-value retrieval ("needle in a haystack") over corpus text, with one-token keys and values.
+"""Key-value retrieval ("needle in a haystack") over corpus text, with one-token needles, keys and values.
 
-Byte ids 0..255 are text; the ids above them are reserved task tokens: `n_keys` key tokens, then `n_values` value
-tokens. A needle is the pair [key, value] buried in text; a query repeats the key, and the value is the answer.
-One-token keys and values let a two-layer induction circuit (a previous-token head, then a head that matches the
-query key) answer in one step, which a small byte model learns in a few hundred steps, where multi-byte keys and
-digit values stay at chance (issue 15's log).
+Byte ids 0..255 are text; the ids above them are reserved task tokens: `n_keys` key tokens, `n_values` value
+tokens, then one needle token per (key, value) pair. A needle is that single token buried in text; a query is the
+key token, and the answer is the value token. Since the needle carries its key and its value, one attention head
+answers (the query key matches the needle, whose value it copies): a small model learns that in a few hundred
+steps, where a separate key and value token need a two-head induction circuit that did not form within 500 steps
+of dense associative-recall rows at D=64 (and multi-byte keys and digit values stayed at chance: issue 15's log).
 
 Everything is pure NumPy driven by an explicit `np.random.Generator`:
-  * `dense_row`: associative-recall rows (MQAR, Zoology) dense with key -> value pairs; every later re-occurrence of
-    a key is a supervised retrieval target.
+  * `dense_row`: associative-recall rows (MQAR, Zoology) dense with needles and queries; every query is a target.
   * `text_row`: corpus text with a few needles, each queried later and followed by its answer.
   * `training_batch`: a batch mixing both, {"inputs", "targets", "mask"} with the answers weighted.
   * `eval_prompt`: text with one needle at a chosen depth, ending with its query key (answer excluded).
@@ -25,10 +25,11 @@ BYTES = 256
 
 @dataclasses.dataclass(frozen=True)
 class RetrievalVocab:
-  """Task token ids above the bytes: keys [BYTES, BYTES + n_keys), values the next n_values ids."""
+  """Task token ids above the bytes: keys [BYTES, BYTES + n_keys), then n_values values, then the n_keys * n_values
+  needles (needle of key i and value j: needle_base + i * n_values + j)."""
 
-  n_keys: int = 64
-  n_values: int = 64
+  n_keys: int = 16
+  n_values: int = 16
 
   def __post_init__(self):
     positive_ints(self, "n_keys", "n_values")
@@ -38,15 +39,26 @@ class RetrievalVocab:
     return BYTES + self.n_keys
 
   @property
+  def needle_base(self) -> int:
+    return self.value_base + self.n_values
+
+  @property
   def vocab_size(self) -> int:
     """The smallest model vocabulary that holds every task token."""
-    return self.value_base + self.n_values
+    return self.needle_base + self.n_keys * self.n_values
+
+  def needle(self, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The needle tokens of key and value tokens."""
+    return (self.needle_base + (keys - BYTES) * self.n_values + values - self.value_base).astype(np.int32)
 
   def is_key(self, tokens: np.ndarray) -> np.ndarray:
     return (tokens >= BYTES) & (tokens < self.value_base)
 
   def is_value(self, tokens: np.ndarray) -> np.ndarray:
-    return (tokens >= self.value_base) & (tokens < self.vocab_size)
+    return (tokens >= self.value_base) & (tokens < self.needle_base)
+
+  def is_needle(self, tokens: np.ndarray) -> np.ndarray:
+    return (tokens >= self.needle_base) & (tokens < self.vocab_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,16 +96,16 @@ def _pairs(rng: np.random.Generator, vocab: RetrievalVocab, count: int) -> tuple
 
 def eval_prompt(rng: np.random.Generator, vocab: RetrievalVocab, haystack: Haystack, length: int,
                 depth: float) -> NeedlePrompt:
-  """`length` tokens: text with one needle starting at `depth` of the text, then the query key."""
+  """`length` tokens: text with one needle at `depth` of the text, then the query key."""
   if not 0.0 <= depth <= 1.0:
     raise ValueError(f"eval_prompt: depth must be in [0, 1], got {depth}")
-  if length < 4:
-    raise ValueError(f"eval_prompt: length must be >= 4, got {length}")
-  (key,), (value,) = _pairs(rng, vocab, 1)
-  text = haystack.cut(rng, length - 3)
+  if length < 3:
+    raise ValueError(f"eval_prompt: length must be >= 3, got {length}")
+  keys, values = _pairs(rng, vocab, 1)
+  text = haystack.cut(rng, length - 2)
   at = int(round(depth * len(text)))
-  tokens = np.concatenate([text[:at], [key, value], text[at:], [key]]).astype(np.int32)
-  return NeedlePrompt(tokens=tokens, answer=np.array([value], np.int32), depth=depth)
+  tokens = np.concatenate([text[:at], vocab.needle(keys, values), text[at:], keys]).astype(np.int32)
+  return NeedlePrompt(tokens=tokens, answer=values, depth=depth)
 
 
 def eval_prompts(seed: int, vocab: RetrievalVocab, haystack: Haystack, length: int, count: int,
@@ -105,18 +117,21 @@ def eval_prompts(seed: int, vocab: RetrievalVocab, haystack: Haystack, length: i
 
 def dense_row(rng: np.random.Generator, vocab: RetrievalVocab, length: int, n_keys: int) -> tuple[np.ndarray,
                                                                                                      np.ndarray]:
-  """(tokens [length], weights [length]): a stream of [key, value] pairs over `n_keys` keys of this row; weights[i]
-  is 1 where tokens[i] is the value of a key seen before (a retrieval target), else 0."""
+  """(tokens [length], weights [length]): needles of `n_keys` keys and queries [key, value] of keys whose needle
+  came earlier, in random order; weights[i] is 1 where tokens[i] answers a query, else 0."""
   keys, values = _pairs(rng, vocab, n_keys)
-  picks = rng.integers(0, n_keys, (length + 1) // 2)
-  tokens = np.stack([keys[picks], values[picks]], 1).reshape(-1)[:length]
-  seen = np.zeros(n_keys, bool)
-  weights = np.zeros(length, np.float32)
-  for i, p in enumerate(picks):
-    if 2 * i + 1 < length and seen[p]:
-      weights[2 * i + 1] = 1.0
-    seen[p] = True
-  return tokens.astype(np.int32), weights
+  needles = vocab.needle(keys, values)
+  tokens, weights, shown = [], [], 0
+  while len(tokens) < length:
+    if shown < n_keys and (shown == 0 or rng.random() < 0.3):
+      tokens.append(needles[shown])
+      weights.append(0.0)
+      shown += 1
+    else:
+      i = rng.integers(0, shown)
+      tokens += [keys[i], values[i]]
+      weights += [0.0, 1.0]
+  return np.array(tokens[:length], np.int32), np.array(weights[:length], np.float32)
 
 
 def text_row(rng: np.random.Generator, vocab: RetrievalVocab, haystack: Haystack, length: int,
@@ -124,18 +139,20 @@ def text_row(rng: np.random.Generator, vocab: RetrievalVocab, haystack: Haystack
   """(tokens [length], weights [length]): text carrying `needles` needles, each queried once later with its answer;
   weights are 1 on text, 0 on the needles (unpredictable) and the query keys, 1 on the answers."""
   keys, values = _pairs(rng, vocab, needles)
-  text = haystack.cut(rng, length - 4 * needles)
+  text = haystack.cut(rng, length - 3 * needles)
   cuts = np.sort(rng.choice(np.arange(1, len(text)), 2 * needles, replace=False))
-  # Each needle before its own query: pair the i-th smallest of a random half with a later cut.
+  # Each needle before its own query: pair the i-th smallest of a random half with the i-th of the other half.
   order = rng.permutation(2 * needles)
   firsts, seconds = np.sort(cuts[order[:needles]]), np.sort(cuts[order[needles:]])
   firsts, seconds = np.minimum(firsts, seconds), np.maximum(firsts, seconds)
   which = rng.permutation(needles)
   events = sorted([(int(c), i, 0) for c, i in zip(firsts, which)] + [(int(c), i, 1) for c, i in zip(seconds, which)])
+  needle_tokens = vocab.needle(keys, values)
   tokens, weights, last = [], [], 0
   for cut, i, is_query in events:
-    tokens += [text[last:cut], [keys[i], values[i]]]
-    weights += [np.ones(cut - last), [0.0, float(is_query)]]
+    piece = [keys[i], values[i]] if is_query else [needle_tokens[i]]
+    tokens += [text[last:cut], piece]
+    weights += [np.ones(cut - last), [0.0, 1.0] if is_query else [0.0]]
     last = cut
   tokens.append(text[last:])
   weights.append(np.ones(len(text) - last))
@@ -144,19 +161,17 @@ def text_row(rng: np.random.Generator, vocab: RetrievalVocab, haystack: Haystack
 
 def training_batch(rng: np.random.Generator, vocab: RetrievalVocab, haystack: Haystack, *, batch: int, length: int,
                    dense_share: float, needles: int, answer_weight: float) -> dict[str, np.ndarray]:
-  """{"inputs", "targets", "mask"} [batch, length]: the first round(dense_share * batch) rows `dense_row`s (about
-  length / 8 keys each), the rest `text_row`s; the mask weighs retrieval answers `answer_weight`, text 1."""
+  """{"inputs", "targets", "mask"} [batch, length]: the first round(dense_share * batch) rows `dense_row`s (all
+  n_keys keys each), the rest `text_row`s; the mask weighs retrieval answers `answer_weight`, text 1."""
   if not 0.0 <= dense_share <= 1.0:
     raise ValueError(f"training_batch: dense_share must be in [0, 1], got {dense_share}")
   rows, weights = [], []
   for r in range(batch):
     if r < round(dense_share * batch):
-      row, weight = dense_row(rng, vocab, length + 1, min(vocab.n_keys, max(1, length // 8)))
-      weight = weight * answer_weight
+      row, weight = dense_row(rng, vocab, length + 1, vocab.n_keys)
     else:
       row, weight = text_row(rng, vocab, haystack, length + 1, needles)
-      weight = np.where(vocab.is_value(row), answer_weight * weight, weight)
     rows.append(row)
-    weights.append(weight)
+    weights.append(np.where(vocab.is_value(row), answer_weight * weight, weight))
   tokens, weights = np.stack(rows), np.stack(weights)
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": weights[:, 1:].astype(np.float32)}
