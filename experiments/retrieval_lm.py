@@ -27,6 +27,8 @@ import json
 import os
 import time
 
+from pangu.data import retrieval
+
 SEED = 0
 DENSE_LEN, BATCH, NEEDLES, ANSWER_WEIGHT, DENSE_SHARE = 64, 32, 4, 4.0, 0.5
 FULL = dict(width=128, heads=4, kv_heads=2, d_ff=256, layers=12, circuit_at=(5, 11), circuit_dense=400,
@@ -35,15 +37,13 @@ QUICK = dict(width=64, heads=2, kv_heads=1, d_ff=128, layers=12, circuit_at=(5, 
              circuit_mixed=150, grown_steps=0, train_lens=(256, 512), peak_lr=3e-3)
 
 
-def vocab():
-  from pangu.data import retrieval
+def vocab() -> retrieval.RetrievalVocab:
   return retrieval.RetrievalVocab()
 
 
-def haystack(split: str):
+def haystack(split: str) -> retrieval.Haystack:
   """Corpus text of a split (the first 200 files, as the experiments always used)."""
   from pangu import data
-  from pangu.data import retrieval
   return retrieval.Haystack(data.load_documents(data.CorpusConfig(max_files=200), split))
 
 
@@ -54,27 +54,11 @@ def model_config(setup: dict, n_layers: int):
                                   init="small", max_position_embeddings=8192)
 
 
-def last_token_accuracy(config, params, prompts: list, batch: int) -> float:
-  """Share of prompts whose next-token argmax after the full prompt is the answer (one forward, no cache)."""
-  import jax
-  import numpy as np
-
-  from pangu import models
-  forward = jax.jit(lambda p, t: models.forward(config, p, t)[:, -1])
-  correct = 0
-  for i in range(0, len(prompts), batch):
-    chunk = prompts[i:i + batch]
-    logits = forward(params, np.stack([p.tokens for p in chunk]))
-    correct += int(np.sum(np.argmax(logits, -1) == np.array([p.answer[0] for p in chunk])))
-  return correct / len(prompts)
-
-
 def _train(config, params, steps: int, lengths: tuple, dense_share: float, peak_lr: float, rng, train_text,
            label: str, log: list) -> dict:
   """`steps` train steps from `params` (None: a fresh init), cycling the row lengths; returns the params."""
   import jax
 
-  from pangu.data import retrieval
   from pangu.parallel import single_device_mesh
   from pangu.train.config import TrainConfig
   from pangu.train.step import init_train_state, make_train_step
