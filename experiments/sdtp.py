@@ -10,7 +10,8 @@ other layers are identities (quick) or tuned on the same mix (full). We chose th
 happens after the first pruning layer (2, the spec's scaling of the paper's schedule to 12 layers): were the
 circuit in layers 0-1, the answer would sit in the last token's residual before any pruning and every method
 would tie. `per_layer_retrieval` measures where it happens (accuracy when everything but the sinks and the recent
-window is pruned from layer L on). SDTP's predictors are trained on the frozen LM (pangu.infer.sdtp: saliency
+window is pruned from layer L on): in the quick run 0 for L <= 5 and the unpruned accuracy for L >= 6, so the
+lookup is done by layer 5 alone and the stages at layers 2-5 (66 % of the prompt left at layer 5) decide it. SDTP's predictors are trained on the frozen LM (pangu.infer.sdtp: saliency
 targets, Gumbel masks, MSE + ranking + LM loss) with the paper's schedule scaled to the depth (10 stages x 0.9
 from layer 2, about 65 % of the prompt pruned). Every method keeps the same number of tokens at the same layers,
 with the same 4 sinks and recent 10 %; only the ranking differs:
