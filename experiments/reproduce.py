@@ -34,9 +34,9 @@ EXPERIMENTS = (
     ("pangu_light", "Pangu Light: joint width + depth pruning with CLAP / SLNP vs truncation and SlimLLM, before and "
                     "after the same distillation budget (reuses the pruning experiment's cached base).", 120),
     ("sdtp", "SDTP: saliency-driven token pruning vs random, attention-score and no pruning on a retrieval task; "
-             "prefill FLOPs and speed-up vs prompt length.", 150),
+             "prefill FLOPs and speed-up vs prompt length (trains the retrieval LM it shares with specache).", 150),
     ("specache", "SpeCache: speculative top-k prefetch over a 1/2-bit KIVI copy vs KIVI, H2O, StreamingLLM and the "
-                 "full cache on passkey retrieval at matched device memory (trains a small LM on first run).", 150),
+                 "full cache on needle retrieval at matched device memory (reuses sdtp's cached retrieval LM).", 150),
     ("dit_ptq", "HTG: timestep-aware W8A8 / W4A8 post-training quantisation of a small DiT on digits against naive, "
                 "SmoothQuant-style and PTQ4DiT-style PTQ; G sweep (the first run trains the DiT; re-runs reuse it).",
      120),

@@ -1,30 +1,34 @@
-"""SDTP vs random, attention-score and no pruning on a small byte-level LM with a key-value retrieval task.
+"""SDTP vs random, attention-score and no pruning on the shared retrieval LM.
 
   python -m experiments.sdtp --quick
 
-Spec shared/specs/sdtp.md section 4 (SDTP, arXiv 2504.04514), issue 15. A 12-layer narrow decoder is trained on
-the embedded corpus mixed with a retrieval task: a few records "@ab:47;" are buried at random depths of a corpus
-window and the prompt ends with the question "?ab:", whose answer "47" depends on one record only (the answer
-bytes weigh ANSWER_WEIGHT times a corpus byte in the LM loss so that the small model learns the task). The LM is
-cached under <results_dir>/sdtp_base, so re-runs do not retrain. SDTP's predictors are then trained on the frozen
-LM (pangu.infer.sdtp: saliency targets, Gumbel masks, MSE + ranking + LM loss) with the paper's schedule scaled to
-the depth (10 stages x 0.9 from layer 2, about 65 % of the prompt pruned). Every method keeps the same number of
-tokens at the same layers, with the same 4 sinks and recent 10 %; only the ranking differs:
+Spec shared/specs/sdtp.md section 4 (SDTP, arXiv 2504.04514), issue 15. The LM is experiments.retrieval_lm's (one
+model shared with `specache`, trained once and cached under <results_dir>/retrieval_lm): a 12-layer narrow GQA
+byte LM whose retrieval circuit (the query key token attends to the one needle token carrying its key and value:
+pangu.data.retrieval) was trained in 2 layers and placed at layers 5 and 11 by function-preserving growth; the
+other layers are identities (quick) or tuned on the same mix (full). We chose this placement so that retrieval
+happens after the first pruning layer (2, the spec's scaling of the paper's schedule to 12 layers): were the
+circuit in layers 0-1, the answer would sit in the last token's residual before any pruning and every method
+would tie. `per_layer_retrieval` measures where it happens (accuracy when everything but the sinks and the recent
+window is pruned from layer L on): in the quick run 0 for L <= 5 and the unpruned accuracy for L >= 6, so the
+lookup is done by layer 5 alone and the stages at layers 2-5 (66 % of the prompt left at layer 5) decide it. SDTP's predictors are trained on the frozen LM (pangu.infer.sdtp: saliency
+targets, Gumbel masks, MSE + ranking + LM loss) with the paper's schedule scaled to the depth (10 stages x 0.9
+from layer 2, about 65 % of the prompt pruned). Every method keeps the same number of tokens at the same layers,
+with the same 4 sinks and recent 10 %; only the ranking differs:
   * sdtp: the predictors; random: uniform scores; attention: the last token's attention at the pruning layer
     (training-free, H2O-like); none: no pruning.
-For each: retrieval accuracy (both answer bytes right, teacher forced) and continuation perplexity per byte of
-corpus text, both through the real path (a pruned prefill into the KV cache, then the continuation extends the
-cache), analytic prefill FLOPs, and prefill wall time relative to the unpruned prefill, measured side by side in
-one run. Then the SDTP / unpruned prefill speed-up at growing prompt lengths (the trained LM, batch 1).
+For each: retrieval accuracy (the answer token is the argmax after the pruned prefill of a prompt with one
+needle, query key last) and continuation perplexity per byte of corpus text, both through the real path (a
+pruned prefill into the KV cache, then the continuation extends the cache), analytic prefill FLOPs, and prefill
+wall time relative to the unpruned prefill, measured side by side in one run. Then the SDTP / unpruned prefill
+speed-up at growing prompt lengths (the trained LM, batch 1).
 
 Writes <results_dir>/sdtp.json: {"keep_ratio", "methods": {name: {"accuracy", "ppl", "prefill_flops",
 "prefill_time_ratio"}}, "flops_reduction", "prefill_speedup", "speedup_by_length": [{"length", "none_ms", "sdtp_ms",
-"speedup", "flops_reduction"}], "claims"}, sdtp.png (speed-up vs prompt length,
-accuracy per method) and sdtp.md (the table, setup and speed-up per length).
+"speedup", "flops_reduction"}], "per_layer_retrieval": [{"layer", "accuracy"}], "lm", "claims"}, sdtp.png
+(speed-up vs prompt length, accuracy per method) and sdtp.md (the table, setup and speed-up per length).
 """
 
-import dataclasses
-import json
 import math
 import os
 import time
@@ -34,169 +38,75 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
 from absl import app, flags  # noqa: E402
 
-from experiments import common  # noqa: E402
+from experiments import common, retrieval_lm  # noqa: E402
 
-_STEPS = flags.DEFINE_integer("steps", None, "LM training steps.", lower_bound=1)
 _PREDICTOR_STEPS = flags.DEFINE_integer("predictor_steps", None, "Predictor training steps.", lower_bound=1)
 _PROMPT = flags.DEFINE_integer("prompt_len", None, "Prompt length N of training and evaluation.", lower_bound=64)
-_WIDTH = flags.DEFINE_integer("width", None, "Model width D.", lower_bound=8)
-_LAYERS = flags.DEFINE_integer("layers", None, "Decoder layers (>= 12 for the paper's 10 stages).", lower_bound=2)
 _EVAL = flags.DEFINE_integer("eval_examples", None, "Evaluation prompts per metric.", lower_bound=1)
 _LENGTHS = flags.DEFINE_list("speed_lengths", None, "Prompt lengths of the speed-up curve.")
 _REPEATS = flags.DEFINE_integer("repeats", None, "Timed prefills per measurement (median).", lower_bound=1)
-_BATCH = flags.DEFINE_integer("batch", None, "Sequences per training step and evaluation batch.", lower_bound=2)
+_BATCH = flags.DEFINE_integer("batch", None, "Sequences per predictor step and evaluation batch.", lower_bound=2)
 
-FULL = dict(steps=3000, predictor_steps=400, prompt_len=512, width=128, layers=12, eval_examples=256,
-            speed_lengths=["512", "1024", "2048", "4096"], repeats=5, batch=16)
-QUICK = dict(steps=40, predictor_steps=10, prompt_len=128, width=64, layers=12, eval_examples=16,
-             speed_lengths=["512", "2048"], repeats=2, batch=8)
-SEED, N_RECORDS, CONTINUATION, ANSWER_WEIGHT = 0, 4, 32, 16.0
+FULL = dict(predictor_steps=400, prompt_len=1024, eval_examples=256, speed_lengths=["512", "1024", "2048", "4096"],
+            repeats=5, batch=16)
+QUICK = dict(predictor_steps=10, prompt_len=512, eval_examples=32, speed_lengths=["512", "2048"], repeats=2,
+             batch=8)
+SEED, CONTINUATION = 0, 32
 METHODS = ("none", "sdtp", "random", "attention")
-LETTERS, DIGITS = b"abcdefghijklmnopqrstuvwxyz", b"0123456789"
 PAPER = {"flops_reduction": (0.33, 0.47), "prefill_speedup": 1.52, "accuracy_points": 1.0}
 SPEEDUP_GOAL, GOAL_LENGTH = 1.5, 2048
 
 
 # --- data -------------------------------------------------------------------------------------------------------
 
-def corpus_bytes(split: str, quick: bool):
-  import numpy as np
-
-  from pangu import data
-  documents = data.load_documents(data.CorpusConfig(max_files=200 if quick else None), split)
-  return np.frombuffer("\n".join(documents).encode("utf-8"), np.uint8).astype(np.int32)
-
-
-def retrieval_example(rng, text, prompt_len: int):
-  """(prompt [N], answer [2]): corpus text with N_RECORDS records "@ab:47;" at random depths, then "?ab:"."""
-  import numpy as np
-  keys = set()
-  while len(keys) < N_RECORDS:
-    keys.add(bytes(int(c) for c in rng.choice(list(LETTERS), 2)))
-  keys = sorted(keys)
-  values = [bytes(int(c) for c in rng.choice(list(DIGITS), 2)) for _ in keys]
-  asked = int(rng.integers(N_RECORDS))
-  question = b"?" + keys[asked] + b":"
-  records = [b"@" + k + b":" + v + b";" for k, v in zip(keys, values)]
-  filler = prompt_len - len(question) - sum(len(r) for r in records)
-  start = int(rng.integers(0, len(text) - filler))
-  window = list(text[start:start + filler])
-  for depth, record in sorted(zip(rng.integers(0, filler, N_RECORDS), records), reverse=True):
-    window[depth:depth] = list(record)
-  prompt = np.array(window + list(question), np.int32)
-  return prompt, np.array(list(values[asked]), np.int32)
-
-
-def corpus_example(rng, text, prompt_len: int):
+def corpus_example(rng, haystack, prompt_len: int):
   """(prompt [N], continuation [CONTINUATION]) from one corpus window."""
-  start = int(rng.integers(0, len(text) - prompt_len - CONTINUATION))
-  window = text[start:start + prompt_len + CONTINUATION]
+  window = haystack.cut(rng, prompt_len + CONTINUATION)
   return window[:prompt_len], window[prompt_len:]
 
 
-def lm_batch(rng, text, prompt_len: int, batch: int) -> dict:
-  """Half retrieval prompts followed by the answer, ";" and corpus text (the answer bytes weighted
-  ANSWER_WEIGHT), half plain corpus windows; the loss is over every byte."""
+def predictor_batch(rng, haystack, prompt_len: int, batch: int) -> dict:
+  """Half retrieval prompts followed by their answer and corpus text, half plain corpus windows; the loss is on
+  the suffix only (the prompt is what gets pruned), answers weighted as in the LM's training."""
   import numpy as np
+
+  from pangu.data import retrieval
   rows, weights = [], []
   for i in range(batch):
     if i % 2 == 0:
-      prompt, answer = retrieval_example(rng, text, prompt_len)
-      suffix = np.concatenate([answer, [ord(";")], corpus_example(rng, text, 0)[1][:CONTINUATION - 3]])
-      weight = np.ones(prompt_len + CONTINUATION)
-      weight[prompt_len - 1:prompt_len + 1] = ANSWER_WEIGHT  # the two answer bytes as targets
+      prompt = retrieval.eval_prompt(rng, retrieval_lm.vocab(), haystack, prompt_len, float(rng.uniform(0, 1)))
+      row = np.concatenate([prompt.tokens, prompt.answer, haystack.cut(rng, CONTINUATION - 1)])
     else:
-      prompt, suffix = corpus_example(rng, text, prompt_len)
-      weight = np.ones(prompt_len + CONTINUATION)
-    rows.append(np.concatenate([prompt, suffix]))
+      row = np.concatenate(corpus_example(rng, haystack, prompt_len))
+    weight = np.zeros(prompt_len + CONTINUATION, np.float32)
+    weight[prompt_len - 1:] = 1.0
+    weight[prompt_len - 1] = retrieval_lm.ANSWER_WEIGHT if i % 2 == 0 else 1.0
+    rows.append(row)
     weights.append(weight)
   tokens = np.stack(rows).astype(np.int32)
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.stack(weights)[:, :-1].astype(np.float32)}
-
-
-def suffix_batch(batch: dict, prompt_len: int) -> dict:
-  """The same batch with the loss on the suffix only (predictor training: the prompt is what gets pruned)."""
-  import numpy as np
-  mask = np.zeros_like(batch["mask"])
-  mask[:, prompt_len - 1:] = 1.0
-  return {**batch, "mask": mask}
-
-
-# --- the base LM ------------------------------------------------------------------------------------------------
-
-def base_config(setup: dict):
-  from pangu import models
-  return models.TransformerConfig(vocab_size=384, d_model=setup["width"], n_layers=setup["layers"],
-                                  n_heads=max(1, setup["width"] // 32), n_kv_heads=max(1, setup["width"] // 32),
-                                  d_ff=3 * setup["width"], init="small",
-                                  max_position_embeddings=max(8192, setup["prompt_len"] + CONTINUATION))
-
-
-def train_base(setup: dict, text, results_dir: str) -> tuple:
-  """(config, params, record): trained, or loaded from <results_dir>/sdtp_base when it holds this very run."""
-  import flax.serialization
-  import jax
-  import numpy as np
-
-  from pangu import models
-  from pangu.parallel import single_device_mesh
-  from pangu.train.config import TrainConfig
-  from pangu.train.step import init_train_state, make_train_step
-
-  config = base_config(setup)
-  steps = setup["steps"]
-  train_config = TrainConfig(peak_lr=3e-3, end_lr=3e-4, warmup_steps=max(steps // 20, 10), total_steps=steps,
-                             weight_decay=0.01)
-  signature = json.loads(json.dumps({"model": config.to_dict(), "train": dataclasses.asdict(train_config),
-                                     "seed": SEED, "batch": setup["batch"], "prompt_len": setup["prompt_len"],
-                                     "answer_weight": ANSWER_WEIGHT, "records": N_RECORDS}))
-  folder = os.path.join(results_dir, "sdtp_base")
-  template = jax.device_get(models.init_params(config, jax.random.key(SEED)))
-  try:
-    with open(os.path.join(folder, "record.json")) as f:
-      record = json.load(f)
-    if record["signature"] == signature:
-      with open(os.path.join(folder, "params.msgpack"), "rb") as f:
-        return config, flax.serialization.from_bytes(template, f.read()), {**record, "cached": True}
-  except (OSError, ValueError, KeyError):
-    pass
-  mesh = single_device_mesh()  # the report runs every experiment with 8 host devices configured
-  state = init_train_state(config, train_config, jax.random.key(SEED), mesh)
-  step = make_train_step(config, train_config, mesh)
-  rng, start, losses = np.random.default_rng(SEED), time.perf_counter(), []
-  for i in range(steps):
-    state, metrics = step(state, lm_batch(rng, text, setup["prompt_len"], setup["batch"]))
-    if (i + 1) % max(1, steps // 10) == 0:
-      losses.append({"step": i + 1, "loss": float(metrics["loss"])})
-      print(f"base LM: step {i + 1} loss {losses[-1]['loss']:.3f}", flush=True)
-  params = jax.device_get(state.params)
-  record = {"signature": signature, "loss_curve": losses, "train_seconds": time.perf_counter() - start}
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "params.msgpack"), "wb") as f:
-    f.write(flax.serialization.to_bytes(params))
-  with open(os.path.join(folder, "record.json"), "w") as f:
-    json.dump(record, f)
-  return config, params, {**record, "cached": False}
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.stack(weights)[:, :-1]}
 
 
 def train_predictors(config, params, schedule, setup: dict, text) -> tuple:
+  """The predictors, trained on the frozen LM through the shared train step (Adam, cosine from 3e-3 to 0)."""
   import jax
   import numpy as np
-  import optax
 
   from pangu.infer import sdtp
-  optimizer = optax.adam(optax.cosine_decay_schedule(3e-3, setup["predictor_steps"]))
-  predictors = sdtp.init_predictors(schedule, config.d_model, jax.random.key(SEED + 1))
-  opt_state = optimizer.init(predictors)
-  step = sdtp.make_predictor_train_step(config, schedule, setup["prompt_len"], optimizer)
+  from pangu.parallel import single_device_mesh
+  from pangu.train.config import TrainConfig
+
+  train_config = TrainConfig(peak_lr=3e-3, end_lr=0.0, warmup_steps=1, total_steps=setup["predictor_steps"],
+                             b2=0.999, weight_decay=0.0)
+  state, step = sdtp.predictor_training(config, schedule, setup["prompt_len"], params, train_config,
+                                        single_device_mesh(), jax.random.key(SEED + 1))
   rng, start, curve = np.random.default_rng(SEED + 1), time.perf_counter(), []
   for i in range(setup["predictor_steps"]):
-    batch = suffix_batch(lm_batch(rng, text, setup["prompt_len"], setup["batch"] // 2), setup["prompt_len"])
-    predictors, opt_state, metrics = step(predictors, opt_state, params, batch, jax.random.key(i))
+    state, metrics = step(state, predictor_batch(rng, text, setup["prompt_len"], setup["batch"] // 2))
     if (i + 1) % max(1, setup["predictor_steps"] // 5) == 0:
       curve.append({k: float(metrics[k]) for k in ("loss", "cls", "mse", "rank")})
       print(f"predictors: step {i + 1} " + " ".join(f"{k} {v:.3f}" for k, v in curve[-1].items()), flush=True)
-  return predictors, {"curve": curve, "seconds": time.perf_counter() - start}
+  return jax.device_get(state.params), {"curve": curve, "seconds": time.perf_counter() - start}
 
 
 # --- evaluation -------------------------------------------------------------------------------------------------
@@ -213,47 +123,86 @@ def method_stages(config, schedule, params, predictors, method: str, prompt_len:
   return sdtp.pruning_stages(config, schedule, prompt_len, method), stage_params
 
 
+def prefill(config, params, prompts, stages, stage_params) -> tuple:
+  """(last-token logits [B, 1, V], cache): a (pruned) prefill of the prompts into a KV cache of N + CONTINUATION
+  slots (one cache size for every use, so each method's prefill compiles once)."""
+  import jax.numpy as jnp
+
+  from pangu import infer
+  batch, prompt_len = prompts.shape
+  cache = infer.init_cache(config, jnp.zeros((batch,), jnp.int32), prompt_len + CONTINUATION)
+  return infer.extend(config, params, prompts, cache, last_only=True, stages=stages, stage_params=stage_params)
+
+
 def continuation_logits(config, params, prompts, continuations, stages, stage_params):
   """Logits [B, C, V] predicting each continuation token: a (pruned) prefill of the prompts into the KV cache,
   then the continuation (but its last token) extending it."""
   import jax.numpy as jnp
 
   from pangu import infer
-  batch, prompt_len = prompts.shape
-  # One cache size for every continuation length, so each method's prefill compiles once.
-  cache = infer.init_cache(config, jnp.zeros((batch,), jnp.int32), prompt_len + CONTINUATION)
-  first, cache = infer.extend(config, params, prompts, cache, last_only=True, stages=stages,
-                              stage_params=stage_params)
+  first, cache = prefill(config, params, prompts, stages, stage_params)
   rest, _ = infer.extend(config, params, continuations[:, :-1], cache)
   return jnp.concatenate([first, rest], axis=1)
 
 
-def evaluate(config, params, schedule, predictors, setup: dict, text) -> dict:
+def retrieval_accuracy(config, params, prompts: list, batch: int, stages, stage_params) -> float:
+  """Share of prompts whose argmax after the (pruned) prefill is the answer token."""
+  import numpy as np
+  correct = 0
+  for chunk in range(0, len(prompts), batch):
+    part = prompts[chunk:chunk + batch]
+    logits, _ = prefill(config, params, np.stack([p.tokens for p in part]), stages, stage_params)
+    correct += int(np.sum(np.argmax(logits[:, -1], -1) == np.array([p.answer[0] for p in part])))
+  return correct / len(prompts)
+
+
+def eval_prompts(haystack, setup: dict) -> list:
+  """The evaluation prompts: one needle each at depths 5-85 % (outside the sinks and the always-kept recent 10 %,
+  so pruning can drop it), the query key last."""
+  from pangu.data import retrieval
+  return retrieval.eval_prompts(SEED + 3, retrieval_lm.vocab(), haystack, setup["prompt_len"],
+                                setup["eval_examples"], (0.05, 0.85))
+
+
+def evaluate(config, params, schedule, predictors, setup: dict, haystack) -> dict:
   """method -> accuracy, ppl (per byte), the same prompts for every method."""
   import numpy as np
 
-  rng, n, prompt_len = np.random.default_rng(SEED + 3), setup["eval_examples"], setup["prompt_len"]
+  rng, n, prompt_len = np.random.default_rng(SEED + 4), setup["eval_examples"], setup["prompt_len"]
   batch = setup["batch"]
-  retrieval = [retrieval_example(rng, text, prompt_len) for _ in range(n)]
-  corpus = [corpus_example(rng, text, prompt_len) for _ in range(n)]
+  prompts = eval_prompts(haystack, setup)
+  corpus = [corpus_example(rng, haystack, prompt_len) for _ in range(n)]
   results = {}
   for method in METHODS:
     stages, stage_params = method_stages(config, schedule, params, predictors, method, prompt_len)
-    correct, nll, count = 0, 0.0, 0
+    nll, count = 0.0, 0
     for chunk in range(0, n, batch):
-      prompts = np.stack([p for p, _ in retrieval[chunk:chunk + batch]])
-      answers = np.stack([a for _, a in retrieval[chunk:chunk + batch]])
-      logits = continuation_logits(config, params, prompts, answers, stages, stage_params)
-      correct += int(np.sum(np.all(np.argmax(logits, -1) == answers, axis=1)))
-      prompts = np.stack([p for p, _ in corpus[chunk:chunk + batch]])
+      texts = np.stack([p for p, _ in corpus[chunk:chunk + batch]])
       follow = np.stack([c for _, c in corpus[chunk:chunk + batch]])
-      logits = np.asarray(continuation_logits(config, params, prompts, follow, stages, stage_params), np.float64)
+      logits = np.asarray(continuation_logits(config, params, texts, follow, stages, stage_params), np.float64)
       log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
       nll += float(np.sum(log_z - np.take_along_axis(logits, follow[..., None], -1)[..., 0]))
       count += follow.size
-    results[method] = {"accuracy": correct / n, "ppl": math.exp(nll / count)}
+    results[method] = {"accuracy": retrieval_accuracy(config, params, prompts, batch, stages, stage_params),
+                       "ppl": math.exp(nll / count)}
     print(f"{method}: accuracy {results[method]['accuracy']:.3f} ppl {results[method]['ppl']:.3f}", flush=True)
   return results
+
+
+def per_layer_retrieval(config, params, setup: dict, haystack) -> list[dict]:
+  """Where retrieval happens: accuracy when every prompt token but the sinks and the recent window is pruned
+  from layer L on (one stage at L keeping only the forced tokens), per L; the needle then reaches layers < L only."""
+  from pangu.infer import sdtp
+  prompts, n = eval_prompts(haystack, setup), setup["prompt_len"]
+  rows = []
+  for layer in range(1, config.n_layers):
+    forced = sdtp.SDTPConfig(layers=(layer,)).forced_tokens(n)
+    schedule = sdtp.SDTPConfig(layers=(layer,), keep_ratio=forced / n)
+    stages, stage_params = method_stages(config, schedule, params, None, "random", n)
+    rows.append({"layer": layer, "accuracy": retrieval_accuracy(config, params, prompts, setup["batch"], stages,
+                                                                stage_params)})
+    print(f"pruned from layer {layer}: accuracy {rows[-1]['accuracy']:.3f}", flush=True)
+  return rows
 
 
 def prefill_ms(config, params, schedule, predictors, methods, prompts, repeats: int) -> dict:
@@ -334,22 +283,21 @@ def main(argv):
   quick = common.QUICK.value
   defaults = QUICK if quick else FULL
   setup = {k: (flag.value if flag.value is not None else defaults[k]) for k, flag in (
-      ("steps", _STEPS), ("predictor_steps", _PREDICTOR_STEPS), ("prompt_len", _PROMPT), ("width", _WIDTH),
-      ("layers", _LAYERS), ("eval_examples", _EVAL), ("speed_lengths", _LENGTHS), ("repeats", _REPEATS),
-      ("batch", _BATCH))}
+      ("predictor_steps", _PREDICTOR_STEPS), ("prompt_len", _PROMPT), ("eval_examples", _EVAL),
+      ("speed_lengths", _LENGTHS), ("repeats", _REPEATS), ("batch", _BATCH))}
   lengths = [int(x) for x in setup["speed_lengths"]]
   results_dir = common.RESULTS_DIR.value
   start = time.perf_counter()
-  text = corpus_bytes("train", quick)
-  config, params, training = train_base(setup, text, results_dir)
+  config, params, training = retrieval_lm.train_or_load(retrieval_lm.QUICK if quick else retrieval_lm.FULL,
+                                                        results_dir)
   schedule = sdtp.SDTPConfig.scaled_to_depth(config.n_layers)
   schedule.check(config.n_layers, min([setup["prompt_len"], *lengths]))
-  predictors, predictor_record = train_predictors(config, params, schedule, setup, text)
-  val_text = corpus_bytes("validation", quick)
+  train_text, val_text = retrieval_lm.haystack("train"), retrieval_lm.haystack("validation")
+  predictors, predictor_record = train_predictors(config, params, schedule, setup, train_text)
   results = evaluate(config, params, schedule, predictors, setup, val_text)
+  per_layer = per_layer_retrieval(config, params, setup, val_text)
 
-  prompt = retrieval_example(np.random.default_rng(SEED + 4), val_text, setup["prompt_len"])[0]
-  prompts = np.stack([prompt] * setup["batch"])
+  prompts = np.stack([eval_prompts(val_text, setup)[0].tokens] * setup["batch"])
   times = prefill_ms(config, params, schedule, predictors, METHODS, prompts, setup["repeats"])
   n = setup["prompt_len"]
   for method in METHODS:
@@ -367,17 +315,22 @@ def main(argv):
   keep_ratio = sdtp.tokens_per_layer(config, schedule, n)[-1] / n
   payload = {"keep_ratio": keep_ratio, "methods": results,
              "flops_reduction": 1 - results["sdtp"]["prefill_flops"] / results["none"]["prefill_flops"],
-             "prefill_speedup": speed[-1]["speedup"], "speedup_by_length": speed}
+             "prefill_speedup": speed[-1]["speedup"], "speedup_by_length": speed, "per_layer_retrieval": per_layer,
+             "lm": {"train_seconds": training["train_seconds"], "cached": training["cached"], "log": training["log"],
+                    "circuit_layers": list(retrieval_lm.QUICK["circuit_at"] if quick else
+                                           retrieval_lm.FULL["circuit_at"])}}
   payload["claims"] = claims(payload)
   common.write_json("sdtp", payload, results_dir)
   plot(speed, results)
   rows = [{"method": m, **results[m]} for m in METHODS]
   table = common.format_table(rows, ["method", "accuracy", "ppl", "prefill_flops", "prefill_time_ratio"])
   table += "\n\n" + common.format_table(speed, ["length", "none_ms", "sdtp_ms", "speedup", "flops_reduction"])
+  table += "\n\n" + common.format_table(per_layer, ["layer", "accuracy"])
   table += (f"\n\nSetup: {'quick' if quick else 'full'}; {config.n_layers} layers, D={config.d_model}; pruning layers "
             f"{schedule.layers}, keep {schedule.keep_ratio} per stage ({keep_ratio:.1%} of the prompt left); prompt "
-            f"{n} bytes; LM {setup['steps']} steps ({'cached' if training['cached'] else 'trained'}), predictors "
-            f"{setup['predictor_steps']} steps; {setup['eval_examples']} evaluation prompts; "
+            f"{n} tokens; LM circuit at layers {payload['lm']['circuit_layers']} "
+            f"({'cached' if training['cached'] else 'trained'} in {training['train_seconds']['total']:.0f} s), "
+            f"predictors {setup['predictor_steps']} steps; {setup['eval_examples']} evaluation prompts; "
             f"machine {common.machine_info()}; {time.perf_counter() - start:.0f} s.")
   common.write_table("sdtp", table, results_dir)
   del predictor_record

@@ -1,14 +1,15 @@
-"""SpeCache vs KIVI, H2O, StreamingLLM and the full cache on passkey retrieval at matched device memory.
+"""SpeCache vs KIVI, H2O, StreamingLLM and the full cache on needle retrieval at matched device memory.
 
   python -m experiments.specache --quick
 
 SpeCache (arXiv 2503.16163), spec specache.md section 4:
-1. A small GQA LM (byte tokens, RoPE) trained on corpus text carrying passkey needles (pangu.data.needle), cached
-   under <results_dir>/specache_model (a rerun resumes from it instead of training again).
+1. The LM is experiments.retrieval_lm's, shared with `sdtp` (trained once, cached under
+   <results_dir>/retrieval_lm; the report runs sdtp first, so this loads it): a 12-layer GQA byte LM (RoPE) whose
+   retrieval circuit reads one-token needles [key, value] buried in corpus text (pangu.data.retrieval).
 2. Every method decodes the same prompts: each haystack is prefilled exactly (dense cache), compressed into the
    method's cache, then runs token by token through the decode path: `ppl_tokens` teacher-forced text tokens
-   (continuation perplexity), the query `<k ` teacher-forced, and the 5-digit answer decoded greedily.
-   Accuracy: the share of prompts whose answer is exactly right.
+   (continuation perplexity), the query key teacher-forced, and the answer (the value token) decoded greedily
+   from the compressed cache. Accuracy: the share of prompts whose answer is right.
 3. Methods: full (dense cache); SpeCache 2- and 1-bit (speculative top-k prefetch); KIVI 2- and 1-bit (the
    same low-bit store, residual grown by k so device bytes match); H2O and StreamingLLM with as many
    full-precision slots as SpeCache-1bit's device bytes buy. Device KV bytes are the arrays' own sizes
@@ -22,44 +23,20 @@ Writes <results_dir>/specache.json: {"methods": {name: {"accuracy", "ppl", "devi
 specache.png (accuracy vs device KV bytes) and specache.md.
 """
 
-import os
 import time
 
 from absl import app, flags
 
-from experiments import common
+from experiments import common, retrieval_lm
 
-_STEPS = flags.DEFINE_integer("steps", None, "Training steps (default 1500, --quick 120).", lower_bound=2)
 _CONTEXT = flags.DEFINE_integer("context", None, "Prompt tokens incl. the query (default 2048, --quick 512).")
-_PROMPTS = flags.DEFINE_integer("prompts", None, "Evaluation prompts (default 32, --quick 8).", lower_bound=1)
+_PROMPTS = flags.DEFINE_integer("prompts", None, "Evaluation prompts (default 32, --quick 16).", lower_bound=1)
 _TOP_K = flags.DEFINE_integer("top_k", None, "SpeCache k (default 64, --quick 32).", lower_bound=0)
 _RESIDUAL = flags.DEFINE_integer("residual", None, "Residual length R (default 64, --quick 32).", lower_bound=1)
 _GROUP = flags.DEFINE_integer("group", 32, "Quantisation group size g.", lower_bound=1)
 _PPL_TOKENS = flags.DEFINE_integer("ppl_tokens", None, "Teacher-forced text tokens per prompt (default 32, --quick 8).")
 
-TRAIN_BATCH, TRAIN_NEEDLES, SINKS = 16, 4, 4
-
-
-def model_config():
-  from pangu import data, models
-  return models.tiny(vocab_size=data.ByteTokenizer().vocab_size, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
-                     d_ff=384)
-
-
-def train_model(config, steps: int, train_len: int, haystack, results_dir: str):
-  import jax
-  from pangu.data.needle import NeedleBatches
-  from pangu.parallel import cpu_mesh
-  from pangu.train.config import TrainConfig
-  from pangu.train.loop import LoopConfig, train
-  mesh = cpu_mesh(data=len(jax.devices()))
-  train_config = TrainConfig(peak_lr=3e-3, end_lr=3e-4, warmup_steps=max(steps // 20, 1), total_steps=steps)
-  batches = NeedleBatches(haystack, batch=TRAIN_BATCH, length=train_len, needles=TRAIN_NEEDLES)
-  loop = LoopConfig(steps=steps, checkpoint_dir=os.path.abspath(os.path.join(results_dir, "specache_model")),
-                    save_every=steps, keep_checkpoints=1)
-  start = time.perf_counter()
-  state, metrics = train(config, train_config, loop, batches, mesh)
-  return jax.device_get(state.params), (metrics[-1]["loss"] if metrics else None), time.perf_counter() - start
+SINKS, QUERY = 4, 1  # QUERY: prompt tokens of the query (the key)
 
 
 def methods(top_k: int, residual: int, group: int, slot_budget: int) -> dict:
@@ -100,7 +77,8 @@ def evaluate(config, params, prompts, ppl_tokens: int, kind: str, settings, *, h
   tokens = np.stack([p.tokens for p in prompts])
   answers = np.stack([p.answer for p in prompts])
   batch, width = tokens.shape
-  prefill_len = width - ppl_tokens - 3  # the last ppl_tokens text tokens and the query `<k ` go token by token
+  # The last ppl_tokens + 1 text tokens and the query go token by token; the ppl targets are text tokens only.
+  prefill_len = width - ppl_tokens - 1 - QUERY
   total = width + answers.shape[1] + 2
   factory = eviction_cache.AttentionMassRecorder.empty if kind == "h2o" else infer.DenseLayerCache.empty
   cache = infer.init_cache(config, jnp.zeros(batch, jnp.int32), total, layer_cache=factory)
@@ -211,7 +189,7 @@ def plot(results: dict) -> None:
     ax.scatter(r["device_kv_bytes"] / 2**10, r["accuracy"], label=name)
   ax.set_xscale("log")
   ax.set_xlabel("device KV bytes (KiB, float32)")
-  ax.set_ylabel("passkey accuracy")
+  ax.set_ylabel("retrieval accuracy")
   ax.legend(fontsize=7)
   common.save_figure(fig, "specache")
 
@@ -220,29 +198,22 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import numpy as np
-  from pangu import data
-  from pangu.data import needle
+  from pangu.data import retrieval
   from pangu.infer import eviction_cache
   from pangu.infer.specache import SpeCacheConfig, specache_device_bytes
   from pangu.infer.quantized_kv import QuantConfig
   quick = common.QUICK.value
 
-  steps, context = common.pick(_STEPS, 1500, 120), common.pick(_CONTEXT, 2048, 512)
-  n_prompts, top_k = common.pick(_PROMPTS, 32, 8), common.pick(_TOP_K, 64, 32)
+  context = common.pick(_CONTEXT, 2048, 512)
+  n_prompts, top_k = common.pick(_PROMPTS, 32, 16), common.pick(_TOP_K, 64, 32)
   residual, ppl_tokens = common.pick(_RESIDUAL, 64, 32), common.pick(_PPL_TOKENS, 32, 8)
   group = _GROUP.value
-  config = model_config()
-  train_len = min(context, 512)
-  train_haystack = needle.Haystack(data.load_documents(data.CorpusConfig(max_files=200), "train"))
-  params, train_loss, train_s = train_model(config, steps, train_len, train_haystack, common.RESULTS_DIR.value)
-
-  eval_haystack = needle.Haystack(data.load_documents(data.CorpusConfig(max_files=200), "validation") or
-                                  data.load_documents(data.CorpusConfig(max_files=200), "train"))
-  rng = np.random.default_rng(1)
+  config, params, training = retrieval_lm.train_or_load(retrieval_lm.QUICK if quick else retrieval_lm.FULL,
+                                                        common.RESULTS_DIR.value)
   # Needles anywhere in the prefilled part, away from the last ppl_tokens + query tokens.
-  limit = (context - ppl_tokens - 3 - 12) / (context - 12)
-  prompts = [needle.eval_prompt(rng, eval_haystack, context - 3, float(d))
-             for d in np.linspace(0.05, 0.9 * limit, n_prompts)]
+  limit = (context - ppl_tokens - QUERY - 3) / (context - 2)
+  prompts = retrieval.eval_prompts(1, retrieval_lm.vocab(), retrieval_lm.haystack("validation"), context, n_prompts,
+                                   (0.05, 0.9 * limit))
   itemsize = np.dtype(config.dtype).itemsize
   one_bit = SpeCacheConfig(QuantConfig(bits=1, group=group), residual=residual, top_k=top_k)
   slots = one_bit.store_slots(context + 8)
@@ -263,7 +234,7 @@ def main(argv):
                   for name, r in results.items()},
       "compression_ratio": full_bytes / one_bytes,
       "spec_hit_rate": results["specache_1bit"]["spec_hit_rate"],
-      "setup": {"steps": steps, "train_len": train_len, "train_loss": train_loss, "train_seconds": train_s,
+      "setup": {"lm_train_seconds": training["train_seconds"], "lm_cached": training["cached"],
                 "context": context, "prompts": n_prompts, "top_k": top_k, "residual": residual, "group": group,
                 "ppl_tokens": ppl_tokens, "slot_budget_h2o_streaming": slot_budget,
                 "compression_ratio_16bit": 2 * slots * config.head_dim * 2 / paper_one,
@@ -277,7 +248,7 @@ def main(argv):
   plot(payload["methods"])
   rows = [{"method": n, **r} for n, r in payload["methods"].items()]
   common.write_table("specache", "\n\n".join([
-      f"Passkey retrieval at {context} tokens, {n_prompts} prompts, same prompts for every method "
+      f"Needle retrieval at {context} tokens, {n_prompts} prompts, same prompts for every method "
       f"(SpeCache-1bit device KV {payload['compression_ratio']:.1f}x smaller than full in float32, "
       f"{payload['setup']['compression_ratio_16bit']:.1f}x in 16-bit; spec hit rate "
       f"{payload['spec_hit_rate']:.2f}):",
