@@ -186,9 +186,12 @@ def sample_replies(model_config: TransformerConfig, params, prompts: Sequence[st
   return Replies(texts, lengths, (lengths >= max_new_tokens) & ~stopped)
 
 
-def pass_matrix(items: Sequence[Task], replies: Replies, samples: int, fmt: chat.ChatFormat) -> np.ndarray:
-  """[N, k] whether reply j of item i (replies ordered item-major) has a complete, correct final answer."""
-  passed = [parsed.complete and tasks.verify(task, parsed.answer)
+def pass_matrix(items: Sequence[Task], replies: Replies, samples: int, fmt: chat.ChatFormat,
+                mode: str | None = None) -> np.ndarray:
+  """[N, k] whether reply j of item i (replies ordered item-major) has a complete, correct final answer. With
+  mode="fast" a reply that reasons (a non-empty span) fails: a fast pass rate must measure answering directly,
+  or auto labels would call an item easy because the model reasoned its way through it."""
+  passed = [parsed.complete and tasks.verify(task, parsed.answer) and (mode != "fast" or parsed.mode == "fast")
             for task, text in zip((t for t in items for _ in range(samples)), replies.texts)
             for parsed in [chat.parse_response(text, fmt)]]
   return np.asarray(passed, bool).reshape(len(items), samples)
@@ -201,7 +204,7 @@ def score(model_config: TransformerConfig, params, items: Sequence[Task], tokeni
   prompts = [chat.render_prompt(t.prompt, mode=mode, fmt=fmt) for t in items for _ in range(samples)]
   replies = sample_replies(model_config, params, prompts, tokenizer, fmt, max_new_tokens=max_new_tokens, rng=rng,
                            temperature=temperature)
-  return complexity(pass_matrix(items, replies, samples, fmt))
+  return complexity(pass_matrix(items, replies, samples, fmt, mode))
 
 
 def reset_optimizer(state, tx, params):

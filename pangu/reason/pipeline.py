@@ -43,7 +43,7 @@ class PipelineConfig:
   merge: str = "accumulate"
   batch: int = 32
   lr: float = 3e-3
-  fast_threshold: float = 0.5
+  fast_threshold: float = 0.75
 
   def __post_init__(self):
     object.__setattr__(self, "levels", tuple(self.levels))
@@ -79,13 +79,15 @@ def _data(config: PipelineConfig, seed: int):
 
 
 def sequence_lengths(config: PipelineConfig, tokenizer) -> tuple[int, int]:
-  """(seq_len, max_new_tokens): room for the canonical slow reply of the hardest level in auto mode plus a
-  margin, in every mode (one token cap for all modes). Longer (verbose) teacher candidates never win the
-  shortest-correct pick; a training pair that does not fit is an error in `sft_batch`."""
+  """(seq_len, max_new_tokens): room for the teacher's most verbose correct slow reply of the hardest level in auto
+  mode plus a margin, in every mode (one token cap for all modes). The verbose candidate wins the shortest-correct
+  pick whenever the shorter ones have a wrong step, so the student learns to write it too; a cap at the canonical
+  length cut those replies off (19% truncated at level 3). A training pair that does not fit is an error in
+  `sft_batch`."""
   longest_prompt = longest_reply = 0
   for f in config.families:
     for t in tasks.generate(f, max(config.levels), 64, 1, TASK_CONFIG):
-      solution = teacher.slow(t)
+      solution = teacher.verbose(t)
       prompt = chat.render_prompt(t.prompt, mode="auto", fmt=FORMAT)
       reply = chat.render_response(solution.reasoning, solution.answer, mode="auto", chosen="slow", fmt=FORMAT)
       longest_prompt = max(longest_prompt, len(tokenizer.encode(prompt)))
@@ -114,11 +116,13 @@ def run(config: PipelineConfig, *, seed: int = 0, checkpoint_dir: str | None = N
   key = jax.random.key(seed + 1)
   report = [f"pool {len(pool)} prompts, eval {len(evaluation)}, seq_len {seq_len}, max_new_tokens {max_new}"]
 
-  def train(state, pairs, steps):
+  def train(state, groups, steps):
+    """SFT steps whose batches draw equally from each group of (prompt, reply) pairs."""
     losses = []
     for _ in range(steps):
-      chosen = rng.integers(0, len(pairs), config.batch)
-      batch = distill.sft_batch(tokenizer, [pairs[i][0] for i in chosen], [pairs[i][1] for i in chosen], seq_len)
+      drawn = [group[i] for j, group in enumerate(groups)
+               for i in rng.integers(0, len(group), config.batch // len(groups) + (j < config.batch % len(groups)))]
+      batch = distill.sft_batch(tokenizer, [p for p, _ in drawn], [r for _, r in drawn], seq_len)
       state, metrics = step(state, batch)
       losses.append(metrics["loss"])
     return state, float(np.mean(jax.device_get(losses[-10:])))
@@ -129,13 +133,13 @@ def run(config: PipelineConfig, *, seed: int = 0, checkpoint_dir: str | None = N
     prompts = [chat.render_prompt(t.prompt, mode=mode, fmt=FORMAT) for t in items]
     replies, repaired = dual.self_repair(model_config, params, prompts, tokenizer, FORMAT, max_new_tokens=max_new,
                                          rng=sub)
-    passed = distill.pass_matrix(items, replies, 1, FORMAT)[:, 0]
+    passed = distill.pass_matrix(items, replies, 1, FORMAT, mode)[:, 0]
     chosen = [chat.parse_response(r, FORMAT).chosen for r in replies.texts]
     return passed, replies.tokens, repaired, chosen
 
   # 1. Warm-up SFT: G_0.
   kept, solutions, dropped = distill.distillation_targets(pool, rng, tokenizer, FORMAT)
-  state, loss = train(state, dual.fusion_examples(kept, solutions, None, FORMAT), config.warmup_steps)
+  state, loss = train(state, [dual.fusion_examples(kept, solutions, None, FORMAT)], config.warmup_steps)
   report.append(f"warm-up: {len(kept)} targets ({dropped} prompts without a correct candidate), loss {loss:.3f}, "
                 f"{time.perf_counter() - begin:.0f} s")
   log(report[-1])
@@ -154,29 +158,38 @@ def run(config: PipelineConfig, *, seed: int = 0, checkpoint_dir: str | None = N
     pairs = [(chat.render_prompt(k.prompt, mode="slow", fmt=FORMAT),
               chat.render_response(s.reasoning, s.answer, mode="slow", fmt=FORMAT)) for k, s in zip(kept, solutions)]
     state = distill.reset_optimizer(state, tx, merged)
-    state, loss = train(state, pairs, config.iteration_steps)
+    state, loss = train(state, [pairs], config.iteration_steps)
     new = _copy(state.params)
     key, sub = jax.random.split(key)
     new_merged = merging.merge_iteration(merge_config, merged, new, base=base, history=history, rng=sub)
     stats = merging.delta_stats(new_merged, merged)
     history.append(new)
     merged = new_merged
-    acc = float(np.mean(accuracy(new, "slow", evaluation)[0]))
-    acc_merged = float(np.mean(accuracy(merged, "slow", evaluation)[0]))
-    iterations.append({"acc": acc, "acc_merged": acc_merged})
+    passed_new, passed_merged = accuracy(new, "slow", evaluation)[0], accuracy(merged, "slow", evaluation)[0]
+    acc, acc_merged = float(passed_new.mean()), float(passed_merged.mean())
+    # Paired over the same items: merged and unmerged differ by a few items, within noise at this eval size.
+    difference = passed_merged.astype(np.float64) - passed_new
+    iterations.append({"acc": acc, "acc_merged": acc_merged,
+                       "merged_minus_acc_se": float(difference.std(ddof=1) / np.sqrt(difference.size))})
     report.append(f"iteration {t}: mean C {c.mean():.2f}, selected {len(chosen)} (mean C {c[chosen].mean():.2f}), "
                   f"{dropped} dropped, loss {loss:.3f}, merge delta norm {stats['delta_norm']:.3f}, acc {acc:.3f}, "
                   f"merged {acc_merged:.3f}, {time.perf_counter() - begin:.0f} s")
     log(report[-1])
-  # 3. Dual system: auto labels from fast-mode pass rates, then fusion SFT from the merged model.
-  key, sub = jax.random.split(key)
-  fast_c = distill.score(model_config, merged, pool, tokenizer, FORMAT, samples=config.samples, mode="fast",
-                         max_new_tokens=max_new, rng=sub)
-  labels = dual.auto_labels(1 - fast_c, config.fast_threshold)
+  # 3. Dual system (spec 3g). Phase 1, from the merged model: slow and fast replies (the iterations trained slow
+  # mode only). Phase 2: auto labels from the phase-1 model's fast-mode pass rates (the model that will choose),
+  # then equal thirds of slow, fast and auto replies.
   kept, solutions, _ = distill.distillation_targets(pool, rng, tokenizer, FORMAT)
-  kept_labels = [labels[pool.index(k)] for k in kept]
+  both = dual.fusion_examples(kept, solutions, None, FORMAT)
+  slow_pairs, fast_pairs = both[0::2], both[1::2]
   state = distill.reset_optimizer(state, tx, merged)
-  state, loss = train(state, dual.fusion_examples(kept, solutions, kept_labels, FORMAT), config.fusion_steps)
+  state, _ = train(state, [slow_pairs, fast_pairs], config.fusion_steps // 2)
+  key, sub = jax.random.split(key)
+  fast_c = distill.score(model_config, state.params, pool, tokenizer, FORMAT, samples=config.samples,
+                         mode="fast", max_new_tokens=max_new, rng=sub)
+  labels = dual.auto_labels(1 - fast_c, config.fast_threshold)
+  kept_labels = [labels[pool.index(k)] for k in kept]
+  auto_pairs = dual.fusion_examples(kept, solutions, kept_labels, FORMAT)[2::3]
+  state, loss = train(state, [slow_pairs, fast_pairs, auto_pairs], config.fusion_steps - config.fusion_steps // 2)
   share = {lv: float(np.mean([lab == "fast" for k, lab in zip(pool, labels) if k.level == lv])) for lv in config.levels}
   report.append(f"fusion: auto labels fast share per level {share}, loss {loss:.3f}")
   # 4. Evaluation per mode and level.

@@ -84,15 +84,24 @@ def fast(task: Task) -> Solution:
   return Solution("", _steps(task, None)[1])
 
 
+def _trace(task: Task, errors: np.ndarray | None, opening: bool, closing: bool) -> Solution:
+  """A slow solution with the optional opening restatement of the task and closing restatement of the answer."""
+  steps, answer = _steps(task, errors)
+  steps = [f"task {task.prompt}"] * opening + steps + [f"so {answer}"] * closing
+  return Solution(STEP_SEPARATOR.join(steps), answer)
+
+
+def verbose(task: Task) -> Solution:
+  """The longest correct candidate the teacher can write (both restatements): the shortest-correct pick returns
+  it whenever every shorter candidate has a wrong step, so reply length limits must leave room for it."""
+  return _trace(task, None, True, True)
+
+
 def candidates(task: Task, rng: np.random.Generator, config: TeacherConfig = TeacherConfig()) -> list[Solution]:
   """m slow candidates of varying verbosity, each step wrong with probability q_err (carried forward)."""
   out = []
   for _ in range(config.candidates):
     errors = rng.random(step_count(task)) < config.step_error
-    steps, answer = _steps(task, errors)
-    if rng.random() < config.restate_probability:
-      steps = [f"task {task.prompt}"] + steps
-    if rng.random() < config.restate_probability:
-      steps = steps + [f"so {answer}"]
-    out.append(Solution(STEP_SEPARATOR.join(steps), answer))
+    opening, closing = (rng.random() < config.restate_probability for _ in range(2))
+    out.append(_trace(task, errors, opening, closing))
   return out

