@@ -249,28 +249,57 @@ def _take(groups: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndar
   return {key: value[index] for key, value in groups.items()}
 
 
-def fill_groups(sample: Callable[[int], dict[str, np.ndarray]], num_groups: int, config: GRPOConfig
-                ) -> tuple[dict[str, np.ndarray], FillStats]:
+def balanced_order(labels: Sequence, num: int) -> np.ndarray:
+  """The first `num` indices of `labels` taken round robin over its distinct labels (in order of first appearance,
+  each label's indices in order): every label gets an equal share where it has enough, the others fill the rest."""
+  labels = np.asarray(labels)
+  queues = [np.flatnonzero(labels == label) for label in dict.fromkeys(labels.tolist())]
+  order = [q[r] for r in range(max((len(q) for q in queues), default=0)) for q in queues if r < len(q)]
+  return np.asarray(order[:num], np.int64)
+
+
+def fill_groups(sample: Callable[[int], dict[str, np.ndarray]], num_groups: int, config: GRPOConfig, *,
+                strata: str | None = None) -> tuple[dict[str, np.ndarray], FillStats]:
   """Draws generation batches `sample(i)` until `num_groups` groups with nonzero reward variance are kept (step 5).
 
   `sample(i)` returns arrays whose leading axis is the group, including "rewards" [n, G]. Without filtering the
   first batches are taken as they come. When `max_gen_batches` runs out first, the batch is topped up with
   dropped groups (zero advantage: they add only the KL term), so the train step keeps one static shape; the
   count is reported.
+
+  `strata` names a key of `sample`'s output that labels each group (a task family): then drawing goes on until
+  every label seen has its equal share of informative groups (or `max_gen_batches` runs out), and the batch takes
+  them round robin over the labels (`balanced_order`), so a label whose groups are more often informative does
+  not crowd the others out of the update.
   """
   kept, dropped = [], []
   generated = gen_batches = 0
-  while sum(len(k["rewards"]) for k in kept) < num_groups and gen_batches < config.max_gen_batches:
+
+  def full() -> bool:
+    if not kept:
+      return False
+    if strata is None:
+      return sum(len(k["rewards"]) for k in kept) >= num_groups
+    seen = np.concatenate([k[strata] for k in kept + dropped])
+    have = np.concatenate([k[strata] for k in kept])
+    labels = list(dict.fromkeys(seen.tolist()))
+    return all(np.sum(have == label) >= num_groups // len(labels) for label in labels) and len(have) >= num_groups
+
+  while not full() and gen_batches < config.max_gen_batches:
     groups = sample(gen_batches)
     rewards = np.asarray(groups["rewards"])
     if rewards.ndim != 2 or rewards.shape[1] != config.num_generations:
       raise ValueError(f"sample({gen_batches}) gave rewards of shape {rewards.shape}, expected "
                        f"[groups, {config.num_generations}]")
+    if strata is not None and strata not in groups:
+      raise ValueError(f"sample({gen_batches}) gave no {strata!r} (the strata key)")
     gen_batches, generated = gen_batches + 1, generated + len(rewards)
     informative = rewards.std(axis=1) > 0 if config.filter_zero_variance else np.ones(len(rewards), bool)
     kept.append(_take(groups, np.flatnonzero(informative)))
     dropped.append(_take(groups, np.flatnonzero(~informative)))
   pool = {key: np.concatenate([k[key] for k in kept]) for key in kept[0]}
+  if strata is not None:
+    pool = _take(pool, balanced_order(pool[strata], len(pool["rewards"])))
   topped_up = max(0, num_groups - len(pool["rewards"]))
   if topped_up:
     spare = {key: np.concatenate([d[key] for d in dropped]) for key in dropped[0]}

@@ -10,9 +10,9 @@ from pangu import models
 from pangu.infer.decoding import GenerationConfig
 from pangu.models.transformer import Decoder
 from pangu.parallel import cpu_mesh, single_device_mesh
-from pangu.reason.grpo import (GRPO_BATCH_AXES, GRPOConfig, fill_groups, group_advantages, grpo_batch, grpo_loss,
-                               grpo_objective, k3_kl, pack_rollouts, sample_groups, sequence_logprobs_fn,
-                               token_logprobs, truncated_importance_weights)
+from pangu.reason.grpo import (GRPO_BATCH_AXES, GRPOConfig, balanced_order, fill_groups, group_advantages,
+                               grpo_batch, grpo_loss, grpo_objective, k3_kl, pack_rollouts, sample_groups,
+                               sequence_logprobs_fn, token_logprobs, truncated_importance_weights)
 from pangu.train.config import TrainConfig
 from pangu.train.step import init_train_state, make_train_step
 
@@ -260,3 +260,28 @@ def test_grpo_loss_in_the_shared_train_step_on_sampled_groups():
   _, metrics = step(state, batch)
   np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-4, atol=1e-5)
   assert float(metrics["tokens"]) == packed["mask"].sum()
+
+
+def test_balanced_order_takes_labels_round_robin():
+  np.testing.assert_array_equal(balanced_order(["a", "a", "a", "b", "c", "b"], 5), [0, 3, 4, 1, 5])
+  np.testing.assert_array_equal(balanced_order([1, 1, 1, 2], 4), [0, 3, 1, 2])
+
+
+def test_stratified_fill_keeps_drawing_until_every_label_has_its_share():
+  """Label 0's groups are informative at once, label 1's only in the third batch: unstratified filling stops
+  after the first batch with label 0 only; stratified filling draws on and takes half of each."""
+  informative, flat = [0, 1], [1, 1]
+  batches = [[informative, informative, flat, flat], [informative, informative, flat, flat],
+             [informative, informative, informative, informative]]
+
+  def sample(i):
+    rewards = np.asarray(batches[i], np.float32)
+    return {"rewards": rewards, "family": np.asarray([0, 0, 1, 1]), "group_id": 100 * i + np.arange(4)}
+
+  plain, stats = fill_groups(sample, 2, GRPOConfig())
+  assert list(plain["family"]) == [0, 0] and stats.gen_batches == 1
+  stratified, stats = fill_groups(sample, 4, GRPOConfig(), strata="family")
+  assert sorted(stratified["family"]) == [0, 0, 1, 1] and stats.gen_batches == 3
+  assert list(stratified["group_id"]) == [0, 202, 1, 203]
+  with pytest.raises(ValueError, match="'family'"):
+    fill_groups(_sampler([[[1, 0]]]), 1, GRPOConfig(), strata="family")

@@ -91,3 +91,42 @@ def test_a_grpo_step_moves_the_params_only_when_the_group_rewards_differ(scorer,
     assert shifts[0] > shifts[1]
   else:
     assert shifts == (0.0, 0.0) and history[0]["update_norm"] == 0.0
+
+
+def _mixed_pool():
+  return (tasks.generate("arith", 1, 30, 0, TASK_CONFIG) + tasks.generate("list", 1, 6, 0, TASK_CONFIG)
+          + tasks.generate("string", 1, 9, 0, TASK_CONFIG))
+
+
+@pytest.mark.parametrize("n", [3, 7, 16])
+def test_balanced_draws_split_the_prompts_evenly_over_families(n):
+  items, rng = _mixed_pool(), np.random.default_rng(n)
+  for _ in range(20):
+    index = rl.draw_prompts(items, n, rng, balance=True)
+    assert len(set(index.tolist())) == n
+    counts = [sum(items[i].family == f for i in index) for f in ("arith", "list", "string")]
+    assert sum(counts) == n and max(counts) - min(counts) <= 1
+  # Unbalanced draws follow the pool (arith is 2/3 of it): over many draws arith takes well over a third.
+  share = np.mean([items[i].family == "arith" for _ in range(50) for i in rl.draw_prompts(items, 9, rng,
+                                                                                          balance=False)])
+  assert share > 0.5
+
+
+def test_a_balanced_draw_that_a_family_cannot_fill_is_an_error():
+  with pytest.raises(ValueError, match="family 'list'"):
+    rl.draw_prompts(_mixed_pool(), 21, np.random.default_rng(0), balance=True)
+
+
+def test_family_diagnostics_match_a_hand_count():
+  rewards = np.array([[0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [0.5, -0.5, 0.5, 0.5], [-0.5] * 4])
+  families = ["a", "a", "a", "b", "b"]
+  advantages = np.arange(20.0).reshape(5, 4) - 10
+  tokens = np.arange(20).reshape(5, 4)
+  out = rl.family_diagnostics(families, rewards, advantages, tokens)
+  assert out["a"]["groups"] == 3 and out["b"]["groups"] == 2
+  assert (out["a"]["all_low"], out["a"]["all_high"], out["a"]["mixed"]) == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+  assert (out["b"]["all_low"], out["b"]["all_high"], out["b"]["mixed"]) == pytest.approx((0.5, 0.0, 0.5))
+  assert out["a"]["reward"] == pytest.approx(5 / 12) and out["b"]["reward"] == pytest.approx(-0.125)
+  assert out["b"]["reward_std"] == pytest.approx(np.sqrt(0.1875) / 2)
+  assert out["a"]["advantage_abs"] == pytest.approx(np.mean(np.abs(np.arange(12) - 10)))
+  assert out["b"]["tokens"] == pytest.approx(np.mean(np.arange(12, 20)))
