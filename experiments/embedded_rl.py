@@ -56,7 +56,7 @@ _TRAIN_MS = flags.DEFINE_float("train_ms", 25.0, "Simulated learner time per ste
 _STALENESS = flags.DEFINE_list("staleness", ["0", "1", "2"], "Staleness bounds s to sweep.")
 _STUDENT = flags.DEFINE_string("student", None, "Checkpoint folder of the distilled student (default: "
                                "<results_dir>/embedded_dual_student).")
-_RL_STEPS = flags.DEFINE_integer("rl_steps", None, "GRPO steps on the student (default 150, --quick 30).",
+_RL_STEPS = flags.DEFINE_integer("rl_steps", None, "GRPO steps on the student (default 150, --quick 40).",
                                  lower_bound=1)
 _RL_FAMILIES = flags.DEFINE_list("rl_families", None, "Task families of the RL prompts and evaluation (default: "
                                  "those the student was distilled on, from its checkpoint metadata).")
@@ -70,14 +70,14 @@ QUICK = dict(steps=30, seeds=2)
 PROMPTS, CHOICES, LEARNING_RATE = 8, 8, 8.0
 BASE_LENGTH, TAIL_SIGMA = 100, 1.0  # tokens at difficulty 1, lognormal tail of each generation's length
 IDLE_GOAL, REWARD_TOLERANCE, RL_GOAL = 0.25, 0.02, 0.05
-# GRPO on the student: G = 8 (spec 3d); every other setting is RLConfig's / GRPOConfig's default except these.
-# Measured on the two-family quick student (arith + list, greedy accuracy 0.062, arithmetic at chance), 30 steps,
-# paired gain over 768 held-out items: lr 5e-4 +1.4 +- 1.1 points (lists +4.9, arithmetic -2.1); lr 1e-3 -0.1 +- 1.1
-# (lists +3.6, arithmetic -3.9; KL spiked to 2.6 nats a token) and, in a run on 384 items, +4.4 +- 1.5; lr 3e-4
-# moved log-probs by ~0.005 nats a step (+1.2). Without the KL term and with sequence-mean aggregation, 40 steps at
-# 1e-3 drifted to a KL of 1.1: +2.3 +- 1.3 (lists +7.3, arithmetic -2.6).
+# GRPO on the student: G = 8 (spec 3d); every other setting is RLConfig's / GRPOConfig's default (lr 3e-4, 5
+# warm-up steps, beta 0.04). Paired gains over held-out items, quick arithmetic student: lr 3e-4, 40 steps
+# +6.8 +- 2.1 points (384 items); lr 5e-4, 3 warm-up steps, 30 steps +2.1 +- 2.2. Two-family quick student (arith +
+# list, greedy accuracy 0.062, arithmetic at chance), 30 steps, 768 items: lr 5e-4 +1.4 +- 1.1 (lists +4.9,
+# arithmetic -2.1); lr 1e-3 -0.1 +- 1.1 (lists +3.6, arithmetic -3.9; KL spiked to 2.6 nats a token) and, in a run
+# on 384 items, +4.4 +- 1.5; without the KL term and with sequence-mean aggregation, 40 steps at 1e-3 drifted to a
+# KL of 1.1: +2.3 +- 1.3 (lists +7.3, arithmetic -2.6).
 RL_GENERATIONS = 8
-RL_SETTINGS = dict(learning_rate=5e-4, warmup_steps=3)
 GRPO_SETTINGS = dict(num_generations=RL_GENERATIONS)
 # The families whose student was saved before the checkpoint metadata named them.
 DEFAULT_FAMILIES, DEFAULT_LEVELS = ["arith"], ["1", "2", "3"]
@@ -282,7 +282,7 @@ def rl_section(student: str, steps: int, families: list[str] | None, levels: lis
             "per_family": per_family}, passed.astype(np.float64)
 
   before, passed_before = evaluate(params)
-  rl_config = rl.RLConfig(steps=steps, max_new_tokens=max_new, seq_len=seq_len, **RL_SETTINGS)
+  rl_config = rl.RLConfig(steps=steps, max_new_tokens=max_new, seq_len=seq_len)
   grpo_config = grpo.GRPOConfig(**GRPO_SETTINGS)
   start_wall, start_cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
   trained, history = rl.train_grpo(config, params, train_items, tokenizer, fmt, rl_config, grpo_config, mars)
@@ -419,7 +419,7 @@ def main(argv):
   student = _STUDENT.value or os.path.join(common.RESULTS_DIR.value, "embedded_dual_student")
   if os.path.isdir(student):
     levels = [int(v) for v in _RL_LEVELS.value] if _RL_LEVELS.value else None
-    before, after = rl_section(os.path.abspath(student), common.pick(_RL_STEPS, 150, 30), _RL_FAMILIES.value,
+    before, after = rl_section(os.path.abspath(student), common.pick(_RL_STEPS, 150, 40), _RL_FAMILIES.value,
                                levels, common.pick(_RL_EVAL_ITEMS, 256, 128))
   elif _STUDENT.value:
     raise app.UsageError(f"--student={_STUDENT.value} is not a folder")

@@ -5,8 +5,9 @@
 Variants (spec pangu_ultra.md, section 4): (A) `pre`: Pre-LN + small init, the paper's baseline;
 (B) `sandwich`: post gains 1, TinyInit; (C) `depth_scaled_sandwich`: DSSN + TinyInit, the paper's method;
 (D) `dssn_small_init`: DSSN + small init, isolating TinyInit. Same data order, seeds, optimizer and schedule.
-A sweep then looks for the paper's regime: learning rates x depths x seeds (--sweep_lrs, --sweep_layers, --seeds),
-every variant at every point with the spike detector fixed beforehand (the train loop's, set on a pilot run).
+A sweep then looks for the paper's regime: learning rates x depths x seeds (--sweep_lrs, --sweep_layers; 2 seeds, 1
+in quick mode), every variant at every point with the spike detector fixed beforehand (the train loop's, set on a
+pilot run).
 Writes results/sandwich_norm.json: {"variants": {name: {final_loss, val_loss, loss_spikes, grad_norm_spikes,
 max_grad_norm, diverged, "gains_over_training": {"steps": [s], norm: {"mean", "std"}: [snapshot][layer]}, ...}},
 "sweep": {lr: {variant: {"loss_spikes", "grad_norm_spikes", "diverged",
@@ -33,12 +34,13 @@ _SWEEP_STEPS = flags.DEFINE_integer("sweep_steps", None, "Steps per sweep run.",
 FULL = dict(steps=600, lr=3e-2, layers=32, width=64, seq_len=128, seeds=2,
             variants=["pre", "sandwich", "depth_scaled_sandwich", "dssn_small_init"],
             sweep_lrs=["1e-2", "3e-2", "1e-1", "3e-1"], sweep_layers=["16", "32"], sweep_steps=300,
-            sweep_variants=("pre", "sandwich", "depth_scaled_sandwich"))
+            sweep_variants=("pre", "sandwich", "depth_scaled_sandwich"), sweep_seeds=2)
 # Quick keeps the two variants the claims compare, in the main runs and the sweep (each variant costs the report
-# about a minute); full mode adds plain sandwich and DSSN with small init.
+# about a minute), one sweep seed and the three highest learning rates; full mode adds plain sandwich and DSSN with
+# small init, a second seed and lr 1e-2.
 QUICK = dict(FULL, steps=100, width=32, seq_len=64, seeds=1, variants=["pre", "depth_scaled_sandwich"],
-             sweep_layers=["8"], sweep_steps=40, sweep_variants=("pre", "depth_scaled_sandwich"))
-SWEEP_SEEDS = 2
+             sweep_lrs=["3e-2", "1e-1", "3e-1"], sweep_layers=["8"], sweep_steps=40,
+             sweep_variants=("pre", "depth_scaled_sandwich"), sweep_seeds=1)
 SWEEP_METRICS = ("loss_spikes", "grad_norm_spikes", "diverged", "final_loss")
 
 VARIANTS = {
@@ -162,13 +164,15 @@ def sweep_claim(payload: dict) -> dict:
   return common.claim("Pangu Ultra", "Across learning rates and depths, DSSN stays smooth where Pre-LN spikes",
                       "135B: no loss spikes with DSSN (Fig. 3)",
                       f"Pre-LN spiked or diverged in {pre_bad}/{total} runs (lr {lrs}; depths "
-                      f"{payload['setup']['sweep_layers']}; {SWEEP_SEEDS} seeds); DSSN did in {dssn_bad} of those",
+                      f"{payload['setup']['sweep_layers']}; {payload['setup']['sweep_seeds']} seeds); DSSN did in "
+                      f"{dssn_bad} of those",
                       verdict)
 
 
 def run_sweep(setup: dict, mesh, train_data, val_data) -> tuple[dict, list]:
   """lr -> variant -> metric -> [one value per (layers, seed) run], and the runs' (layers, seed) labels."""
-  runs = [{"layers": int(layers), "seed": seed} for layers in setup["sweep_layers"] for seed in range(SWEEP_SEEDS)]
+  runs = [{"layers": int(layers), "seed": seed} for layers in setup["sweep_layers"]
+          for seed in range(setup["sweep_seeds"])]
   sweep = {}
   for lr in setup["sweep_lrs"]:
     sweep[lr] = {}
@@ -211,7 +215,7 @@ def main(argv):
       ("steps", _STEPS), ("lr", _LR), ("layers", _LAYERS), ("width", _WIDTH), ("seq_len", _SEQ_LEN),
       ("seeds", _SEEDS), ("variants", _VARIANTS), ("sweep_lrs", _SWEEP_LRS), ("sweep_layers", _SWEEP_LAYERS),
       ("sweep_steps", _SWEEP_STEPS))}
-  setup["sweep_variants"] = list(defaults["sweep_variants"])
+  setup["sweep_variants"], setup["sweep_seeds"] = list(defaults["sweep_variants"]), defaults["sweep_seeds"]
   for flag in ("sweep_lrs", "sweep_layers"):
     try:
       [float(v) for v in setup[flag]]

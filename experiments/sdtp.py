@@ -10,8 +10,10 @@ other layers are identities (quick) or tuned on the same mix (full). We chose th
 happens after the first pruning layer (2, the spec's scaling of the paper's schedule to 12 layers): were the
 circuit in layers 0-1, the answer would sit in the last token's residual before any pruning and every method
 would tie. `per_layer_retrieval` measures where it happens (accuracy when everything but the sinks and the recent
-window is pruned from layer L on): in the quick run 0 for L <= 5 and the unpruned accuracy for L >= 6, so the
-lookup is done by layer 5 alone and the stages at layers 2-5 (66 % of the prompt left at layer 5) decide it. SDTP's predictors are trained on the frozen LM (pangu.infer.sdtp: saliency
+window is pruned from layer L on; every L in full mode, a bisection for the first L that keeps the unpruned
+accuracy in quick mode): in the quick run 0 for L <= 5 and the unpruned accuracy for L >= 6, so the lookup is
+done by layer 5 alone and the stages at layers 2-5 (66 % of the prompt left at layer 5) decide it. SDTP's
+predictors are trained on the frozen LM (pangu.infer.sdtp: saliency
 targets, Gumbel masks, MSE + ranking + LM loss) with the paper's schedule scaled to the depth (10 stages x 0.9
 from layer 2, about 65 % of the prompt pruned). Every method keeps the same number of tokens at the same layers,
 with the same 4 sinks and recent 10 %; only the ranking differs:
@@ -190,20 +192,34 @@ def evaluate(config, params, schedule, predictors, setup: dict, haystack) -> dic
   return results
 
 
-def per_layer_retrieval(config, params, setup: dict, haystack) -> list[dict]:
+def per_layer_retrieval(config, params, setup: dict, haystack, target: float, *, every_layer: bool) -> list[dict]:
   """Where retrieval happens: accuracy when every prompt token but the sinks and the recent window is pruned
-  from layer L on (one stage at L keeping only the forced tokens), per L; the needle then reaches layers < L only."""
+  from layer L on (one stage at L keeping only the forced tokens); the needle then reaches layers < L only.
+  every_layer: measure each L; otherwise bisect for the first L whose accuracy reaches `target` (the unpruned
+  model's), assuming accuracy grows with L (pruning later keeps more): about log2(depth) prefill compiles."""
   from pangu.infer import sdtp
   prompts, n = eval_prompts(haystack, setup), setup["prompt_len"]
-  rows = []
-  for layer in range(1, config.n_layers):
-    forced = sdtp.SDTPConfig(layers=(layer,)).forced_tokens(n)
-    schedule = sdtp.SDTPConfig(layers=(layer,), keep_ratio=forced / n)
-    stages, stage_params = method_stages(config, schedule, params, None, "random", n)
-    rows.append({"layer": layer, "accuracy": retrieval_accuracy(config, params, prompts, setup["batch"], stages,
-                                                                stage_params)})
-    print(f"pruned from layer {layer}: accuracy {rows[-1]['accuracy']:.3f}", flush=True)
-  return rows
+  measured = {}
+
+  def accuracy(layer: int) -> float:
+    if layer not in measured:
+      forced = sdtp.SDTPConfig(layers=(layer,)).forced_tokens(n)
+      schedule = sdtp.SDTPConfig(layers=(layer,), keep_ratio=forced / n)
+      stages, stage_params = method_stages(config, schedule, params, None, "random", n)
+      measured[layer] = retrieval_accuracy(config, params, prompts, setup["batch"], stages, stage_params)
+      print(f"pruned from layer {layer}: accuracy {measured[layer]:.3f}", flush=True)
+    return measured[layer]
+
+  if every_layer:
+    for layer in range(1, config.n_layers):
+      accuracy(layer)
+  else:
+    low, high = 1, config.n_layers - 1
+    if accuracy(high) >= target:
+      while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if accuracy(mid) >= target else (mid + 1, high)
+  return [{"layer": layer, "accuracy": acc} for layer, acc in sorted(measured.items())]
 
 
 def prefill_ms(config, params, schedule, predictors, methods, prompts, repeats: int) -> dict:
@@ -282,8 +298,7 @@ def main(argv):
   from pangu.infer import sdtp
 
   quick = common.QUICK.value
-  defaults = QUICK if quick else FULL
-  setup = {k: (flag.value if flag.value is not None else defaults[k]) for k, flag in (
+  setup = {k: common.pick(flag, FULL[k], QUICK[k]) for k, flag in (
       ("predictor_steps", _PREDICTOR_STEPS), ("prompt_len", _PROMPT), ("eval_examples", _EVAL),
       ("speed_lengths", _LENGTHS), ("repeats", _REPEATS), ("batch", _BATCH))}
   lengths = [int(x) for x in setup["speed_lengths"]]
@@ -296,7 +311,7 @@ def main(argv):
   train_text, val_text = retrieval_lm.haystack("train"), retrieval_lm.haystack("validation")
   predictors, predictor_record = train_predictors(config, params, schedule, setup, train_text)
   results = evaluate(config, params, schedule, predictors, setup, val_text)
-  per_layer = per_layer_retrieval(config, params, setup, val_text)
+  per_layer = per_layer_retrieval(config, params, setup, val_text, results["none"]["accuracy"], every_layer=not quick)
 
   prompts = np.stack([eval_prompts(val_text, setup)[0].tokens] * setup["batch"])
   times = prefill_ms(config, params, schedule, predictors, METHODS, prompts, setup["repeats"])
