@@ -25,8 +25,10 @@ digit after 1000 steps; separate one-token key and value (induction needs two co
 import dataclasses
 import json
 import os
+import tempfile
 import time
 
+from experiments import common
 from pangu.data import retrieval
 
 SEED = 0
@@ -121,9 +123,11 @@ def train_or_load(setup: dict, results_dir: str) -> tuple:
                     setup["peak_lr"] / 3, rng, text, "grown", log)
   seconds["total"] = time.perf_counter() - start
   record = {"signature": signature, "log": log, "train_seconds": seconds}
+  # Params first, then the record that vouches for them, each written whole (temp file + rename): an interrupted
+  # save leaves no record matching half-written params.
   os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "params.msgpack"), "wb") as f:
+  with tempfile.NamedTemporaryFile("wb", dir=folder, delete=False, suffix=".tmp") as f:
     f.write(flax.serialization.to_bytes(params))
-  with open(os.path.join(folder, "record.json"), "w") as f:
-    json.dump(record, f)
+  os.replace(f.name, os.path.join(folder, "params.msgpack"))
+  common.write_json("record", record, folder)
   return config, params, {**record, "cached": False}
