@@ -16,7 +16,7 @@ PEAK_LR = 3e-3  # the base model's training recipe (also the from-scratch baseli
 FLAT = 0.01  # validation loss has flattened when the last interval improved it by less than this fraction
 # The base model's training and shape (the pruning experiment's --quick / full defaults).
 BASE_FULL = dict(steps=3000, eval_every=250, width=256, layers=12, heads=8, d_ff=640)
-BASE_QUICK = dict(BASE_FULL, steps=400, eval_every=100, width=128, layers=6, heads=8, d_ff=384)
+BASE_QUICK = dict(BASE_FULL, steps=300, eval_every=100, width=128, layers=6, heads=8, d_ff=384)
 
 
 def load_data(quick: bool, eval_batches: int) -> tuple:
