@@ -43,8 +43,8 @@ _RATIOS = flags.DEFINE_list("ratios", ["20", "50"], "Percent of non-embedding pa
 _CALIBRATION = flags.DEFINE_integer("calibration", 32, "Calibration sequences (the paper: 32).", lower_bound=1)
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", None, "Validation batches of 16 x 128 tokens.", lower_bound=1)
 _REPEATS = flags.DEFINE_integer("repeats", None, "Timed prefill rounds (best of).", lower_bound=1)
-_ABLATIONS = flags.DEFINE_bool("ablations", True, "Also run SlimLLM's ablations (spec section 4; --quick: at the "
-                                "largest ratio only).")
+_ABLATIONS = flags.DEFINE_bool("ablations", None, "Also run SlimLLM's ablations (spec section 4; default: in full "
+                                "mode, at every ratio; an explicit --ablations with --quick: at the largest ratio).")
 _TIMING_PRESET = flags.DEFINE_string("timing_preset", "small", "Also time calibration on this preset of pangu.models "
                                      "(random weights, vocab 384); empty: skip.")
 _TIMING_METHODS = flags.DEFINE_list("timing_methods", None, "Methods timed on --timing_preset (default every method; "
@@ -227,7 +227,7 @@ def main(argv):
   for method in methods:
     for r in ratios:
       results[method][r], systems[(method, r)] = run(method, method, r)
-  ablation_ratios = (ratios if not common.QUICK.value else ratios[-1:]) if _ABLATIONS.value else []
+  ablation_ratios = (ratios if not common.QUICK.value else ratios[-1:]) if common.pick(_ABLATIONS, True, False) else []
   ablations = {name: {r: run(name, "slimllm", r, **options)[0] for r in ablation_ratios}
                for name, options in ABLATIONS.items()} if ablation_ratios else {}
   seconds = small_lm.prefill_seconds(systems, prefill_tokens, setup["repeats"])
