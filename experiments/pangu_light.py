@@ -50,7 +50,7 @@ _TARGET_HEADS = flags.DEFINE_integer("target_heads", None, "H' (default 3/4 H)."
 _TARGET_D_FF = flags.DEFINE_integer("target_d_ff", None, "F' (default round(F * 512 / 704)).", lower_bound=1)
 
 FULL = dict(small_lm.BASE_FULL, kd_steps=400, kd_eval_every=50, eval_batches=32, repeats=20)
-QUICK = dict(small_lm.BASE_QUICK, kd_steps=20, kd_eval_every=5, eval_batches=8, repeats=5)
+QUICK = dict(small_lm.BASE_QUICK, kd_steps=20, kd_eval_every=10, eval_batches=8, repeats=5)
 PREFILL_BATCH = 8
 VARIANTS = {"truncate": dict(depth_reinit="drop", slnp="none"), "slnp": dict(depth_reinit="drop", slnp="l2"),
             "clap": dict(depth_reinit="clap", slnp="none"), "clap_slnp": dict(depth_reinit="clap", slnp="l2"),
