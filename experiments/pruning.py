@@ -9,7 +9,7 @@ with every method of pangu.compress.prune at 20 % and 50 % of its non-embedding 
 tokens of the training split, with SlimLLM's per-layer ratios for every method (only the criterion differs) and no
 tuning afterwards. For each pruned model: validation perplexity (per byte), parameters, calibration time, and the
 prefill speed-up, all models' forward passes over the same [8, 128] batch interleaved in one run and the best of
-several taken. Calibration time is also measured on the `small` preset (random weights; --timing_preset).
+several taken. Calibration time is also measured on the `small` preset (random weights; --timing_preset; full mode).
 
 The paper's claim under test: SlimLLM has the lowest perplexity among the training-free methods at both ratios
 (LLaMA-7B, WikiText2, no tuning: 15.95 at 20 %, 37.89 at 50 %). The paper's baselines were LLM-Pruner, LoRAPrune
@@ -45,8 +45,9 @@ _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", None, "Validation batches o
 _REPEATS = flags.DEFINE_integer("repeats", None, "Timed prefill rounds (best of).", lower_bound=1)
 _ABLATIONS = flags.DEFINE_bool("ablations", None, "Also run SlimLLM's ablations (spec section 4; default: in full "
                                 "mode, at every ratio; an explicit --ablations with --quick: at the largest ratio).")
-_TIMING_PRESET = flags.DEFINE_string("timing_preset", "small", "Also time calibration on this preset of pangu.models "
-                                     "(random weights, vocab 384); empty: skip.")
+_TIMING_PRESET = flags.DEFINE_string("timing_preset", None, "Also time calibration on this preset of pangu.models "
+                                     "(random weights, vocab 384; default: small in full mode, skipped with --quick, "
+                                     "which times its own base model); empty: skip.")
 _TIMING_METHODS = flags.DEFINE_list("timing_methods", None, "Methods timed on --timing_preset (default every method; "
                                     "--quick: slimllm, the slowest).")
 
@@ -237,7 +238,8 @@ def main(argv):
     results[method][r]["flops_speedup"] = (models.forward_matmul_flops_per_token(config, SEQ_LEN)
                                            / models.forward_matmul_flops_per_token(systems[(method, r)][0], SEQ_LEN))
   status, reason = verdict(results, ratios)
-  timing = time_preset(_TIMING_PRESET.value, timed_methods, calibration) if _TIMING_PRESET.value else None
+  preset = common.pick(_TIMING_PRESET, "small", "")
+  timing = time_preset(preset, timed_methods, calibration) if preset else None
   # The goal is stated on the `small` preset: its timing when measured, else this experiment's own model.
   timed = timing["seconds"] if timing else {f"{m}_{r}": v["calibration_seconds"] for m in methods
                                            for r, v in results[m].items()}
