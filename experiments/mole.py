@@ -74,7 +74,7 @@ _LINK_GB_PER_S = flags.DEFINE_float("link_gb_per_s", 32.0, "Host-to-device link 
 _REPEATS = flags.DEFINE_integer("repeats", None, "Timed runs per system and batch (default 5, --quick 3).",
                                 lower_bound=1)
 _CACHE_FRACTIONS = flags.DEFINE_list("cache_fractions", None, "Hot-row cache sizes as fractions of the vocabulary "
-                                      "(default 0,1/32,1/16,1/8,1/4,1/2,1; --quick 0,1/8,1).")
+                                      "(default 0,1/32,1/16,1/8,1/4,1/2,1; --quick 0,1/8).")
 
 SEQ_LEN, BATCH, PROMPT_LEN, HEADS = 128, 16, 16, 4
 LATENCY_BATCHES = (1, 16)
@@ -486,7 +486,7 @@ def main(argv):
   lat_width, lat_layers = common.pick(_LATENCY_WIDTH, 768, 384), common.pick(_LATENCY_LAYERS, 12, 4)
   new_tokens, repeats = common.pick(_NEW_TOKENS, 32, 12), common.pick(_REPEATS, 5, 3)
   fractions = [_fraction(f) for f in common.pick(_CACHE_FRACTIONS, ["0", "1/32", "1/16", "1/8", "1/4", "1/2", "1"],
-                                                 ["0", "1/8", "1"])]
+                                                 ["0", "1/8"])]
   if width % 3 or lat_width % 3:
     raise app.UsageError(f"--width={width} and --latency_width={lat_width} must be multiples of 3")
   vocab = data.ByteTokenizer().vocab_size
