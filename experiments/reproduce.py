@@ -20,8 +20,9 @@ from absl import app, flags
 from experiments import common
 
 # (module, what it studies, expected --quick seconds on 2 cores when no previous run says otherwise).
-# bench_decode and bench_train_step compare against PyTorch (the `bench` extra) and, like bench_moe_layer (MoE step
-# time per dispatch and exchange, ~35 s of the quick budget), are run on demand.
+# The benchmarks (`experiments.bench_*`: no paper claim) run on demand: bench_decode and bench_train_step compare
+# against PyTorch (the `bench` extra); bench_moe_layer, bench_moe_routing and bench_attention time kernels and
+# exchanges that only a GPU makes informative (on CPU they cost ~1 min of the quick budget).
 EXPERIMENTS = (
     ("sandwich_norm", "Pangu Ultra: depth-scaled sandwich norm + TinyInit vs Pre-LN on a deep, narrow LM.", 420),
     ("moge_balance", "Pangu Pro MoE: MoGE vs top-K load balance, Monte-Carlo and expert-parallel training.", 300),
@@ -45,9 +46,6 @@ EXPERIMENTS = (
                       "byte-level student trained from scratch.", 120),
     ("embedded_rl", "Pangu Embedded: the SSP scheduler with a priority queue under long-tail generation lengths "
                     "(s = 0, 1, 2); GRPO with MARS on the distilled student once it exists.", 240),
-    ("bench_moe_routing", "Fused Pallas MoGE routing kernel vs XLA (benchmark, no paper claim).", 60),
-    ("bench_attention", "Attention implementations: the reference on CPU; Pallas vs XLA vs cuDNN on a GPU "
-                        "(benchmark, no paper claim).", 60),
 )
 _ONLY = flags.DEFINE_list("only", None, "Run only these experiments.")
 _SKIP = flags.DEFINE_list("skip", None, "Run all but these experiments.")
