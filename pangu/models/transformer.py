@@ -44,7 +44,7 @@ from pangu.nn import linear
 from pangu.nn.attention import Attention, AttentionMask, LayerCache
 from pangu.nn.mla import MultiHeadLatentAttention
 from pangu.nn.mlp import MLP
-from pangu.nn.mole import HotRows, LookupExperts, StoredTable, TableShape, lookup_rows
+from pangu.nn.mole import ExpertRows, HotRows, LookupExperts, StoredTable, TableShape, lookup_rows
 from pangu.nn.moe import MOE_COLLECTION, MoEFeedForward
 from pangu.nn.norms import RMSNorm, depth_scaled_gain
 from pangu.parallel import rules
@@ -110,6 +110,8 @@ def _kept(per_token: jax.Array | None, state: TokenState, axis: int, stage: int)
   """The entries of the tokens in `state` along the token axis of `per_token` (an input of the whole call)."""
   if per_token is None or stage == 0:
     return per_token
+  if isinstance(per_token, ExpertRows):
+    return per_token.replace(index=_kept(per_token.index, state, axis, stage))
   index = state.indices.reshape(*(1,) * (axis - 1), *state.indices.shape, *(1,) * (per_token.ndim - axis - 1))
   return jnp.take_along_axis(per_token, index, axis=axis)
 
@@ -214,20 +216,24 @@ class Decoder(nn.Module):
   def _per_layer_expert_input(self) -> bool:
     return self.config.mole is not None and self.config.mole.lookup
 
+  def _embedding_rows(self) -> jax.Array:
+    # Replicated over the vocab axis: a gather from a vocab-sharded table would force the partitioner to
+    # rematerialise it anyway, with a warning.
+    return rules.constrain(self.embedding, (None, rules.ACT_EMBED))
+
   def _embed(self, tokens: jax.Array) -> jax.Array:
-    # Gather from a table replicated over the vocab axis: a gather from a vocab-sharded table would force
-    # the partitioner to rematerialise it anyway, with a warning.
-    table = rules.constrain(self.embedding, (None, rules.ACT_EMBED))
-    x = jnp.take(table, tokens, axis=0).astype(self.config.dtype)
+    x = jnp.take(self._embedding_rows(), tokens, axis=0).astype(self.config.dtype)
     return rules.constrain(x, (rules.BATCH, rules.LENGTH, rules.ACT_EMBED))
 
-  def _expert_input(self, tokens: jax.Array, x: jax.Array) -> jax.Array | None:
-    """What MoLE experts read: the embedding output (training form) or table rows [L, B, S, N, D] (lookup)."""
+  def _expert_input(self, tokens: jax.Array, x: jax.Array) -> jax.Array | ExpertRows | None:
+    """What MoLE experts read: the embedding output, or the embedding table and each token's row when a
+    device holds more tokens than there are rows (training form); table rows [L, B, S, N, D] (lookup)."""
     mole = self.config.mole
     if mole is None:
       return None
     if not mole.lookup:
-      return x
+      tokens_per_device = tokens.size // rules.split_ways(rules.BATCH, rules.LENGTH)
+      return ExpertRows(self._embedding_rows().astype(self.config.dtype), tokens) if self.config.vocab_size < tokens_per_device else x
     table = self.mole_table() if mole.table_storage in ("device", "host") else None
     hot = self.mole_hot_rows() if mole.hot_rows else None
     rows = lookup_rows(mole, mole_table_shape(self.config), table, tokens, self.config.dtype, hot)

@@ -5,6 +5,9 @@ Training form, per layer l (D width, N experts, F expert width):
   g = softmax(float32(u @ R))                           # R [D, N]: dense routing over all N experts, no top-k
   h = h + ffn_shared(u) + sum_j g_j * ffn_lj(rmsnorm_expert_l(e))
 where e is the embedding output of the token, the same for every layer, and ffn(x) = down(gelu(up(x))).
+When a batch (per device) holds more tokens than the vocabulary has rows, training runs the experts once per
+vocabulary row and each token reads its row's outputs (`ExpertRows`): the same values at V / tokens of the
+expert FLOPs, the table of the lookup form built on the fly.
 
 Because ffn_lj(rmsnorm_expert_l(e)) depends only on the token id, `pangu.models.mole.reparameterize` evaluates
 it once for every vocabulary row into a table [V, L, N, D] (stored flat as [V, L * N * D], L outermost), and
@@ -20,6 +23,7 @@ import functools
 from typing import Literal
 
 import chex
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -88,11 +92,21 @@ def expert_outputs(x: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
   return linear.weight_einsum("...nf,nfd->...nd", gelu_ffn_hidden(x, up), down)
 
 
+@flax.struct.dataclass
+class ExpertRows:
+  """The training form's expert input given as distinct rows: `rows` [R, D] (the embedding table) and `index`
+  [B, S], the row of each token. The experts run once per row instead of once per token."""
+
+  rows: jax.Array
+  index: jax.Array
+
+
 class LookupExperts(nn.Module):
   """The routed half of a MoLE feed-forward; the block adds the shared FFN and the residual.
 
-  Called with the router input u [B, S, D] and, in the training form, the embedding output e [B, S, D]; in
-  the lookup form, the layer's decoded table rows [B, S, N, D] instead of e.
+  Called with the router input u [B, S, D] and, in the training form, the embedding output e [B, S, D] or
+  the embedding table with each token's row (`ExpertRows`); in the lookup form, the layer's decoded table
+  rows [B, S, N, D] instead of e.
 
   Attributes:
     config: the MoLEConfig.
@@ -114,7 +128,7 @@ class LookupExperts(nn.Module):
     return self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(self.param_dtype))
 
   @nn.compact
-  def __call__(self, u: jax.Array, expert_input: jax.Array) -> jax.Array:
+  def __call__(self, u: jax.Array, expert_input: jax.Array | ExpertRows) -> jax.Array:
     cfg = self.config
     d, n, f = self.d_model, cfg.num_experts, cfg.expert_dim
     chex.assert_rank(u, 3)
@@ -123,16 +137,25 @@ class LookupExperts(nn.Module):
     logits = linear.weight_einsum("bsd,dn->bsn", u.astype(jnp.float32), router.astype(jnp.float32))
     gates = jax.nn.softmax(logits, axis=-1)
     if cfg.lookup:
-      chex.assert_shape(expert_input, (*u.shape[:2], n, d))
-      y = jnp.einsum("bsn,bsnd->bsd", gates, expert_input.astype(jnp.float32))
-      return y.astype(self.dtype)
-    chex.assert_equal_shape([u, expert_input])
-    e = RMSNorm(self.norm_eps, name="expert_norm")(expert_input)
+      return self._mix(gates, expert_input)
+    per_row = isinstance(expert_input, ExpertRows)
+    e = RMSNorm(self.norm_eps, name="expert_norm")(expert_input.rows if per_row else expert_input)
     up = self._param("up", (n, d, f), (rules.EXPERT, rules.EMBED, rules.MLP), self.kernel_init)
     down = self._param("down", (n, f, d), (rules.EXPERT, rules.MLP, rules.EMBED), self.output_init)
+    if per_row:
+      chex.assert_shape(expert_input.index, u.shape[:2])
+      chex.assert_shape(expert_input.rows, (None, d))
+      table = expert_outputs(e.astype(self.dtype), up.astype(self.dtype), down.astype(self.dtype))
+      return self._mix(gates, jnp.take(table, expert_input.index, axis=0))
+    chex.assert_equal_shape([u, expert_input])
     hidden = gelu_ffn_hidden(e.astype(self.dtype), up.astype(self.dtype))
     weighted = hidden * gates[..., None].astype(self.dtype)
     return linear.weight_einsum("bsnf,nfd->bsd", weighted, down.astype(self.dtype))
+
+  def _mix(self, gates: jax.Array, expert_rows: jax.Array) -> jax.Array:
+    """The gate-weighted sum of each token's N expert outputs [B, S, N, D], in float32."""
+    chex.assert_shape(expert_rows, (*gates.shape, self.d_model))
+    return jnp.einsum("bsn,bsnd->bsd", gates, expert_rows.astype(jnp.float32)).astype(self.dtype)
 
 
 def lookup_rows(config: MoLEConfig, shape: TableShape, table: dict[str, jax.Array] | None, tokens: jax.Array,

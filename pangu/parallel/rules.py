@@ -93,6 +93,19 @@ def activation_sharding(mesh: Mesh, names: Sequence[str | None],
   return NamedSharding(mesh, logical_to_spec(names, rules))
 
 
+def split_ways(*names: str) -> int:
+  """Into how many parts the active mesh and rules split an array along these logical axes together (1 when
+  no mesh is active): how a layer learns how much of a global shape one device holds."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  ways = 1
+  for axes in nn.logical_to_mesh_axes(names):
+    for axis in (axes,) if isinstance(axes, str) else axes or ():
+      ways *= mesh.shape[axis]
+  return ways
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Constrains an activation's layout by logical names when a mesh and rules are active (no-op otherwise)."""
   return nn.with_logical_constraint(x, tuple(names))

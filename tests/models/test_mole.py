@@ -16,7 +16,7 @@ from pangu.nn import lookup_table
 from pangu.nn.lookup_table import LookupTableError, TableShape
 from pangu.nn.mole import MoLEConfig
 
-from reference_decoder import gelu, rms_norm
+from reference_decoder import decoder_logits, gelu, rms_norm
 
 # Distinct L, N, D so that a wrong flatten order of the table cannot go unnoticed.
 V, L, N, D = 29, 3, 5, 16
@@ -65,6 +65,23 @@ def test_table_holds_each_expert_on_each_vocab_row(scan_layers):
     for j in (0, N - 1):
       want = gelu(e @ p["up"][j]) @ p["down"][j]
       np.testing.assert_allclose(table[:, layer, j], want, atol=1e-5, rtol=1e-5)
+
+
+def test_experts_run_per_vocabulary_row_give_the_per_token_loss_and_gradients():
+  # 4 x 12 tokens > V rows: the batch runs each expert once per vocabulary row; one row of it at a time
+  # (11 tokens < V) runs them once per token. Equal-length rows: the batch loss is the mean of the row losses.
+  cfg, params = _trained()
+  tokens = jax.random.randint(jax.random.key(3), (4, 12), 0, V)
+  loss = lambda p, t: models.cross_entropy_loss(models.forward(cfg, p, t[:, :-1]), t[:, 1:])[0]
+  got_loss, got_grads = jax.value_and_grad(loss)(params, tokens)
+  rows = [jax.value_and_grad(loss)(params, tokens[b:b + 1]) for b in range(4)]
+  np.testing.assert_allclose(got_loss, np.mean([l for l, _ in rows]), rtol=1e-6)
+  want_grads = jax.tree.map(lambda *g: np.mean(g, axis=0), *[g for _, g in rows])
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-4), got_grads, want_grads)
+  logits = models.forward(cfg, params, tokens)
+  unrolled = jax.tree.map(lambda x: np.asarray(x, np.float64), models.unstack_layers(params, L))
+  for b in range(4):
+    np.testing.assert_allclose(logits[b], decoder_logits(cfg, unrolled, tokens[b]), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])

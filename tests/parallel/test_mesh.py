@@ -1,5 +1,6 @@
 """Plans, their validation against topologies, and the five-axis Auto mesh on the 8-device CPU host."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pangu.parallel import mesh as mesh_lib
+from pangu.parallel import rules
 from pangu.parallel import topology
 from pangu.parallel.mesh import MESH_AXES, ParallelPlan
 from pangu.parallel.topology import AxisSpec, LinkKind, Topology
@@ -109,3 +111,20 @@ def test_require_no_pipeline_names_the_caller_and_the_pipeline_size():
   mesh_lib.require_no_pipeline(mesh_lib.cpu_mesh(data=2, fsdp=2, tensor=2), "the engine")
   with pytest.raises(ValueError, match="the engine does not support pipeline parallelism: the mesh has pipeline=4"):
     mesh_lib.require_no_pipeline(mesh_lib.cpu_mesh(pipeline=4, tensor=2), "the engine")
+
+
+def test_split_ways_counts_the_active_mesh_parts_of_logical_axes():
+  # The batch goes over data x fsdp x expert, the length over nothing; no mesh means one part.
+  seen = {}
+
+  def record(x):
+    seen["batch"] = rules.split_ways(rules.BATCH)
+    seen["batch_length"] = rules.split_ways(rules.BATCH, rules.LENGTH)
+    seen["mlp"] = rules.split_ways(rules.ACT_MLP)
+    return x
+
+  with jax.set_mesh(mesh_lib.cpu_mesh(data=2, fsdp=2, tensor=2)), nn.logical_axis_rules(rules.DEFAULT_RULES):
+    jax.jit(record)(0.0)
+  assert seen == {"batch": 4, "batch_length": 4, "mlp": 2}
+  jax.jit(record).lower(1.0)
+  assert seen == {"batch": 1, "batch_length": 1, "mlp": 1}
