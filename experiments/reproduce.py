@@ -61,6 +61,17 @@ def _selected() -> list[tuple[str, str, int]]:
   return [e for e in EXPERIMENTS if (not _ONLY.value or e[0] in _ONLY.value) and e[0] not in (_SKIP.value or ())]
 
 
+def _experiment_env() -> dict[str, str]:
+  """This process's environment with the XLA_FLAGS it started with: importing `common` set the 8-device default
+  here, which would otherwise override the one-device default of the experiments that choose it."""
+  env = dict(os.environ)
+  if common.STARTING_XLA_FLAGS is None:
+    env.pop("XLA_FLAGS", None)
+  else:
+    env["XLA_FLAGS"] = common.STARTING_XLA_FLAGS
+  return env
+
+
 def _read_json(path: str) -> dict:
   try:
     with open(path) as f:
@@ -93,7 +104,7 @@ def main(argv):
     print(f"[{index + 1}/{len(selected)}] {name}: elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min "
           f"({' '.join(cmd[1:])})", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(cmd)
+    proc = subprocess.run(cmd, env=_experiment_env())
     took[name] = time.perf_counter() - start
     sections += [f"## {name}", "", description, "", f"Run time: {took[name]:.0f} s. Result: `{name}.json`.", ""]
     table = os.path.join(results_dir, f"{name}.md")
