@@ -2,7 +2,7 @@
 paper claims each experiment checks with a verdict computed from its own results (`claim`).
 
 Importing this module before JAX gives CPU runs the 8 fake devices the experiments are written for (an
-explicit XLA_FLAGS wins).
+explicit XLA_FLAGS wins; see `xla_host`).
 """
 
 import json
@@ -13,10 +13,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-# The XLA_FLAGS this process was started with (None: unset): a runner starts each experiment with these, not
-# with the default set below, so an experiment's own choice of device count (several run on one) still holds.
-STARTING_XLA_FLAGS = os.environ.get("XLA_FLAGS")
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from experiments import xla_host
+
+xla_host.use_cpu_devices(8)
 
 from absl import flags  # noqa: E402
 

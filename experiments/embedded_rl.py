@@ -39,7 +39,9 @@ import functools
 import os
 import time
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+from experiments import xla_host
+
+xla_host.use_cpu_devices(1)
 
 from absl import app, flags  # noqa: E402
 

@@ -44,14 +44,15 @@ Writes <results_dir>/mole.json: {"val_loss": {model: loss}, "lut_max_abs_err", "
 mole.png (latency vs device bytes, like the paper's Fig. 1; validation loss; the cache sweep) and mole.md.
 """
 
-import os
 import statistics
 import tempfile
 import time
 
+from experiments import xla_host
+
 # One CPU device: decode is timed on one device, and the models train 1.2x faster than on eight fake devices (the
 # MoE steps 3x: the data-parallel dispatch only adds overhead on a few cores). An explicit XLA_FLAGS still wins.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+xla_host.use_cpu_devices(1)
 
 from absl import app, flags  # noqa: E402
 

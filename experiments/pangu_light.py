@@ -25,10 +25,11 @@ pangu_light.png (recovery curves) and pangu_light.md.
 
 import dataclasses
 import math
-import os
+
+from experiments import xla_host
 
 # One CPU device, like the pruning experiment whose base model this loads (an explicit XLA_FLAGS still wins).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+xla_host.use_cpu_devices(1)
 
 from absl import app, flags  # noqa: E402
 

@@ -21,11 +21,12 @@ vs parameters per method; prefill speed-up) and pruning.md.
 """
 
 import math
-import os
+
+from experiments import xla_host
 
 # One CPU device: prefill is timed on one device, and on a few cores the eight fake devices the other experiments
 # use only add overhead (an explicit XLA_FLAGS still wins).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+xla_host.use_cpu_devices(1)
 
 from absl import app, flags  # noqa: E402
 

@@ -13,11 +13,12 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app, flags
 
-from experiments import common
+from experiments import common, xla_host
 
 # (module, what it studies, expected --quick seconds on 2 cores when no previous run says otherwise: measured
 # 2026-12-03, rounded: dit_ptq, embedded_dual and embedded_rl at 10:23, the rest 11:31-12:22, a slower hour).
@@ -61,14 +62,18 @@ def _selected() -> list[tuple[str, str, int]]:
   return [e for e in EXPERIMENTS if (not _ONLY.value or e[0] in _ONLY.value) and e[0] not in (_SKIP.value or ())]
 
 
-def _experiment_env() -> dict[str, str]:
-  """This process's environment with the XLA_FLAGS it started with: importing `common` set the 8-device default
-  here, which would otherwise override the one-device default of the experiments that choose it."""
+def _experiment_env(compilation_cache: str) -> dict[str, str]:
+  """This process's environment for an experiment: the XLA_FLAGS it started with (importing `common` set the
+  8-device default here, which would override the one-device default of the experiments that choose it), and
+  one compilation cache for the run, so a step compiled again (a new `train` call, a re-jitted lambda) is read
+  back instead (a folder the user gave wins)."""
   env = dict(os.environ)
-  if common.STARTING_XLA_FLAGS is None:
+  if xla_host.STARTING_XLA_FLAGS is None:
     env.pop("XLA_FLAGS", None)
   else:
-    env["XLA_FLAGS"] = common.STARTING_XLA_FLAGS
+    env["XLA_FLAGS"] = xla_host.STARTING_XLA_FLAGS
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", compilation_cache)
+  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
   return env
 
 
@@ -96,25 +101,26 @@ def main(argv):
   expected = {name: seconds for name, _, seconds in EXPERIMENTS} | _read_json(times_file)
   sections, claims, failures, took = [], [], [], {}
   begin = time.perf_counter()
-  for index, (name, description, _) in enumerate(selected):
-    cmd = [sys.executable, "-m", f"experiments.{name}", f"--results_dir={results_dir}"]
-    cmd += ["--quick"] if common.QUICK.value else []
-    elapsed = time.perf_counter() - begin
-    eta = sum(expected[n] for n, _, _ in selected[index:])
-    print(f"[{index + 1}/{len(selected)}] {name}: elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min "
-          f"({' '.join(cmd[1:])})", flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=_experiment_env())
-    took[name] = time.perf_counter() - start
-    sections += [f"## {name}", "", description, "", f"Run time: {took[name]:.0f} s. Result: `{name}.json`.", ""]
-    table = os.path.join(results_dir, f"{name}.md")
-    if proc.returncode != 0 or not os.path.exists(table):
-      failures.append(name)
-      sections += [f"**Failed** (exit code {proc.returncode}).", ""]
-      continue
-    claims += _read_json(os.path.join(results_dir, f"{name}.json")).get("claims", [])
-    with open(table) as f:
-      sections += [f.read(), f"![{name}]({name}.png)", ""]
+  with tempfile.TemporaryDirectory() as compilation_cache:
+    for index, (name, description, _) in enumerate(selected):
+      cmd = [sys.executable, "-m", f"experiments.{name}", f"--results_dir={results_dir}"]
+      cmd += ["--quick"] if common.QUICK.value else []
+      elapsed = time.perf_counter() - begin
+      eta = sum(expected[n] for n, _, _ in selected[index:])
+      print(f"[{index + 1}/{len(selected)}] {name}: elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min "
+            f"({' '.join(cmd[1:])})", flush=True)
+      start = time.perf_counter()
+      proc = subprocess.run(cmd, env=_experiment_env(compilation_cache))
+      took[name] = time.perf_counter() - start
+      sections += [f"## {name}", "", description, "", f"Run time: {took[name]:.0f} s. Result: `{name}.json`.", ""]
+      table = os.path.join(results_dir, f"{name}.md")
+      if proc.returncode != 0 or not os.path.exists(table):
+        failures.append(name)
+        sections += [f"**Failed** (exit code {proc.returncode}).", ""]
+        continue
+      claims += _read_json(os.path.join(results_dir, f"{name}.json")).get("claims", [])
+      with open(table) as f:
+        sections += [f.read(), f"![{name}]({name}.png)", ""]
   common.write_json("reproduce_times", {**_read_json(times_file), **took}, results_dir)
   header = ["# Reproduction report", "",
             f"Mode: {'quick' if common.QUICK.value else 'full'}. Machine: {common.machine_info()}. "

@@ -32,11 +32,12 @@ Writes <results_dir>/sdtp.json: {"keep_ratio", "methods": {name: {"accuracy", "p
 """
 
 import math
-import os
 import time
 
+from experiments import xla_host
+
 # One CPU device: prefill is timed on one device; eight fake devices on a few cores only add overhead.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+xla_host.use_cpu_devices(1)
 
 from absl import app, flags  # noqa: E402
 

@@ -106,10 +106,14 @@ def train_base(setup: dict, results_dir: str, train_data, val_batches: list) -> 
 @contextlib.contextmanager
 def compilation_cache():
   """A persistent compilation cache in a temporary folder for the duration: each training interval is a resumed
-  `train` call, which builds its step anew; the cache spares recompiling it."""
+  `train` call, which builds its step anew; the cache spares recompiling it. A cache already configured (the
+  report runner's) is used as it is."""
   import jax
   from jax.experimental.compilation_cache import compilation_cache
 
+  if jax.config.jax_compilation_cache_dir:
+    yield
+    return
   with tempfile.TemporaryDirectory() as folder:
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", folder)
