@@ -157,7 +157,9 @@ def _lut_errors(config, params, val_batches: list) -> dict:
   from pangu import models
   from pangu.models import mole
 
-  want = [models.forward(config, params, b["inputs"]) for b in val_batches]
+  # One row at a time: SEQ_LEN < V tokens, so the training form runs its experts per token, not per vocabulary
+  # row as a whole batch would (the table's own computation), and the check stays independent of the table.
+  want = [np.concatenate([models.forward(config, params, row[None]) for row in b["inputs"]]) for b in val_batches]
   out = {}
   for table_format in TABLE_FORMATS:
     lut_config, lut_params = mole.reparameterize(config, params, table_format=table_format)
