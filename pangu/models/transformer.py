@@ -232,8 +232,9 @@ class Decoder(nn.Module):
     if mole is None:
       return None
     if not mole.lookup:
-      tokens_per_device = tokens.size // rules.split_ways(rules.BATCH, rules.LENGTH)
-      return ExpertRows(self._embedding_rows().astype(self.config.dtype), tokens) if self.config.vocab_size < tokens_per_device else x
+      if self.config.vocab_size >= tokens.size // rules.split_ways(rules.BATCH, rules.LENGTH):
+        return x
+      return ExpertRows(self._embedding_rows().astype(self.config.dtype), tokens)
     table = self.mole_table() if mole.table_storage in ("device", "host") else None
     hot = self.mole_hot_rows() if mole.hot_rows else None
     rows = lookup_rows(mole, mole_table_shape(self.config), table, tokens, self.config.dtype, hot)
