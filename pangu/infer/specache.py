@@ -317,8 +317,10 @@ def specache_device_bytes(config: SpeCacheConfig, *, batch: int, kv_heads: int, 
   return batch * kv_heads * per_head + batch * 4 * (slots + config.residual_slots + 2)
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def to_specache(cache: KVCache, config: SpeCacheConfig) -> KVCache:
-  """A prefilled dense `KVCache` compressed layer by layer (`SpeCacheLayerCache.from_dense`)."""
+  """A prefilled dense `KVCache` compressed layer by layer (`SpeCacheLayerCache.from_dense`), in one compiled
+  program rather than an op at a time."""
   return cache.map_layers(functools.partial(SpeCacheLayerCache.from_dense, config=config))
 
 

@@ -6,6 +6,8 @@ the layer's own router input (the `pre_mlp_norm` output, captured in one forward
 the same `route` the layer calls, so they are the ids the model used.
 """
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,11 @@ def routed_expert_ids(config: TransformerConfig, params: dict, tokens: jax.Array
   if config.moe is None:
     raise ValueError("routed_expert_ids needs a MoE model (config.moe is None)")
   chex.assert_rank(tokens, 2)
+  return _routed_expert_ids(config, params, tokens)
+
+
+@functools.partial(jax.jit, static_argnums=0)  # one compiled pass instead of a dispatch per op
+def _routed_expert_ids(config: TransformerConfig, params: dict, tokens: jax.Array) -> dict[int, jax.Array]:
   if config.scanned:
     config, params = config.replace(scan_layers=False), unstack_layers(params, config.n_layers)
   _, captured = Decoder(config).apply(

@@ -16,7 +16,8 @@ def test_routed_ids_match_the_expert_load_the_layers_sowed(scan_layers):
   tokens = np.random.default_rng(0).integers(0, config.vocab_size, (3, 11)).astype(np.int32)
   ids = models.routed_expert_ids(config, params, tokens)
   assert sorted(ids) == [i for i in range(config.n_layers) if config.is_moe_layer(i)]
-  _, variables = models.Decoder(config).apply({"params": params}, tokens, mutable=[moe.MOE_COLLECTION])
+  _, variables = jax.jit(lambda params: models.Decoder(config).apply({"params": params}, tokens,
+                                                                     mutable=[moe.MOE_COLLECTION]))(params)
   sowed = np.asarray(moe.moe_metrics(variables[moe.MOE_COLLECTION])["expert_load"])  # [MoE layers, N]
   counted = np.stack([np.bincount(np.asarray(ids[i]).reshape(-1), minlength=8) for i in sorted(ids)])
   np.testing.assert_array_equal(counted, sowed)
