@@ -19,16 +19,20 @@ def test_shared_step_reports_the_injected_loss_and_per_block_gradient_norms():
   model, mesh, loss_fn = dit_train_model(CONFIG), single_device_mesh(), ddpm_loss(CONFIG, ScheduleConfig())
   state = init_train_state(model, train.train_config(), jax.random.key(0), mesh)
   # adaLN-Zero starts every block as the identity; perturb the params so every block has gradients.
-  leaves, tree = jax.tree.flatten(state.params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)])
+  @jax.jit
+  def perturb(params):
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)])
+
+  params = perturb(state.params)
   state = state.replace(params=params)
   rng = np.random.default_rng(0)
   batch = {"images": rng.uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32), "labels": np.arange(8, dtype=np.int32)}
   # The step splits its rng and hands the loss the second half: recompute loss and gradients independently.
   loss_rng = jax.random.split(state.rng)[1]
-  (want_loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(jax.tree.map(np.asarray, params), batch,
-                                                                     loss_rng)
+  (want_loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(jax.tree.map(np.asarray, params),
+                                                                              batch, loss_rng)
   want_norms = [np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64)))
                             for g in jax.tree.leaves(grads[f"block_{i}"]))) for i in range(CONFIG.depth)]
   step = make_train_step(model, train.train_config(), mesh, loss_fn=loss_fn, batch_axes=DIFFUSION_BATCH_AXES)

@@ -73,12 +73,13 @@ def test_experts_run_per_vocabulary_row_give_the_per_token_loss_and_gradients():
   cfg, params = _trained()
   tokens = jax.random.randint(jax.random.key(3), (4, 12), 0, V)
   loss = lambda p, t: models.cross_entropy_loss(models.forward(cfg, p, t[:, :-1]), t[:, 1:])[0]
-  got_loss, got_grads = jax.value_and_grad(loss)(params, tokens)
-  rows = [jax.value_and_grad(loss)(params, tokens[b:b + 1]) for b in range(4)]
+  loss_and_grads = jax.jit(jax.value_and_grad(loss))
+  got_loss, got_grads = loss_and_grads(params, tokens)
+  rows = [loss_and_grads(params, tokens[b:b + 1]) for b in range(4)]
   np.testing.assert_allclose(got_loss, np.mean([l for l, _ in rows]), rtol=1e-6)
   want_grads = jax.tree.map(lambda *g: np.mean(g, axis=0), *[g for _, g in rows])
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-4), got_grads, want_grads)
-  logits = models.forward(cfg, params, tokens)
+  logits = jax.jit(functools.partial(models.forward, cfg))(params, tokens)
   unrolled = jax.tree.map(lambda x: np.asarray(x, np.float64), models.unstack_layers(params, L))
   for b in range(4):
     np.testing.assert_allclose(logits[b], decoder_logits(cfg, unrolled, tokens[b]), atol=1e-5, rtol=1e-5)

@@ -46,7 +46,9 @@ def _run(model, train_config, mesh, steps=3, masked=True, **step_kwargs):
 
 def _reference_loss(model, train_config, params, batch) -> float:
   """The LM loss (cross entropy, z-loss, MoE losses) computed apart from the step, in float64 where it can be."""
-  logits, variables = Decoder(model).apply({"params": params}, batch["inputs"], mutable=[moe.MOE_COLLECTION])
+  apply = jax.jit(lambda params, inputs: Decoder(model).apply({"params": params}, inputs,
+                                                               mutable=[moe.MOE_COLLECTION]))
+  logits, variables = apply(params, batch["inputs"])
   logits = np.asarray(logits, np.float64)
   log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   ce = log_z - np.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]

@@ -1,7 +1,9 @@
 """End-to-end runs of `python -m pangu.train.main` in subprocesses: kill -9 and resume, SIGTERM and resume, and
 2 hosts x 4 devices.
 
-Every run uses the same model, data and 2x2x2 mesh, so each must reproduce the reference run's losses.
+Every run uses the same model, data and 2x2x2 mesh, so each must reproduce the reference run's losses. Each
+run is a fresh process (~12 s), so the default tier keeps the SIGTERM case; kill -9 and 2 hosts run in the full
+tier (`make test-full`).
 """
 
 import json
@@ -49,6 +51,7 @@ def reference_losses() -> dict[int, float]:
   return losses
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_identical_losses(tmp_path, reference_losses):
   ckpt = tmp_path / "ckpt"
   args = [*ARGS, f"--checkpoint_dir={ckpt}", "--save_every=1"]
@@ -97,6 +100,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path, reference_losses):
   for attempt in range(2):
