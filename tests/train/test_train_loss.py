@@ -60,7 +60,9 @@ def _reference_loss(model, train_config, params, batch) -> float:
   return loss
 
 
-@pytest.mark.parametrize("name, model, plan", [  # the MoE case checks every metric the dense one does, and more
+# The MoE case checks every metric key the dense one does, plus the MoE ones; sharded dense training against one
+# device is test_train_step.py's 2x2x2 case.
+@pytest.mark.parametrize("name, model, plan", [
     pytest.param("dense", MODEL, dict(data=2, fsdp=2, tensor=2), marks=pytest.mark.slow),
     ("moe", models.tiny(moe=MOGE), dict(data=2, expert=4)),
 ])
