@@ -19,7 +19,8 @@ Run as a script (the pangu step, repo venv) it writes the pruned folders:
 import os
 
 if __name__ == "__main__":  # the test session's numerics (conftest.py), so that the tests reproduce the tensors
-  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+                                     "--xla_cpu_use_fusion_emitters=false")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import shutil  # noqa: E402
