@@ -12,6 +12,8 @@ Everything is pure NumPy driven by an explicit `np.random.Generator`:
   * `text_row`: corpus text with a few needles, each queried later and followed by its answer.
   * `training_batch`: a batch mixing both, {"inputs", "targets", "mask"} with the answers weighted.
   * `eval_prompt`: text with one needle at a chosen depth, ending with its query key (answer excluded).
+  * `query_row`: a prompt of text with several needles ending with one query key, then a suffix that answers it
+    and queries every other needle (training rows for what reads a prompt, e.g. token-pruning predictors).
 """
 
 import dataclasses
@@ -113,6 +115,30 @@ def eval_prompts(seed: int, vocab: RetrievalVocab, haystack: Haystack, length: i
   """`count` prompts with needles at evenly spaced depths in `depths`, drawn from one seed."""
   rng = np.random.default_rng(seed)
   return [eval_prompt(rng, vocab, haystack, length, float(d)) for d in np.linspace(*depths, count)]
+
+
+def query_row(rng: np.random.Generator, vocab: RetrievalVocab, haystack: Haystack, prompt_length: int,
+              suffix_length: int, needles: int) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens [prompt_length + suffix_length], answers [same]): a prompt of text carrying `needles` needles at
+  random places and ending with the query key of one of them, then the suffix [its value, key, value, ...] that
+  queries every other needle once, then text; answers is 1 on the value tokens of the suffix, 0 elsewhere."""
+  if suffix_length < 2 * needles - 1 or prompt_length < needles + 2:
+    raise ValueError(f"query_row: {needles} needles need prompt_length >= {needles + 2} and suffix_length >= "
+                     f"{2 * needles - 1}, got {prompt_length} and {suffix_length}")
+  keys, values = _pairs(rng, vocab, needles)
+  text = haystack.cut(rng, prompt_length - 1 - needles)
+  cuts = np.sort(rng.choice(np.arange(1, len(text)), needles, replace=False))
+  pieces = np.split(text, cuts)
+  needle_tokens = vocab.needle(keys, values)
+  order = rng.permutation(needles)
+  prompt = [pieces[0]] + [piece for i in range(needles) for piece in ([needle_tokens[i]], pieces[i + 1])]
+  queries = [values[order[0]]] + [token for i in order[1:] for token in (keys[i], values[i])]
+  tokens = np.concatenate([*prompt, [keys[order[0]]], queries,
+                           haystack.cut(rng, suffix_length - len(queries))]).astype(np.int32)
+  answers = np.zeros(len(tokens), np.float32)
+  answers[prompt_length:prompt_length + len(queries)] = vocab.is_value(tokens[prompt_length:prompt_length +
+                                                                             len(queries)])
+  return tokens, answers
 
 
 def dense_row(rng: np.random.Generator, vocab: RetrievalVocab, length: int, n_keys: int) -> tuple[np.ndarray,

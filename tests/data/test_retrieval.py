@@ -36,6 +36,22 @@ def test_eval_prompt_has_one_needle_at_its_depth_and_ends_with_its_key():
   assert len(text) == 398 and text in TEXT[0].encode()  # one contiguous corpus window around the needle
 
 
+def test_query_row_queries_every_needle_of_the_prompt_in_its_suffix():
+  tokens, answers = retrieval.query_row(np.random.default_rng(3), VOCAB, retrieval.Haystack(TEXT), 200, 20, 4)
+  assert tokens.shape == answers.shape == (220,)
+  prompt, suffix = tokens[:200], tokens[200:]
+  needles = prompt[VOCAB.is_needle(prompt)]
+  assert len(needles) == 4 and VOCAB.is_key(prompt[-1:]).all()
+  carried = dict(_pair(int(t)) for t in needles)
+  queried = [prompt[-1], *suffix[1:7:2]]  # the prompt's last key, then the suffix's keys
+  assert sorted(queried) == sorted(carried)
+  assert [carried[k] for k in queried] == suffix[0:7:2].tolist()  # each answer is its key's needle value
+  assert np.flatnonzero(answers).tolist() == [200, 202, 204, 206]
+  assert (suffix[7:] < retrieval.BYTES).all() and (prompt[~VOCAB.is_needle(prompt)][:-1] < retrieval.BYTES).all()
+  with pytest.raises(ValueError, match="suffix_length >= 7"):
+    retrieval.query_row(np.random.default_rng(3), VOCAB, retrieval.Haystack(TEXT), 200, 6, 4)
+
+
 def test_dense_row_targets_are_the_values_of_needles_shown_before():
   tokens, weights = retrieval.dense_row(np.random.default_rng(1), VOCAB, 101, 6)
   assert tokens.shape == weights.shape == (101,)
