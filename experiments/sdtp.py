@@ -59,7 +59,7 @@ _BATCH = flags.DEFINE_integer("batch", None, "Sequences per predictor step and e
 FULL = dict(predictor_steps=400, prompt_len=1024, eval_examples=256, speed_lengths=["512", "1024", "2048", "4096"],
             repeats=5, batch=16)
 # Quick evaluates 128 prompts: one prompt is 0.8 points, finer than the paper's 1-point accuracy claim.
-QUICK = dict(predictor_steps=30, prompt_len=512, eval_examples=128, speed_lengths=["2048"], repeats=2,
+QUICK = dict(predictor_steps=30, prompt_len=512, eval_examples=128, speed_lengths=["2048"], repeats=5,
              batch=8)
 SEED, CONTINUATION = 0, 32
 # Predictor training (see the module docstring): needles per retrieval row, and the saliency reduction over D.
