@@ -122,8 +122,8 @@ def query_row(rng: np.random.Generator, vocab: RetrievalVocab, haystack: Haystac
   """(tokens [prompt_length + suffix_length], answers [same]): a prompt of text carrying `needles` needles at
   random places and ending with the query key of one of them, then the suffix [its value, key, value, ...] that
   queries every other needle once, then text; answers is 1 on the value tokens of the suffix, 0 elsewhere."""
-  if suffix_length < 2 * needles - 1 or prompt_length < needles + 2:
-    raise ValueError(f"query_row: {needles} needles need prompt_length >= {needles + 2} and suffix_length >= "
+  if suffix_length < 2 * needles - 1 or prompt_length < 2 * needles + 2:
+    raise ValueError(f"query_row: {needles} needles need prompt_length >= {2 * needles + 2} and suffix_length >= "
                      f"{2 * needles - 1}, got {prompt_length} and {suffix_length}")
   keys, values = _pairs(rng, vocab, needles)
   text = haystack.cut(rng, prompt_length - 1 - needles)
@@ -135,10 +135,7 @@ def query_row(rng: np.random.Generator, vocab: RetrievalVocab, haystack: Haystac
   queries = [values[order[0]]] + [token for i in order[1:] for token in (keys[i], values[i])]
   tokens = np.concatenate([*prompt, [keys[order[0]]], queries,
                            haystack.cut(rng, suffix_length - len(queries))]).astype(np.int32)
-  answers = np.zeros(len(tokens), np.float32)
-  answers[prompt_length:prompt_length + len(queries)] = vocab.is_value(tokens[prompt_length:prompt_length +
-                                                                             len(queries)])
-  return tokens, answers
+  return tokens, vocab.is_value(tokens).astype(np.float32)  # values occur only as the suffix's answers
 
 
 def dense_row(rng: np.random.Generator, vocab: RetrievalVocab, length: int, n_keys: int) -> tuple[np.ndarray,

@@ -50,6 +50,10 @@ def test_query_row_queries_every_needle_of_the_prompt_in_its_suffix():
   assert (suffix[7:] < retrieval.BYTES).all() and (prompt[~VOCAB.is_needle(prompt)][:-1] < retrieval.BYTES).all()
   with pytest.raises(ValueError, match="suffix_length >= 7"):
     retrieval.query_row(np.random.default_rng(3), VOCAB, retrieval.Haystack(TEXT), 200, 6, 4)
+  with pytest.raises(ValueError, match="prompt_length >= 10"):
+    retrieval.query_row(np.random.default_rng(3), VOCAB, retrieval.Haystack(TEXT), 9, 20, 4)
+  tokens, _ = retrieval.query_row(np.random.default_rng(3), VOCAB, retrieval.Haystack(TEXT), 10, 20, 4)
+  assert VOCAB.is_needle(tokens[:10]).sum() == 4  # the shortest prompt still holds every needle
 
 
 def test_dense_row_targets_are_the_values_of_needles_shown_before():
