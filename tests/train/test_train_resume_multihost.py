@@ -19,7 +19,9 @@ import pytest
 STEPS = 6
 ARGS = ["--model=tiny", f"--steps={STEPS}", "--max_files=20", "--batch_size=8", "--seq_len=32",
         "--mesh=data=2,fsdp=2,tensor=2", "--warmup_steps=2", "--lr=1e-2"]
-BASE_XLA = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"  # conftest.py's compile flags
+# The session's compile flags (conftest.py), without its device count: each run sets its own.
+BASE_XLA = " ".join(flag for flag in os.environ["XLA_FLAGS"].split()
+                    if not flag.startswith("--xla_force_host_platform_device_count"))
 
 
 def _env(devices: int | None) -> dict:
