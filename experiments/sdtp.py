@@ -17,8 +17,8 @@ predictors are trained on the frozen LM (pangu.infer.sdtp: saliency
 targets, Gumbel masks, MSE + ranking + LM loss) with the paper's schedule scaled to the depth (10 stages x 0.9
 from layer 2, about 65 % of the prompt pruned). Their training rows and saliency are our choices, made so that the
 saliency targets mark the needle: with one needle per row, the loss on the answer and the 31 continuation bytes,
-and the spec's |sum_d x g| reduction, the needle ranked 12th to 483rd of the 512 prompt tokens in 8 sampled rows;
-with the loss on the answers only it ranked 0-7th, and with the l2 reduction ||x g|| first in all 8. So retrieval
+and the spec's |sum_d x g| reduction, 12 to 483 of the 512 prompt tokens had a higher target than the needle in 8
+sampled rows; with the loss on the answers only 0 to 7, and with the l2 reduction ||x g|| none in all 8. So retrieval
 rows carry NEEDLES_PER_ROW needles, all queried after the prompt, with the loss on the answers only, and the
 saliency is l2 (validation accuracy on 96 prompts at 30 predictor steps and lr 1e-2: 84.4 % with the old rows,
 86.5 % with l2 alone, 88.5 % with the new rows alone, 91.7 % with both; unpruned 95.8 %). Every method keeps the
