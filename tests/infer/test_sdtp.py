@@ -1,8 +1,9 @@
 """SDTP: the schedule and its checks, the forced tokens, the ranking loss against NumPy, the saliency against a
 finite difference, predictor training that leaves the LM alone, and the pruned prefill (positions, masked =
-gathered forward, KV cache, generation after it, FLOPs)."""
+gathered forward, KV cache, generation after it, FLOPs), also on checkpoints transformers wrote."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import pytest
 
 from pangu import infer, models
 from pangu.infer import sdtp
+from pangu.interop import hf
 from pangu.models.counting import layer_matmul_flops
 from pangu.parallel import single_device_mesh
 from pangu.train.config import TrainConfig
@@ -246,3 +248,57 @@ def test_pruned_prefill_composes_with_h2o_eviction(lm_params, predictors):
       held = set(evicted[layer, row][evicted[layer, row] >= 0])
       assert held <= alive and len(held) == min(budget, len(alive))
       assert set(range(N - recent, N)) <= held  # the latest prompt tokens are never evicted
+
+
+HF_FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "interop", "fixtures")
+
+
+@pytest.fixture(scope="module", params=("llama", "qwen2", "qwen3"))
+def transformers_checkpoint(request):
+  """(config, params, transformers' logits, tokens) of a tiny checkpoint transformers wrote, loaded by
+  load_pretrained: biases, tied embeddings, q/k norms and llama3 / linear / yarn RoPE scaling between them."""
+  path = os.path.join(HF_FIXTURES, request.param)
+  config, params = hf.load_pretrained(path)
+  reference = np.load(os.path.join(path, "reference.npz"))
+  return config, params, reference["logits"], reference["tokens"]
+
+
+def test_pruning_a_loaded_checkpoint_matches_transformers_and_the_masked_forward(transformers_checkpoint):
+  config, params, want, tokens = transformers_checkpoint
+  n = tokens.shape[1]
+  whole = sdtp.pruning_stages(config, sdtp.SDTPConfig(layers=(1,), keep_ratio=1.0), n, "attention")
+  scorer_params = sdtp.attention_scorer_params(config, sdtp.SDTPConfig(layers=(1,)), params)
+  logits, _ = models.forward_in_stages(config, params, tokens, whole, scorer_params)
+  np.testing.assert_allclose(logits, want, atol=1e-4, rtol=0)
+  # A real cut by the attention scorer: the gathered forward equals the masked one at the kept tokens.
+  schedule = sdtp.SDTPConfig(layers=(1,), keep_ratio=0.6)
+  stages, kept = _recording(sdtp.pruning_stages(config, schedule, n, "attention"))
+  pruned, state = models.forward_in_stages(config, params, tokens, stages, scorer_params)
+  assert kept[0].shape == (2, schedule.keep_counts(n)[0])
+  alive = jnp.asarray(np.stack([np.isin(np.arange(n), row) for row in kept[0]]))[None]
+  masked, _ = models.forward_in_stages(config, params, tokens, models.LayerStages((1,), _hide_dropped), alive)
+  np.testing.assert_allclose(pruned, np.take_along_axis(np.asarray(masked), kept[0][..., None], axis=1), atol=1e-5)
+  np.testing.assert_array_equal(state.positions, kept[0])
+
+
+def test_predictors_train_on_a_loaded_checkpoint_and_it_generates_after_the_pruned_prefill():
+  config, params = hf.load_pretrained(os.path.join(HF_FIXTURES, "qwen3"))
+  schedule, prompt = sdtp.SDTPConfig(layers=(1,), keep_ratio=0.6), 24
+  tokens = np.random.default_rng(10).integers(0, config.vocab_size, (2, prompt + 5)).astype(np.int32)
+  mask = np.zeros((2, prompt + 4), np.float32)
+  mask[:, prompt - 1:] = 1.0
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
+  train_config = TrainConfig(peak_lr=1e-2, warmup_steps=1, total_steps=10, weight_decay=0.0)
+  state, step = sdtp.predictor_training(config, schedule, prompt, params, train_config, single_device_mesh(),
+                                        jax.random.key(2))
+  start, before = jax.tree.map(np.array, state.params), jax.tree.map(np.array, params)
+  for _ in range(2):
+    state, _ = step(state, batch)
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, params))
+  assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(start)))
+  gen = infer.GenerationConfig(max_new_tokens=4)
+  prefilled = infer.prefill(config, gen, params, tokens[:1, :prompt], jnp.zeros((1,), jnp.int32), jax.random.key(0),
+                            stages=sdtp.pruning_stages(config, schedule, prompt), stage_params=state.params)
+  np.testing.assert_array_equal(prefilled.cache.lengths[:, 0], sdtp.tokens_per_layer(config, schedule, prompt))
+  np.testing.assert_array_equal(prefilled.cache.next_positions, [prompt])
+  assert infer.decode(config, gen, params, prefilled).tokens.shape == (1, 4)
