@@ -62,7 +62,7 @@ _PREDICTOR_STEPS = flags.DEFINE_integer("predictor_steps", None, "Predictor trai
 _PREDICTOR_PROMPT = flags.DEFINE_integer("predictor_prompt_len", None, "Prompt length of the predictors' training "
                                          "rows.", lower_bound=64)
 _PREDICTOR_ROWS = flags.DEFINE_integer("predictor_rows", None, "Training rows per predictor step.", lower_bound=2)
-_PROMPT = flags.DEFINE_integer("prompt_len", None, "Prompt length N of training and evaluation.", lower_bound=64)
+_PROMPT = flags.DEFINE_integer("prompt_len", None, "Prompt length N of evaluation.", lower_bound=64)
 _EVAL = flags.DEFINE_integer("eval_examples", None, "Evaluation prompts per metric.", lower_bound=1)
 _LENGTHS = flags.DEFINE_list("speed_lengths", None, "Prompt lengths of the speed-up curve.")
 _REPEATS = flags.DEFINE_integer("repeats", None, "Timed prefills per measurement (median).", lower_bound=1)
