@@ -135,7 +135,8 @@ def train_predictors(config, params, schedule, setup: dict, text) -> tuple:
     state, metrics = step(state, predictor_batch(rng, text, prompt_len, setup["predictor_rows"]))
     if (i + 1) % max(1, setup["predictor_steps"] // 5) == 0:
       curve.append({"step": i + 1, **{k: float(metrics[k]) for k in ("loss", "cls", "mse", "rank")}})
-      print(f"predictors: step {i + 1} " + " ".join(f"{k} {v:.3f}" for k, v in curve[-1].items()), flush=True)
+      print(f"predictors: step {i + 1} " + " ".join(f"{k} {v:.3f}" for k, v in curve[-1].items() if k != "step"),
+            flush=True)
   return jax.device_get(state.params), {"curve": curve, "seconds": time.perf_counter() - start}
 
 
