@@ -32,8 +32,8 @@ def predictors():
   return sdtp.init_predictors(SCHEDULE, CONFIG.d_model, jax.random.key(1))
 
 
-def _tokens(seed, length=N, batch=2):
-  return np.random.default_rng(seed).integers(0, CONFIG.vocab_size, (batch, length)).astype(np.int32)
+def _tokens(seed, length=N, batch=2, vocab=CONFIG.vocab_size):
+  return np.random.default_rng(seed).integers(0, vocab, (batch, length)).astype(np.int32)
 
 
 def _recording(stages):
@@ -135,8 +135,8 @@ def test_ranking_loss_matches_numpy():
   np.testing.assert_allclose(got, np.mean(want), rtol=1e-5)
 
 
-def _batch(seed, prompt, suffix):
-  tokens = _tokens(seed, prompt + suffix + 1)
+def _batch(seed, prompt, suffix, vocab=CONFIG.vocab_size):
+  tokens = _tokens(seed, prompt + suffix + 1, vocab=vocab)
   mask = np.zeros((2, prompt + suffix), np.float32)
   mask[:, prompt - 1:] = 1.0
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
@@ -284,10 +284,7 @@ def test_pruning_a_loaded_checkpoint_matches_transformers_and_the_masked_forward
 def test_predictors_train_on_a_loaded_checkpoint_and_it_generates_after_the_pruned_prefill():
   config, params = hf.load_pretrained(os.path.join(HF_FIXTURES, "qwen3"))
   schedule, prompt = sdtp.SDTPConfig(layers=(1,), keep_ratio=0.6), 24
-  tokens = np.random.default_rng(10).integers(0, config.vocab_size, (2, prompt + 5)).astype(np.int32)
-  mask = np.zeros((2, prompt + 4), np.float32)
-  mask[:, prompt - 1:] = 1.0
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
+  batch = _batch(10, prompt, 4, vocab=config.vocab_size)
   train_config = TrainConfig(peak_lr=1e-2, warmup_steps=1, total_steps=10, weight_decay=0.0)
   state, step = sdtp.predictor_training(config, schedule, prompt, params, train_config, single_device_mesh(),
                                         jax.random.key(2))
@@ -297,7 +294,7 @@ def test_predictors_train_on_a_loaded_checkpoint_and_it_generates_after_the_prun
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, params))
   assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(start)))
   gen = infer.GenerationConfig(max_new_tokens=4)
-  prefilled = infer.prefill(config, gen, params, tokens[:1, :prompt], jnp.zeros((1,), jnp.int32), jax.random.key(0),
+  prefilled = infer.prefill(config, gen, params, batch["inputs"][:1, :prompt], jnp.zeros((1,), jnp.int32), jax.random.key(0),
                             stages=sdtp.pruning_stages(config, schedule, prompt), stage_params=state.params)
   np.testing.assert_array_equal(prefilled.cache.lengths[:, 0], sdtp.tokens_per_layer(config, schedule, prompt))
   np.testing.assert_array_equal(prefilled.cache.next_positions, [prompt])
