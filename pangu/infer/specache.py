@@ -370,14 +370,18 @@ def cached_step(config: TransformerConfig, params: dict, cache: KVCache, tokens:
   return logits[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=2)
+@functools.partial(jax.jit, static_argnums=(0, 5, 6), donate_argnums=2)
 def specache_decode(config: TransformerConfig, params: dict, cache: KVCache, tokens: jax.Array,
-                    speculative: jax.Array, steps: int) -> tuple[jax.Array, KVCache]:
+                    speculative: jax.Array, steps: int, exact: bool = False) -> tuple[jax.Array, KVCache]:
   """`steps` greedy SpeCache steps in one compiled loop, the cache donated (updated in place): from the real
   tokens [B] and first speculative tokens [B] (`predecode`'s argmax) -> (the real tokens fed at each step
-  [B, steps], cache). Each step's real argmax is the next real token, its speculative argmax the next guess."""
+  [B, steps], cache). Each step's real argmax is the next real token, its speculative argmax the next guess.
+  exact: the spec's `topk_source="exact"` ablation: each step first pre-decodes its real token, whose own
+  low-bit attention picks the top-k that step reads (two passes a step; the speculative pick is overwritten)."""
   def step(i, carry):
     out, cache, token, guess = carry
+    if exact:
+      _, cache = predecode(config, params, cache, token)
     real, spec, cache = specache_step(config, params, cache, token, guess)
     out = out.at[:, i].set(token)
     return out, cache, jnp.argmax(real, -1).astype(token.dtype), jnp.argmax(spec, -1).astype(token.dtype)
@@ -385,6 +389,16 @@ def specache_decode(config: TransformerConfig, params: dict, cache: KVCache, tok
   out = jnp.zeros((tokens.shape[0], steps), tokens.dtype)
   out, cache, _, _ = jax.lax.fori_loop(0, steps, step, (out, cache, tokens, speculative))
   return out, cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5), donate_argnums=2)
+def specache_generate(config: TransformerConfig, params: dict, cache: KVCache, tokens: jax.Array, steps: int,
+                      exact: bool = False) -> tuple[jax.Array, KVCache]:
+  """Generation from the first tokens [B] after the prompt, as the paper runs it: pre-decoding (Algorithm 2)
+  picks their top-k and first guess, then `specache_decode`'s loop, all in one program over the donated cache
+  -> (the real tokens fed at each step [B, steps], cache)."""
+  first, cache = predecode(config, params, cache, tokens)
+  return specache_decode(config, params, cache, tokens, jnp.argmax(first, -1).astype(tokens.dtype), steps, exact)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=2)

@@ -198,6 +198,34 @@ def test_eviction_baselines_keep_the_tokens_their_rule_names(model):
     np.testing.assert_allclose(got_heavy, want, atol=2e-5)
 
 
+def test_generate_loop_equals_stepwise_calls_with_speculative_and_exact_topk(model):
+  """`specache_generate` (pre-decoding, then the compiled loop over a donated cache) feeds the same tokens,
+  picks the same slots and fetches as many rows as `predecode` and `specache_step` called one at a time; its
+  `exact` ablation pre-decodes each step's real token first, so it fetches twice the rows per step."""
+  config, params = model
+  sequence = np.random.default_rng(8).integers(0, config.vocab_size, (2, PROMPT + 1)).astype(np.int32)
+  _, dense = _prefill(config, params, sequence[:, :PROMPT], STEPS + 2)
+  start = specache.to_specache(dense, SpeCacheConfig(QuantConfig(bits=1, group=16), residual=32, top_k=4))
+  token, steps = jnp.asarray(sequence[:, PROMPT]), 6
+  fetched = {}
+  for exact in (False, True):
+    first, cache = specache.predecode(config, params, start, token)
+    real, spec, fed = token, jnp.argmax(first, -1).astype(jnp.int32), []
+    for _ in range(steps):
+      fed.append(np.asarray(real))
+      if exact:
+        _, cache = specache.predecode(config, params, cache, real)
+      logits, spec_logits, cache = specache.specache_step(config, params, cache, real, spec)
+      real, spec = jnp.argmax(logits, -1).astype(jnp.int32), jnp.argmax(spec_logits, -1).astype(jnp.int32)
+    got, looped = specache.specache_generate(config, params, jax.tree.map(jnp.copy, start), token, steps, exact)
+    np.testing.assert_array_equal(np.asarray(got), np.stack(fed, 1))
+    np.testing.assert_array_equal(np.asarray(looped.layers.topk_index), np.asarray(cache.layers.topk_index))
+    fetched[exact] = int(specache.fetched_rows(looped))
+    assert fetched[exact] == int(specache.fetched_rows(cache))
+  first_pick = int(specache.fetched_rows(specache.predecode(config, params, start, token)[1]))
+  assert fetched[True] - first_pick == 2 * (fetched[False] - first_pick) > 0
+
+
 def test_host_store_in_pinned_host_memory_and_async_prefetch_decode_like_the_synchronous_path(model):
   """The full-precision store placed in pinned_host memory (jax exposes it on CPU too): its arrays report that
   memory kind before and after the donated decode loop, and the asynchronous prefetch (rows gathered on the
