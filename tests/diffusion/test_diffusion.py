@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pangu.diffusion.digits import load_digits_images
-from pangu.diffusion.fid import frechet_distance
+from pangu.diffusion.fid import frechet_distance, paired_fid_gap
 from pangu.diffusion.objective import ddpm_loss
 from pangu.diffusion.samplers import ddim_sample, ddpm_sample, guided, sampling_timesteps
 from pangu.diffusion.schedules import ScheduleConfig, alpha_bars
@@ -131,3 +131,19 @@ def test_frechet_distance_closed_forms():
   # Doubling: ||mu||^2 + tr(S + 4 S - 2 (4 S^2)^(1/2)) = ||mu||^2 + tr(S).
   expected = np.sum(a.mean(0) ** 2) + np.trace(np.cov(a, rowvar=False))
   assert abs(frechet_distance(a, 2 * a) - expected) < 1e-6
+
+
+def test_paired_fid_gap_against_the_closed_form_of_a_shift():
+  # a = b + s shares b's covariance, so per resample FID(a) - FID(b) = |s|^2 + 2 s.(mean_b - mean_ref): the
+  # interval is the gap +- z * 2 sqrt(s' S s / n), far narrower than either FID's own spread.
+  rng = np.random.default_rng(0)
+  b, reference = rng.normal(size=(1000, 4)), rng.normal(size=(800, 4)) + 0.1
+  shift = np.array([0.3, -0.2, 0.1, 0.0])
+  out = paired_fid_gap(b + shift, b, reference, resamples=2000, seed=1)
+  assert abs(out["gap"] - (shift @ shift + 2 * shift @ (b.mean(0) - reference.mean(0)))) < 1e-6
+  half_width = 1.96 * 2 * np.sqrt(shift @ np.cov(b, rowvar=False) @ shift / len(b))
+  assert out["low"] < out["gap"] < out["high"]
+  assert abs((out["high"] - out["low"]) / 2 - half_width) < 0.15 * half_width
+  assert paired_fid_gap(b, b, reference, resamples=20) == {"gap": 0.0, "low": 0.0, "high": 0.0}
+  with pytest.raises(ValueError, match="paired feature rows"):
+    paired_fid_gap(b, b[:10], reference)
