@@ -73,11 +73,12 @@ def claims(payload: dict) -> list[dict]:
                              f"goal: within {close:.0%} of FP (DiT-XL/2 ImageNet FID unconfirmed)",
                              f"FID-digits {htg:.3g} vs FP {fp:.3g} ({ratio:+.1%}; FP itself moves "
                              f"{fid_noise(payload) / fp:.1%} with other sampling noise)", verdict))
-  w4, gaps = payload["w4a8"], payload["w4a8_fid_gaps"]
+  w4 = payload["w4a8"]
   baselines = ("naive", "smoothquant")
   beaten = [m for m in baselines if beats(payload, "htg", m)]
   spec_beaten = [m for m in baselines if beats(payload, "htg_spec", m)]
-  replicates = {seed: [m for m in baselines if beats(entry, "htg", m)] for seed, entry in payload["replicates"].items()}
+  replicates = {seed: [m for m in baselines if beats(entry, "htg", m)]
+                for seed, entry in payload["replicates"].items()}
   every_seed = [beaten, *replicates.values()]
   verdict = ("reproduced" if all(len(b) == 2 for b in every_seed) else "partly" if any(every_seed) else
              "contradicted")
@@ -85,24 +86,20 @@ def claims(payload: dict) -> list[dict]:
   picked = payload["htg_selection"]["w4a8"]
   how = "picked on the calibration split" if picked["calibration_sample_mse"] else "the spec's, --nohtg_select"
   picked = picked["chosen"]
+  ours = (f"Model of seed {payload['seed']}: HTG with alpha {picked['alpha']} and scaled inputs "
+          f"{'/'.join(picked['scaled_layers'])} ({how}) beats {', '.join(beaten) or 'neither'}; with the spec's "
+          f"constants (htg_spec) it beats {', '.join(spec_beaten) or 'neither'}. FID-digits "
+          + ", ".join(f"{m} {w4[m]['fid']:.3g}" for m in shown)
+          + f". FID gaps with their 95% paired-bootstrap intervals: {gaps_text(payload['w4a8_fid_gaps'])}; a gap "
+          "whose interval holds 0 is decided by the paired sample MSE vs FP: "
+          + ", ".join(f"{m} {w4[m]['sample_mse']:.2g}" for m in shown))
+  for seed, seed_beaten in replicates.items():
+    entry = payload["replicates"][seed]
+    ours += (f". Model of seed {seed} (its own HTG pick): beats {', '.join(seed_beaten) or 'neither'}; "
+             f"{gaps_text(entry['w4a8_fid_gaps'])}; sample MSE "
+             + ", ".join(f"{m} {v['sample_mse']:.2g}" for m, v in entry["w4a8"].items()))
   rows.append(common.claim("HTG (DiT PTQ)", "At W4A8 HTG beats naive PTQ and SmoothQuant-style smoothing",
-                           "state of the art among PTQ methods",
-                           f"Model of seed {payload['seed']}: HTG with alpha {picked['alpha']} and scaled inputs {'/'.join(picked['scaled_layers'])} "
-                           f"({how}) beats {', '.join(beaten) or 'neither'}; with the "
-                           f"spec's constants (htg_spec) it beats {', '.join(spec_beaten) or 'neither'}. FID-digits "
-                           + ", ".join(f"{m} {w4[m]['fid']:.3g}" for m in shown)
-                           + ". FID gaps with their 95% paired-bootstrap intervals: "
-                           + ", ".join(f"{pair} {g['gap']:+.2f} [{g['low']:+.2f}, {g['high']:+.2f}]"
-                                       for pair, g in gaps.items())
-                           + "; a gap whose interval holds 0 is decided by the paired sample MSE vs FP: "
-                           + ", ".join(f"{m} {w4[m]['sample_mse']:.2g}" for m in shown)
-                           + "".join(f". Model of seed {seed} (its own HTG pick): beats {', '.join(b) or 'neither'}; "
-                                     + ", ".join(f"{pair} {g['gap']:+.2f} [{g['low']:+.2f}, {g['high']:+.2f}]"
-                                                 for pair, g in payload["replicates"][seed]["w4a8_fid_gaps"].items())
-                                     + "; sample MSE " + ", ".join(
-                                         f"{m} {v['sample_mse']:.2g}"
-                                         for m, v in payload["replicates"][seed]["w4a8"].items())
-                                     for seed, b in replicates.items()), verdict))
+                           "state of the art among PTQ methods", ours, verdict))
   groups = payload["groups"]
   keys = sorted(groups, key=int)
   every, tenth = groups[keys[-1]]["fid"], groups[keys[len(keys) // 2]]["fid"]
@@ -131,10 +128,14 @@ def fid_noise(payload: dict) -> float:
   return abs(payload["fp"]["fid"] - payload["fp"]["fid_other_noise"])
 
 
+def gaps_text(gaps: dict) -> str:
+  return ", ".join(f"{pair} {g['gap']:+.2f} [{g['low']:+.2f}, {g['high']:+.2f}]" for pair, g in gaps.items())
+
+
 def beats(payload: dict, a: str, b: str) -> bool:
   """W4A8 configuration a beats b (in the payload or one of its replicates): a lower FID-digits where the
-  paired-bootstrap interval of the gap excludes 0; where it holds 0 (the FID does not resolve the order at this sample count), a lower paired sample MSE against
-  the float model (same noise and labels, so far less noisy)."""
+  paired-bootstrap interval of the gap excludes 0; where it holds 0 (the FID does not resolve the order at this
+  sample count), a lower paired sample MSE against the float model (same noise and labels, so far less noisy)."""
   gap = payload["w4a8_fid_gaps"][f"{a} - {b}"]
   if gap["high"] < 0 or gap["low"] > 0:
     return gap["gap"] < 0
