@@ -69,6 +69,8 @@ def test_impossible_schedules_are_errors():
     sdtp.SDTPConfig(layers=(3, 2))
   with pytest.raises(ValueError, match="saliency_reduce"):
     sdtp.SDTPConfig(layers=(1,), saliency_reduce="mean")
+  with pytest.raises(ValueError, match="rank_pair_weight must be one of"):
+    sdtp.SDTPConfig(layers=(1,), rank_pair_weight="lambda")
 
 
 def test_keep_ratio_one_gives_the_full_forward(lm_params, predictors):
@@ -122,16 +124,19 @@ def test_the_attention_scorer_matches_a_numpy_softmax(lm_params):
   np.testing.assert_allclose(got[0], want, atol=1e-4)
 
 
-def test_ranking_loss_matches_numpy():
+@pytest.mark.parametrize("pair_weight", ["uniform", "target_gap"])
+def test_ranking_loss_matches_numpy(pair_weight):
   rng = np.random.default_rng(5)
   scores, targets = rng.normal(size=(3, 12)), rng.uniform(size=(3, 12)).round(1)  # rounding makes some ties
   valid = rng.uniform(size=(3, 12)) < 0.7
   want = []
   for s, t, v in zip(scores, targets, valid):
-    terms = [np.log1p(np.exp(-(s[i] - s[j]) * np.sign(t[i] - t[j])))
-             for i in range(12) for j in range(i + 1, 12) if v[i] and v[j]]
-    want.append(np.mean(terms))
-  got = sdtp.ranking_loss(jnp.asarray(scores, jnp.float32), jnp.asarray(targets, jnp.float32), jnp.asarray(valid))
+    pairs = [(i, j) for i in range(12) for j in range(i + 1, 12) if v[i] and v[j]]
+    terms = np.array([np.log1p(np.exp(-(s[i] - s[j]) * np.sign(t[i] - t[j]))) for i, j in pairs])
+    weights = np.ones(len(pairs)) if pair_weight == "uniform" else np.array([abs(t[i] - t[j]) for i, j in pairs])
+    want.append(np.sum(weights * terms) / np.sum(weights))
+  got = sdtp.ranking_loss(jnp.asarray(scores, jnp.float32), jnp.asarray(targets, jnp.float32), jnp.asarray(valid),
+                          pair_weight)
   np.testing.assert_allclose(got, np.mean(want), rtol=1e-5)
 
 

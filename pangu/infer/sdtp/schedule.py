@@ -20,6 +20,7 @@ from pangu.config_checks import positive_ints
 
 # The paper's schedule on a 32-layer model: 10 stages from layer 4, every 3 layers, each keeping 0.9.
 PAPER_DEPTH, PAPER_FIRST_LAYER, PAPER_LAYER_STEP, PAPER_STAGES, PAPER_KEEP = 32, 4, 3, 10, 0.9
+RANK_PAIR_WEIGHTS = ("uniform", "target_gap")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,9 @@ class SDTPConfig:
     saliency_reduce: per-token reduction of gradient x input over D: "abs_sum" |sum_d x g| (spec), "signed_sum"
       sum_d x g (E-RECAP), "l2" ||x g||.
     gumbel_tau: Gumbel-softmax temperature of the training masks.
+    rank_pair_weight: how the ranking loss weighs a pair of tokens: "uniform" (spec Eq. 5-8: every pair alike) or
+      "target_gap" (by |t_i - t_j|: pairs the saliency clearly orders, such as a needle against text, outweigh
+      near-ties among text tokens, whose order is noise).
   """
 
   layers: tuple[int, ...]
@@ -46,6 +50,7 @@ class SDTPConfig:
   hidden: int | None = None
   saliency_reduce: str = "abs_sum"
   gumbel_tau: float = 1.0
+  rank_pair_weight: str = "uniform"
 
   def __post_init__(self):
     object.__setattr__(self, "layers", tuple(self.layers))
@@ -62,6 +67,9 @@ class SDTPConfig:
       positive_ints(self, "hidden")
     if self.saliency_reduce not in ("abs_sum", "signed_sum", "l2"):
       raise ValueError(f"SDTPConfig.saliency_reduce must be abs_sum, signed_sum or l2, got {self.saliency_reduce!r}")
+    if self.rank_pair_weight not in RANK_PAIR_WEIGHTS:
+      raise ValueError(f"SDTPConfig.rank_pair_weight must be one of {RANK_PAIR_WEIGHTS}, got "
+                       f"{self.rank_pair_weight!r}")
     if not self.gumbel_tau > 0:
       raise ValueError(f"SDTPConfig.gumbel_tau must be > 0, got {self.gumbel_tau!r}")
 

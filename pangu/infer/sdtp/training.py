@@ -73,19 +73,26 @@ def saliency(model_config: TransformerConfig, config: SDTPConfig, lm_params: dic
   return scores / jnp.maximum(top, 1e-30)
 
 
-def ranking_loss(scores: jax.Array, targets: jax.Array, valid: jax.Array) -> jax.Array:
-  """Pairwise logistic (RankNet) loss, spec Eq. 5-8: per row, the mean over pairs i < j of valid tokens of
-  softplus(-(s_i - s_j) sign(t_i - t_j)), then the mean over rows (a row without pairs counts 0).
+def ranking_loss(scores: jax.Array, targets: jax.Array, valid: jax.Array, pair_weight: str = "uniform") -> jax.Array:
+  """Pairwise logistic (RankNet) loss, spec Eq. 5-8: per row, the weighted mean over pairs i < j of valid tokens
+  of softplus(-(s_i - s_j) sign(t_i - t_j)), then the mean over rows (a row without weight counts 0). Weights
+  (`SDTPConfig.rank_pair_weight`): 1 per pair ("uniform", the spec's) or |t_i - t_j| ("target_gap").
 
   scores, targets: [B, S] float; valid: bool [B, S]. O(S^2) memory per row.
   """
   chex.assert_equal_shape([scores, targets, valid])
   diff = scores[:, :, None] - scores[:, None, :]
-  sign = jnp.sign(targets[:, :, None] - targets[:, None, :])
+  gap = targets[:, :, None] - targets[:, None, :]
   upper = jnp.triu(jnp.ones(scores.shape[1:] * 2, bool), k=1)
   pairs = valid[:, :, None] & valid[:, None, :] & upper
-  per_pair = jnp.where(pairs, jax.nn.softplus(-diff * sign), 0.0)
-  return jnp.mean(per_pair.sum((1, 2)) / jnp.maximum(pairs.sum((1, 2)), 1))
+  if pair_weight == "uniform":
+    weight = pairs.astype(scores.dtype)
+  elif pair_weight == "target_gap":
+    weight = jnp.where(pairs, jnp.abs(gap), 0.0)
+  else:
+    raise ValueError(f"ranking_loss: unknown pair_weight {pair_weight!r}")
+  per_pair = weight * jax.nn.softplus(-diff * jnp.sign(gap))
+  return jnp.mean(per_pair.sum((1, 2)) / jnp.maximum(weight.sum((1, 2)), 1e-12))
 
 
 def sdtp_loss(model_config: TransformerConfig, config: SDTPConfig, prompt_length: int
@@ -126,7 +133,7 @@ def sdtp_loss(model_config: TransformerConfig, config: SDTPConfig, prompt_length
     cls = cross_entropy_loss(logits, batch["targets"], batch["mask"])[0]
     mse = sum(jnp.sum(jnp.where(p, jnp.square(jax.nn.sigmoid(s) - t), 0.0)) / jnp.maximum(p.sum(), 1)
               for (s, p), t in zip(recorded, targets)) / config.n_stages
-    rank = sum(ranking_loss(s, t, p) for (s, p), t in zip(recorded, targets)) / config.n_stages
+    rank = sum(ranking_loss(s, t, p, config.rank_pair_weight) for (s, p), t in zip(recorded, targets)) / config.n_stages
     alive = jnp.mean(jnp.sum((final.positions >= 0) & (final.positions < prompt_length), axis=1)) / prompt_length
     loss = cls + mse + rank
     return loss, {"loss": loss, "cls": cls, "mse": mse, "rank": rank, "kept_fraction": alive}
