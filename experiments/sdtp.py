@@ -99,8 +99,9 @@ RANK_PAIR_WEIGHT = "target_gap"
 # needle ids scored below half the prompt tokens at the first three stages. Tried against it, on the 256 validation
 # prompts of 2048 tokens (unpruned 95.3 %, 400 steps at 3e-3 94.1 %, the same with training seed 1 93.4 %): 400
 # steps of 4 rows of 1024 tokens 81.6 %; 800 steps 93.4 % (15 / 19 / 12 ids below half); 16 rows per step 89.8 %
-# (41 / 45 / 32); by the id count alone, predictor hidden width D (84 / 82 / 63) and 16 needles per row (40 / 48 /
-# 49) were worse and not validated.
+# (41 / 45 / 32); by the id count alone, predictor hidden width D (84 / 82 / 63), 16 needles per row (40 / 48 /
+# 49) and drawing every needle id equally often (30 / 36 / 21 / 0 in another window, where the same training gave
+# 17 / 27 / 6 / 0) were worse and not validated. The pair weighting above closed it.
 METHODS = ("none", "sdtp", "random", "attention")
 PAPER = {"flops_reduction": (0.33, 0.47), "prefill_speedup": 1.52, "accuracy_points": 1.0}
 SPEEDUP_GOAL, GOAL_LENGTH = 1.5, 2048
