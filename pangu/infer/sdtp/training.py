@@ -91,7 +91,7 @@ def ranking_loss(scores: jax.Array, targets: jax.Array, valid: jax.Array, pair_w
     weight = jnp.where(pairs, jnp.abs(gap), 0.0)
   else:
     raise ValueError(f"ranking_loss: unknown pair_weight {pair_weight!r}")
-  per_pair = weight * jax.nn.softplus(-diff * jnp.sign(gap))
+  per_pair = jnp.where(pairs, weight * jax.nn.softplus(-diff * jnp.sign(gap)), 0.0)
   return jnp.mean(per_pair.sum((1, 2)) / jnp.maximum(weight.sum((1, 2)), 1e-12))
 
 
