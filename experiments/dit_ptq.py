@@ -128,6 +128,11 @@ def fid_noise(payload: dict) -> float:
   return abs(payload["fp"]["fid"] - payload["fp"]["fid_other_noise"])
 
 
+def settings_record(htg) -> dict:
+  """The HTG settings picked on the calibration split, as dit_ptq.json records them."""
+  return {"alpha": htg.alpha, "scaled_layers": list(htg.scaled_layers)}
+
+
 def gaps_text(gaps: dict) -> str:
   return ", ".join(f"{pair} {g['gap']:+.2f} [{g['low']:+.2f}, {g['high']:+.2f}]" for pair, g in gaps.items())
 
@@ -312,7 +317,7 @@ def main(argv):
   for bits_name, bits in (("w8a8", 8), ("w4a8", 4)):
     chosen[bits], search_seconds, scores = run.pick_htg(bits)
     payload["htg_selection"][bits_name] = {
-        "chosen": {"alpha": chosen[bits].alpha, "scaled_layers": list(chosen[bits].scaled_layers)},
+        "chosen": settings_record(chosen[bits]),
         "calibration_sample_mse": scores, "search_seconds": search_seconds}
     for method in METHODS:
       payload[bits_name][method], samples = evaluate(PTQConfig(method, weight_bits=bits, htg=chosen[bits]))
@@ -344,7 +349,7 @@ def main(argv):
       results[method], samples[method] = replicate.evaluate(PTQConfig(method, weight_bits=4, htg=htg))
     results["htg"]["calib_seconds"] += search_seconds
     payload["replicates"][str(seed)] = {
-        "fp": replicate.fp, "w4a8": results, "htg_chosen": {"alpha": htg.alpha, "scaled_layers": htg.scaled_layers},
+        "fp": replicate.fp, "w4a8": results, "htg_chosen": settings_record(htg),
         "w4a8_fid_gaps": {f"htg - {b}": metric.fid_gap(samples["htg"], samples[b], seed=seed)
                           for b in ("naive", "smoothquant")}}
     print(f"seed {seed} w4a8: {results}", flush=True)
