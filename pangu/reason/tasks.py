@@ -7,7 +7,9 @@ answer and a checker (spec 3a). Families, each seeded and graded by `level` 1..5
     length.
   - `string`: a chain of string operations (rev, sortc, dropv, dup, upper) on a short word.
   - `code`: write `f(x)` from a description; checked by running 3-5 unit tests through a restricted AST
-    interpreter (no `exec`: a pure checker; the sandboxed runner is `pangu.reason.sandbox`).
+    interpreter (no `exec`: a pure checker; the sandboxed runner is `pangu.reason.sandbox`). The reference is
+    one line (`def f(x): return ...`, a conditional expression from level 3), so it fits chat formats whose turn
+    ends at a newline.
   - `exact`: user data without a generator (`load_jsonl`): the answer must match exactly, no step check.
 Verification has two layers: `verify` checks the final answer, `check_steps` recomputes every step of a
 step-by-step trace (the teacher's format, `pangu.reason.teacher`).
@@ -281,9 +283,9 @@ def _code_task(level: int, rng: np.random.Generator, config: TaskConfig) -> Task
   if level >= 3:
     threshold, otherwise = int(rng.integers(0, 6)), _code_expression(1 + level // 4, rng)
     description = f"f(x)={then} if x>{threshold} else {otherwise}"
-    source = f"def f(x):\n  if x>{threshold}:\n    return {then}\n  return {otherwise}"
   else:
-    description, source = f"f(x)={then}", f"def f(x):\n  return {then}"
+    description = f"f(x)={then}"
+  source = f"def f(x): return {description.removeprefix('f(x)=')}"
   inputs = rng.choice(np.arange(0, 10), 3 + min(level, 4) // 2, replace=False)
   body = ast.parse(source).body[0].body
   tests = tuple((int(x), _run_body(body, int(x))) for x in sorted(inputs))

@@ -45,7 +45,7 @@ def test_arith_answer_matches_python_eval():
 
 
 def test_code_checker_matches_python_on_reference_and_rejects_unsafe():
-  for task in tasks.generate("code", 4, 10, seed=1):
+  for task in [t for level in tasks.LEVELS for t in tasks.generate("code", level, 4, seed=1)]:
     namespace = {}
     exec(task.answer, namespace)  # noqa: S102 (the generator's own reference code)
     assert all(namespace["f"](x) == y for x, y in task.tests)
@@ -54,6 +54,17 @@ def test_code_checker_matches_python_on_reference_and_rejects_unsafe():
   for source in ("import os\ndef f(x):\n  return x", "def f(x):\n  return __import__('os')", "def f(x):\n  return g(x)",
                  "def f(x):\n  while True: pass", "def f(y):\n  return y", "def f(x):\n  return x**99999"):
     assert tasks.run_code_tests(source, tests) == (0, 1), source
+
+
+@pytest.mark.parametrize("family", GENERATED)
+def test_teacher_replies_survive_the_compact_format(family):
+  """The compact format ends a turn at a newline: every generated answer and trace must parse back whole."""
+  for level in tasks.LEVELS:
+    for task in tasks.generate(family, level, 6, seed=level):
+      solution = teacher.slow(task)
+      reply = chat.render_response(solution.reasoning, solution.answer, mode="slow", fmt=chat.COMPACT_FORMAT)
+      parsed = chat.parse_response(reply, chat.COMPACT_FORMAT)
+      assert parsed.complete and (parsed.reasoning, parsed.answer) == (solution.reasoning, solution.answer), reply
 
 
 def test_step_check_rejects_a_corrupted_step():
