@@ -31,7 +31,7 @@ _SELECT = flags.DEFINE_integer("select", None, "Prompts selected per iteration (
 _SAMPLES = flags.DEFINE_integer("samples", None, "Student samples per prompt (k).", lower_bound=1)
 _EVAL_ITEMS = flags.DEFINE_integer("eval_items", None, "Held-out items per family and level.", lower_bound=1)
 _LEVELS = flags.DEFINE_list("levels", None, "Difficulty levels.")
-_FAMILIES = flags.DEFINE_list("families", None, "Task families (arith, list, string).")
+_FAMILIES = flags.DEFINE_list("families", None, "Task families (arith, list, string, code).")
 _WIDTH = flags.DEFINE_integer("width", None, "Student width.", lower_bound=16)
 _LAYERS = flags.DEFINE_integer("layers", None, "Student depth.", lower_bound=1)
 _MERGE = flags.DEFINE_string("merge", None, "Merge method between iterations (pangu.reason.merging.METHODS).")

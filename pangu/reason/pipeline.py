@@ -50,8 +50,8 @@ class PipelineConfig:
     object.__setattr__(self, "families", tuple(self.families))
     if set(self.levels) - set(tasks.LEVELS) or not self.levels:
       raise ValueError(f"PipelineConfig.levels must be a non-empty subset of {tasks.LEVELS}, got {self.levels}")
-    if set(self.families) - {"arith", "list", "string"} or not self.families:
-      raise ValueError(f"PipelineConfig.families must be a non-empty subset of arith, list, string, got "
+    if set(self.families) - set(tasks.GENERATED_FAMILIES) or not self.families:
+      raise ValueError(f"PipelineConfig.families must be a non-empty subset of {tasks.GENERATED_FAMILIES}, got "
                        f"{self.families}")
     if self.merge not in merging.METHODS:
       raise ValueError(f"PipelineConfig.merge must be one of {merging.METHODS}, got {self.merge!r}")

@@ -8,8 +8,8 @@ answer and a checker (spec 3a). Families, each seeded and graded by `level` 1..5
   - `string`: a chain of string operations (rev, sortc, dropv, dup, upper) on a short word.
   - `code`: write `f(x)` from a description; checked by running 3-5 unit tests through a restricted AST
     interpreter (no `exec`: a pure checker; the sandboxed runner is `pangu.reason.sandbox`). The reference is
-    one line (`def f(x): return ...`, a conditional expression from level 3), so it fits chat formats whose turn
-    ends at a newline.
+    one line (`def f(x): return ...`, a conditional expression `a if t<x else b` from level 3) without '>', so
+    it fits the compact chat format, whose turn ends at a newline and whose reasoning span ends at '>'.
   - `exact`: user data without a generator (`load_jsonl`): the answer must match exactly, no step check.
 Verification has two layers: `verify` checks the final answer, `check_steps` recomputes every step of a
 step-by-step trace (the teacher's format, `pangu.reason.teacher`).
@@ -27,7 +27,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-FAMILIES = ("arith", "list", "string", "code", "exact")
+GENERATED_FAMILIES = ("arith", "list", "string", "code")  # the families `generate` draws; `exact` is user data
+FAMILIES = (*GENERATED_FAMILIES, "exact")
 LEVELS = (1, 2, 3, 4, 5)
 STEP_SEPARATOR = ";"
 EMPTY_LIST = "none"
@@ -282,7 +283,7 @@ def _code_task(level: int, rng: np.random.Generator, config: TaskConfig) -> Task
   then = _code_expression(1 + (level - 1) // 2, rng)
   if level >= 3:
     threshold, otherwise = int(rng.integers(0, 6)), _code_expression(1 + level // 4, rng)
-    description = f"f(x)={then} if x>{threshold} else {otherwise}"
+    description = f"f(x)={then} if {threshold}<x else {otherwise}"
   else:
     description = f"f(x)={then}"
   source = f"def f(x): return {description.removeprefix('f(x)=')}"
@@ -296,8 +297,8 @@ def _code_task(level: int, rng: np.random.Generator, config: TaskConfig) -> Task
 
 def generate(family: str, level: int, n: int, seed: int, config: TaskConfig = TaskConfig()) -> list[Task]:
   """n tasks of one family and level, drawn from `seed` (the same arguments give the same tasks)."""
-  if family not in FAMILIES or family == "exact":
-    raise ValueError(f"generate: family must be one of {FAMILIES[:-1]}, got {family!r}")
+  if family not in GENERATED_FAMILIES:
+    raise ValueError(f"generate: family must be one of {GENERATED_FAMILIES}, got {family!r}")
   if level not in LEVELS:
     raise ValueError(f"generate: level must be in {LEVELS}, got {level!r}")
   rng = np.random.default_rng([seed, FAMILIES.index(family), level])

@@ -58,13 +58,15 @@ def test_code_checker_matches_python_on_reference_and_rejects_unsafe():
 
 @pytest.mark.parametrize("family", GENERATED)
 def test_teacher_replies_survive_the_compact_format(family):
-  """The compact format ends a turn at a newline: every generated answer and trace must parse back whole."""
+  """The compact format ends a turn at a newline and the reasoning at '>': every generated answer and trace
+  (canonical, most verbose, fast) must parse back whole."""
   for level in tasks.LEVELS:
     for task in tasks.generate(family, level, 6, seed=level):
-      solution = teacher.slow(task)
-      reply = chat.render_response(solution.reasoning, solution.answer, mode="slow", fmt=chat.COMPACT_FORMAT)
-      parsed = chat.parse_response(reply, chat.COMPACT_FORMAT)
-      assert parsed.complete and (parsed.reasoning, parsed.answer) == (solution.reasoning, solution.answer), reply
+      solutions = ((teacher.slow(task), "slow"), (teacher.verbose(task), "slow"), (teacher.fast(task), "fast"))
+      for solution, mode in solutions:
+        reply = chat.render_response(solution.reasoning, solution.answer, mode=mode, fmt=chat.COMPACT_FORMAT)
+        parsed = chat.parse_response(reply, chat.COMPACT_FORMAT)
+        assert parsed.complete and (parsed.reasoning, parsed.answer) == (solution.reasoning, solution.answer), reply
 
 
 def test_step_check_rejects_a_corrupted_step():
