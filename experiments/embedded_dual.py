@@ -37,8 +37,10 @@ _LAYERS = flags.DEFINE_integer("layers", None, "Student depth.", lower_bound=1)
 _MERGE = flags.DEFINE_string("merge", None, "Merge method between iterations (pangu.reason.merging.METHODS).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of data, init and sampling.")
 
+# Full mode distils code too, so the RL run that starts from its student has a sandboxed task type (not yet run at
+# these sizes; the quick-size code students are measured in experiments/embedded_rl.py).
 FULL = dict(iterations=3, warmup_steps=1500, iteration_steps=300, fusion_steps=800, pool=256, select=256,
-            samples=8, eval_items=64, levels=["1", "2", "3", "4", "5"], families=["arith", "list"], width=128,
+            samples=8, eval_items=64, levels=["1", "2", "3", "4", "5"], families=["arith", "list", "code"], width=128,
             layers=4, merge="accumulate")
 # Quick: a train step of this student costs ~40 ms of CPU, so it trains ~600 steps in all.
 QUICK = dict(iterations=3, warmup_steps=360, iteration_steps=50, fusion_steps=150, pool=48, select=48, samples=4,
