@@ -283,8 +283,8 @@ def _code_expression(n_ops: int, rng: np.random.Generator) -> str:
 
 def _code_task(level: int, rng: np.random.Generator, config: TaskConfig) -> Task:
   del config
-  # Operators in the expression: 2, 3 (no branch), then 2, 3, 4 with a branch; even level 1 has ~200 distinct
-  # tasks, so held-out evaluation items leave training prompts at every level.
+  # Operators in the expression: 2, 3 (no branch), then 2, 3, 4 with a branch; level 1 has 225 distinct tasks,
+  # so held-out evaluation items leave training prompts at every level.
   then = _code_expression(1 + level if level < 3 else level - 1, rng)
   if level >= 3:
     threshold, otherwise = int(rng.integers(0, 6)), _code_expression(1 + level // 4, rng)

@@ -35,6 +35,14 @@ def test_verifiers_accept_teacher_and_reject_perturbed(family, config):
         assert not tasks.verify(task, wrong), (task, wrong)
 
 
+@pytest.mark.parametrize("family", GENERATED)
+def test_every_level_leaves_prompts_beyond_a_held_out_set(family):
+  """Held-out evaluation items are removed from the training pool: no level may be a handful of distinct tasks."""
+  for level in tasks.LEVELS:
+    drawn = tasks.generate(family, level, 200, seed=0, config=tasks.TaskConfig(modulus=10))
+    assert len({t.prompt for t in drawn}) >= 100, (family, level)
+
+
 def test_arith_answer_matches_python_eval():
   """Independent reference: Python's own evaluation of the expression (standard precedence)."""
   for level in tasks.LEVELS:
