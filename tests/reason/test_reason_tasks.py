@@ -9,7 +9,6 @@ import pytest
 from pangu.reason import chat, tasks, teacher
 
 CONFIGS = (tasks.TaskConfig(), tasks.TaskConfig(modulus=10))
-GENERATED = ("arith", "list", "string", "code")
 
 
 def _perturb(task: tasks.Task, answer: str) -> list[str]:
@@ -22,7 +21,7 @@ def _perturb(task: tasks.Task, answer: str) -> list[str]:
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-@pytest.mark.parametrize("family", GENERATED)
+@pytest.mark.parametrize("family", tasks.GENERATED_FAMILIES)
 def test_verifiers_accept_teacher_and_reject_perturbed(family, config):
   for level in tasks.LEVELS:
     for task in tasks.generate(family, level, 6, seed=level, config=config):
@@ -35,7 +34,7 @@ def test_verifiers_accept_teacher_and_reject_perturbed(family, config):
         assert not tasks.verify(task, wrong), (task, wrong)
 
 
-@pytest.mark.parametrize("family", GENERATED)
+@pytest.mark.parametrize("family", tasks.GENERATED_FAMILIES)
 def test_every_level_leaves_prompts_beyond_a_held_out_set(family):
   """Held-out evaluation items are removed from the training pool: no level may be a handful of distinct tasks."""
   for level in tasks.LEVELS:
@@ -64,7 +63,7 @@ def test_code_checker_matches_python_on_reference_and_rejects_unsafe():
     assert tasks.run_code_tests(source, tests) == (0, 1), source
 
 
-@pytest.mark.parametrize("family", GENERATED)
+@pytest.mark.parametrize("family", tasks.GENERATED_FAMILIES)
 def test_teacher_replies_survive_the_compact_format(family):
   """The compact format ends a turn at a newline and the reasoning at '>': every generated answer and trace
   (canonical, most verbose, fast) must parse back whole."""
@@ -79,7 +78,7 @@ def test_teacher_replies_survive_the_compact_format(family):
 
 def test_step_check_rejects_a_corrupted_step():
   rng = np.random.default_rng(0)
-  for family in ("arith", "list", "string", "code"):
+  for family in tasks.GENERATED_FAMILIES:
     task = tasks.generate(family, 4, 1, seed=7, config=tasks.TaskConfig(modulus=10))[0]
     steps = teacher.slow(task).reasoning.split(tasks.STEP_SEPARATOR)
     i = int(rng.integers(len(steps)))
