@@ -31,7 +31,7 @@ import optax
 from jax.sharding import Mesh
 
 from pangu.infer.sdtp.predictor import KEEP, boxed_predictors, keep_scores, predictor_logits
-from pangu.infer.sdtp.schedule import SDTPConfig, forced_mask, select_tokens
+from pangu.infer.sdtp.schedule import RANK_PAIR_WEIGHTS, SDTPConfig, forced_mask, select_tokens
 from pangu.models.config import TransformerConfig
 from pangu.models.stages import LayerStages, TokenState
 from pangu.models.transformer import Decoder, cross_entropy_loss, forward_in_stages
@@ -90,7 +90,7 @@ def ranking_loss(scores: jax.Array, targets: jax.Array, valid: jax.Array, pair_w
   elif pair_weight == "target_gap":
     weight = jnp.where(pairs, jnp.abs(gap), 0.0)
   else:
-    raise ValueError(f"ranking_loss: unknown pair_weight {pair_weight!r}")
+    raise ValueError(f"ranking_loss: pair_weight must be one of {RANK_PAIR_WEIGHTS}, got {pair_weight!r}")
   per_pair = jnp.where(pairs, weight * jax.nn.softplus(-diff * jnp.sign(gap)), 0.0)
   return jnp.mean(per_pair.sum((1, 2)) / jnp.maximum(weight.sum((1, 2)), 1e-12))
 
