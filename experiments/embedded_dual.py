@@ -35,16 +35,19 @@ _FAMILIES = flags.DEFINE_list("families", None, "Task families (arith, list, str
 _WIDTH = flags.DEFINE_integer("width", None, "Student width.", lower_bound=16)
 _LAYERS = flags.DEFINE_integer("layers", None, "Student depth.", lower_bound=1)
 _MERGE = flags.DEFINE_string("merge", None, "Merge method between iterations (pangu.reason.merging.METHODS).")
+_REPLY_WEIGHTING = flags.DEFINE_enum("reply_weighting", None, ["token", "reply"],
+                                     "SFT loss weights: every reply token alike, or every reply alike.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of data, init and sampling.")
 
 # Full mode distils code too, so the RL run that starts from its student has a sandboxed task type (not yet run at
 # these sizes; the quick-size code students are measured in experiments/embedded_rl.py).
 FULL = dict(iterations=3, warmup_steps=1500, iteration_steps=300, fusion_steps=800, pool=256, select=256,
             samples=8, eval_items=64, levels=["1", "2", "3", "4", "5"], families=["arith", "list", "code"], width=128,
-            layers=4, merge="accumulate")
+            layers=4, merge="accumulate", reply_weighting="token")
 # Quick: a train step of this student costs ~40 ms of CPU, so it trains ~600 steps in all.
 QUICK = dict(iterations=3, warmup_steps=360, iteration_steps=50, fusion_steps=150, pool=48, select=48, samples=4,
-             eval_items=32, levels=["1", "2", "3"], families=["arith"], width=64, layers=2, merge="accumulate")
+             eval_items=32, levels=["1", "2", "3"], families=["arith"], width=64, layers=2, merge="accumulate",
+             reply_weighting="token")
 BATCH = {"quick": 16, "full": 32}
 LR = 3e-3
 MODES = ("slow", "fast", "auto")  # the order of pangu.reason.pipeline.MODES
@@ -110,7 +113,7 @@ def main(argv):
   flag_of = {"iterations": _ITERATIONS, "warmup_steps": _WARMUP_STEPS, "iteration_steps": _ITERATION_STEPS,
              "fusion_steps": _FUSION_STEPS, "pool": _POOL, "select": _SELECT, "samples": _SAMPLES,
              "eval_items": _EVAL_ITEMS, "levels": _LEVELS, "families": _FAMILIES, "width": _WIDTH,
-             "layers": _LAYERS, "merge": _MERGE}
+             "layers": _LAYERS, "merge": _MERGE, "reply_weighting": _REPLY_WEIGHTING}
   setup = {k: flag.value if flag.value is not None else defaults[k] for k, flag in flag_of.items()}
   import os
 

@@ -125,12 +125,21 @@ def distillation_targets(items: Sequence[Task], rng: np.random.Generator, tokeni
   return kept, solutions, dropped
 
 
+REPLY_WEIGHTINGS = ("token", "reply")
+
+
 def sft_batch(tokenizer: Tokenizer, prompts: Sequence[str], replies: Sequence[str], seq_len: int,
-              pad_id: int | None = None) -> dict[str, np.ndarray]:
+              pad_id: int | None = None, weighting: str = "token") -> dict[str, np.ndarray]:
   """Prompt + reply pairs -> the `lm_loss` batch (inputs, targets [B, seq_len] int32, mask float32) with the
-  mask on the reply's tokens only. A pair longer than seq_len + 1 tokens is an error, never truncated."""
+  mask on the reply's tokens only. A pair longer than seq_len + 1 tokens is an error, never truncated.
+
+  weighting="token" weighs every reply token alike, so a family with long replies (code) takes most of the
+  gradient; "reply" scales each row's mask to (mean reply length / its length), so the loss is the mean over
+  replies of each reply's mean token loss while the mask still sums to the batch's reply tokens."""
   if len(prompts) != len(replies):
     raise ValueError(f"got {len(prompts)} prompts and {len(replies)} replies")
+  if weighting not in REPLY_WEIGHTINGS:
+    raise ValueError(f"weighting must be one of {REPLY_WEIGHTINGS}, got {weighting!r}")
   pad_id = tokenizer.pad_id if pad_id is None else pad_id
   inputs = np.full((len(prompts), seq_len), pad_id, np.int32)
   targets = np.full((len(prompts), seq_len), pad_id, np.int32)
@@ -144,6 +153,9 @@ def sft_batch(tokenizer: Tokenizer, prompts: Sequence[str], replies: Sequence[st
     inputs[row, :len(tokens) - 1] = tokens[:-1]
     targets[row, :len(tokens) - 1] = tokens[1:]
     mask[row, len(p) - 1:len(tokens) - 1] = 1.0
+  if weighting == "reply":
+    lengths = mask.sum(axis=1, keepdims=True)
+    mask *= lengths.mean() / lengths
   return {"inputs": inputs, "targets": targets, "mask": mask}
 
 

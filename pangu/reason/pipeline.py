@@ -44,6 +44,7 @@ class PipelineConfig:
   batch: int = 32
   lr: float = 3e-3
   fast_threshold: float = 0.75
+  reply_weighting: str = "token"
 
   def __post_init__(self):
     object.__setattr__(self, "levels", tuple(self.levels))
@@ -53,6 +54,9 @@ class PipelineConfig:
     if set(self.families) - set(tasks.GENERATED_FAMILIES) or not self.families:
       raise ValueError(f"PipelineConfig.families must be a non-empty subset of {tasks.GENERATED_FAMILIES}, got "
                        f"{self.families}")
+    if self.reply_weighting not in distill.REPLY_WEIGHTINGS:
+      raise ValueError(f"PipelineConfig.reply_weighting must be one of {distill.REPLY_WEIGHTINGS}, got "
+                       f"{self.reply_weighting!r}")
     if self.merge not in merging.METHODS:
       raise ValueError(f"PipelineConfig.merge must be one of {merging.METHODS}, got {self.merge!r}")
 
@@ -122,7 +126,8 @@ def run(config: PipelineConfig, *, seed: int = 0, checkpoint_dir: str | None = N
     for _ in range(steps):
       drawn = [group[i] for j, group in enumerate(groups)
                for i in rng.integers(0, len(group), config.batch // len(groups) + (j < config.batch % len(groups)))]
-      batch = distill.sft_batch(tokenizer, [p for p, _ in drawn], [r for _, r in drawn], seq_len)
+      batch = distill.sft_batch(tokenizer, [p for p, _ in drawn], [r for _, r in drawn], seq_len,
+                                weighting=config.reply_weighting)
       state, metrics = step(state, batch)
       losses.append(metrics["loss"])
     return state, float(np.mean(jax.device_get(losses[-10:])))

@@ -73,6 +73,21 @@ def test_sft_batch_masks_only_the_reply():
     distill.sft_batch(TOKENIZER, ["Q:" + "1" * 30], ["x"], seq_len=16)
 
 
+def test_reply_weighting_makes_the_loss_the_mean_of_each_replys_mean_token_loss():
+  from pangu.models.transformer import cross_entropy_loss
+  prompts, replies = ["Q:1+2\n|", "Q:f(x)=x+1\n|"], ["<3>3\n", "<f(1)=2;f(2)=3>def f(x): return x+1\n"]
+  token, reply = (distill.sft_batch(TOKENIZER, prompts, replies, seq_len=64, weighting=w) for w in ("token", "reply"))
+  assert reply["mask"].sum() == pytest.approx(token["mask"].sum())
+  logits = np.random.default_rng(0).normal(size=(2, 64, TOKENIZER.vocab_size))
+  log_z = np.log(np.exp(logits).sum(-1))
+  nll = log_z - np.take_along_axis(logits, token["targets"][..., None], -1)[..., 0]
+  per_reply = [(nll[i] * token["mask"][i]).sum() / token["mask"][i].sum() for i in range(2)]
+  loss, _ = cross_entropy_loss(logits.astype(np.float32), reply["targets"], reply["mask"])
+  np.testing.assert_allclose(float(loss), np.mean(per_reply), rtol=1e-5)
+  with pytest.raises(ValueError, match="weighting must be one of"):
+    distill.sft_batch(TOKENIZER, prompts, replies, seq_len=64, weighting="sequence")
+
+
 def test_auto_labels_and_fusion_examples():
   assert dual.auto_labels(np.array([0.0, 0.49, 0.5, 1.0])) == ["slow", "slow", "fast", "fast"]
   task = tasks.generate("arith", 1, 1, seed=0, config=tasks.TaskConfig(modulus=10))[0]

@@ -88,3 +88,10 @@ def test_token_cap_fits_the_teachers_most_verbose_correct_reply():
       canonical = max(canonical, len(chat.render_response(teacher.slow(task).reasoning, task.answer, mode="auto",
                                                           chosen="slow", fmt=FMT)))
   assert longest > canonical  # some picked targets are verbose: a cap at the canonical length would cut them
+
+
+@pytest.mark.parametrize("field, value", [("levels", ()), ("families", ("open",)), ("merge", "average"),
+                                          ("reply_weighting", "sequence")])
+def test_a_bad_pipeline_config_names_the_field(field, value):
+  with pytest.raises(ValueError, match=f"PipelineConfig.{field}"):
+    pipeline.PipelineConfig(**{field: value})
