@@ -66,6 +66,8 @@ _RL_LEVELS = flags.DEFINE_list("rl_levels", None, "Levels of the RL prompts and 
                                "student's, from its checkpoint metadata).")
 _RL_EVAL_ITEMS = flags.DEFINE_integer("rl_eval_items", None, "Held-out items per family and level for before / "
                                       "after (default 256, --quick 128).", lower_bound=1)
+_RL_TEMPERATURE = flags.DEFINE_float("rl_temperature", 1.0, "GRPO policy temperature: rollouts and log-probs "
+                                     "(pangu.reason.grpo.GRPOConfig.temperature), > 0.")
 
 FULL = dict(steps=80, seeds=3)
 QUICK = dict(steps=30, seeds=2)
@@ -242,7 +244,7 @@ def idle_verdict(scheduler: dict) -> tuple[str, str]:
 
 
 def rl_section(student: str, steps: int, families: list[str] | None, levels: list[int] | None,
-               eval_items: int) -> tuple[dict, dict]:
+               eval_items: int, temperature: float) -> tuple[dict, dict]:
   """(before, after): greedy slow-mode accuracy and MARS reward of the student per family and level on held-out
   items, and in "after" the paired gain with its standard error and the GRPO curves."""
   import resource
@@ -287,7 +289,7 @@ def rl_section(student: str, steps: int, families: list[str] | None, levels: lis
 
   before, passed_before = evaluate(params)
   rl_config = rl.RLConfig(steps=steps, max_new_tokens=max_new, seq_len=seq_len)
-  grpo_config = grpo.GRPOConfig(**GRPO_SETTINGS)
+  grpo_config = grpo.GRPOConfig(**GRPO_SETTINGS, temperature=temperature)
   start_wall, start_cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
   trained, history = rl.train_grpo(config, params, train_items, tokenizer, fmt, rl_config, grpo_config, mars)
   end_cpu = resource.getrusage(resource.RUSAGE_SELF)
@@ -403,7 +405,8 @@ def rl_table(before: dict, after: dict) -> str:
               "accuracy after": new["per_level"][lv]} for lv in new["per_level"]]
   run = after["rl"]
   return (f"Before / after RL on the distilled student ({run['steps']} GRPO steps x {run['prompts_per_step']} groups "
-          f"of {run['num_generations']}, learning rate {run['learning_rate']}, beta {run['beta']}; "
+          f"of {run['num_generations']} at temperature {run['temperature']}, learning rate {run['learning_rate']}, "
+          f"beta {run['beta']}; "
           f"{run['train_prompts']} training prompts, {run['eval_items']} held-out items, greedy slow mode; "
           f"{run['wall_s']:.0f} s wall, {run['cpu_s']:.0f} s CPU):\n\n"
           + common.format_table(rows, ["family", "level", "accuracy before", "accuracy after", "gain", "gain se",
@@ -420,11 +423,13 @@ def main(argv):
            "staleness": sorted({int(s) for s in _STALENESS.value})}
   if setup["staleness"][0] != 0:
     raise app.UsageError(f"--staleness must include 0 (the synchronous baseline), got {_STALENESS.value}")
+  if not _RL_TEMPERATURE.value > 0:
+    raise app.UsageError(f"--rl_temperature must be > 0, got {_RL_TEMPERATURE.value}")
   student = _STUDENT.value or os.path.join(common.RESULTS_DIR.value, "embedded_dual_student")
   if os.path.isdir(student):
     levels = [int(v) for v in _RL_LEVELS.value] if _RL_LEVELS.value else None
     before, after = rl_section(os.path.abspath(student), common.pick(_RL_STEPS, 150, 40), _RL_FAMILIES.value,
-                               levels, common.pick(_RL_EVAL_ITEMS, 256, 128))
+                               levels, common.pick(_RL_EVAL_ITEMS, 256, 128), _RL_TEMPERATURE.value)
   elif _STUDENT.value:
     raise app.UsageError(f"--student={_STUDENT.value} is not a folder")
   else:

@@ -62,6 +62,9 @@ class GRPOConfig:
     filter_zero_variance: drop groups whose rewards are all equal and refill (on by default).
     max_gen_batches: most generation batches `fill_groups` draws to fill one training batch.
     importance_weight_cap: c of the truncated importance weight min(exp(logp_prox - logp_behaviour), c).
+    temperature: the policy is softmax(logits / temperature): rollouts are sampled from it and every log-prob
+      (behaviour, reference, the loss's) is taken from it, so ratios stay on-policy. Below 1 the rollouts sit
+      closer to the greedy reply that evaluation scores; greedy decoding is the same at any temperature.
   """
   num_generations: int = 2
   beta: float = 0.04
@@ -72,6 +75,7 @@ class GRPOConfig:
   filter_zero_variance: bool = True
   max_gen_batches: int = 4
   importance_weight_cap: float = 2.0
+  temperature: float = 1.0
 
   def __post_init__(self):
     if self.num_generations < 2:
@@ -87,6 +91,8 @@ class GRPOConfig:
       raise ValueError(f"GRPOConfig.advantage_eps must be > 0, got {self.advantage_eps}")
     if self.max_gen_batches < 1:
       raise ValueError(f"GRPOConfig.max_gen_batches must be >= 1, got {self.max_gen_batches}")
+    if not self.temperature > 0:
+      raise ValueError(f"GRPOConfig.temperature must be > 0, got {self.temperature}")
     if self.importance_weight_cap < 1:
       raise ValueError(f"GRPOConfig.importance_weight_cap must be >= 1, got {self.importance_weight_cap}")
 
@@ -100,11 +106,11 @@ def group_advantages(rewards: jax.Array, *, done_right: bool = False, eps: float
   return centred / (rewards.std(axis=1, ddof=1, keepdims=True) + eps)
 
 
-def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """[B, S, V] logits, [B, S] targets -> [B, S] float32 log pi(target)."""
+def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1.0) -> jax.Array:
+  """[B, S, V] logits, [B, S] targets -> [B, S] float32 log pi(target), pi = softmax(logits / temperature)."""
   chex.assert_rank(logits, 3)
   chex.assert_equal_shape_prefix((logits, targets), 2)
-  logits = logits.astype(jnp.float32)
+  logits = logits.astype(jnp.float32) / temperature
   return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
 
 
@@ -155,24 +161,27 @@ def grpo_loss(model_config: TransformerConfig, config: GRPOConfig) -> LossFn:
 
   def loss_fn(params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
     del rng
-    logp = token_logprobs(model.apply({"params": params}, batch["inputs"]), batch["targets"])
+    logp = token_logprobs(model.apply({"params": params}, batch["inputs"]), batch["targets"], config.temperature)
     return grpo_objective(logp, batch, config)
 
   return loss_fn
 
 
-def sequence_logprobs_fn(model_config: TransformerConfig) -> Callable[[dict, jax.Array, jax.Array], jax.Array]:
-  """A jitted (params, inputs [B, S], targets [B, S]) -> [B, S] log-probs: behaviour, proximal or reference."""
+def sequence_logprobs_fn(model_config: TransformerConfig,
+                         temperature: float = 1.0) -> Callable[[dict, jax.Array, jax.Array], jax.Array]:
+  """A jitted (params, inputs [B, S], targets [B, S]) -> [B, S] log-probs of softmax(logits / temperature):
+  behaviour, proximal or reference (pass `GRPOConfig.temperature`, the loss's)."""
   model = Decoder(model_config)
-  return jax.jit(lambda params, inputs, targets: token_logprobs(model.apply({"params": params}, inputs), targets))
+  return jax.jit(lambda params, inputs, targets: token_logprobs(model.apply({"params": params}, inputs), targets,
+                                                                temperature))
 
 
 def sample_groups(model_config: TransformerConfig, params: dict, prompts: Sequence[Sequence[int]],
                   gen: GenerationConfig, rng: jax.Array, num_generations: int) -> list[list[np.ndarray]]:
   """G completions per prompt from the shared decode engine, one generate call for all rows.
 
-  Sample at temperature 1 without top-k / top-p, so that log-probs recomputed by the policy are the behaviour
-  log-probs (spec pitfall "log-prob mismatch").
+  Sample at `GRPOConfig.temperature` without top-k / top-p, so that log-probs recomputed by the policy at that
+  temperature are the behaviour log-probs (spec pitfall "log-prob mismatch").
   """
   rows = [prompt for prompt in prompts for _ in range(num_generations)]
   completions = generate(model_config, params, rows, gen, rng)

@@ -162,7 +162,7 @@ def train_grpo(model_config: TransformerConfig, params, items: Sequence[tasks.Ta
   state = init_train_state(model_config, train_config, jax.random.key(seed), mesh)
   state = distill.reset_optimizer(state, make_optimizer(train_config), params)
   reference = jax.tree.map(np.asarray, jax.device_get(params))
-  logprobs = grpo.sequence_logprobs_fn(model_config)
+  logprobs = grpo.sequence_logprobs_fn(model_config, config.temperature)
   rng, key = np.random.default_rng(seed), jax.random.key(seed + 1)
   drawn, drawn_families = [], []  # every generation batch of the current step, dropped groups included
   family_names = list(dict.fromkeys(t.family for t in items))
@@ -173,7 +173,7 @@ def train_grpo(model_config: TransformerConfig, params, items: Sequence[tasks.Ta
     chosen = [items[i] for i in draw_prompts(items, rl.prompts_per_step, rng, balance=rl.balance_families)]
     prompts = [chat.render_prompt(t.prompt, mode=rl.mode, fmt=fmt) for t in chosen for _ in range(g)]
     replies = distill.sample_replies(model_config, state.params, prompts, tokenizer, fmt,
-                                     max_new_tokens=rl.max_new_tokens, rng=sub, temperature=1.0,
+                                     max_new_tokens=rl.max_new_tokens, rng=sub, temperature=config.temperature,
                                      batch=len(prompts))
     completions = [tokenizer.encode(text) for text in replies.texts]
     scored = [mars(reward_request(t, text, c, fmt, rl.mode)).reward

@@ -132,13 +132,15 @@ def test_truncated_importance_weights_cap_and_stop_gradient():
   assert np.all(np.asarray(grad) == 0)
 
 
-def test_token_logprobs_match_numpy():
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_match_numpy(temperature):
   rng = np.random.default_rng(5)
   logits, targets = rng.normal(size=(2, 3, 11)), rng.integers(0, 11, (2, 3))
-  log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  tempered = logits / temperature
+  log_softmax = tempered - np.log(np.exp(tempered).sum(-1, keepdims=True))
   expected = np.take_along_axis(log_softmax, targets[..., None], -1)[..., 0]
-  np.testing.assert_allclose(np.asarray(token_logprobs(jnp.asarray(logits), jnp.asarray(targets))), expected,
-                             rtol=1e-5, atol=1e-6)
+  got = token_logprobs(jnp.asarray(logits), jnp.asarray(targets), temperature)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
 
 
 def _sampler(reward_rows):
@@ -228,17 +230,20 @@ def test_a_grpo_step_raises_the_expected_reward_of_a_toy_policy():
 
 
 @pytest.mark.parametrize("kwargs, field", [({"num_generations": 1}, "num_generations"), ({"epsilon": 1.5}, "epsilon"),
-                                           ({"aggregation": "sum"}, "aggregation"), ({"beta": -1}, "beta")])
+                                           ({"aggregation": "sum"}, "aggregation"), ({"beta": -1}, "beta"),
+                                           ({"temperature": 0.0}, "temperature")])
 def test_config_errors_name_the_field(kwargs, field):
   with pytest.raises(ValueError, match=field):
     GRPOConfig(**kwargs)
 
 
 @pytest.mark.slow  # compiles generation and a sharded train step
-def test_grpo_loss_in_the_shared_train_step_on_sampled_groups():
-  """Groups sampled by the decode engine, packed, and trained on by the jitted step sharded over 8 devices."""
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_grpo_loss_in_the_shared_train_step_on_sampled_groups(temperature):
+  """Groups sampled by the decode engine, packed, and trained on by the jitted step sharded over 8 devices; the
+  loss's policy is softmax(logits / temperature), as the behaviour log-probs."""
   model = models.tiny()
-  config = GRPOConfig(num_generations=4, beta=0.04)
+  config = GRPOConfig(num_generations=4, beta=0.04, temperature=temperature)
   train = TrainConfig(peak_lr=1e-3, warmup_steps=1, total_steps=4)
   mesh = cpu_mesh(data=4, fsdp=2)
   state = init_train_state(model, train, jax.random.key(0), mesh)
@@ -248,10 +253,10 @@ def test_grpo_loss_in_the_shared_train_step_on_sampled_groups():
                          config.num_generations)
   rewards = np.array([[float(len(c) % 2) for c in group] for group in groups])
   packed = pack_rollouts([p for p in prompts for _ in range(4)], [c for g in groups for c in g], seq_len=10)
-  logprobs = sequence_logprobs_fn(model)
+  logprobs = sequence_logprobs_fn(model, temperature)
   old = np.asarray(logprobs(params, packed["inputs"], packed["targets"]))
   batch = grpo_batch(packed, rewards, old, old, config)
-  logits = np.asarray(Decoder(model).apply({"params": params}, packed["inputs"]), np.float64)
+  logits = np.asarray(Decoder(model).apply({"params": params}, packed["inputs"]), np.float64) / temperature
   log_softmax = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)
   logp = np.take_along_axis(log_softmax, packed["targets"][..., None], -1)[..., 0]
