@@ -39,16 +39,18 @@ _REPLY_WEIGHTING = flags.DEFINE_enum("reply_weighting", None, ["token", "reply"]
                                      "SFT loss weights: every reply token alike, or every reply alike.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of data, init and sampling.")
 
-# Full mode distils code too, so the RL run that starts from its student has a sandboxed task type (not yet run at
-# these sizes; the quick-size code students are measured in experiments/embedded_rl.py).
-FULL = dict(iterations=3, warmup_steps=1500, iteration_steps=300, fusion_steps=800, pool=256, select=256,
-            samples=8, eval_items=64, levels=["1", "2", "3", "4", "5"], families=["arith", "list", "code"], width=128,
-            layers=4, merge="accumulate", reply_weighting="token")
+# Full mode is the student the RL run of experiments/embedded_rl.py starts from: both of MARS's verifiable task
+# types (arithmetic through math-verify, code through the sandbox), a pool large enough for code's many distinct
+# tasks, and every reply weighted alike (token weighting lets the long code replies take the gradient: arithmetic
+# then stayed at chance, always answering 8). ~7 min on 2 cores; the quick run distils arithmetic only.
+FULL = dict(iterations=3, warmup_steps=1200, iteration_steps=50, fusion_steps=150, pool=256, select=48, samples=4,
+            eval_items=32, levels=["1", "2", "3"], families=["arith", "code"], width=64, layers=2, merge="accumulate",
+            reply_weighting="reply")
 # Quick: a train step of this student costs ~40 ms of CPU, so it trains ~600 steps in all.
 QUICK = dict(iterations=3, warmup_steps=360, iteration_steps=50, fusion_steps=150, pool=48, select=48, samples=4,
              eval_items=32, levels=["1", "2", "3"], families=["arith"], width=64, layers=2, merge="accumulate",
              reply_weighting="token")
-BATCH = {"quick": 16, "full": 32}
+BATCH = 16
 LR = 3e-3
 MODES = ("slow", "fast", "auto")  # the order of pangu.reason.pipeline.MODES
 
@@ -121,7 +123,7 @@ def main(argv):
   try:
     config = pipeline.PipelineConfig(**{**setup, "levels": tuple(int(lv) for lv in setup["levels"]),
                                         "families": tuple(setup["families"])},
-                                     batch=BATCH["quick" if common.QUICK.value else "full"], lr=LR)
+                                     batch=BATCH, lr=LR)
   except ValueError as error:
     raise app.UsageError(str(error)) from None
   student = os.path.abspath(os.path.join(common.RESULTS_DIR.value, "embedded_dual_student"))
