@@ -14,9 +14,11 @@ The before/after-RL section starts from the distilled student of Pangu Embedded 
 saves it under <results_dir>/embedded_dual_student; --student points elsewhere), on the task families and levels
 it was distilled on (its checkpoint metadata; --rl_families / --rl_levels override): greedy slow-mode accuracy and
 MARS reward per family and level on held-out items, then GRPO with MARS rewards (`pangu.reason.rl.train_grpo`:
-the shared decode engine for rollouts at temperature 1, prompts drawn evenly over the families, zero-variance groups
-dropped and refilled until each family has its share of the batch, the shared train step with `grpo_loss`) on
-training prompts disjoint from the evaluation, then the same evaluation. The gain is the paired difference over
+the shared decode engine for rollouts at the policy temperature (full 0.5, quick 1), prompts drawn evenly over the
+families, zero-variance groups dropped and refilled until each family has its share of the batch, the shared train
+step with `grpo_loss`) on training prompts disjoint from the evaluation, then the same evaluation. Full mode is
+the claim's run: `python -m experiments.embedded_dual && python -m experiments.embedded_rl` (arith + code, ~30 min
+on 2 cores); the quick run trains the arithmetic-only quick student. The gain is the paired difference over
 the same items, reported with its standard error. Without a student the two keys say so
 and no claim is made about them. Goal (issue 19): RL improves mean accuracy by >= 5 points.
 
@@ -58,7 +60,7 @@ _TRAIN_MS = flags.DEFINE_float("train_ms", 25.0, "Simulated learner time per ste
 _STALENESS = flags.DEFINE_list("staleness", ["0", "1", "2"], "Staleness bounds s to sweep.")
 _STUDENT = flags.DEFINE_string("student", None, "Checkpoint folder of the distilled student (default: "
                                "<results_dir>/embedded_dual_student).")
-_RL_STEPS = flags.DEFINE_integer("rl_steps", None, "GRPO steps on the student (default 150, --quick 40).",
+_RL_STEPS = flags.DEFINE_integer("rl_steps", None, "GRPO steps on the student (default 80, --quick 40).",
                                  lower_bound=1)
 _RL_FAMILIES = flags.DEFINE_list("rl_families", None, "Task families of the RL prompts and evaluation (default: "
                                  "those the student was distilled on, from its checkpoint metadata).")
@@ -66,23 +68,24 @@ _RL_LEVELS = flags.DEFINE_list("rl_levels", None, "Levels of the RL prompts and 
                                "student's, from its checkpoint metadata).")
 _RL_EVAL_ITEMS = flags.DEFINE_integer("rl_eval_items", None, "Held-out items per family and level for before / "
                                       "after (default 256, --quick 128).", lower_bound=1)
-_RL_TEMPERATURE = flags.DEFINE_float("rl_temperature", 1.0, "GRPO policy temperature: rollouts and log-probs "
-                                     "(pangu.reason.grpo.GRPOConfig.temperature), > 0.")
+_RL_TEMPERATURE = flags.DEFINE_float("rl_temperature", None, "GRPO policy temperature of rollouts and log-probs "
+                                     "(pangu.reason.grpo.GRPOConfig.temperature), > 0 (default 0.5, --quick 1).")
 
 FULL = dict(steps=80, seeds=3)
 QUICK = dict(steps=30, seeds=2)
 PROMPTS, CHOICES, LEARNING_RATE = 8, 8, 8.0
 BASE_LENGTH, TAIL_SIGMA = 100, 1.0  # tokens at difficulty 1, lognormal tail of each generation's length
 IDLE_GOAL, REWARD_TOLERANCE, RL_GOAL = 0.25, 0.02, 0.05
-# GRPO on the student: G = 8 (spec 3d); every other setting is RLConfig's / GRPOConfig's default (lr 3e-4, 5
-# warm-up steps, beta 0.04). Paired gains over held-out items, quick arithmetic student: lr 3e-4, 40 steps
-# +6.8 +- 2.1 points (384 items); lr 5e-4, 3 warm-up steps, 30 steps +2.1 +- 2.2. Two-family quick student (arith +
-# list, greedy accuracy 0.062, arithmetic at chance), 30 steps, 768 items: lr 5e-4 +1.4 +- 1.1 (lists +4.9,
-# arithmetic -2.1); lr 1e-3 -0.1 +- 1.1 (lists +3.6, arithmetic -3.9; KL spiked to 2.6 nats a token) and, in a run
-# on 384 items, +4.4 +- 1.5; without the KL term and with sequence-mean aggregation, 40 steps at 1e-3 drifted to a
-# KL of 1.1: +2.3 +- 1.3 (lists +7.3, arithmetic -2.6). Code students (embedded_dual --quick --pool=256
-# --warmup_steps=1200, one-line references), 40 steps at the defaults: code only, 384 items, +6.0 +- 2.2 (reward
-# 0.21 -> 0.30); arith + code, 768 items, +2.9 +- 1.1 (arithmetic +1.0, code +4.7).
+# GRPO on the student: G = 8 (spec 3d); lr 3e-4, 5 warm-up steps, beta 0.04 (RLConfig's / GRPOConfig's defaults).
+# Paired gains over held-out items (128 per family and level). Quick arithmetic student, temperature 1: 40 steps
+# +6.8 +- 2.1 points; lr 5e-4, 3 warm-up steps, 30 steps +2.1 +- 2.2. Arith + list student (token-weighted SFT,
+# arithmetic at chance), 30 steps: lr 5e-4 +1.4 +- 1.1, lr 1e-3 -0.1 +- 1.1 (KL spiked to 2.6 nats a token).
+# Code-only student (embedded_dual --quick --families=code --pool=256 --warmup_steps=1200), 40 steps: +6.0 +- 2.2.
+# Arith + code, token-weighted student (arithmetic at chance): 40 steps +2.9 +- 1.1, 80 steps +4.2 +- 1.1 (code
+# +7.6, arithmetic +0.8). The full-mode student (arith + code, reply-weighted; greedy 0.188): temperature 1, 40
+# steps -0.7 +- 1.4; 0.7: 40 steps +2.3 +- 1.2, 80 steps +5.1 +- 1.5; 0.5: 40 steps +3.8 +- 1.4, 80 steps
+# +8.5 +- 1.6 (code +14.8, arithmetic +2.1). Rollouts at temperature 1 from these small students are mostly
+# noise (sampled reward ~0.10 against a greedy 0.19), so updates chase replies that greedy decoding never gives.
 RL_GENERATIONS = 8
 GRPO_SETTINGS = dict(num_generations=RL_GENERATIONS)
 # The families whose student was saved before the checkpoint metadata named them.
@@ -423,13 +426,13 @@ def main(argv):
            "staleness": sorted({int(s) for s in _STALENESS.value})}
   if setup["staleness"][0] != 0:
     raise app.UsageError(f"--staleness must include 0 (the synchronous baseline), got {_STALENESS.value}")
-  if not _RL_TEMPERATURE.value > 0:
+  if _RL_TEMPERATURE.value is not None and not _RL_TEMPERATURE.value > 0:
     raise app.UsageError(f"--rl_temperature must be > 0, got {_RL_TEMPERATURE.value}")
   student = _STUDENT.value or os.path.join(common.RESULTS_DIR.value, "embedded_dual_student")
   if os.path.isdir(student):
     levels = [int(v) for v in _RL_LEVELS.value] if _RL_LEVELS.value else None
-    before, after = rl_section(os.path.abspath(student), common.pick(_RL_STEPS, 150, 40), _RL_FAMILIES.value,
-                               levels, common.pick(_RL_EVAL_ITEMS, 256, 128), _RL_TEMPERATURE.value)
+    before, after = rl_section(os.path.abspath(student), common.pick(_RL_STEPS, 80, 40), _RL_FAMILIES.value,
+                               levels, common.pick(_RL_EVAL_ITEMS, 256, 128), common.pick(_RL_TEMPERATURE, 0.5, 1.0))
   elif _STUDENT.value:
     raise app.UsageError(f"--student={_STUDENT.value} is not a folder")
   else:

@@ -1,13 +1,13 @@
 """Stage 3 of Pangu Embedded: GRPO on verifiable tasks with MARS rewards, from a distilled chat student.
 
-One step: draw prompts, sample G replies each with the decode engine at temperature 1 (`distill.sample_replies`),
-score every reply with MARS (`rewards.MARS`, through `reward_request`: the chat format's answer field goes to the
-maths source boxed for `arith`, to the exact-match source for `list` / `string` / `exact`, to the sandbox fenced
-for `code`), drop zero-variance groups and refill (`grpo.fill_groups`), recompute the behaviour and reference
-log-probs, and take one step of the shared train step with `grpo.grpo_loss`. The reference is the student before
-RL. Every step logs what tells whether RL can work: the sampled reward, the dropped groups, the KL to the
-reference, the gradient and update norms, and how far the step moved the log-probs of the replies with positive
-and negative advantage.
+One step: draw prompts, sample G replies each with the decode engine at the policy's temperature
+(`GRPOConfig.temperature`, the same in every log-prob; `distill.sample_replies`), score every reply with MARS
+(`rewards.MARS`, through `reward_request`: the chat format's answer field goes to the maths source boxed for
+`arith`, to the exact-match source for `list` / `string` / `exact`, to the sandbox fenced for `code`), drop
+zero-variance groups and refill (`grpo.fill_groups`), recompute the behaviour and reference log-probs, and take one
+step of the shared train step with `grpo.grpo_loss`. The reference is the student before RL. Every step logs what
+tells whether RL can work: the sampled reward, the dropped groups, the KL to the reference, the gradient and update
+norms, and how far the step moved the log-probs of the replies with positive and negative advantage.
 """
 
 import dataclasses
