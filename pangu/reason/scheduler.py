@@ -4,9 +4,10 @@
 Rollout workers (threads) and one learner run concurrently:
 
 1. The learner holds the policy at version V and publishes its params after every step (V -> V + 1).
-2. Workers take tickets in order; ticket t belongs to learner step k = t // groups_per_step. A worker may start
-   ticket t only once V >= k - s (SSP pacing: at most s steps ahead), then samples with the newest params and
-   tags the rollout with their version v. Pacing rather than discarding keeps long (hard) rollouts in the data.
+2. Workers take tickets in order; ticket t belongs to learner step k = (t - d) // groups_per_step, d the rollouts
+   dropped so far (a dropped rollout is replaced, so drops do not use up the window). A worker may start ticket t
+   only once V >= k - s (SSP pacing: at most s steps ahead), then samples with the newest params and tags the
+   rollout with their version v. Pacing rather than discarding keeps long (hard) rollouts in the data.
 3. Rollouts wait in a heap keyed by (V - v, -priority, ticket): freshest first, then by priority (the group's
    reward variance, the inverse length, or FIFO).
 4. Each step the learner takes `groups_per_step` rollouts with V - v <= s, waiting while there are too few (its
@@ -19,6 +20,7 @@ step t // groups_per_step, so every rollout is trained on by the policy that gen
 """
 
 import dataclasses
+import functools
 import heapq
 import itertools
 import threading
@@ -130,10 +132,10 @@ class PolicyStore:
       self._params, self._version = params, version
       self._changed.notify_all()
 
-  def wait_for(self, version: int, stop: threading.Event) -> bool:
-    """Waits until the store reaches `version`; False when stopped first."""
+  def wait_for(self, version: Callable[[], int], stop: threading.Event) -> bool:
+    """Waits until the store reaches `version()` (re-read on every wake-up); False when stopped first."""
     with self._changed:
-      while self._version < version:
+      while self._version < version():
         if stop.is_set():
           return False
         self._changed.wait(0.05)
@@ -196,15 +198,19 @@ def run_scheduler(config: SchedulerConfig, params: Any, generate_fn: GenerateFn,
   """
   store, queue, stop = PolicyStore(params), RolloutQueue(config.priority), threading.Event()
   tickets, ticket_lock = itertools.count(), threading.Lock()
-  counts = {"generated": 0}
+  counts = {"generated": 0, "dropped": 0}
   errors: list[BaseException] = []
+
+  def paced_version(ticket: int) -> int:
+    """The learner version `ticket` may start at: its step less s, the dropped rollouts counted as replaced."""
+    return (ticket - counts["dropped"]) // config.groups_per_step - config.staleness
 
   def worker():
     try:
       while not stop.is_set():
         with ticket_lock:
           ticket = next(tickets)
-        if not store.wait_for(ticket // config.groups_per_step - config.staleness, stop):
+        if not store.wait_for(functools.partial(paced_version, ticket), stop):
           return
         worker_params, version = store.snapshot()
         rollout = generate_fn(worker_params, version, ticket)
@@ -229,6 +235,7 @@ def run_scheduler(config: SchedulerConfig, params: Any, generate_fn: GenerateFn,
       wait_start = time.perf_counter()
       rollouts, dropped = queue.take(config.groups_per_step, version, config.staleness, stop)
       idle = time.perf_counter() - wait_start
+      counts["dropped"] += dropped
       if errors:
         break
       params, metrics = train_fn(params, rollouts, version)

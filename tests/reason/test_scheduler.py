@@ -106,6 +106,18 @@ def test_staleness_is_never_exceeded(staleness, workers, groups, steps, priority
   assert result.generated >= result.trained + result.dropped
 
 
+def test_dropped_rollouts_are_replaced_so_drops_do_not_close_the_window():
+  """Every fourth rollout is slow and returns past the bound. Pacing by ticket alone lets no worker start more
+  than (s + 1) * groups tickets ahead of the learner, dropped ones included, so drops pile up to at most that many
+  and then hold the workers back; counted as replaced, the slow ones keep being generated and dropped."""
+  config = SchedulerConfig(staleness=1, groups_per_step=1, num_workers=4, num_steps=80)
+  generate = lambda p, v, t: (time.sleep(0.03 if t % 4 == 0 else 0.0) or  # noqa: E731
+                              Rollout(v, t, np.array([t % 2, 0.0]), length=1))
+  result = run_scheduler(config, 0, generate, lambda params, rollouts, version: (params + 1, {}))
+  assert result.max_staleness <= 1 and result.trained == 80
+  assert result.dropped > 2 * (config.staleness + 1) * config.groups_per_step
+
+
 def test_queue_takes_freshest_then_highest_priority_and_drops_stale():
   queue, stop = RolloutQueue("variance"), threading.Event()
   queue.push(Rollout(version=0, ticket=0, rewards=np.array([0.0, 1.0]), length=3))  # stale at V=2, s=1
