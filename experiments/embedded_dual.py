@@ -35,8 +35,8 @@ _FAMILIES = flags.DEFINE_list("families", None, "Task families (arith, list, str
 _WIDTH = flags.DEFINE_integer("width", None, "Student width.", lower_bound=16)
 _LAYERS = flags.DEFINE_integer("layers", None, "Student depth.", lower_bound=1)
 _MERGE = flags.DEFINE_string("merge", None, "Merge method between iterations (pangu.reason.merging.METHODS).")
-_REPLY_WEIGHTING = flags.DEFINE_enum("reply_weighting", None, ["token", "reply"],
-                                     "SFT loss weights: every reply token alike, or every reply alike.")
+_REPLY_WEIGHTING = flags.DEFINE_string("reply_weighting", None, "SFT loss weights: every reply token alike or "
+                                       "every reply alike (pangu.reason.distill.REPLY_WEIGHTINGS).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of data, init and sampling.")
 
 # Full mode is the student the RL run of experiments/embedded_rl.py starts from: both of MARS's verifiable task

@@ -29,6 +29,7 @@ from pangu.reason.tasks import Task
 from pangu.reason.teacher import Solution
 
 SELECTIONS = ("gaussian", "uniform")
+REPLY_WEIGHTINGS = ("token", "reply")  # how `sft_batch` weighs the loss: every reply token alike, every reply alike
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,9 +126,6 @@ def distillation_targets(items: Sequence[Task], rng: np.random.Generator, tokeni
   return kept, solutions, dropped
 
 
-REPLY_WEIGHTINGS = ("token", "reply")
-
-
 def sft_batch(tokenizer: Tokenizer, prompts: Sequence[str], replies: Sequence[str], seq_len: int,
               pad_id: int | None = None, weighting: str = "token") -> dict[str, np.ndarray]:
   """Prompt + reply pairs -> the `lm_loss` batch (inputs, targets [B, seq_len] int32, mask float32) with the
@@ -155,7 +153,7 @@ def sft_batch(tokenizer: Tokenizer, prompts: Sequence[str], replies: Sequence[st
     mask[row, len(p) - 1:len(tokens) - 1] = 1.0
   if weighting == "reply":
     lengths = mask.sum(axis=1, keepdims=True)
-    mask *= lengths.mean() / lengths
+    mask *= lengths.mean() / np.maximum(lengths, 1.0)  # an empty reply's row stays all zero
   return {"inputs": inputs, "targets": targets, "mask": mask}
 
 

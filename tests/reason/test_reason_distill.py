@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pangu.data.tokenizer import ByteTokenizer
+from pangu.models.transformer import cross_entropy_loss
 from pangu.reason import chat, distill, dual, tasks, teacher
 from pangu.reason.teacher import Solution
 
@@ -74,7 +75,6 @@ def test_sft_batch_masks_only_the_reply():
 
 
 def test_reply_weighting_makes_the_loss_the_mean_of_each_replys_mean_token_loss():
-  from pangu.models.transformer import cross_entropy_loss
   prompts, replies = ["Q:1+2\n|", "Q:f(x)=x+1\n|"], ["<3>3\n", "<f(1)=2;f(2)=3>def f(x): return x+1\n"]
   token, reply = (distill.sft_batch(TOKENIZER, prompts, replies, seq_len=64, weighting=w) for w in ("token", "reply"))
   assert reply["mask"].sum() == pytest.approx(token["mask"].sum())
