@@ -37,6 +37,8 @@ _LAYERS = flags.DEFINE_integer("layers", None, "Student depth.", lower_bound=1)
 _MERGE = flags.DEFINE_string("merge", None, "Merge method between iterations (pangu.reason.merging.METHODS).")
 _REPLY_WEIGHTING = flags.DEFINE_string("reply_weighting", None, "SFT loss weights: every reply token alike or "
                                        "every reply alike (pangu.reason.distill.REPLY_WEIGHTINGS).")
+_AUTO_LABEL_RULE = flags.DEFINE_string("auto_label_rule", None, "How auto mode's labels are drawn from the pass "
+                                       "rates (pangu.reason.dual.AUTO_LABEL_RULES).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of data, init and sampling.")
 
 # Full mode is the student the RL run of experiments/embedded_rl.py starts from: both of MARS's verifiable task
@@ -45,11 +47,11 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of data, init and sampling.")
 # then stayed at chance, always answering 8). ~7 min on 2 cores; the quick run distils arithmetic only.
 FULL = dict(iterations=3, warmup_steps=1200, iteration_steps=50, fusion_steps=150, pool=256, select=48, samples=4,
             eval_items=32, levels=["1", "2", "3"], families=["arith", "code"], width=64, layers=2, merge="accumulate",
-            reply_weighting="reply")
+            reply_weighting="reply", auto_label_rule="absolute")
 # Quick: a train step of this student costs ~40 ms of CPU, so it trains ~600 steps in all.
 QUICK = dict(iterations=3, warmup_steps=360, iteration_steps=50, fusion_steps=150, pool=48, select=48, samples=4,
              eval_items=32, levels=["1", "2", "3"], families=["arith"], width=64, layers=2, merge="accumulate",
-             reply_weighting="token")
+             reply_weighting="token", auto_label_rule="absolute")
 BATCH = 16
 LR = 3e-3
 MODES = ("slow", "fast", "auto")  # the order of pangu.reason.pipeline.MODES
@@ -115,7 +117,8 @@ def main(argv):
   flag_of = {"iterations": _ITERATIONS, "warmup_steps": _WARMUP_STEPS, "iteration_steps": _ITERATION_STEPS,
              "fusion_steps": _FUSION_STEPS, "pool": _POOL, "select": _SELECT, "samples": _SAMPLES,
              "eval_items": _EVAL_ITEMS, "levels": _LEVELS, "families": _FAMILIES, "width": _WIDTH,
-             "layers": _LAYERS, "merge": _MERGE, "reply_weighting": _REPLY_WEIGHTING}
+             "layers": _LAYERS, "merge": _MERGE, "reply_weighting": _REPLY_WEIGHTING,
+             "auto_label_rule": _AUTO_LABEL_RULE}
   setup = {k: flag.value if flag.value is not None else defaults[k] for k, flag in flag_of.items()}
   import os
 

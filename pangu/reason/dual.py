@@ -4,8 +4,11 @@ repetition self-repair at decode time.
   - Fusion training: one model learns both reply formats from one data mix; the mode switch in the prompt
     (`pangu.reason.chat`) selects which format it writes.
   - Auto mode ("complexity-aware" [C]): the reply opens with the model's own mode choice. Its label comes from
-    the fast-mode pass rate of the current model: fast when fast mode already solves the item at least
-    `fast_threshold` of the time, slow otherwise (`auto_labels`).
+    the current model's pass rates (`auto_labels`): fast when fast mode already solves the item at least
+    `fast_threshold` of the time (the spec's rule); under the "relative" rule also where fast mode solves it
+    at all and at least as often as slow mode, since thinking buys nothing there. A small student sampled at
+    temperature 1 seldom reaches the spec's threshold even on items it answers well, and its auto mode then
+    always thinks.
   - Repetition self-repair [S]: local n-gram loop detection (`find_repetition`: an n-gram of 4..32 tokens
     repeated 3+ times in a row), then the loop is cut after its first copy and a control string is injected
     (by default the close-reasoning marker, which makes the model answer) before decoding continues.
@@ -24,11 +27,23 @@ from pangu.reason.tasks import Task
 from pangu.reason.teacher import Solution
 
 
-def auto_labels(fast_pass_rate: np.ndarray, fast_threshold: float = 0.5) -> list[str]:
-  """Per item "fast" if fast mode passes at least `fast_threshold` of the time, else "slow"."""
+AUTO_LABEL_RULES = ("absolute", "relative")
+
+
+def auto_labels(fast_pass_rate: np.ndarray, fast_threshold: float = 0.5,
+                slow_pass_rate: np.ndarray | None = None) -> list[str]:
+  """Per item "fast" if fast mode passes at least `fast_threshold` of the time; given `slow_pass_rate` (the
+  relative rule) also if fast mode passes at all and at least as often as slow mode; else "slow"."""
   if not 0 < fast_threshold <= 1:
     raise ValueError(f"fast_threshold must be in (0, 1], got {fast_threshold!r}")
-  return ["fast" if p >= fast_threshold else "slow" for p in np.asarray(fast_pass_rate, np.float64)]
+  fast = np.asarray(fast_pass_rate, np.float64)
+  chosen = fast >= fast_threshold
+  if slow_pass_rate is not None:
+    slow = np.asarray(slow_pass_rate, np.float64)
+    if slow.shape != fast.shape:
+      raise ValueError(f"slow_pass_rate has shape {slow.shape}, fast_pass_rate {fast.shape}")
+    chosen |= (fast > 0) & (fast >= slow)
+  return ["fast" if c else "slow" for c in chosen]
 
 
 def fusion_examples(items: Sequence[Task], solutions: Sequence[Solution], labels: Sequence[str] | None,

@@ -44,6 +44,7 @@ class PipelineConfig:
   batch: int = 32
   lr: float = 3e-3
   fast_threshold: float = 0.75
+  auto_label_rule: str = "absolute"
   reply_weighting: str = "token"
 
   def __post_init__(self):
@@ -57,6 +58,9 @@ class PipelineConfig:
     if self.reply_weighting not in distill.REPLY_WEIGHTINGS:
       raise ValueError(f"PipelineConfig.reply_weighting must be one of {distill.REPLY_WEIGHTINGS}, got "
                        f"{self.reply_weighting!r}")
+    if self.auto_label_rule not in dual.AUTO_LABEL_RULES:
+      raise ValueError(f"PipelineConfig.auto_label_rule must be one of {dual.AUTO_LABEL_RULES}, got "
+                       f"{self.auto_label_rule!r}")
     if self.merge not in merging.METHODS:
       raise ValueError(f"PipelineConfig.merge must be one of {merging.METHODS}, got {self.merge!r}")
 
@@ -191,7 +195,12 @@ def run(config: PipelineConfig, *, seed: int = 0, checkpoint_dir: str | None = N
   key, sub = jax.random.split(key)
   fast_c = distill.score(model_config, state.params, pool, tokenizer, FORMAT, samples=config.samples,
                          mode="fast", max_new_tokens=max_new, rng=sub)
-  labels = dual.auto_labels(1 - fast_c, config.fast_threshold)
+  slow_pass = None
+  if config.auto_label_rule == "relative":
+    key, sub = jax.random.split(key)
+    slow_pass = 1 - distill.score(model_config, state.params, pool, tokenizer, FORMAT, samples=config.samples,
+                                  mode="slow", max_new_tokens=max_new, rng=sub)
+  labels = dual.auto_labels(1 - fast_c, config.fast_threshold, slow_pass)
   kept_labels = [labels[pool.index(k)] for k in kept]
   auto_pairs = dual.fusion_examples(kept, solutions, kept_labels, FORMAT)[2::3]
   state, loss = train(state, [slow_pairs, fast_pairs, auto_pairs], config.fusion_steps - config.fusion_steps // 2)

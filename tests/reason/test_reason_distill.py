@@ -90,6 +90,12 @@ def test_reply_weighting_makes_the_loss_the_mean_of_each_replys_mean_token_loss(
 
 def test_auto_labels_and_fusion_examples():
   assert dual.auto_labels(np.array([0.0, 0.49, 0.5, 1.0])) == ["slow", "slow", "fast", "fast"]
+  # The relative rule: also fast where fast passes at all and no less often than slow.
+  fast, slow = np.array([0.0, 0.25, 0.25, 0.5, 0.8]), np.array([0.0, 0.5, 0.25, 0.0, 1.0])
+  assert dual.auto_labels(fast, 0.75) == ["slow", "slow", "slow", "slow", "fast"]
+  assert dual.auto_labels(fast, 0.75, slow) == ["slow", "slow", "fast", "fast", "fast"]
+  with pytest.raises(ValueError, match="slow_pass_rate has shape"):
+    dual.auto_labels(fast, 0.75, slow[:3])
   task = tasks.generate("arith", 1, 1, seed=0, config=tasks.TaskConfig(modulus=10))[0]
   pairs = dual.fusion_examples([task], [teacher.slow(task)], ["fast"], FMT)
   (slow_p, slow_r), (fast_p, fast_r), (auto_p, auto_r) = pairs

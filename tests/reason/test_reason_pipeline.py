@@ -49,7 +49,8 @@ def test_mode_switch_strings_change_the_trained_models_output_format():
 @pytest.mark.slow
 def test_pipeline_runs_and_saves_a_restorable_student(tmp_path):
   config = pipeline.PipelineConfig(iterations=1, warmup_steps=25, iteration_steps=3, fusion_steps=3, pool=4,
-                                   select=8, samples=2, eval_items=2, levels=(1, 2), width=32, layers=1)
+                                   select=8, samples=2, eval_items=2, levels=(1, 2), width=32, layers=1,
+                                   auto_label_rule="relative")
   payload, report = pipeline.run(config, checkpoint_dir=str(tmp_path / "student"), log=lambda line: None)
   assert set(payload) == {"iterations", "modes"} and len(payload["iterations"]) == 1
   assert set(payload["iterations"][0]) == {"acc", "acc_merged", "merged_minus_acc_se"}
@@ -91,7 +92,7 @@ def test_token_cap_fits_the_teachers_most_verbose_correct_reply():
 
 
 @pytest.mark.parametrize("field, value", [("levels", ()), ("families", ("open",)), ("merge", "average"),
-                                          ("reply_weighting", "sequence")])
+                                          ("reply_weighting", "sequence"), ("auto_label_rule", "oracle")])
 def test_a_bad_pipeline_config_names_the_field(field, value):
   with pytest.raises(ValueError, match=f"PipelineConfig.{field}"):
     pipeline.PipelineConfig(**{field: value})
