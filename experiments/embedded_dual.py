@@ -8,7 +8,8 @@ A byte-level student is trained from scratch on CPU (spec pangu_embedded.md, 3a-
      weight around C = 0.5, target the teacher's shortest correct candidate, SFT from the merged model with a
      fresh optimiser, merge (default: (1 - alpha) merged + alpha new, alpha 0.5). Per iteration the held-out
      slow accuracy of the fine-tuned model (`acc`) and of the merged one (`acc_merged`).
-  3. Fusion: labels for auto mode from the merged model's fast-mode pass rates (fast when >= 0.5), then SFT on
+  3. Fusion: labels for auto mode from the phase-1 model's fast-mode pass rates (fast when >= 0.75; under
+     --auto_label_rule=relative also where fast passes at all and no less often than slow), then SFT on
      slow + fast + auto replies. Evaluation: greedy, one max_new_tokens for every mode, repetition self-repair
      on; truncated or malformed replies count as wrong; tokens are every generated token.
 Writes <results_dir>/embedded_dual.json: {"iterations": [{"acc", "acc_merged"}], "modes": {mode: {level:
@@ -87,7 +88,10 @@ def claims(payload: dict) -> list[dict]:
       common.claim("Pangu Embedded", "Slow mode beats fast mode on hard items (goal: >= 10 points on the hardest "
                    "level)", "AIME'24 slow 81.9 vs fast 35.8 [S]",
                    f"level {hard}: slow {modes['slow'][hard]['accuracy']:.3f} vs fast "
-                   f"{modes['fast'][hard]['accuracy']:.3f}", slow_verdict),
+                   f"{modes['fast'][hard]['accuracy']:.3f} (per family: " + ", ".join(
+                       f"{f} {modes['slow'][hard]['per_family'][f]['accuracy']:.3f} vs "
+                       f"{modes['fast'][hard]['per_family'][f]['accuracy']:.3f}"
+                       for f in modes["slow"][hard]["per_family"]) + ")", slow_verdict),
       common.claim("Pangu Embedded", "Inter-iteration merging helps over the last iteration alone",
                    "merging aggregates complementary knowledge (no figure)",
                    f"iteration {len(payload['iterations'])}: merged {last['acc_merged']:.3f} vs unmerged "
@@ -134,10 +138,13 @@ def main(argv):
   payload["claims"] = claims(payload)
   common.write_json("embedded_dual", payload)
   plot(payload["modes"])
-  rows = [{"mode": m, "level": lv, **payload["modes"][m][lv]} for m in MODES for lv in sorted(payload["modes"][m], key=int)]
+  families = list(payload["modes"]["slow"][next(iter(payload["modes"]["slow"]))]["per_family"])
+  rows = [{"mode": m, "level": lv, "family": f, **(result if f == "all" else result["per_family"][f])}
+          for m in MODES for lv, result in sorted(payload["modes"][m].items(), key=lambda item: int(item[0]))
+          for f in ["all"] + (families if len(families) > 1 else [])]
   rows += [{"mode": f"iteration {i + 1}", "level": "all", "accuracy": it["acc"], "accuracy merged": it["acc_merged"]}
            for i, it in enumerate(payload["iterations"])]
-  table = common.format_table(rows, ["mode", "level", "accuracy", "mean_tokens", "accuracy merged"])
+  table = common.format_table(rows, ["mode", "level", "family", "accuracy", "mean_tokens", "accuracy merged"])
   common.write_table("embedded_dual", table + "\n\n" + report)
 
 

@@ -208,10 +208,16 @@ def run(config: PipelineConfig, *, seed: int = 0, checkpoint_dir: str | None = N
   report.append(f"fusion: auto labels fast share per level {share}, loss {loss:.3f}")
   # 4. Evaluation per mode and level.
   modes, levels = {}, np.asarray([t.level for t in evaluation])
+  families = np.asarray([t.family for t in evaluation])
+
+  def summary(passed, tokens, where):
+    return {"accuracy": float(passed[where].mean()), "mean_tokens": float(tokens[where].mean())}
+
   for mode in MODES:
     passed, tokens, repaired, chosen = accuracy(state.params, mode, evaluation)
-    modes[mode] = {str(lv): {"accuracy": float(passed[levels == lv].mean()),
-                             "mean_tokens": float(tokens[levels == lv].mean())} for lv in config.levels}
+    modes[mode] = {str(lv): {**summary(passed, tokens, levels == lv),
+                             "per_family": {f: summary(passed, tokens, (levels == lv) & (families == f))
+                                            for f in config.families}} for lv in config.levels}
     line = f"{mode}: repaired {int(repaired.sum())} of {len(repaired)} replies"
     if mode == "auto":
       line += ", chose fast per level " + str({lv: float(np.mean([c == "fast" for c, l in zip(chosen, levels)

@@ -58,6 +58,7 @@ def test_pipeline_runs_and_saves_a_restorable_student(tmp_path):
     assert set(payload["modes"][mode]) == {"1", "2"}
     for result in payload["modes"][mode].values():
       assert 0 <= result["accuracy"] <= 1 and result["mean_tokens"] >= 1
+      assert result["per_family"] == {"arith": {"accuracy": result["accuracy"], "mean_tokens": result["mean_tokens"]}}
   # What the RL stage does to start from the student: the config from the metadata, then only the params.
   checkpointer = Checkpointer(str(tmp_path / "student"))
   stored = models.TransformerConfig.from_dict(checkpointer.metadata()["model"])
