@@ -6,9 +6,8 @@ repetition self-repair at decode time.
   - Auto mode ("complexity-aware" [C]): the reply opens with the model's own mode choice. Its label comes from
     the current model's pass rates (`auto_labels`): fast when fast mode already solves the item at least
     `fast_threshold` of the time (the spec's rule); under the "relative" rule also where fast mode solves it
-    at all and at least as often as slow mode, since thinking buys nothing there. A small student sampled at
-    temperature 1 seldom reaches the spec's threshold even on items it answers well, and its auto mode then
-    always thinks.
+    at all and at least as often as slow mode, since thinking buys nothing there (for a student whose sampled
+    fast pass rates stay under the threshold on items it answers well greedily).
   - Repetition self-repair [S]: local n-gram loop detection (`find_repetition`: an n-gram of 4..32 tokens
     repeated 3+ times in a row), then the loop is cut after its first copy and a control string is injected
     (by default the close-reasoning marker, which makes the model answer) before decoding continues.
