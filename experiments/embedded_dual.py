@@ -141,10 +141,10 @@ def main(argv):
   payload["claims"] = claims(payload)
   common.write_json("embedded_dual", payload)
   plot(payload["modes"])
-  families = list(payload["modes"]["slow"][next(iter(payload["modes"]["slow"]))]["per_family"])
+  families = ["all"] + (list(config.families) if len(config.families) > 1 else [])
   rows = [{"mode": m, "level": lv, "family": f, **(result if f == "all" else result["per_family"][f])}
           for m in MODES for lv, result in sorted(payload["modes"][m].items(), key=lambda item: int(item[0]))
-          for f in ["all"] + (families if len(families) > 1 else [])]
+          for f in families]
   rows += [{"mode": f"iteration {i + 1}", "level": "all", "accuracy": it["acc"], "accuracy merged": it["acc_merged"]}
            for i, it in enumerate(payload["iterations"])]
   table = common.format_table(rows, ["mode", "level", "family", "accuracy", "mean_tokens", "accuracy merged"])
