@@ -6,8 +6,6 @@ to the reply (`distill.sft_batch`); the optimiser is reset whenever training con
 """
 
 import dataclasses
-import os
-import shutil
 import time
 
 import jax
@@ -18,7 +16,7 @@ from pangu import models
 from pangu.data.tokenizer import ByteTokenizer
 from pangu.parallel.mesh import single_device_mesh
 from pangu.reason import chat, distill, dual, merging, tasks, teacher
-from pangu.train.checkpoint import Checkpointer
+from pangu.train.checkpoint import save_replacing
 from pangu.train.config import TrainConfig
 from pangu.train.optim import make_optimizer
 from pangu.train.step import init_train_state, make_train_step
@@ -104,23 +102,6 @@ def sequence_lengths(config: PipelineConfig, tokenizer) -> tuple[int, int]:
       longest_reply = max(longest_reply, len(tokenizer.encode(reply)))
   max_new = longest_reply + 8
   return 16 * -(-(longest_prompt + max_new + 16) // 16), max_new
-
-
-def save_student(state, directory: str, metadata: dict) -> None:
-  """Writes the student's checkpoint into a sibling folder, then swaps it in for `directory`: a rerun into the
-  same results folder replaces the previous student (same step number included), and a run that dies while saving
-  leaves the previous one whole."""
-  directory = os.path.abspath(directory)
-  staging, previous = directory + ".saving", directory + ".previous"
-  for folder in (staging, previous):
-    shutil.rmtree(folder, ignore_errors=True)
-  checkpointer = Checkpointer(staging, keep=1)
-  checkpointer.save(state, data_state={}, metadata=metadata)
-  checkpointer.close()
-  if os.path.exists(directory):
-    os.rename(directory, previous)
-  os.rename(staging, directory)
-  shutil.rmtree(previous, ignore_errors=True)
 
 
 def run(config: PipelineConfig, *, seed: int = 0, checkpoint_dir: str | None = None, log=print):
@@ -243,9 +224,11 @@ def run(config: PipelineConfig, *, seed: int = 0, checkpoint_dir: str | None = N
                                                                   if l == lv])) for lv in config.levels})
     report.append(line)
   if checkpoint_dir is not None:
-    save_student(state, checkpoint_dir, {"model": model_config.to_dict(), "chat_format": "compact",
-                                         "task_config": dataclasses.asdict(TASK_CONFIG),
-                                         "families": list(config.families), "levels": list(config.levels)})
+    # A rerun into the same results folder replaces the student.
+    save_replacing(checkpoint_dir, state, data_state={},
+                   metadata={"model": model_config.to_dict(), "chat_format": "compact",
+                             "task_config": dataclasses.asdict(TASK_CONFIG), "families": list(config.families),
+                             "levels": list(config.levels)})
     report.append(f"student saved to {checkpoint_dir}")
   report.append(f"total {time.perf_counter() - begin:.0f} s")
   for line in report[-len(MODES) - 3:]:

@@ -13,6 +13,8 @@ was made by a model that behaved as that default does (e.g. `attention_implement
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import jax
@@ -164,3 +166,30 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def save_replacing(directory: str | os.PathLike, state, *, data_state: dict, metadata: dict) -> None:
+  """Saves `state` as the only checkpoint in `directory`, replacing what was there (a rerun's checkpoint at the
+  same step included, which `Checkpointer.save` refuses). It is written into a temporary sibling folder and
+  swapped in, so a save that fails leaves the previous checkpoint whole."""
+  json.dumps(_to_json([data_state, metadata]))  # unwritable configs fail here, before Orbax starts its writers
+  directory = os.path.abspath(os.fspath(directory))
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=".checkpoint-", dir=parent)
+  try:
+    checkpointer = Checkpointer(staging, keep=1)
+    try:
+      checkpointer.save(state, data_state=data_state, metadata=metadata)
+    finally:
+      checkpointer.close()  # before removing its folder: Orbax's writer threads stop here
+    old = None
+    if os.path.exists(directory):
+      old = tempfile.mkdtemp(prefix=".checkpoint-old-", dir=parent)
+      os.replace(directory, os.path.join(old, "checkpoint"))
+    os.replace(staging, directory)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  if old is not None:
+    shutil.rmtree(old)

@@ -2,7 +2,6 @@
 mode, and the toy pipeline runs all its phases, saves a student whose params restore, and reports every mode and
 level."""
 
-import chex
 import flax.linen as nn
 import jax
 import numpy as np
@@ -72,21 +71,6 @@ def test_pipeline_runs_and_saves_a_restorable_student(tmp_path):
   logits = models.forward(stored, params, np.asarray([TOKENIZER.encode("Q:1+2\n|")]))
   assert logits.shape == (1, 7, TOKENIZER.vocab_size) and np.isfinite(np.asarray(logits)).all()
   assert "student saved" in report
-
-
-def test_a_second_student_saved_in_the_same_folder_replaces_the_first(tmp_path):
-  config = models.tiny(vocab_size=TOKENIZER.vocab_size, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32)
-  train_config = TrainConfig(warmup_steps=1, total_steps=2)
-  folder = str(tmp_path / "student")
-  states = [init_train_state(config, train_config, jax.random.key(seed), single_device_mesh()) for seed in (0, 1)]
-  for i, state in enumerate(states):  # both at step 0: the same step number in the same folder
-    pipeline.save_student(state, folder, {"model": config.to_dict(), "run": i})
-  checkpointer = Checkpointer(folder)
-  assert checkpointer.metadata()["run"] == 1 and checkpointer.all_steps() == [0]
-  params = checkpointer.restore_params(models.init_params(config, jax.random.key(2)))
-  checkpointer.close()
-  chex.assert_trees_all_equal(jax.device_get(params), jax.device_get(states[1].params))
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
 
 
 def test_token_cap_fits_the_teachers_most_verbose_correct_reply():

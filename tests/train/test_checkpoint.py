@@ -7,7 +7,7 @@ import pytest
 
 from pangu import models
 from pangu.parallel import cpu_mesh
-from pangu.train.checkpoint import Checkpointer, CheckpointError
+from pangu.train.checkpoint import Checkpointer, CheckpointError, save_replacing
 from pangu.train.config import TrainConfig
 from pangu.train.step import init_train_state
 
@@ -106,3 +106,22 @@ def test_a_checkpoint_from_before_a_new_config_field_restores_at_its_default(tmp
   with pytest.raises(CheckpointError, match="model.sliding_window: checkpoint has None, run has 8"):
     Checkpointer(tmp_path).restore(init_train_state(windowed, TRAIN, jax.random.key(0), mesh),
                                    metadata={"model": windowed, "train": TRAIN})
+
+
+def test_save_replacing_replaces_a_checkpoint_at_the_same_step_and_a_failed_save_keeps_it(tmp_path, mesh, state):
+  folder = tmp_path / "student"
+  other = state.replace(params=jax.tree.map(lambda x: x + 1, state.params))
+  for i, s in enumerate((state, other)):  # both at step 5: Checkpointer.save alone refuses the second
+    save_replacing(folder, s, data_state={}, metadata={**META, "run": i})
+  ckpt = Checkpointer(folder)
+  assert ckpt.metadata()["run"] == 1 and ckpt.all_steps() == [5]
+  restored = ckpt.restore_params(init_train_state(MODEL, TRAIN, jax.random.key(99), mesh).params)
+  ckpt.close()
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(other.params)):
+    np.testing.assert_array_equal(got, want)
+  with pytest.raises(TypeError):  # metadata that cannot be written
+    save_replacing(folder, state, data_state={}, metadata={**META, "run": object()})
+  ckpt = Checkpointer(folder)
+  assert ckpt.metadata()["run"] == 1
+  ckpt.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
