@@ -127,21 +127,30 @@ def distillation_targets(items: Sequence[Task], rng: np.random.Generator, tokeni
 
 
 def sft_batch(tokenizer: Tokenizer, prompts: Sequence[str], replies: Sequence[str], seq_len: int,
-              pad_id: int | None = None, weighting: str = "token") -> dict[str, np.ndarray]:
+              pad_id: int | None = None, weighting: str = "token",
+              length_multiple: int | None = None) -> dict[str, np.ndarray]:
   """Prompt + reply pairs -> the `lm_loss` batch (inputs, targets [B, seq_len] int32, mask float32) with the
   mask on the reply's tokens only. A pair longer than seq_len + 1 tokens is an error, never truncated.
 
   weighting="token" weighs every reply token alike, so a family with long replies (code) takes most of the
   gradient; "reply" scales each row's mask to (mean reply length / its length), so the loss is the mean over
-  replies of each reply's mean token loss while the mask still sums to the batch's reply tokens."""
+  replies of each reply's mean token loss while the mask still sums to the batch's reply tokens.
+
+  length_multiple: when set, the batch is [B, L] with L the smallest multiple of it that holds the batch's
+  longest pair (at most seq_len). The columns dropped are padding under a zero mask that no earlier position
+  attends to (the decoder is causal), so the loss and its gradient are unchanged, and a step compiled once per
+  length bucket does not spend most of its compute on the padding of short replies."""
   if len(prompts) != len(replies):
     raise ValueError(f"got {len(prompts)} prompts and {len(replies)} replies")
   if weighting not in REPLY_WEIGHTINGS:
     raise ValueError(f"weighting must be one of {REPLY_WEIGHTINGS}, got {weighting!r}")
+  if length_multiple is not None and length_multiple < 1:
+    raise ValueError(f"length_multiple must be None or >= 1, got {length_multiple!r}")
   pad_id = tokenizer.pad_id if pad_id is None else pad_id
   inputs = np.full((len(prompts), seq_len), pad_id, np.int32)
   targets = np.full((len(prompts), seq_len), pad_id, np.int32)
   mask = np.zeros((len(prompts), seq_len), np.float32)
+  longest = 1
   for row, (prompt, reply) in enumerate(zip(prompts, replies)):
     p, r = tokenizer.encode(prompt), tokenizer.encode(reply)
     tokens = np.concatenate([p, r])
@@ -151,10 +160,12 @@ def sft_batch(tokenizer: Tokenizer, prompts: Sequence[str], replies: Sequence[st
     inputs[row, :len(tokens) - 1] = tokens[:-1]
     targets[row, :len(tokens) - 1] = tokens[1:]
     mask[row, len(p) - 1:len(tokens) - 1] = 1.0
+    longest = max(longest, len(tokens) - 1)
   if weighting == "reply":
     lengths = mask.sum(axis=1, keepdims=True)
     mask *= lengths.mean() / np.maximum(lengths, 1.0)  # an empty reply's row stays all zero
-  return {"inputs": inputs, "targets": targets, "mask": mask}
+  width = seq_len if length_multiple is None else min(seq_len, length_multiple * -(-longest // length_multiple))
+  return {"inputs": inputs[:, :width], "targets": targets[:, :width], "mask": mask[:, :width]}
 
 
 @dataclasses.dataclass(frozen=True)

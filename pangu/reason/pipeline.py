@@ -67,6 +67,9 @@ class PipelineConfig:
 
 TASK_CONFIG = tasks.TaskConfig(modulus=10, arith_ops="+-")
 FORMAT = chat.COMPACT_FORMAT
+# SFT batches are cut to their longest pair rounded up to this (`distill.sft_batch(length_multiple=)`): replies
+# differ ~10x in length between levels and families, and the train step compiles once per length.
+TRAIN_LENGTH_MULTIPLE = 16
 
 
 def _copy(params):
@@ -131,7 +134,7 @@ def run(config: PipelineConfig, *, seed: int = 0, checkpoint_dir: str | None = N
       drawn = [group[i] for j, group in enumerate(groups)
                for i in rng.integers(0, len(group), config.batch // len(groups) + (j < config.batch % len(groups)))]
       batch = distill.sft_batch(tokenizer, [p for p, _ in drawn], [r for _, r in drawn], seq_len,
-                                weighting=config.reply_weighting)
+                                weighting=config.reply_weighting, length_multiple=TRAIN_LENGTH_MULTIPLE)
       state, metrics = step(state, batch)
       losses.append(metrics["loss"])
     return state, float(np.mean(jax.device_get(losses[-10:])))

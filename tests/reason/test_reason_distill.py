@@ -2,13 +2,17 @@
 selection draw, shortest-correct rejection sampling, the reply-masked SFT batch, auto labels and repetition
 detection."""
 
+import jax
 import numpy as np
 import pytest
 
+from pangu import models
 from pangu.data.tokenizer import ByteTokenizer
 from pangu.models.transformer import cross_entropy_loss
 from pangu.reason import chat, distill, dual, tasks, teacher
 from pangu.reason.teacher import Solution
+from pangu.train import losses
+from pangu.train.config import TrainConfig
 
 FMT = chat.COMPACT_FORMAT
 TOKENIZER = ByteTokenizer()
@@ -72,6 +76,27 @@ def test_sft_batch_masks_only_the_reply():
   np.testing.assert_array_equal(batch["inputs"][0][1:total - 1], batch["targets"][0][:total - 2])
   with pytest.raises(ValueError, match="more than seq_len"):
     distill.sft_batch(TOKENIZER, ["Q:" + "1" * 30], ["x"], seq_len=16)
+
+
+def test_length_multiple_cuts_only_padding_and_keeps_the_loss_and_its_gradient():
+  prompts, replies = ["Q:1+2\n|", "Q:3-4+5\n|"], ["<1+2=3>3\n", "<3-4=9;9+5=4>4\n"]
+  full = distill.sft_batch(TOKENIZER, prompts, replies, seq_len=64, weighting="reply")
+  cut = distill.sft_batch(TOKENIZER, prompts, replies, seq_len=64, weighting="reply", length_multiple=16)
+  longest = max(len(TOKENIZER.encode(p)) + len(TOKENIZER.encode(r)) for p, r in zip(prompts, replies)) - 1
+  assert 16 < longest <= 32 and cut["inputs"].shape == (2, 32)
+  for name in full:
+    np.testing.assert_array_equal(cut[name], full[name][:, :32])
+  assert not full["mask"][:, 32:].any()
+  assert distill.sft_batch(TOKENIZER, prompts, replies, seq_len=24, length_multiple=16)["inputs"].shape == (2, 24)
+  model = models.tiny(vocab_size=TOKENIZER.vocab_size, d_model=32, d_ff=64)
+  params = models.init_params(model, jax.random.key(0))
+  loss_fn = losses.lm_loss(model, TrainConfig())
+  (loss_full, _), grads_full = jax.value_and_grad(loss_fn, has_aux=True)(params, full, jax.random.key(1))
+  (loss_cut, _), grads_cut = jax.value_and_grad(loss_fn, has_aux=True)(params, cut, jax.random.key(1))
+  np.testing.assert_allclose(float(loss_cut), float(loss_full), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads_cut, grads_full)
+  with pytest.raises(ValueError, match="length_multiple must be"):
+    distill.sft_batch(TOKENIZER, prompts, replies, seq_len=64, length_multiple=0)
 
 
 def test_reply_weighting_makes_the_loss_the_mean_of_each_replys_mean_token_loss():
