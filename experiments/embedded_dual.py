@@ -48,8 +48,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of data, init and sampling.")
 # tasks, and every reply weighted alike (token weighting lets the long code replies take the gradient: arithmetic
 # then stayed at chance, always answering 8). Warm-up 1200 and fusion 150 steps left it undertrained: slow 0.23 /
 # 0.06 / 0.09 per level, fast 0.44 at level 1, auto always thinking (its labels 4 % fast at level 1); 3000 and
-# 600: slow 0.88 / 0.56 / 0.45, auto 44 % shorter than slow at level 1 within 3 points overall. ~14 min on 2
-# cores; the quick run distils arithmetic only.
+# 600: slow 0.77 / 0.55 / 0.52, auto 44 % shorter than slow at level 1 and ahead of it overall, ~8 min on 2 cores
+# (an earlier run with padded batches, 14 min: slow 0.88 / 0.56 / 0.45). Batches of 32 (twice the examples) were
+# no better: code at levels 2-3 fell to 0.22 / 0.28 and auto answered fast everywhere.
 FULL = dict(iterations=3, warmup_steps=3000, iteration_steps=50, fusion_steps=600, pool=256, select=48, samples=4,
             eval_items=32, levels=["1", "2", "3"], families=["arith", "code"], width=64, layers=2, merge="accumulate",
             reply_weighting="reply", auto_label_rule="absolute", batch=16)
