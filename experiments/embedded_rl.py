@@ -92,8 +92,8 @@ IDLE_GOAL, REWARD_TOLERANCE, RL_GOAL = 0.25, 0.02, 0.05
 # +12.6, arithmetic -1.0 +- 1.4); --rl_aggregation=sequence_mean (each reply alike, not each token: code replies
 # are ~4x longer) +2.8 +- 1.0 (code +4.9, arithmetic +0.7 +- 1.4). Arithmetic's share of the gradient was not
 # what held it back: its levels 2-3 were at chance (0.13 / 0.07, ten answers). From the current full student
-# (warm-up 3000 steps; greedy 0.607, arithmetic 0.91 / 0.82 / 0.08 per level): +9.8 +- 1.0 (arithmetic +6.2 +- 1.1,
-# code +13.3 +- 1.8).
+# (warm-up 3000 steps; greedy 0.601, arithmetic 0.79 / 0.60 / 0.13 per level): +10.4 +- 1.0 (arithmetic +6.8 +-
+# 1.5, code +14.1 +- 1.3); from the same preset trained on padded batches (greedy 0.607): +9.8 +- 1.0.
 RL_GENERATIONS = 8
 GRPO_SETTINGS = dict(num_generations=RL_GENERATIONS)
 # The families whose student was saved before the checkpoint metadata named them.
