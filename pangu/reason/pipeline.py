@@ -68,7 +68,7 @@ class PipelineConfig:
 TASK_CONFIG = tasks.TaskConfig(modulus=10, arith_ops="+-")
 FORMAT = chat.COMPACT_FORMAT
 # SFT batches are cut to their longest pair rounded up to this (`distill.sft_batch(length_multiple=)`): replies
-# differ ~10x in length between levels and families, and the train step compiles once per length.
+# run from 4 tokens (fast arithmetic) to ~80 (slow code), and the train step compiles once per length.
 TRAIN_LENGTH_MULTIPLE = 16
 
 

@@ -1,6 +1,6 @@
 """Distillation pieces: complexity against a mock student with known pass rates, the Gaussian weight and the
-selection draw, shortest-correct rejection sampling, the reply-masked SFT batch, auto labels and repetition
-detection."""
+selection draw, shortest-correct rejection sampling, the reply-masked SFT batch (its padding cut without changing
+the loss or its gradient), auto labels and repetition detection."""
 
 import jax
 import numpy as np
