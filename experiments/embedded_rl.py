@@ -17,7 +17,7 @@ MARS reward per family and level on held-out items, then GRPO with MARS rewards 
 the shared decode engine for rollouts at the policy temperature (full 0.5, quick 1), prompts drawn evenly over the
 families, zero-variance groups dropped and refilled until each family has its share of the batch, the shared train
 step with `grpo_loss`) on training prompts disjoint from the evaluation, then the same evaluation. Full mode is
-the claim's run: `python -m experiments.embedded_dual && python -m experiments.embedded_rl` (arith + code, ~35 min
+the claim's run: `python -m experiments.embedded_dual && python -m experiments.embedded_rl` (arith + code, ~26 min
 on 2 cores); the quick run trains the arithmetic-only quick student. The gain is the paired difference over
 the same items, reported with its standard error. Without a student the two keys say so
 and no claim is made about them. Goal (issue 19): RL improves mean accuracy by >= 5 points.

@@ -187,7 +187,13 @@ def save_replacing(directory: str | os.PathLike, state, *, data_state: dict, met
     if os.path.exists(directory):
       old = tempfile.mkdtemp(prefix=".checkpoint-old-", dir=parent)
       os.replace(directory, os.path.join(old, "checkpoint"))
-    os.replace(staging, directory)
+    try:
+      os.replace(staging, directory)
+    except BaseException:
+      if old is not None:  # the swap failed: the previous checkpoint goes back where it was
+        os.replace(os.path.join(old, "checkpoint"), directory)
+        os.rmdir(old)
+      raise
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise

@@ -125,3 +125,23 @@ def test_save_replacing_replaces_a_checkpoint_at_the_same_step_and_a_failed_save
   assert ckpt.metadata()["run"] == 1
   ckpt.close()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
+
+
+def test_save_replacing_puts_the_previous_checkpoint_back_when_the_swap_fails(tmp_path, mesh, state, monkeypatch):
+  folder = tmp_path / "student"
+  save_replacing(folder, state, data_state={}, metadata={**META, "run": 0})
+  real_replace = os.replace
+
+  def failing_swap(src, dst):
+    if os.path.basename(src).startswith(".checkpoint-") and os.fspath(dst) == os.fspath(folder):
+      raise OSError("swap refused")
+    real_replace(src, dst)
+
+  monkeypatch.setattr(os, "replace", failing_swap)
+  with pytest.raises(OSError, match="swap refused"):
+    save_replacing(folder, state, data_state={}, metadata={**META, "run": 1})
+  monkeypatch.undo()
+  ckpt = Checkpointer(folder)
+  assert ckpt.metadata()["run"] == 0 and ckpt.all_steps() == [5]
+  ckpt.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
