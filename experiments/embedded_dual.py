@@ -9,8 +9,8 @@ A byte-level student is trained from scratch on CPU (spec pangu_embedded.md, 3a-
      fresh optimiser, merge (default: (1 - alpha) merged + alpha new, alpha 0.5). Per iteration the held-out
      slow accuracy of the fine-tuned model (`acc`) and of the merged one (`acc_merged`).
   3. Fusion: labels for auto mode from the phase-1 model's fast-mode pass rates (fast when >= 0.75; under
-     --auto_label_rule=relative also where fast passes at all and no less often than slow), then SFT on
-     slow + fast + auto replies. Evaluation: greedy, one max_new_tokens for every mode, repetition self-repair
+     --auto_label_rule=relative also where fast passes at all and no less often than slow) on fresh prompts of
+     the same generators (--auto_label_items=pool: on the training pool), then SFT on slow + fast + auto replies. Evaluation: greedy, one max_new_tokens for every mode, repetition self-repair
      on; truncated or malformed replies count as wrong; tokens are every generated token.
 Writes <results_dir>/embedded_dual.json: {"iterations": [{"acc", "acc_merged"}], "modes": {mode: {level:
 {"accuracy", "mean_tokens"}}}, "claims": [...]}, embedded_dual.png (accuracy vs tokens per mode) and a table.
@@ -40,6 +40,8 @@ _REPLY_WEIGHTING = flags.DEFINE_string("reply_weighting", None, "SFT loss weight
                                        "every reply alike (pangu.reason.distill.REPLY_WEIGHTINGS).")
 _AUTO_LABEL_RULE = flags.DEFINE_string("auto_label_rule", None, "How auto mode's labels are drawn from the pass "
                                        "rates (pangu.reason.dual.AUTO_LABEL_RULES).")
+_AUTO_LABEL_ITEMS = flags.DEFINE_string("auto_label_items", None, "Where auto mode's labels are measured "
+                                        "(pangu.reason.pipeline.AUTO_LABEL_ITEMS).")
 _BATCH = flags.DEFINE_integer("batch", None, "SFT batch size (prompt + reply pairs per step).", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of data, init and sampling.")
 
@@ -47,26 +49,31 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of data, init and sampling.")
 # types (arithmetic through math-verify, code through the sandbox), a pool large enough for code's many distinct
 # tasks, and every reply weighted alike (token weighting lets the long code replies take the gradient: arithmetic
 # then stayed at chance, always answering 8). Warm-up 1200 and fusion 150 steps left it undertrained: slow 0.23 /
-# 0.06 / 0.09 per level, fast 0.44 at level 1, auto always thinking (its labels 4 % fast at level 1); 3000 and
-# 600: slow 0.77 / 0.55 / 0.52, auto 44 % shorter than slow at level 1 and ahead of it overall, ~8 min on 2 cores
-# (an earlier run with padded batches, 14 min: slow 0.88 / 0.56 / 0.45). Batches of 32 (twice the examples) were
-# no better: code at levels 2-3 fell to 0.22 / 0.28 and auto answered fast everywhere. Three layers (--layers=3,
-# 11 min) mastered arithmetic at level 3 (slow 0.66 vs fast 0.09; overall slow 0.88 / 0.83 / 0.81, level 3 slow
-# beats fast by 28 points, merged 0.67 vs 0.43) but auto fell 19 points behind slow: it chose fast on half of
-# level 3, and its level 3 arithmetic (0.09) is fast's. RL from it: +16.9 +- 1.0 points (arithmetic +24.0, code
-# +9.8). Each depth meets two of the three goals; two layers stay the preset until one student meets all three.
-FULL = dict(iterations=3, warmup_steps=3000, iteration_steps=50, fusion_steps=600, pool=256, select=48, samples=4,
-            eval_items=32, levels=["1", "2", "3"], families=["arith", "code"], width=64, layers=2, merge="accumulate",
-            reply_weighting="reply", auto_label_rule="absolute", batch=16)
+# 0.06 / 0.09 per level, fast 0.44 at level 1, auto always thinking (its labels 4 % fast at level 1). With 3000
+# and 600, two layers never mastered arithmetic at level 3 (slow 0.13 vs fast 0.06; overall slow 0.77 / 0.55 /
+# 0.52, no better than fast's 0.53 at level 3); batches of 32 were no better. Three layers master it (slow 0.66
+# vs fast 0.09), but with 600 fusion steps auto trailed slow by 19 points: its level-3 arithmetic (0.09 vs slow
+# 0.66) wrote slow-length replies with wrong steps, in a format first seen in fusion's second half, and auto
+# labelled on the pool chose fast on 95 % of level 1. Fusion 1200 with fresh-prompt labels (~15 min on 2 cores):
+# slow 0.95 / 0.97 / 0.95, auto 0.96 overall, 42 % shorter at level 1. From the same distilled model with other
+# fusion seeds, 1200 steps gave auto - slow of +5.2 / -0.5 points and once -20.8: auto's level-3 arithmetic at
+# 0.03 vs slow 0.81, its replies miscopying operands (`2+2-4-2` -> `S<2+2=4;4-2=2;...`), not cured by a double
+# auto share in fusion's second half; 2400 steps -1.0, but slow at 0.99 leaves RL no room.
+FULL = dict(iterations=3, warmup_steps=3000, iteration_steps=50, fusion_steps=1200, pool=256, select=48, samples=4,
+            eval_items=32, levels=["1", "2", "3"], families=["arith", "code"], width=64, layers=3, merge="accumulate",
+            reply_weighting="reply", auto_label_rule="absolute", auto_label_items="fresh", batch=16)
 # Quick distils arithmetic only, in ~90 s on 2 cores. A pool of 48 prompts per level and 360 warm-up steps of 16
 # left slow mode at 0.34 / 0.22 / 0.19 per level, no better than fast at level 3 (0.19), and merging behind the
-# last iteration (0.125 vs 0.177); pool 256 with 480 steps of 32 (2.7x the warm-up examples): slow 0.41 / 0.34 /
-# 0.41 vs fast 0.13 / 0.06 / 0.06, merged 0.31 vs 0.29, and RL still finds room (+6.5 points). Fast arithmetic
-# stays near chance on held-out items (their answers never appear in fast form), so auto has no shorter right
-# reply to choose here; the full run's code family is where auto is judged.
+# last iteration (0.125 vs 0.177); pool 256 with 480 steps of 32 (2.7x the warm-up examples): slow 0.50 / 0.31 /
+# 0.34 vs fast 0.09 / 0.06 / 0.06, merged 0.31 vs 0.29. Fast arithmetic stays near chance on held-out items
+# (their answers never appear in fast form), so auto's labels are ~all slow, it has no shorter right reply to
+# choose, and the full run's code family is where auto is judged. RL on this student (experiments.embedded_rl
+# --quick) raised the sampled reward (~0.31 -> ~0.46 over 80 steps) but not the greedy accuracy (-0.3 +- 3.1
+# points after 40 steps, -1.0 +- 3.1 after 80); the same run with pool labels (the same all-slow labels on other
+# prompts) gave +6.5 +- 2.5: at this size the quick RL verdict turns on the student's draw.
 QUICK = dict(iterations=3, warmup_steps=480, iteration_steps=50, fusion_steps=150, pool=256, select=48, samples=4,
              eval_items=32, levels=["1", "2", "3"], families=["arith"], width=64, layers=2, merge="accumulate",
-             reply_weighting="token", auto_label_rule="absolute", batch=32)
+             reply_weighting="token", auto_label_rule="absolute", auto_label_items="fresh", batch=32)
 LR = 3e-3
 MODES = ("slow", "fast", "auto")  # the order of pangu.reason.pipeline.MODES
 
@@ -135,7 +142,7 @@ def main(argv):
              "fusion_steps": _FUSION_STEPS, "pool": _POOL, "select": _SELECT, "samples": _SAMPLES,
              "eval_items": _EVAL_ITEMS, "levels": _LEVELS, "families": _FAMILIES, "width": _WIDTH,
              "layers": _LAYERS, "merge": _MERGE, "reply_weighting": _REPLY_WEIGHTING,
-             "auto_label_rule": _AUTO_LABEL_RULE, "batch": _BATCH}
+             "auto_label_rule": _AUTO_LABEL_RULE, "auto_label_items": _AUTO_LABEL_ITEMS, "batch": _BATCH}
   setup = {k: flag.value if flag.value is not None else defaults[k] for k, flag in flag_of.items()}
   import os
 

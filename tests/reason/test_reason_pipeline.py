@@ -92,8 +92,21 @@ def test_token_cap_fits_the_teachers_most_verbose_correct_reply():
   assert longest > canonical  # some picked targets are verbose: a cap at the canonical length would cut them
 
 
+def test_the_prompt_splits_are_disjoint_and_cover_every_family_and_level():
+  config = pipeline.PipelineConfig(levels=(1, 3), families=("arith", "code"), pool=64, eval_items=8)
+  splits = pipeline.data_splits(config, seed=3)
+  prompts = [{t.prompt for t in split} for split in splits]
+  assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
+  for split, per_group in zip(splits, (config.pool, config.pool, config.eval_items)):
+    counts = {(f, lv): sum(t.family == f and t.level == lv for t in split) for f in config.families
+              for lv in config.levels}
+    assert all(0 < n <= per_group for n in counts.values()), counts
+  assert splits.pool == pipeline.data_splits(config, seed=3).pool
+
+
 @pytest.mark.parametrize("field, value", [("levels", ()), ("families", ("open",)), ("merge", "average"),
-                                          ("reply_weighting", "sequence"), ("auto_label_rule", "oracle")])
+                                          ("reply_weighting", "sequence"), ("auto_label_rule", "oracle"),
+                                          ("auto_label_items", "eval")])
 def test_a_bad_pipeline_config_names_the_field(field, value):
   with pytest.raises(ValueError, match=f"PipelineConfig.{field}"):
     pipeline.PipelineConfig(**{field: value})
