@@ -17,7 +17,7 @@ MARS reward per family and level on held-out items, then GRPO with MARS rewards 
 the shared decode engine for rollouts at the policy temperature (full 0.5, quick 1), prompts drawn evenly over the
 families, zero-variance groups dropped and refilled until each family has its share of the batch, the shared train
 step with `grpo_loss`) on training prompts disjoint from the evaluation, then the same evaluation. Full mode is
-the claim's run: `python -m experiments.embedded_dual && python -m experiments.embedded_rl` (arith + code, ~26 min
+the claim's run: `python -m experiments.embedded_dual && python -m experiments.embedded_rl` (arith + code, ~40 min
 on 2 cores); the quick run trains the arithmetic-only quick student. The gain is the paired difference over
 the same items, reported with its standard error. Without a student the two keys say so
 and no claim is made about them. Goal (issue 19): RL improves mean accuracy by >= 5 points.
@@ -91,9 +91,11 @@ IDLE_GOAL, REWARD_TOLERANCE, RL_GOAL = 0.25, 0.02, 0.05
 # Full mode, 1536 held-out items, from that student (warm-up 1200 steps): token aggregation +5.8 +- 1.1 (code
 # +12.6, arithmetic -1.0 +- 1.4); --rl_aggregation=sequence_mean (each reply alike, not each token: code replies
 # are ~4x longer) +2.8 +- 1.0 (code +4.9, arithmetic +0.7 +- 1.4). Arithmetic's share of the gradient was not
-# what held it back: its levels 2-3 were at chance (0.13 / 0.07, ten answers). From the current full student
-# (warm-up 3000 steps; greedy 0.601, arithmetic 0.79 / 0.60 / 0.13 per level): +10.4 +- 1.0 (arithmetic +6.8 +-
-# 1.5, code +14.1 +- 1.3); from the same preset trained on padded batches (greedy 0.607): +9.8 +- 1.0.
+# what held it back: its levels 2-3 were at chance (0.13 / 0.07, ten answers). From a two-layer student (warm-up
+# 3000 steps; greedy 0.601, arithmetic 0.79 / 0.60 / 0.13 per level): +10.4 +- 1.0 (arithmetic +6.8 +- 1.5, code
+# +14.1 +- 1.3); from three layers with 600 fusion steps (greedy 0.816): +16.9 +- 1.0; from the current full
+# student (three layers, 1200 fusion steps; greedy 0.941): +5.9 +- 0.6 (arithmetic +7.4 +- 0.9, code +4.3 +- 0.7),
+# to 0.999.
 RL_GENERATIONS = 8
 GRPO_SETTINGS = dict(num_generations=RL_GENERATIONS)
 # The families whose student was saved before the checkpoint metadata named them.
