@@ -10,8 +10,9 @@ A byte-level student is trained from scratch on CPU (spec pangu_embedded.md, 3a-
      slow accuracy of the fine-tuned model (`acc`) and of the merged one (`acc_merged`).
   3. Fusion: labels for auto mode from the phase-1 model's fast-mode pass rates (fast when >= 0.75; under
      --auto_label_rule=relative also where fast passes at all and no less often than slow) on fresh prompts of
-     the same generators (--auto_label_items=pool: on the training pool), then SFT on slow + fast + auto replies. Evaluation: greedy, one max_new_tokens for every mode, repetition self-repair
-     on; truncated or malformed replies count as wrong; tokens are every generated token.
+     the same generators (--auto_label_items=pool: on the training pool), then SFT on slow + fast + auto
+     replies. Evaluation: greedy, one max_new_tokens for every mode, repetition self-repair on; truncated or
+     malformed replies count as wrong; tokens are every generated token.
 Writes <results_dir>/embedded_dual.json: {"iterations": [{"acc", "acc_merged"}], "modes": {mode: {level:
 {"accuracy", "mean_tokens"}}}, "claims": [...]}, embedded_dual.png (accuracy vs tokens per mode) and a table.
 The final student is saved as a pangu.train checkpoint in <results_dir>/embedded_dual_student/ (params via
@@ -67,10 +68,8 @@ FULL = dict(iterations=3, warmup_steps=3000, iteration_steps=50, fusion_steps=12
 # last iteration (0.125 vs 0.177); pool 256 with 480 steps of 32 (2.7x the warm-up examples): slow 0.50 / 0.31 /
 # 0.34 vs fast 0.09 / 0.06 / 0.06, merged 0.31 vs 0.29. Fast arithmetic stays near chance on held-out items
 # (their answers never appear in fast form), so auto's labels are ~all slow, it has no shorter right reply to
-# choose, and the full run's code family is where auto is judged. RL on this student (experiments.embedded_rl
-# --quick) raised the sampled reward (~0.31 -> ~0.46 over 80 steps) but not the greedy accuracy (-0.3 +- 3.1
-# points after 40 steps, -1.0 +- 3.1 after 80); the same run with pool labels (the same all-slow labels on other
-# prompts) gave +6.5 +- 2.5: at this size the quick RL verdict turns on the student's draw.
+# choose, and the full run's code family is where auto is judged. The quick RL gain depends on the student's
+# draw: +3.4 +- 3.0 points from this one, +9.4 +- 2.3 from the one of pool labels (experiments/embedded_rl.py).
 QUICK = dict(iterations=3, warmup_steps=480, iteration_steps=50, fusion_steps=150, pool=256, select=48, samples=4,
              eval_items=32, levels=["1", "2", "3"], families=["arith"], width=64, layers=2, merge="accumulate",
              reply_weighting="token", auto_label_rule="absolute", auto_label_items="fresh", batch=32)
