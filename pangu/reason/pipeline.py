@@ -233,12 +233,13 @@ def run(config: PipelineConfig, *, seed: int = 0, checkpoint_dir: str | None = N
     slow_pass = 1 - distill.score(model_config, state.params, label_items, tokenizer, FORMAT,
                                   samples=config.samples, mode="slow", max_new_tokens=max_new, rng=sub)
   labels = dual.auto_labels(1 - fast_c, config.fast_threshold, slow_pass)
-  labelled, label_solutions = ((kept, solutions) if label_items is pool
+  labelled, label_solutions = ((kept, solutions) if config.auto_label_items == "pool"
                                 else distill.distillation_targets(label_items, rng, tokenizer, FORMAT)[:2])
-  first = {}
+  label_of = {}  # a prompt drawn twice keeps its first label
   for task, label in zip(label_items, labels):
-    first.setdefault(task.prompt, label)
-  auto_pairs = dual.fusion_examples(labelled, label_solutions, [first[t.prompt] for t in labelled], FORMAT)[2::3]
+    label_of.setdefault(task.prompt, label)
+  auto_pairs = dual.fusion_examples(labelled, label_solutions, [label_of[t.prompt] for t in labelled],
+                                    FORMAT)[2::3]
   state, loss = train(state, [slow_pairs, fast_pairs, auto_pairs], config.fusion_steps - config.fusion_steps // 2)
   share = {lv: float(np.mean([lab == "fast" for t, lab in zip(label_items, labels) if t.level == lv]))
            for lv in config.levels}
