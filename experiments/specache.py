@@ -26,9 +26,9 @@ SpeCache (arXiv 2503.16163), spec specache.md section 4:
    fetched per decode step, summed over layers and rows; the spec hit rate is the share of each step's exact
    top-k (picked by the real token's own low-bit attention) that the speculative token had already prefetched,
    measured in free greedy generation after the prompt (`spec_hit_rate`, with `spec_agreement`, the share of
-   rows and steps whose speculative token was the next real token: the paper's setting) and on the teacher-forced text
-   (`spec_hit_rate_teacher_forced`, where the guess is at text the model did not write), as many steps each;
-   `spec_hit_rate_when_right` is the generation hit rate of the rows whose guess was right.
+   rows and steps whose speculative token was the next real token: the paper's setting) and on the
+   teacher-forced text (`spec_hit_rate_teacher_forced`, where the guess is at text the model did not write), as
+   many steps each; `spec_hit_rate_when_right` is the generation hit rate of the rows whose guess was right.
    Decode ms/token: each method generates `decode_steps` tokens after the prompt as a server would, in one
    compiled loop over its donated cache (SpeCache: pre-decoding, then two rows a step), in the library's decode
    layout (`pangu.infer.decoding.decode_layout`), the methods taking turns for `decode_rounds` rounds in one run;
@@ -300,8 +300,8 @@ def claims(payload: dict) -> list[dict]:
                    "reproduced" if payload["spec_hit_rate"] >= 0.8 else
                    "partly" if payload["spec_hit_rate"] >= 0.5 else "not reproduced"),
       common.claim("SpeCache", "Decode time <= 1.3x the full cache (goal)", "up to 4.6x throughput (GPU)",
-                   f"{time_ratio:.2f}x full per token ({payload['setup']['backend']}; compiled decode loops in the decode "
-                   "layout, SpeCache runs 2 tokens/step and pre-decodes"
+                   f"{time_ratio:.2f}x full per token ({payload['setup']['backend']}; compiled decode loops in the "
+                   "decode layout, SpeCache runs 2 tokens/step and pre-decodes"
                    + ("; on CPU decode is not memory-bound" if payload["setup"]["backend"] == "cpu" else "") + ")",
                    "reproduced" if time_ratio <= 1.3 else "partly" if time_ratio <= 2.0 else "not reproduced"),
   ]
