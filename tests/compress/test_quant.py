@@ -269,6 +269,32 @@ def test_unscaled_layers_keep_the_shift_alone():
     HTGConfig(scaled_layers=("qkv", "adaLN"))
 
 
+@pytest.mark.parametrize("proj_smoothing", ["fold_v", "explicit"])
+def test_shift_compensation_cancels_through_the_rounded_kernel(proj_smoothing):
+  """Each smoothed layer computes X_hat K + bias_g with X_hat = (X - z_g) / s. With the compensation on the
+  rounded kernel Q, bias_g = rest_g + (z_g / s) Q, so the shift cancels through Q exactly (rest_g: what the float
+  fold's bias holds besides (z_g / s) W_hat); the spec's float form leaves (z_g / s) (W_hat - Q)."""
+  params, stats = _random_params(), _synthetic_stats(2)
+  for compensation in ("quantised", "float"):
+    ptq = PTQConfig("htg", weight_bits=4, proj_smoothing=proj_smoothing, shift_compensation=compensation)
+    qparams, quant, report = quantise_dit(CONFIG, params, lambda p, q: stats, ptq, stats=stats)
+    folded, folded_quant = reparameterise(CONFIG, params, report["plans"], STEPS, proj_smoothing)
+    for (block, name), plan in report["plans"].items():
+      w_hat = np.asarray(folded[block][name]["kernel"], np.float64)
+      rounded = np.asarray(qparams[block][name]["kernel"], np.float64)
+      for step in range(STEPS):
+        def bias(q):
+          table = q[block][name]["bias_table"]
+          return np.asarray(table["values"], np.float64)[int(table["group_of_step"][step])]
+        z = plan.shift_per_step()[step] / plan.scale
+        leftover = bias(quant) - z @ rounded - (bias(folded_quant) - z @ w_hat)
+        expected = np.zeros_like(leftover) if compensation == "quantised" else z @ (w_hat - rounded)
+        np.testing.assert_allclose(leftover, expected, atol=1e-4 * (1 + np.abs(z @ w_hat).max()))
+        assert np.abs(z @ (w_hat - rounded)).max() > 1e-2  # 4-bit rounding error the two forms disagree by
+  with pytest.raises(ValueError, match="shift_compensation"):
+    PTQConfig(shift_compensation="none")
+
+
 def test_select_htg_keeps_the_candidate_with_the_lowest_calibration_score():
   """The score here is the quantised model's output error against float on held-out inputs, computed
   independently for each candidate; the selection must return its argmin."""

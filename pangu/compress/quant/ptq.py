@@ -9,7 +9,8 @@
 
 Embedders, adaLN linears and the final layer stay in float (spec 3.1). Steps: smoothing plans from the float
 model's per-step input stats -> re-parameterise -> re-collect stats from the folded float model -> activation
-ranges -> weights rounded (fake-quant in float, or real int8 for W8A8).
+ranges -> weights rounded (fake-quant in float, or real int8 for W8A8), the folded shift's bias term moved onto the
+rounded kernel.
 """
 
 import dataclasses
@@ -22,7 +23,7 @@ import numpy as np
 
 from pangu.compress.quant.calibration import Stats, quantised_layers
 from pangu.compress.quant.reparam import ProjSmoothing, reparameterise
-from pangu.compress.quant.smoothing import HTGConfig, htg_plan, ptq4dit_plan, smoothquant_plan
+from pangu.compress.quant.smoothing import HTGConfig, SmoothingPlan, htg_plan, ptq4dit_plan, smoothquant_plan
 from pangu.config_checks import one_of
 from pangu.models.dit import DiTConfig
 from pangu.nn.quantized import fake_quant_weight, quantise_symmetric, step_table, symmetric_scale
@@ -44,6 +45,11 @@ class PTQConfig:
     proj_smoothing: `fold_v` or `explicit` (spec 3.7).
     fc2_smoothing: `explicit` or `none`.
     act_range_per_group: HTG's activation ranges per (layer, group); False: one range per layer.
+    shift_compensation: which kernel the folded bias's shift term z_g W uses. `quantised` (default): the rounded
+      kernel the layer runs, so (X - z_g) Q(W) + z_g Q(W) = X Q(W) and the shift changes only what the activation
+      quantiser sees. `float`: the spec's literal b + z_g W (exact before rounding), which leaves a per-group
+      output error z_g (W - Q(W)); after a skewed input (post-GELU, where z_g sits far from most values) it can
+      outweigh what the shift saves.
     integer: run W8A8 through the real int8 x int8 -> int32 path instead of fake-quant.
   """
 
@@ -54,6 +60,7 @@ class PTQConfig:
   proj_smoothing: ProjSmoothing = "fold_v"
   fc2_smoothing: Literal["explicit", "none"] = "explicit"
   act_range_per_group: bool = True
+  shift_compensation: Literal["quantised", "float"] = "quantised"
   integer: bool = False
 
   def __post_init__(self):
@@ -62,6 +69,7 @@ class PTQConfig:
     one_of(self, "act_bits", (8,))
     one_of(self, "proj_smoothing", ("fold_v", "explicit"))
     one_of(self, "fc2_smoothing", ("explicit", "none"))
+    one_of(self, "shift_compensation", ("quantised", "float"))
     if self.integer and self.weight_bits != 8:
       raise ValueError(f"PTQConfig.integer needs weight_bits=8, got {self.weight_bits}")
 
@@ -115,9 +123,27 @@ def quantise_dit(config: DiTConfig, params: dict, stats_fn: StatsFn, ptq: PTQCon
       scale = symmetric_scale(kernel, 8, axis=0)
       layer_quant["kernel_int8"] = quantise_symmetric(kernel, scale, 8).astype(jnp.int8)
       layer_quant["kernel_scale"] = scale[0]
-    params[block][name] = dict(params[block][name], kernel=fake_quant_weight(kernel, ptq.weight_bits, per_channel))
+    rounded = fake_quant_weight(kernel, ptq.weight_bits, per_channel)
+    if plan is not None and ptq.shift_compensation == "quantised":
+      layer_quant["bias_table"] = compensate_shift(layer_quant["bias_table"], plan, kernel, rounded)
+    params[block][name] = dict(params[block][name], kernel=rounded)
     weight_bytes += kernel.size * ptq.weight_bits // 8 + 4 * (kernel.shape[1] if per_channel else 1)
   return params, quant, {"plans": plans, "weight_bytes": weight_bytes, "extra_bytes": table_bytes(quant)}
+
+
+def compensate_shift(bias_table: dict, plan: SmoothingPlan, kernel: jax.Array, rounded: jax.Array) -> dict:
+  """The folded bias table with its shift term moved onto the rounded kernel: + (z_g / s) (Q(W_hat) - W_hat).
+
+  The re-parameterised layer computes X_hat W_hat + b + (z_g / s) W_hat with X_hat = (X - z_g) / s (every fold
+  of `reparam` keeps this form, the V columns of qkv included). The table's groups refine the plan's, so each
+  table group takes the correction of the plan group its steps belong to.
+  """
+  delta = np.asarray(rounded, np.float64) - np.asarray(kernel, np.float64)
+  correction = (plan.shift / plan.scale) @ delta
+  table_groups = np.asarray(bias_table["group_of_step"])
+  first_step = [int(np.flatnonzero(table_groups == g)[0]) for g in range(bias_table["values"].shape[0])]
+  values = np.asarray(bias_table["values"], np.float64) + correction[plan.group_of_step[first_step]]
+  return step_table(jnp.asarray(values, jnp.float32), table_groups)
 
 
 def table_bytes(quant: dict) -> int:
