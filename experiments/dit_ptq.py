@@ -118,9 +118,15 @@ def claims(payload: dict) -> list[dict]:
                            f"goal (ours): class accuracy of samples >= {FP_CLASS_ACC}",
                            f"{acc:.3f} (FID-digits {fp:.3g})", "reproduced" if acc >= FP_CLASS_ACC else
                            "partly" if acc >= FP_CLASS_ACC / 2 else "not reproduced"))
-  calib = payload["w8a8"]["htg"]["calib_seconds"]
+  # The search over HTG's open constants is ours, not the paper's: the method with the spec's constants alone
+  # meeting the goal is "partly".
+  calib, spec_calib = payload["w8a8"]["htg"]["calib_seconds"], payload["w4a8"]["htg_spec"]["calib_seconds"]
+  search = payload["htg_selection"]["w8a8"]["search_seconds"]
   rows.append(common.claim("HTG (DiT PTQ)", "Calibration of the small DiT is quick", "goal < 3 min on 2 CPU cores",
-                           f"{calib:.1f} s", "reproduced" if calib < CALIBRATION_GOAL_S else "not reproduced"))
+                           f"W8A8: {calib:.1f} s, of it {search:.1f} s searching its constants on the calibration "
+                           f"split; with the spec's constants (W4A8) {spec_calib:.1f} s",
+                           "reproduced" if calib < CALIBRATION_GOAL_S else
+                           "partly" if spec_calib < CALIBRATION_GOAL_S else "not reproduced"))
   return rows
 
 
