@@ -276,7 +276,8 @@ def test_shift_compensation_cancels_through_the_rounded_kernel(proj_smoothing):
   fold's bias holds besides (z_g / s) W_hat); the spec's float form leaves (z_g / s) (W_hat - Q)."""
   params, stats = _random_params(), _synthetic_stats(2)
   for compensation in ("quantised", "float"):
-    ptq = PTQConfig("htg", weight_bits=4, proj_smoothing=proj_smoothing, shift_compensation=compensation)
+    ptq = PTQConfig("htg", weight_bits=4, proj_smoothing=proj_smoothing,
+                    htg=HTGConfig(shift_compensation=compensation))
     qparams, quant, report = quantise_dit(CONFIG, params, lambda p, q: stats, ptq, stats=stats)
     folded, folded_quant = reparameterise(CONFIG, params, report["plans"], STEPS, proj_smoothing)
     for (block, name), plan in report["plans"].items():
@@ -292,7 +293,7 @@ def test_shift_compensation_cancels_through_the_rounded_kernel(proj_smoothing):
         np.testing.assert_allclose(leftover, expected, atol=1e-4 * (1 + np.abs(z @ w_hat).max()))
         assert np.abs(z @ (w_hat - rounded)).max() > 1e-2  # 4-bit rounding error the two forms disagree by
   with pytest.raises(ValueError, match="shift_compensation"):
-    PTQConfig(shift_compensation="none")
+    HTGConfig(shift_compensation="none")
 
 
 def test_select_htg_keeps_the_candidate_with_the_lowest_calibration_score():
@@ -310,8 +311,8 @@ def test_select_htg_keeps_the_candidate_with_the_lowest_calibration_score():
 
   ptq = PTQConfig("htg", weight_bits=4)
   candidates = htg_candidates(ptq.htg, alphas=(0.0, 0.99))
-  assert [(c.alpha, "fc2" in c.scaled_layers) for c in candidates] == [(0.0, True), (0.0, False), (0.99, True),
-                                                                         (0.99, False)]
+  assert [(c.alpha, "fc2" in c.scaled_layers, c.shift_compensation) for c in candidates] == list(
+      itertools.product((0.0, 0.99), (True, False), ("quantised", "float")))
   chosen, scores = select_htg(CONFIG, params, stats_fn, ptq, candidates, score, stats=stats)
   expected = [score(*quantise_dit(CONFIG, params, stats_fn, PTQConfig("htg", weight_bits=4, htg=c), stats)[:2])
               for c in candidates]

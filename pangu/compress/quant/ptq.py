@@ -9,8 +9,8 @@
 
 Embedders, adaLN linears and the final layer stay in float (spec 3.1). Steps: smoothing plans from the float
 model's per-step input stats -> re-parameterise -> re-collect stats from the folded float model -> activation
-ranges -> weights rounded (fake-quant in float, or real int8 for W8A8), the folded shift's bias term moved onto the
-rounded kernel.
+ranges -> weights rounded (fake-quant in float, or real int8 for W8A8), HTG's folded shift term moved onto the
+rounded kernel unless `HTGConfig.shift_compensation='float'`.
 """
 
 import dataclasses
@@ -45,11 +45,6 @@ class PTQConfig:
     proj_smoothing: `fold_v` or `explicit` (spec 3.7).
     fc2_smoothing: `explicit` or `none`.
     act_range_per_group: HTG's activation ranges per (layer, group); False: one range per layer.
-    shift_compensation: which kernel the folded bias's shift term z_g W uses. `quantised` (default): the rounded
-      kernel the layer runs, so (X - z_g) Q(W) + z_g Q(W) = X Q(W) and the shift changes only what the activation
-      quantiser sees. `float`: the spec's literal b + z_g W (exact before rounding), which leaves a per-group
-      output error z_g (W - Q(W)); after a skewed input (post-GELU, where z_g sits far from most values) it can
-      outweigh what the shift saves.
     integer: run W8A8 through the real int8 x int8 -> int32 path instead of fake-quant.
   """
 
@@ -60,7 +55,6 @@ class PTQConfig:
   proj_smoothing: ProjSmoothing = "fold_v"
   fc2_smoothing: Literal["explicit", "none"] = "explicit"
   act_range_per_group: bool = True
-  shift_compensation: Literal["quantised", "float"] = "quantised"
   integer: bool = False
 
   def __post_init__(self):
@@ -69,7 +63,6 @@ class PTQConfig:
     one_of(self, "act_bits", (8,))
     one_of(self, "proj_smoothing", ("fold_v", "explicit"))
     one_of(self, "fc2_smoothing", ("explicit", "none"))
-    one_of(self, "shift_compensation", ("quantised", "float"))
     if self.integer and self.weight_bits != 8:
       raise ValueError(f"PTQConfig.integer needs weight_bits=8, got {self.weight_bits}")
 
@@ -124,7 +117,7 @@ def quantise_dit(config: DiTConfig, params: dict, stats_fn: StatsFn, ptq: PTQCon
       layer_quant["kernel_int8"] = quantise_symmetric(kernel, scale, 8).astype(jnp.int8)
       layer_quant["kernel_scale"] = scale[0]
     rounded = fake_quant_weight(kernel, ptq.weight_bits, per_channel)
-    if plan is not None and ptq.shift_compensation == "quantised":
+    if plan is not None and ptq.htg.shift_compensation == "quantised":
       layer_quant["bias_table"] = compensate_shift(layer_quant["bias_table"], plan, kernel, rounded)
     params[block][name] = dict(params[block][name], kernel=rounded)
     weight_bytes += kernel.size * ptq.weight_bits // 8 + 4 * (kernel.shape[1] if per_channel else 1)

@@ -47,6 +47,14 @@ class HTGConfig:
       The spec scales all four (default); the paper does not say how the post-GELU fc2 input is handled, and
       at 4-bit weights its scale can cost more weight error than it saves (our choice, picked on calibration
       data by `pangu.compress.quant.select`).
+    shift_compensation: which kernel the folded bias's shift term z_g W uses once the weights are rounded
+      (`pangu.compress.quant.ptq`), i.e. what their rounding error acts on. `quantised` (default): the rounded
+      kernel Q(W) the layer runs, so (X - z_g) Q(W) + z_g Q(W) = X Q(W): the shift cancels exactly, changes only
+      what the activation quantiser sees, and the rounding error acts on X as without a shift. `float`: the
+      spec's literal b + z_g W (the same function before rounding): the error acts on X - z_g, smaller where an
+      input's mass sits near its midpoint z_g, larger where it is one-sided (after GELU most values are near 0
+      and z_g far above them). Neither wins on every model; the paper does not say which order it uses (our
+      choice, picked on calibration data with the others).
   """
 
   n_groups: int | None = None
@@ -55,9 +63,11 @@ class HTGConfig:
   use_shift: bool = True
   use_scale: bool = True
   scaled_layers: tuple[str, ...] = BLOCK_LINEARS
+  shift_compensation: Literal["quantised", "float"] = "quantised"
 
   def __post_init__(self):
     one_of(self, "scale", ("sqrt_weight", "normalised"))
+    one_of(self, "shift_compensation", ("quantised", "float"))
     if unknown := sorted(set(self.scaled_layers) - set(BLOCK_LINEARS)):
       raise ValueError(f"HTGConfig.scaled_layers has {unknown}, not among the block linears {BLOCK_LINEARS}")
     if not 0.0 <= self.alpha < 1.0:
