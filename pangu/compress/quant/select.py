@@ -4,8 +4,8 @@ The paper fixes the method's parts but not every constant a small model needs: t
 scale (alpha = 0.99 in its ablation, on DiT-XL), what to do with the post-GELU fc2 input (unstated) and whether
 the folded shift's bias term uses the float or the rounded kernel (unstated). Rather than fixing them by the
 evaluation, `select_htg` quantises the model with each candidate setting and keeps the one whose quantised model
-scores best on a calibration split (the caller's score: e.g. the paired MSE of samples against the
-float model from the calibration noise and labels, disjoint from the evaluation's).
+scores best on a calibration split (the caller's score: e.g. the paired MSE of samples against the float model
+from the calibration noise and labels, disjoint from the evaluation's).
 """
 
 import dataclasses
