@@ -72,7 +72,8 @@ def claims(payload: dict) -> list[dict]:
   for bits, close in FP_CLOSE.items():
     htg = payload[bits]["htg"]["fid"]
     ratio = htg / fp - 1
-    verdict = ("reproduced" if ratio <= close else "partly" if ratio <= 3 * close else "not reproduced")
+    # Either side: quantisation noise can also lower FID-digits, which is a departure from FP all the same.
+    verdict = ("reproduced" if abs(ratio) <= close else "partly" if abs(ratio) <= 3 * close else "not reproduced")
     rows.append(common.claim("HTG (DiT PTQ)", f"{bits.upper()} with HTG keeps FID close to full precision",
                              f"goal: within {close:.0%} of FP (DiT-XL/2 ImageNet FID unconfirmed)",
                              f"FID-digits {htg:.3g} vs FP {fp:.3g} ({ratio:+.1%}; FP itself moves "
