@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pangu.compress.quant.calibration import Stats, quantised_layers
+from pangu.compress.quant.grouping import collapse
 from pangu.compress.quant.reparam import ProjSmoothing, reparameterise
 from pangu.compress.quant.smoothing import HTGConfig, SmoothingPlan, htg_plan, ptq4dit_plan, smoothquant_plan
 from pangu.config_checks import one_of
@@ -128,14 +129,13 @@ def compensate_shift(bias_table: dict, plan: SmoothingPlan, kernel: jax.Array, r
   """The folded bias table with its shift term moved onto the rounded kernel: + (z_g / s) (Q(W_hat) - W_hat).
 
   The re-parameterised layer computes X_hat W_hat + b + (z_g / s) W_hat with X_hat = (X - z_g) / s (every fold
-  of `reparam` keeps this form, the V columns of qkv included). The table's groups refine the plan's, so each
-  table group takes the correction of the plan group its steps belong to.
+  of `reparam` keeps this form, the V columns of qkv included). The table's groups refine the plan's, so the
+  per-step correction is constant within each of them.
   """
   delta = np.asarray(rounded, np.float64) - np.asarray(kernel, np.float64)
-  correction = (plan.shift / plan.scale) @ delta
+  correction = (plan.shift_per_step() / plan.scale) @ delta
   table_groups = np.asarray(bias_table["group_of_step"])
-  first_step = [int(np.flatnonzero(table_groups == g)[0]) for g in range(bias_table["values"].shape[0])]
-  values = np.asarray(bias_table["values"], np.float64) + correction[plan.group_of_step[first_step]]
+  values = np.asarray(bias_table["values"], np.float64) + collapse(correction, table_groups)
   return step_table(jnp.asarray(values, jnp.float32), table_groups)
 
 
