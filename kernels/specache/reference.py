@@ -33,8 +33,11 @@ def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
 def unpack_bits(packed: jax.Array, bits: int) -> jax.Array:
   """uint8 [..., P] -> uint8 codes [..., P * 8 / bits] (the inverse of `pack_bits`)."""
   per = codes_per_byte(bits)
-  mask = jnp.uint8((1 << bits) - 1)
-  return jnp.concatenate([(packed >> jnp.uint8(j * bits)) & mask for j in range(per)], axis=-1)
+  # One broadcast shift over a new slot axis, then a reshape: XLA:CPU fuses it into a vectorised loop, where a
+  # concatenate of the per-slot shifts along the byte axis ran 3x slower (the decode step's largest op).
+  shifts = (jnp.arange(per, dtype=jnp.uint8) * bits)[:, None]
+  codes = (packed[..., None, :] >> shifts) & jnp.uint8((1 << bits) - 1)
+  return codes.reshape(*packed.shape[:-1], per * packed.shape[-1])
 
 
 def dequantize_keys(codes: jax.Array, scale: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
