@@ -13,6 +13,15 @@ def pallas_supported(tokens: int, group: int, block_tokens: int = pallas.DEFAULT
   return jax.default_backend() in ("gpu", "tpu") and tokens % block == 0 and block % group == 0
 
 
+def resolve_implementation(implementation: str | None, tokens: int, group: int) -> str:
+  """`implementation`, or for None the kernel where `pallas_supported`, else `xla`."""
+  if implementation is None:
+    return "pallas" if pallas_supported(tokens, group) else "xla"
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+  return implementation
+
+
 def lowbit_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Array, *, bits: int,
                   implementation: str | None = None) -> jax.Array:
   """q [B, K, G, Dh], codes [B, K, T, Dh * bits / 8] uint8, scale / zero [B, K, T / g, Dh] -> scores
@@ -21,11 +30,7 @@ def lowbit_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Ar
   implementation: `pallas` (compiled), `pallas_interpret` (the kernel interpreted, for CPU tests), `xla` (the
   reference), or None: the kernel where `pallas_supported`, else the reference.
   """
-  if implementation is None:
-    group = codes.shape[2] // scale.shape[2]
-    implementation = "pallas" if pallas_supported(codes.shape[2], group) else "xla"
+  implementation = resolve_implementation(implementation, codes.shape[2], codes.shape[2] // scale.shape[2])
   if implementation == "xla":
     return reference.lowbit_scores(q, codes, scale, zero, bits=bits)
-  if implementation in ("pallas", "pallas_interpret"):
-    return pallas.lowbit_scores(q, codes, scale, zero, bits=bits, interpret=implementation == "pallas_interpret")
-  raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+  return pallas.lowbit_scores(q, codes, scale, zero, bits=bits, interpret=implementation == "pallas_interpret")

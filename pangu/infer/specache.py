@@ -13,8 +13,10 @@ Per layer and KV head (spec sections 3.1-3.5):
   3. Attention reads the mixed cache: dequantised low-bit keys with the top-k rows overwritten by their
      full-precision copies, then the residual.
   4. After attending, `observe_queries` scores the last query row (the speculative token's in a SpeCache step)
-     against the low-bit keys (pangu_kernels.specache), averages over each KV group (`gqa_reduce`), takes the
-     top-k low-bit positions and prefetches them for the same layer's next step.
+     against the keys it attended over (the low-bit keys with the top-k rows at full precision, then the
+     residual; the bit-packed keys through pangu_kernels.specache where it compiles), averages the
+     probabilities over each KV group (`gqa_reduce`), takes the top-k low-bit positions and prefetches them for
+     the same layer's next step.
   5. Prefetch (`SpeCacheConfig.prefetch`). `async` (default): the gather and copy of layer l's next top-k rows
      are issued in `observe_queries`, right after layer l's speculative scores, and consumed only by layer l
      of the next step; nothing else in the step waits for them, so the scheduler runs the copy beside layers
@@ -250,22 +252,42 @@ class SpeCacheLayerCache:
     positions = jnp.concatenate([low_positions, self.residual_positions], axis=1)
     return CachedKV(keys, values, positions, self.slots + self.lengths - self.quantized)
 
+  def _speculative_logits(self, queries: jax.Array) -> jax.Array:
+    """Scaled logits [B, K, G, T + Rc] of queries [B, K, G, Dh] against the keys attention read: the low-bit
+    slots with this step's top-k rows at full precision (the spec's K_mix), then the residual.
+
+    Where the Pallas kernel compiles, it scores the bit-packed keys (b / 32 of the float keys' bytes: what a
+    memory-bound device pays for) and the k full-precision rows are scored apart and written over their slots.
+    Elsewhere (XLA:CPU, compute-bound) the row is scored against the mixed keys `read` already dequantised
+    (XLA computes them once), instead of dequantising the store a second time. Both give the same logits.
+    """
+    cfg = self.config
+    q = queries.astype(jnp.float32)
+    scaled = lambda keys: jnp.einsum("bkgd,bktd->bkgt", q, keys.astype(jnp.float32)) * q.shape[-1] ** -0.5
+    implementation = kernel.resolve_implementation(cfg.scoring, self.slots, cfg.quant.group)
+    if implementation == "xla":
+      return scaled(self.read().keys)
+    low = kernel.lowbit_scores(queries, *self.keys_low, bits=cfg.quant.bits, implementation=implementation)
+    index = jnp.where(self.topk_index < self.slots, self.topk_index, self.slots)  # no row: dropped
+    overwrite = lambda scores, index, exact: scores.at[:, index].set(exact, mode="drop")
+    low = jax.vmap(jax.vmap(overwrite))(low, index, scaled(self._top_rows()[0]))
+    return jnp.concatenate([low, scaled(self.residual_keys)], axis=-1)
+
   def select_topk(self, queries: jax.Array) -> jax.Array:
     """The top-k store slots [B, K, k] (T: none) for queries [B, K, G, Dh].
 
     Candidates are the slots that are low-bit at the next step: the low-bit store, plus the residual's first R
     tokens when a flush is due (scored at full precision, as they are still in the residual). Votes are the
-    attention probabilities (normalised over low-bit and residual keys) reduced over each KV group.
+    attention probabilities over the keys attention read (`_speculative_logits`; spec section 3.5, step 4),
+    normalised over low-bit and residual keys and reduced over each KV group.
     """
     cfg, t, r = self.config, self.slots, self.config.residual
-    scores = kernel.lowbit_scores(queries, *self.keys_low, bits=cfg.quant.bits, implementation=cfg.scoring)
-    residual = jnp.einsum("bkgd,bkrd->bkgr", queries.astype(jnp.float32),
-                          self.residual_keys.astype(jnp.float32)) * queries.shape[-1] ** -0.5
+    logits = self._speculative_logits(queries)
+    low = jnp.arange(t)[None] < self.quantized[:, None]
     in_residual = jnp.arange(cfg.residual_slots)[None] < (self.lengths - self.quantized)[:, None]
     flush_due = (self.lengths - self.quantized >= r)[:, None]
-    candidate = jnp.concatenate([jnp.arange(t)[None] < self.quantized[:, None], in_residual[:, :r] & flush_due], 1)
-    logits = jnp.concatenate([scores, residual], axis=-1)
-    logits = jnp.where(jnp.concatenate([candidate, in_residual[:, r:]], 1)[:, None, None], logits, _MASKED)
+    candidate = jnp.concatenate([low, in_residual[:, :r] & flush_due], 1)
+    logits = jnp.where(jnp.concatenate([low, in_residual], 1)[:, None, None], logits, _MASKED)
     votes = jax.nn.softmax(logits, axis=-1) if cfg.gqa_reduce == "mean_prob" else logits
     votes = jnp.where(candidate[:, None], votes[..., :t + r].mean(2), -jnp.inf)
     k = min(cfg.top_k, t + r)

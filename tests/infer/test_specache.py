@@ -147,6 +147,49 @@ def test_incremental_flush_equals_quantising_from_scratch(model):
   np.testing.assert_allclose(got.residual_keys[:, :, :5], want.residual_keys[:, :, :5], rtol=1e-6)
 
 
+def _numpy_topk(cache, queries, full_precision_rows=True):
+  """float64 reference of the speculative top-k (spec section 3.5, step 4): the attention row over the keys
+  attention read (low-bit keys, this step's top-k rows at full precision, then the residual), its probabilities
+  averaged over each KV group, the top k of the low-bit slots (no flush is due here) -> a set per row and head."""
+  cfg, t = cache.config, cache.slots
+  keys = np.asarray(quantized_kv.dequantize(cache.keys_low, cfg.quant.bits, keys=True), np.float64)
+  host, index = np.asarray(cache.host_keys, np.float64), np.asarray(cache.topk_index)
+  b, kv = keys.shape[:2]
+  for row, head in np.ndindex(b, kv):
+    held = index[row, head][index[row, head] < t]
+    if full_precision_rows:
+      keys[row, head, held] = host[row, head, held]
+  keys = np.concatenate([keys, np.asarray(cache.residual_keys, np.float64)], axis=2)
+  logits = np.einsum("bkgd,bktd->bkgt", np.asarray(queries, np.float64), keys) / np.sqrt(keys.shape[-1])
+  quantized, lengths = np.asarray(cache.quantized)[:, None], np.asarray(cache.lengths)[:, None]
+  low = np.arange(t)[None] < quantized
+  seen = np.concatenate([low, np.arange(keys.shape[2] - t)[None] < lengths - quantized], axis=1)
+  logits = np.where(seen[:, None, None], logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  votes = np.where(low[:, None], (probs / probs.sum(-1, keepdims=True)).mean(2)[..., :t], -np.inf)
+  return [[set(np.argsort(-votes[row, head])[:cfg.top_k]) for head in range(kv)] for row in range(b)]
+
+
+@pytest.mark.parametrize("scoring", ["xla", "pallas_interpret"])
+def test_speculative_topk_is_the_attention_row_over_the_keys_attention_read(scoring):
+  """The kernel path (bit-packed keys, the held rows scored apart) and the XLA path (the mixed keys `read`
+  dequantised) both pick the top-k from the attention row over K_mix: the held rows at full precision."""
+  rng = np.random.default_rng(8)
+  cfg = SpeCacheConfig(QuantConfig(bits=1, group=16), residual=32, top_k=8, scoring=scoring)
+  b, kv, g, dh = 2, 2, 3, 16
+  tokens = rng.normal(size=(2, b, 70, kv, dh)).astype(np.float32)
+  dense = DenseLayerCache.empty(b, kv, 70, dh, jnp.float32).write(
+      jnp.asarray(tokens[0]), jnp.asarray(tokens[1]), jnp.tile(jnp.arange(70, dtype=jnp.int32), (b, 1)))
+  cache = SpeCacheLayerCache.from_dense(dense.drop_last(jnp.array([0, 20])), cfg)  # 64 and 32 low-bit slots
+  queries = jnp.asarray(rng.normal(size=(2, b, kv, g, dh)), jnp.float32)
+  cache = cache.observe_queries(queries[0].reshape(b, 1, kv * g, dh), None)  # holds a first top-k
+  assert np.all(np.asarray(cache.topk_index) < np.asarray(cache.quantized)[:, None, None])
+  got = np.asarray(cache.select_topk(queries[1]))
+  want = _numpy_topk(cache, queries[1])
+  assert want != _numpy_topk(cache, queries[1], full_precision_rows=False)  # the held rows change the choice
+  assert [[set(got[row, head]) for head in range(kv)] for row in range(b)] == want
+
+
 @pytest.mark.parametrize("bits,group", [(1, 16), (2, 8)])
 def test_device_bytes_equal_the_closed_form(bits, group):
   cfg = SpeCacheConfig(QuantConfig(bits=bits, group=group), residual=16, top_k=8)
