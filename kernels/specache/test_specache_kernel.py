@@ -1,10 +1,11 @@
 """The low-bit scoring kernel (interpreted on CPU) against its reference and a float64 NumPy dequantisation."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pangu_kernels.specache import pallas, reference
+from pangu_kernels.specache import api, pallas, reference
 
 
 def _random_lowbit(rng, b, k, t, dh, bits, group):
@@ -43,3 +44,12 @@ def test_kernel_refuses_a_block_that_splits_a_group():
   with pytest.raises(ValueError, match="multiple of the group size"):
     pallas.lowbit_scores(q, jnp.zeros((1, 1, 128, 4), jnp.uint8), jnp.zeros((1, 1, 2, 32)), jnp.zeros((1, 1, 2, 32)),
                          bits=1, block_tokens=32, interpret=True)
+
+
+def test_implementation_resolves_to_the_reference_where_the_kernel_does_not_compile():
+  assert api.resolve_implementation(None, 96, 64) == "xla"  # a block of 96 tokens splits a group of 64
+  if jax.default_backend() == "cpu":  # the test tier's backend: Pallas does not compile there
+    assert api.resolve_implementation(None, 256, 32) == "xla"
+  assert api.resolve_implementation("pallas_interpret", 256, 32) == "pallas_interpret"  # asked for: kept
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    api.resolve_implementation("triton", 256, 32)

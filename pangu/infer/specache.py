@@ -82,6 +82,7 @@ class SpeCacheConfig:
                          f"got {getattr(self, name)!r}")
     one_of(self, "gqa_reduce", GQA_REDUCE)
     one_of(self, "prefetch", PREFETCH)
+    one_of(self, "scoring", (None, *kernel.IMPLEMENTATIONS))
 
   @property
   def residual_slots(self) -> int:

@@ -209,6 +209,8 @@ def test_config_errors_name_the_field():
     QuantConfig(bits=3)
   with pytest.raises(ValueError, match="gqa_reduce"):
     SpeCacheConfig(gqa_reduce="max")
+  with pytest.raises(ValueError, match="SpeCacheConfig.scoring must be one of"):
+    SpeCacheConfig(scoring="triton")
 
 
 def test_eviction_baselines_keep_the_tokens_their_rule_names(model):
