@@ -1,4 +1,5 @@
-"""SpeCache: the KIVI quantiser against float64 NumPy, the cache against the dense cache's exact decoding."""
+"""SpeCache: the KIVI quantiser and the speculative top-k against float64 NumPy, the cache against the dense
+cache's exact decoding."""
 
 import dataclasses
 
@@ -150,7 +151,8 @@ def test_incremental_flush_equals_quantising_from_scratch(model):
 def _numpy_topk(cache, queries, full_precision_rows=True):
   """float64 reference of the speculative top-k (spec section 3.5, step 4): the attention row over the keys
   attention read (low-bit keys, this step's top-k rows at full precision, then the residual), its probabilities
-  averaged over each KV group, the top k of the low-bit slots (no flush is due here) -> a set per row and head."""
+  averaged over each KV group, the top k of the low-bit slots (no flush is due here) -> a set per row and head.
+  The low-bit keys come from the library's dequantisation, itself checked against NumPy above."""
   cfg, t = cache.config, cache.slots
   keys = np.asarray(quantized_kv.dequantize(cache.keys_low, cfg.quant.bits, keys=True), np.float64)
   host, index = np.asarray(cache.host_keys, np.float64), np.asarray(cache.topk_index)
