@@ -23,7 +23,8 @@ from experiments import common, xla_host
 # (module, what it studies, expected --quick seconds on 2 cores when no previous run says otherwise: measured
 # 2026-12-05 09:20-09:44 in one report run of a fresh clone, rounded: 1400 s in all; that day's runs of
 # 07:20 and 03:19 took 1275 s and 1151 s, the one of 2026-12-03 1758 s, on the same machine; dit_ptq re-measured
-# alone at 13:35 after its search grew to 12 candidates: 191 s, was 184).
+# alone at 13:35 after its search grew to 12 candidates: 191 s, was 184; with three quick replicate models
+# instead of one, 2026-12-05 14:23: 328 s).
 # The benchmarks (`experiments.bench_*`: no paper claim) run on demand: bench_decode and bench_train_step compare
 # against PyTorch (the `bench` extra); bench_moe_layer, bench_moe_routing and bench_attention time kernels and
 # exchanges that only a GPU makes informative (on CPU they cost ~1 min of the quick budget).
@@ -45,7 +46,7 @@ EXPERIMENTS = (
                  "full cache on needle retrieval at matched device memory (reuses sdtp's cached retrieval LM).", 192),
     ("dit_ptq", "HTG: timestep-aware W8A8 / W4A8 post-training quantisation of a small DiT on digits against naive, "
                 "SmoothQuant-style and PTQ4DiT-style PTQ; G sweep (the first run trains the DiT; re-runs reuse it).",
-     191),
+     328),
     ("embedded_dual", "Pangu Embedded: iterative distillation with merging, then fast / slow / auto modes of a "
                       "byte-level student trained from scratch.", 94),
     ("embedded_rl", "Pangu Embedded: the SSP scheduler with a priority queue under long-tail generation lengths "
