@@ -5,7 +5,11 @@
 SpeCache (arXiv 2503.16163), spec specache.md section 4:
 1. The LM is experiments.retrieval_lm's, shared with `sdtp` (trained once, cached under
    <results_dir>/retrieval_lm; the report runs sdtp first, so this loads it): a 12-layer GQA byte LM (RoPE) whose
-   retrieval circuit reads one-token needles [key, value] buried in corpus text (pangu.data.retrieval).
+   retrieval circuit reads one-token needles [key, value] buried in corpus text (pangu.data.retrieval). It
+   retrieves at the lengths it trained on: longer contexts need `--lm_train_lens` (and `--lm_mixed_steps`), which
+   train a separate LM, e.g. 4k tokens at the paper's g = 64:
+     python -m experiments.specache --quick --context=4096 --group=64 --residual=64 --top_k=64 \
+       --lm_train_lens=512,2048,8192 --lm_mixed_steps=300
 2. Every method decodes the same prompts, each haystack prefilled exactly (dense cache) and then compressed into
    the method's cache, twice:
    - `accuracy`, the question at the end of the prompt (LongBench's setting, the paper's): the query key is the
@@ -56,6 +60,10 @@ _DECODE_STEPS = flags.DEFINE_integer("decode_steps", None, "Tokens per timed gen
                                      lower_bound=1)
 _DECODE_ROUNDS = flags.DEFINE_integer("decode_rounds", None, "Interleaved timing rounds (default 5, --quick 3).",
                                       lower_bound=1)
+_LM_TRAIN_LENS = flags.DEFINE_list("lm_train_lens", None, "Row lengths the LM's circuit trains on (default the "
+                                   "recipe's: 512,1024,2048, --quick 256,512).")
+_LM_MIXED_STEPS = flags.DEFINE_integer("lm_mixed_steps", None, "The LM circuit's mixed-length training steps "
+                                       "(default the recipe's: 1200, --quick 150).", lower_bound=1)
 
 SINKS, QUERY = 4, 1  # QUERY: prompt tokens of the query (the key)
 
@@ -90,6 +98,7 @@ def device_kv_bytes(cache) -> int:
 
 
 SPECACHE_KINDS = ("specache", "specache_exact")
+PREFILL_CHUNK = 1024  # bounds the prefill's [B, H, chunk, T] attention scores at 8k-token contexts
 
 
 def compressed_cache(config, params, tokens, prefill_len: int, room: int, kind: str, settings):
@@ -101,7 +110,9 @@ def compressed_cache(config, params, tokens, prefill_len: int, room: int, kind: 
   factory = eviction_cache.AttentionMassRecorder.empty if kind == "h2o" else infer.DenseLayerCache.empty
   cache = infer.init_cache(config, jnp.zeros(tokens.shape[0], jnp.int32), tokens.shape[1] + room,
                            layer_cache=factory)
-  _, cache = infer.extend(config, params, jnp.asarray(tokens[:, :prefill_len]), cache)
+  prompt = jnp.asarray(tokens[:, :prefill_len])
+  for start in range(0, prefill_len, PREFILL_CHUNK):
+    _, cache = infer.extend(config, params, prompt[:, start:start + PREFILL_CHUNK], cache, last_only=True)
   if kind in SPECACHE_KINDS:
     return specache.offload_host_store(specache.to_specache(cache, settings))
   if kind == "h2o":
@@ -256,6 +267,31 @@ def _prefetch_hits(config, params, cache, token) -> tuple["np.ndarray", "np.ndar
   return hit.sum((0, 2, 3)), valid.sum((0, 2, 3))
 
 
+def lm_recipe(base: dict) -> dict:
+  """The retrieval LM's recipe: `base` with the --lm_* flags given."""
+  setup = dict(base)
+  if _LM_TRAIN_LENS.value is not None:
+    try:
+      setup["train_lens"] = tuple(int(n) for n in _LM_TRAIN_LENS.value)
+    except ValueError:
+      raise app.UsageError(f"--lm_train_lens must be integers, got {_LM_TRAIN_LENS.value}") from None
+    if not setup["train_lens"] or min(setup["train_lens"]) < 2:
+      raise app.UsageError(f"--lm_train_lens must be lengths >= 2, got {_LM_TRAIN_LENS.value}")
+  if _LM_MIXED_STEPS.value is not None:
+    setup["circuit_mixed"] = _LM_MIXED_STEPS.value
+  return setup
+
+
+def ratio_limit(config, quant, itemsize: int) -> float:
+  """Full / SpeCache device bytes per token at any length (the residual and top-k buffer left out): K and V of
+  every KV head at `itemsize` bytes against their low-bit copy (scale and zero at `itemsize`), each cache also
+  holding an int32 position per token."""
+  from pangu.infer.quantized_kv import lowbit_bytes_per_token
+  kv_heads, head_dim = config.n_kv_heads, config.head_dim
+  return (2 * kv_heads * head_dim * itemsize + 4) / (
+      kv_heads * lowbit_bytes_per_token(head_dim, quant, scale_bytes=itemsize) + 4)
+
+
 def claims(payload: dict) -> list[dict]:
   m = payload["methods"]
   full, one, two, exact = m["full"], m["specache_1bit"], m["specache_2bit"], m["specache_1bit_exact"]
@@ -272,7 +308,7 @@ def claims(payload: dict) -> list[dict]:
                    "LongBench 44.4 vs 45.3 at 10x",
                    f"accuracy {one['accuracy']:.2f} vs full {full['accuracy']:.2f} ({keep:.0%}) at {ratio:.1f}x "
                    f"smaller device KV ({context} tokens; the 1-bit format's limit at any length is "
-                   f"{payload['setup']['compression_ratio_limit']:.1f}x at this head size and group), ppl "
+                   f"{payload['setup']['compression_ratio_limit']:.1f}x at this head size, KV heads and group), ppl "
                    f"{one['ppl']:.2f} vs {full['ppl']:.2f}", quality),
       common.claim("SpeCache", "Beats KIVI-1bit-only and H2O at the same device memory",
                    "information forgetting avoided",
@@ -328,7 +364,7 @@ def main(argv):
   from pangu.data import retrieval
   from pangu.infer import eviction_cache
   from pangu.infer.specache import SpeCacheConfig, specache_device_bytes
-  from pangu.infer.quantized_kv import QuantConfig, lowbit_bytes_per_token
+  from pangu.infer.quantized_kv import QuantConfig
   quick = common.QUICK.value
 
   context = common.pick(_CONTEXT, 2048, 512)
@@ -336,8 +372,8 @@ def main(argv):
   residual, ppl_tokens = common.pick(_RESIDUAL, 64, 32), common.pick(_PPL_TOKENS, 32, 8)
   group = _GROUP.value
   decode_steps, decode_rounds = common.pick(_DECODE_STEPS, 16, 8), common.pick(_DECODE_ROUNDS, 5, 3)
-  config, params, training = retrieval_lm.train_or_load(retrieval_lm.QUICK if quick else retrieval_lm.FULL,
-                                                        common.RESULTS_DIR.value)
+  lm_setup = lm_recipe(retrieval_lm.QUICK if quick else retrieval_lm.FULL)
+  config, params, training = retrieval_lm.train_or_load(lm_setup, common.RESULTS_DIR.value)
   # Needles anywhere in the prefilled part, away from the last ppl_tokens + query tokens.
   limit = (context - ppl_tokens - QUERY - 3) / (context - 2)
   prompts = retrieval.eval_prompts(1, retrieval_lm.vocab(), retrieval_lm.haystack("validation"), context, n_prompts,
@@ -358,8 +394,10 @@ def main(argv):
     results[name]["decode_ms_per_token"] = ms
     print(f"{name}: {ms:.2f} ms per generated token", flush=True)
   full_bytes, one_bytes = results["full"]["device_kv_bytes"], results["specache_1bit"]["device_kv_bytes"]
-  paper_one = specache_device_bytes(one_bit, batch=1, kv_heads=1, head_dim=config.head_dim, slots=slots,
-                                    itemsize=2, scale_bytes=2)
+  # The paper's 16-bit accounting: elements, scales and zeros at 2 bytes; both caches hold int32 positions.
+  one_16bit = specache_device_bytes(one_bit, batch=1, kv_heads=config.n_kv_heads, head_dim=config.head_dim,
+                                    slots=slots, itemsize=2, scale_bytes=2)
+  full_16bit = slots * (2 * config.n_kv_heads * config.head_dim * 2 + 4)
   payload = {
       "methods": {name: {k: r[k] for k in ("accuracy", "accuracy_mid_generation", "ppl", "device_kv_bytes",
                                             "host_bytes", "transfer_bytes_per_step", "decode_ms_per_token")}
@@ -368,15 +406,14 @@ def main(argv):
       **generation_speculation(config, params, prompts, ppl_tokens, compared["specache_1bit"][1]),
       "spec_hit_rate_teacher_forced": results["specache_1bit"]["spec_hit_rate_teacher_forced"],
       "setup": {"lm_train_seconds": training["train_seconds"], "lm_cached": training["cached"],
+                "lm_train_lens": list(lm_setup["train_lens"]), "lm_mixed_steps": lm_setup["circuit_mixed"],
                 "context": context, "prompts": n_prompts, "top_k": top_k, "residual": residual, "group": group,
                 "ppl_tokens": ppl_tokens, "slot_budget_h2o_streaming": slot_budget,
                 "decode_steps": decode_steps, "decode_rounds": decode_rounds,
-                "compression_ratio_16bit": 2 * slots * config.head_dim * 2 / paper_one,
+                "compression_ratio_16bit": full_16bit / one_16bit,
                 # Without the fixed residual and top-k buffer: full bytes / low-bit bytes per token.
-                "compression_ratio_limit": 2 * config.head_dim * itemsize / lowbit_bytes_per_token(
-                    config.head_dim, one_bit.quant, scale_bytes=itemsize),
-                "compression_ratio_limit_16bit": 2 * config.head_dim * 2 / lowbit_bytes_per_token(
-                    config.head_dim, one_bit.quant, scale_bytes=2),
+                "compression_ratio_limit": ratio_limit(config, one_bit.quant, itemsize),
+                "compression_ratio_limit_16bit": ratio_limit(config, one_bit.quant, 2),
                 "model": {"d_model": config.d_model, "n_layers": config.n_layers, "n_heads": config.n_heads,
                           "n_kv_heads": config.n_kv_heads, "head_dim": config.head_dim},
                 "h2o_note": "one kept set per layer (attention summed over heads), not per head",
