@@ -4,8 +4,8 @@ No absl flags here, so experiment modules can import it.
 Task: pangu.data.retrieval (one-token needles carrying a key and a value, buried in corpus text; the query is the
 key token, the answer the value token). Recipe, all through the library's train step
 (`pangu.train.step.make_train_step`):
-  1. circuit: a 2-layer GQA model (RoPE, head size 32) learns associative recall on dense rows of needles and
-     queries, DENSE_LEN tokens (`circuit_dense` steps: a head that matches the query key against the needles and
+  1. circuit: a 2-layer GQA model (RoPE, head size `head_dim`) learns associative recall on dense rows of needles
+     and queries, DENSE_LEN tokens (`circuit_dense` steps: a head that matches the query key against the needles and
      copies the value), then on a mix of dense rows and text rows with needles at lengths `train_lens`
      (`circuit_mixed` steps), so attention by content carries to the evaluation lengths.
   2. grow: `pangu.models.growth.grow_depth` inserts identity layers (zero output projections: the function is
@@ -36,9 +36,9 @@ from pangu.data import retrieval
 
 SEED = 0
 DENSE_LEN, BATCH, NEEDLES, ANSWER_WEIGHT, DENSE_SHARE = 64, 32, 4, 4.0, 0.5
-FULL = dict(width=128, heads=4, kv_heads=2, d_ff=256, layers=12, circuit_at=(5, 11), circuit_dense=400,
+FULL = dict(width=128, heads=4, kv_heads=2, head_dim=32, d_ff=256, layers=12, circuit_at=(5, 11), circuit_dense=400,
             circuit_mixed=1200, grown_steps=200, train_lens=(512, 1024, 2048), peak_lr=3e-3)
-QUICK = dict(width=64, heads=2, kv_heads=1, d_ff=128, layers=12, circuit_at=(5, 11), circuit_dense=150,
+QUICK = dict(width=64, heads=2, kv_heads=1, head_dim=32, d_ff=128, layers=12, circuit_at=(5, 11), circuit_dense=150,
              circuit_mixed=150, grown_steps=0, train_lens=(256, 512), peak_lr=3e-3)
 
 
@@ -55,8 +55,8 @@ def haystack(split: str) -> retrieval.Haystack:
 def model_config(setup: dict, n_layers: int):
   from pangu import models
   return models.TransformerConfig(vocab_size=vocab().vocab_size, d_model=setup["width"], n_layers=n_layers,
-                                  n_heads=setup["heads"], n_kv_heads=setup["kv_heads"], d_ff=setup["d_ff"],
-                                  init="small", max_position_embeddings=8192)
+                                  n_heads=setup["heads"], n_kv_heads=setup["kv_heads"], head_dim=setup["head_dim"],
+                                  d_ff=setup["d_ff"], init="small", max_position_embeddings=8192)
 
 
 def _train(config, params, steps: int, lengths: tuple, dense_share: float, peak_lr: float, rng, train_text,
