@@ -42,7 +42,8 @@ SpeCache (arXiv 2503.16163), spec specache.md section 4:
 
 Writes <results_dir>/specache.json: {"methods": {name: {"accuracy", "accuracy_mid_generation", "ppl",
 "device_kv_bytes", "host_bytes", "transfer_bytes_per_step", "decode_ms_per_token"}}, "compression_ratio",
-"spec_hit_rate", "spec_agreement", "spec_hit_rate_when_right", "spec_hit_rate_teacher_forced", "setup",
+"paired_with_full": {name: {"full_right_method_wrong", "method_right_full_wrong"}} (prompts, question at the
+end), "spec_hit_rate", "spec_agreement", "spec_hit_rate_when_right", "spec_hit_rate_teacher_forced", "setup",
 "claims"}, specache.png (accuracy vs device KV bytes) and specache.md.
 """
 
@@ -136,17 +137,18 @@ def generate(config, params, cache, token, steps: int, kind: str, settings):
   return specache.cached_decode(config, params, cache, token, steps)
 
 
-def answer_after_prompt(config, params, prompts, kind: str, settings) -> float:
-  """Accuracy with the question at the end of the prompt (LongBench's setting): the haystack is prefilled and
-  compressed, and the query key is the first decoded token: SpeCache picks its top-k by pre-decoding it (Algorithm
-  2: the token's own attention over the low-bit cache), and its first step answers from the fetched rows."""
+def answer_after_prompt(config, params, prompts, kind: str, settings) -> "np.ndarray":
+  """Per prompt [N], whether the answer is right with the question at the end of the prompt (LongBench's
+  setting): the haystack is prefilled and compressed, and the query key is the first decoded token: SpeCache
+  picks its top-k by pre-decoding it (Algorithm 2: the token's own attention over the low-bit cache), and its
+  first step answers from the fetched rows."""
   import jax.numpy as jnp
   import numpy as np
   tokens = np.stack([p.tokens for p in prompts])
   answers = np.stack([p.answer for p in prompts])
   cache = compressed_cache(config, params, tokens, tokens.shape[1] - QUERY, answers.shape[1] + 2, kind, settings)
   fed, _ = generate(config, params, cache, jnp.asarray(tokens[:, -QUERY]), 1 + answers.shape[1], kind, settings)
-  return float(np.mean(np.all(np.asarray(fed)[:, 1:] == answers, axis=1)))
+  return np.all(np.asarray(fed)[:, 1:] == answers, axis=1)
 
 
 def decode_ms_per_token(config, params, prompts, methods: dict, steps: int, rounds: int) -> dict[str, float]:
@@ -305,7 +307,7 @@ def ratio_limit(config, quant, itemsize: int) -> float:
 def claims(payload: dict) -> list[dict]:
   m = payload["methods"]
   full, one, two, exact = m["full"], m["specache_1bit"], m["specache_2bit"], m["specache_1bit_exact"]
-  ratio = payload["compression_ratio"]
+  ratio, paired = payload["compression_ratio"], payload["paired_with_full"]["specache_1bit"]
   keep = one["accuracy"] / full["accuracy"] if full["accuracy"] > 0 else float("nan")
   beats = one["accuracy"] > max(m["kivi_1bit"]["accuracy"], m["h2o"]["accuracy"])
   quality = ("reproduced" if keep >= 0.98 and ratio >= 10 else
@@ -316,7 +318,9 @@ def claims(payload: dict) -> list[dict]:
   return [
       common.claim("SpeCache", "Close to full-cache quality at ~10x smaller device KV cache (1-bit)",
                    "LongBench 44.4 vs 45.3 at 10x",
-                   f"accuracy {one['accuracy']:.2f} vs full {full['accuracy']:.2f} ({keep:.0%}) at {ratio:.1f}x "
+                   f"accuracy {one['accuracy']:.2f} vs full {full['accuracy']:.2f} ({keep:.0%}; wrong where the "
+                   f"full cache is right on {paired['full_right_method_wrong']} of {payload['setup']['prompts']} "
+                   f"prompts, right where it is wrong on {paired['method_right_full_wrong']}) at {ratio:.1f}x "
                    f"smaller device KV ({context} tokens; the 1-bit format's limit at any length is "
                    f"{payload['setup']['compression_ratio_limit']:.1f}x at this head size, KV heads and group), ppl "
                    f"{one['ppl']:.2f} vs {full['ppl']:.2f}", quality),
@@ -394,9 +398,10 @@ def main(argv):
   budget_bytes = specache_device_bytes(one_bit, batch=1, kv_heads=config.n_kv_heads, head_dim=config.head_dim,
                                        slots=slots, itemsize=itemsize)
   slot_budget = int(budget_bytes // eviction_cache.slot_bytes(config.n_kv_heads, config.head_dim, itemsize))
-  results, compared = {}, methods(top_k, residual, group, slot_budget)
+  results, right, compared = {}, {}, methods(top_k, residual, group, slot_budget)
   for name, (kind, settings) in compared.items():
-    results[name] = {"accuracy": answer_after_prompt(config, params, prompts, kind, settings),
+    right[name] = answer_after_prompt(config, params, prompts, kind, settings)
+    results[name] = {"accuracy": float(np.mean(right[name])),
                      **evaluate(config, params, prompts, ppl_tokens, kind, settings,
                                 hit_rate=name == "specache_1bit")}
     print(name, results[name], flush=True)
@@ -413,6 +418,10 @@ def main(argv):
                                             "host_bytes", "transfer_bytes_per_step", "decode_ms_per_token")}
                   for name, r in results.items()},
       "compression_ratio": full_bytes / one_bytes,
+      # Paired per prompt (question at the end): where a method and the full cache disagree.
+      "paired_with_full": {name: {"full_right_method_wrong": int(np.sum(right["full"] & ~r)),
+                                  "method_right_full_wrong": int(np.sum(~right["full"] & r))}
+                           for name, r in right.items() if name != "full"},
       **generation_speculation(config, params, prompts, ppl_tokens, compared["specache_1bit"][1]),
       "spec_hit_rate_teacher_forced": results["specache_1bit"]["spec_hit_rate_teacher_forced"],
       "setup": {"lm_train_seconds": training["train_seconds"], "lm_cached": training["cached"],
