@@ -294,14 +294,18 @@ def lm_recipe(base: dict) -> dict:
   return setup
 
 
+def full_bytes_per_token(config, itemsize: int) -> int:
+  """The full cache's bytes per token and layer: K and V of every KV head at `itemsize` bytes, and the int32
+  position."""
+  return 2 * config.n_kv_heads * config.head_dim * itemsize + 4
+
+
 def ratio_limit(config, quant, itemsize: int) -> float:
-  """Full / SpeCache device bytes per token at any length (the residual and top-k buffer left out): K and V of
-  every KV head at `itemsize` bytes against their low-bit copy (scale and zero at `itemsize`), each cache also
-  holding an int32 position per token."""
+  """Full / SpeCache device bytes per token at any length (the residual and top-k buffer left out): the full
+  cache against the low-bit copy of every KV head (scale and zero at `itemsize`) and the same int32 position."""
   from pangu.infer.quantized_kv import lowbit_bytes_per_token
-  kv_heads, head_dim = config.n_kv_heads, config.head_dim
-  return (2 * kv_heads * head_dim * itemsize + 4) / (
-      kv_heads * lowbit_bytes_per_token(head_dim, quant, scale_bytes=itemsize) + 4)
+  return full_bytes_per_token(config, itemsize) / (
+      config.n_kv_heads * lowbit_bytes_per_token(config.head_dim, quant, scale_bytes=itemsize) + 4)
 
 
 def claims(payload: dict) -> list[dict]:
@@ -412,7 +416,7 @@ def main(argv):
   # The paper's 16-bit accounting: elements, scales and zeros at 2 bytes; both caches hold int32 positions.
   one_16bit = specache_device_bytes(one_bit, batch=1, kv_heads=config.n_kv_heads, head_dim=config.head_dim,
                                     slots=slots, itemsize=2, scale_bytes=2)
-  full_16bit = slots * (2 * config.n_kv_heads * config.head_dim * 2 + 4)
+  full_16bit = slots * full_bytes_per_token(config, 2)
   payload = {
       "methods": {name: {k: r[k] for k in ("accuracy", "accuracy_mid_generation", "ppl", "device_kv_bytes",
                                             "host_bytes", "transfer_bytes_per_step", "decode_ms_per_token")}
