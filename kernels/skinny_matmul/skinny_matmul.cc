@@ -4,18 +4,15 @@
 // of K at a time in 12 AVX2 registers, and the same 3 weight rows (in L1) serve every 4-row block of x
 // before the next 3 are read. XLA:CPU's library GEMMs pack the weight on every call instead, which costs
 // more than the multiply-adds when M is 1..16 (kernels/skinny_matmul/api.py has the measurements).
-// Columns are split over XLA's intra-op thread pool when it has more than one thread.
+// Columns are split over XLA's intra-op thread pool when it has more than one thread (parallel_for.h).
 
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
-#include <memory>
-#include <mutex>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -83,37 +80,6 @@ void Columns(const float* x, const float* w, float* y, int64_t m_size, int64_t n
 // Below this many weight bytes per chunk, scheduling costs more than it saves.
 constexpr int64_t kMinBytesPerChunk = 256 << 10;
 
-// Column chunks claimed one at a time by the caller and by helpers on XLA's pool. The caller never waits for
-// a helper that has not started (the pool may be busy, or be this very thread): it computes every unclaimed
-// chunk itself and then waits only for chunks in progress. Late helpers find nothing left and return; the
-// shared state outlives them.
-struct Chunks {
-  const float* x;
-  const float* w;
-  float* y;
-  int64_t m_size, n_size, k_size, width, count;
-  std::atomic<int64_t> next{0};
-  int64_t running = 0;
-  std::mutex mutex;
-  std::condition_variable idle;
-
-  void Work() {
-    while (true) {
-      {
-        std::lock_guard<std::mutex> lock(mutex);
-        ++running;
-      }
-      const int64_t chunk = next.fetch_add(1);
-      if (chunk < count) {
-        Columns(x, w, y, m_size, n_size, k_size, chunk * width, std::min(n_size, (chunk + 1) * width));
-      }
-      std::lock_guard<std::mutex> lock(mutex);
-      if (--running == 0) idle.notify_all();
-      if (chunk >= count) return;
-    }
-  }
-};
-
 ffi::Error SkinnyMatmulImpl(ffi::ThreadPool pool, Matrix x, Matrix w, ffi::Result<Matrix> y) {
   const int64_t m_size = x.dimensions()[0], k_size = x.dimensions()[1], n_size = w.dimensions()[0];
   if (w.dimensions()[1] != k_size || y->dimensions()[0] != m_size || y->dimensions()[1] != n_size) {
@@ -121,24 +87,17 @@ ffi::Error SkinnyMatmulImpl(ffi::ThreadPool pool, Matrix x, Matrix w, ffi::Resul
   }
   const int64_t bytes = n_size * k_size * static_cast<int64_t>(sizeof(float));
   const int64_t threads = std::min<int64_t>(pool.num_threads(), bytes / kMinBytesPerChunk);
-  if (threads <= 1) {
-    Columns(x.typed_data(), w.typed_data(), y->typed_data(), m_size, n_size, k_size, 0, n_size);
-    return ffi::Error::Success();
-  }
-  auto chunks = std::make_shared<Chunks>();
-  chunks->x = x.typed_data();
-  chunks->w = w.typed_data();
-  chunks->y = y->typed_data();
-  chunks->m_size = m_size;
-  chunks->n_size = n_size;
-  chunks->k_size = k_size;
   // Four chunks per thread, in multiples of the block width 3, even out threads slowed by other work.
-  chunks->width = std::max<int64_t>(3, (n_size / (4 * threads) + 2) / 3 * 3);
-  chunks->count = (n_size + chunks->width - 1) / chunks->width;
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([chunks] { chunks->Work(); });
-  chunks->Work();
-  std::unique_lock<std::mutex> lock(chunks->mutex);
-  chunks->idle.wait(lock, [&] { return chunks->running == 0; });
+  const int64_t width = std::max<int64_t>(3, (n_size / (4 * std::max<int64_t>(threads, 1)) + 2) / 3 * 3);
+  const int64_t chunks = threads <= 1 ? 1 : (n_size + width - 1) / width;
+  const float* x_data = x.typed_data();
+  const float* w_data = w.typed_data();
+  float* y_data = y->typed_data();
+  pangu_kernels::ParallelFor(pool, chunks, threads, [&](int64_t chunk) {
+    const int64_t begin = chunks == 1 ? 0 : chunk * width;
+    const int64_t end = chunks == 1 ? n_size : std::min(n_size, (chunk + 1) * width);
+    Columns(x_data, w_data, y_data, m_size, n_size, k_size, begin, end);
+  });
   return ffi::Error::Success();
 }
 
