@@ -1,11 +1,13 @@
-"""The plain-XLA oracle for scoring queries against bit-packed low-bit keys, and the bit layout both share.
+"""The plain-XLA oracles for attention's two products over bit-packed low-bit K / V, and the bit layout the
+kernels share.
 
 Bit layout (KIVI codes, b in {1, 2} bits): a row of Dh codes packs into P = Dh * b / 8 bytes; bit slot j of
 byte p holds channel j * P + p, so unpacking slot j yields the contiguous channels [j P, (j + 1) P) (a kernel
 unpacks with one shift and mask per slot, no interleaving).
 
 Keys are quantised per channel over groups of g consecutive tokens: codes [B, K, T, P] uint8, scale and zero
-[B, K, T / g, Dh]; key t, channel d reconstructs as codes * scale[t // g, d] + zero[t // g, d].
+[B, K, T / g, Dh]; key t, channel d reconstructs as codes * scale[t // g, d] + zero[t // g, d]. Values are
+quantised per token over groups of g_v consecutive channels: scale and zero [B, K, T, Dh / g_v].
 """
 
 import jax
@@ -53,3 +55,19 @@ def lowbit_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Ar
   -> float32 [B, K, G, T]: q . k_hat / sqrt(Dh)."""
   keys = dequantize_keys(codes, scale, zero, bits)
   return jnp.einsum("bkgd,bktd->bkgt", q.astype(jnp.float32), keys) * q.shape[-1] ** -0.5
+
+
+def dequantize_values(codes: jax.Array, scale: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
+  """codes [B, K, T, P], scale / zero [B, K, T, Dh / g_v] -> float32 values [B, K, T, Dh]."""
+  values = unpack_bits(codes, bits).astype(jnp.float32)
+  *lead, dh = values.shape
+  groups = scale.shape[-1]
+  grouped = values.reshape(*lead, groups, dh // groups)
+  return (grouped * scale[..., None].astype(jnp.float32) + zero[..., None].astype(jnp.float32)).reshape(*lead, dh)
+
+
+def lowbit_weighted_values(probs: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Array, *,
+                           bits: int) -> jax.Array:
+  """Attention weights probs [B, K, G, T] times the low-bit values -> float32 [B, K, G, Dh]."""
+  values = dequantize_values(codes, scale, zero, bits)
+  return jnp.einsum("bkgt,bktd->bkgd", probs.astype(jnp.float32), values)

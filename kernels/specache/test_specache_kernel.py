@@ -1,4 +1,4 @@
-"""The low-bit scoring kernel (interpreted on CPU) against its reference and a float64 NumPy dequantisation."""
+"""The low-bit kernels (Pallas interpreted on CPU, the AVX2 FFI kernel) against their references and float64 NumPy."""
 
 import jax
 import jax.numpy as jnp
@@ -46,10 +46,57 @@ def test_kernel_refuses_a_block_that_splits_a_group():
                          bits=1, block_tokens=32, interpret=True)
 
 
-def test_implementation_resolves_to_the_reference_where_the_kernel_does_not_compile():
-  assert api.resolve_implementation(None, 96, 64) == "xla"  # a block of 96 tokens splits a group of 64
+needs_cpu_kernel = pytest.mark.skipif(not api.cpu_kernel_registered(),
+                                      reason="the lowbit kernel does not build or run on this machine")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("bits,dh,group,value_group,rows", [
+    (1, 128, 64, 64, 4),  # the vector path: whole 8-byte blocks, value groups of 8k channels
+    (2, 64, 32, 32, 5),   # rows past one block of 4
+    (1, 32, 16, 8, 3),    # 4 bytes a row: the 4-byte (SSE) path
+    (2, 48, 16, 16, 2),   # 12 bytes: scores in 8 + 4, values in 4-byte blocks (8 would straddle a value group)
+    (2, 16, 8, 4, 1),     # value groups of 4 channels
+    (1, 16, 8, 2, 2),     # 2 bytes a row, value groups of 2: the scalar paths
+])
+def test_cpu_kernels_match_float64_numpy(bits, dh, group, value_group, rows):
+  rng = np.random.default_rng(bits * dh)
+  b, k, t = 2, 3, 4 * group
+  codes, scale, zero = _random_lowbit(rng, b, k, t, dh, bits, group)
+  values = rng.integers(0, 1 << bits, size=(b, k, t, dh))
+  v_scale = rng.uniform(0.1, 1.0, size=(b, k, t, dh // value_group))
+  v_zero = rng.normal(size=(b, k, t, dh // value_group))
+  q = rng.normal(size=(b, k, rows, dh))
+  probs = rng.dirichlet(np.ones(t), size=(b, k, rows))
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  pack = lambda c: reference.pack_bits(jnp.asarray(c), bits)
+
+  scores = api.lowbit_scores(f32(q), pack(codes), f32(scale), f32(zero), bits=bits, implementation="cpu")
+  keys = codes * np.repeat(scale, group, axis=2) + np.repeat(zero, group, axis=2)
+  np.testing.assert_allclose(scores, np.einsum("bkgd,bktd->bkgt", q, keys) / np.sqrt(dh), rtol=1e-4, atol=1e-4)
+
+  out = api.lowbit_weighted_values(f32(probs), pack(values), f32(v_scale), f32(v_zero), bits=bits,
+                                   implementation="cpu")
+  dequantised = values * np.repeat(v_scale, value_group, axis=3) + np.repeat(v_zero, value_group, axis=3)
+  np.testing.assert_allclose(out, np.einsum("bkgt,bktd->bkgd", probs, dequantised), rtol=1e-4, atol=1e-5)
+
+
+@needs_cpu_kernel
+def test_cpu_kernels_run_inside_jit_and_refuse_other_dtypes():
+  q, codes = jnp.ones((1, 1, 2, 64)), jnp.full((1, 1, 32, 8), 0b10101010, jnp.uint8)
+  scale, zero = jnp.ones((1, 1, 1, 64)), jnp.zeros((1, 1, 1, 64))
+  scores = jax.jit(lambda *a: api.lowbit_scores(*a, bits=1, implementation="cpu"))(q, codes, scale, zero)
+  np.testing.assert_allclose(scores, jnp.full((1, 1, 2, 32), 32 / 8.0))  # every other channel is 1
+  with pytest.raises(ValueError, match="float32"):
+    api.lowbit_scores(q.astype(jnp.bfloat16), codes, scale, zero, bits=1, implementation="cpu")
+
+
+def test_implementation_resolves_to_a_kernel_that_runs_here():
+  cpu_or_reference = "cpu" if api.cpu_supported() else "xla"
+  assert api.resolve_implementation(None, 96, 64) == cpu_or_reference  # a Pallas block of 96 splits g = 64
   if jax.default_backend() == "cpu":  # the test tier's backend: Pallas does not compile there
-    assert api.resolve_implementation(None, 256, 32) == "xla"
+    assert api.resolve_implementation(None, 256, 32) == cpu_or_reference
+    assert api.cpu_supported() == api.cpu_kernel_registered()
   assert api.resolve_implementation("pallas_interpret", 256, 32) == "pallas_interpret"  # asked for: kept
   with pytest.raises(ValueError, match="implementation must be one of"):
     api.resolve_implementation("triton", 256, 32)

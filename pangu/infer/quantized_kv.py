@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from pangu.config_checks import one_of
-from pangu_kernels.specache.reference import dequantize_keys, pack_bits, unpack_bits
+from pangu_kernels.specache.reference import dequantize_keys, dequantize_values, pack_bits
 
 ONE_BIT_LEVELS = ("quarter", "minmax")
 
@@ -87,18 +87,9 @@ def quantize_values(values: jax.Array, config: QuantConfig) -> LowBit:
   return LowBit(pack_bits(codes.reshape(b, k, t, dh), config.bits), scale[..., 0], zero[..., 0])
 
 
-def dequantize_values(low: LowBit, bits: int) -> jax.Array:
-  """The inverse of `quantize_values` up to rounding: float32 [B, K, T, Dh]."""
-  codes = unpack_bits(low.codes, bits).astype(jnp.float32)
-  b, k, t, dh = codes.shape
-  groups = low.scale.shape[-1]
-  grouped = codes.reshape(b, k, t, groups, dh // groups)
-  return (grouped * low.scale[..., None] + low.zero[..., None]).reshape(b, k, t, dh)
-
-
 def dequantize(low: LowBit, bits: int, *, keys: bool) -> jax.Array:
   """Keys or values back to float32 [B, K, T, Dh]."""
-  return dequantize_keys(*low, bits) if keys else dequantize_values(low, bits)
+  return dequantize_keys(*low, bits) if keys else dequantize_values(*low, bits)
 
 
 def lowbit_bytes_per_token(head_dim: int, config: QuantConfig, scale_bytes: int) -> float:
