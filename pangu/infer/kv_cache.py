@@ -11,6 +11,9 @@ Contract (what the model relies on; SpeCache's offloaded cache and quantised cac
     dtype, the position of each slot [B, T] (negative: empty or left padding) and the slots written per row
     [B]. Attention masks by those positions (causal, window) and lengths, so slots need not be in order.
   * Both run inside jit, inside the layer scan, on traced arrays: no host syncs, no data-dependent shapes.
+  * Optional hooks (pangu.nn.attention.LayerCache): `observe_queries` shows a query-aware cache the queries that
+    attended over `read()` (H2O); `attend` replaces `read` + attention for a cache that attention should read in
+    place (SpeCache's bit-packed codes), with the same output.
   * `KVCache.drop_last(n)` forgets each row's last n[b] tokens in every layer (the rejected drafts of
     speculative decoding); the next write overwrites them.
 

@@ -10,15 +10,17 @@ Per layer and KV head (spec sections 3.1-3.5):
   2. Device: the low-bit keys (per channel over g tokens) and values (per token over g_v channels), bit-packed;
      a full-precision residual of the latest < R tokens (flushed into the low-bit store as one block of R when
      full, at the start of the next write, so a speculative token never enters it); the top-k buffer.
-  3. Attention reads the mixed cache: dequantised low-bit keys with the top-k rows overwritten by their
-     full-precision copies, then the residual.
-  4. After attending, `observe_queries` scores the last query row (the speculative token's in a SpeCache step)
-     against the keys it attended over (the low-bit keys with the top-k rows at full precision, then the
-     residual; the bit-packed keys through pangu_kernels.specache where it compiles), averages the
-     probabilities over each KV group (`gqa_reduce`), takes the top-k low-bit positions and prefetches them for
-     the same layer's next step.
+  3. Attention (`attend`, the cache's attention hook) reads the mixed cache: the low-bit keys with the top-k
+     rows at full precision, then the residual, and likewise the values. The packed codes are read in place by
+     pangu_kernels.specache (Pallas on GPU / TPU for the scores, an AVX2 FFI kernel on CPU for both products);
+     the held rows enter as exact scores written over their slots and as corrections p (v - v_hat). `read`
+     builds the same mixed cache as dense arrays (the LayerCache contract); XLA would dequantise the whole
+     store into them every step, which on CPU costs more than reading the full-precision cache.
+  4. After attending, the last query row (the speculative token's in a SpeCache step) picks the top-k: the
+     attention probabilities it attended with, averaged over each KV group (`gqa_reduce`), the top-k low-bit
+     positions, prefetched for the same layer's next step.
   5. Prefetch (`SpeCacheConfig.prefetch`). `async` (default): the gather and copy of layer l's next top-k rows
-     are issued in `observe_queries`, right after layer l's speculative scores, and consumed only by layer l
+     are issued right after layer l's speculative scores, and consumed only by layer l
      of the next step; nothing else in the step waits for them, so the scheduler runs the copy beside layers
      l+1..L (on a GPU the host-to-device copy runs on its own stream; in `specache_decode`'s loop the copy
      issued at step t also overlaps the rest of step t). `sync`: only the indices are kept, and the rows are
@@ -42,7 +44,7 @@ from pangu.infer.kv_cache import DenseLayerCache, KVCache, extend_cache, write_r
 from pangu.infer.quantized_kv import LowBit, QuantConfig, dequantize, lowbit_bytes_per_token, quantize_keys, quantize_values
 from pangu.models.config import TransformerConfig
 from pangu.models.transformer import Decoder
-from pangu.nn.attention import CachedKV
+from pangu.nn.attention import AttentionMask, CachedKV
 from pangu.parallel import host_memory
 from pangu_kernels import specache as kernel
 
@@ -59,7 +61,8 @@ class SpeCacheConfig:
     top_k: k, full-precision pairs fetched per layer, KV head and step; 0 gives KIVI (no fetch).
     gqa_reduce: how a KV group's query heads vote: mean of probabilities (paper) or of logits.
     max_step_tokens: most tokens one decode write appends (the real and the speculative token: 2).
-    scoring: pangu_kernels.specache implementation (None: the kernel where it compiles, else the reference).
+    implementation: pangu_kernels.specache implementation of attention's products over the packed codes (None:
+      a kernel where one runs, else the XLA reference, which dequantises the store first).
     prefetch: `async` fetches the next step's top-k rows as soon as they are chosen, `sync` when they are
       read (module docstring, item 5).
   """
@@ -69,7 +72,7 @@ class SpeCacheConfig:
   top_k: int = 64
   gqa_reduce: str = "mean_prob"
   max_step_tokens: int = 2
-  scoring: str | None = None
+  implementation: str | None = None
   prefetch: str = "async"
 
   def __post_init__(self):
@@ -82,7 +85,7 @@ class SpeCacheConfig:
                          f"got {getattr(self, name)!r}")
     one_of(self, "gqa_reduce", GQA_REDUCE)
     one_of(self, "prefetch", PREFETCH)
-    one_of(self, "scoring", (None, *kernel.IMPLEMENTATIONS))
+    one_of(self, "implementation", (None, *kernel.IMPLEMENTATIONS))
 
   @property
   def residual_slots(self) -> int:
@@ -161,7 +164,7 @@ class SpeCacheLayerCache:
   @classmethod
   def from_dense(cls, dense: DenseLayerCache, config: SpeCacheConfig) -> "SpeCacheLayerCache":
     """Compresses a prefilled dense layer cache: whole R-blocks of each row go low-bit, the rest is the
-    residual (spec section 3.3). The top-k buffer starts empty (`observe_queries` fills it)."""
+    residual (spec section 3.3). The top-k buffer starts empty (`attend` fills it)."""
     b, kv, t, dh = dense.keys.shape
     r, slots = config.residual, config.store_slots(t)
     pad = lambda a, axis, value=0: jnp.pad(a, [(0, slots + config.residual_slots - t) if i == axis else (0, 0)
@@ -249,48 +252,80 @@ class SpeCacheLayerCache:
     top_keys, top_values = self._top_rows()
     keys = self._mixed(self.keys_low, self.residual_keys, top_keys, True)
     values = self._mixed(self.values_low, self.residual_values, top_values, False)
+    return self._positions()._replace(keys=keys, values=values)
+
+  def _positions(self) -> CachedKV:
+    """`read`'s slot positions [B, T + Rc] and lengths [B], without keys or values."""
     low_positions = jnp.where(jnp.arange(self.slots)[None] < self.quantized[:, None], self.positions, -1)
     positions = jnp.concatenate([low_positions, self.residual_positions], axis=1)
-    return CachedKV(keys, values, positions, self.slots + self.lengths - self.quantized)
+    return CachedKV(None, None, positions, self.slots + self.lengths - self.quantized)
 
-  def _speculative_logits(self, queries: jax.Array) -> jax.Array:
-    """Scaled logits [B, K, G, T + Rc] of queries [B, K, G, Dh] against the keys attention read: the low-bit
-    slots with this step's top-k rows at full precision (the spec's K_mix), then the residual.
+  def _implementation(self) -> str:
+    return kernel.resolve_implementation(self.config.implementation, self.slots, self.config.quant.group)
 
-    Where the Pallas kernel compiles, it scores the bit-packed keys (b / 32 of the float keys' bytes: what a
-    memory-bound device pays for) and the k full-precision rows are scored apart and written over their slots.
-    Elsewhere (XLA:CPU, compute-bound) the row is scored against the mixed keys `read` already dequantised
-    (XLA computes them once), instead of dequantising the store a second time. Both give the same logits.
+  def attend(self, queries: jax.Array, mask: AttentionMask,
+             logit_softcap: float | None = None) -> tuple[jax.Array, "SpeCacheLayerCache"]:
+    """Attention of queries [B, S, H, Dh] over the mixed cache `read` describes, reading the packed codes in
+    place (the attention hook of LayerCache); then the last query row (the speculative token's in a SpeCache
+    step) picks the next step's top-k from the probabilities it attended with and prefetches them.
+
+    Scores: the low-bit keys scored in place (pangu_kernels.specache), the held rows and the residual at full
+    precision in one product, the held rows' scores written over their slots (the spec's K_mix). Output: the
+    low-bit values weighted in place, plus p (v - v_hat) at each held slot (the mixed values there), plus the
+    residual. mask: the query half (q_positions, causal, window); the cache gives the slots' positions and
+    lengths. Equal to `dot_product_attention` over `read()`.
     """
-    cfg = self.config
-    q = queries.astype(jnp.float32)
-    scaled = lambda keys: jnp.einsum("bkgd,bktd->bkgt", q, keys.astype(jnp.float32)) * q.shape[-1] ** -0.5
-    implementation = kernel.resolve_implementation(cfg.scoring, self.slots, cfg.quant.group)
-    if implementation == "xla":
-      return scaled(self.read().keys)
-    low = kernel.lowbit_scores(queries, *self.keys_low, bits=cfg.quant.bits, implementation=implementation)
-    index = jnp.where(self.topk_index < self.slots, self.topk_index, self.slots)  # no row: dropped
-    overwrite = lambda scores, index, exact: scores.at[:, index].set(exact, mode="drop")
-    low = jax.vmap(jax.vmap(overwrite))(low, index, scaled(self._top_rows()[0]))
-    return jnp.concatenate([low, scaled(self.residual_keys)], axis=-1)
+    cfg, t, k = self.config, self.slots, self.config.top_k
+    b, s, h, dh = queries.shape
+    kv = self.host_keys.shape[1]
+    g = h // kv
+    implementation = self._implementation()
+    q = queries.astype(jnp.float32).reshape(b, s, kv, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, kv, s * g, dh)
+    top_keys, top_values = self._top_rows()
+    exact_keys = jnp.concatenate([top_keys, self.residual_keys], axis=2).astype(jnp.float32)
+    exact = jnp.einsum("bkrd,bkjd->bkrj", q, exact_keys) * dh ** -0.5
+    low = kernel.lowbit_scores(q, *self.keys_low, bits=cfg.quant.bits, implementation=implementation)
+    held = self.topk_index < t
+    overwrite = lambda scores, index, update: scores.at[:, index].set(update, mode="drop")
+    low = jax.vmap(jax.vmap(overwrite))(low, jnp.where(held, self.topk_index, t), exact[..., :k])
+    logits = jnp.concatenate([low, exact[..., k:]], axis=-1)
+    if logit_softcap is not None:
+      logits = logit_softcap * jnp.tanh(logits / logit_softcap)
+    cached = self._positions()
+    seen = mask.replace(kv_positions=cached.positions, kv_lengths=cached.lengths).dense(s, logits.shape[-1])
+    logits = jnp.where(jnp.repeat(seen, g, axis=1)[:, None], logits, _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = kernel.lowbit_weighted_values(probs[..., :t], *self.values_low, bits=cfg.quant.bits,
+                                        implementation=implementation)
+    slot = jnp.minimum(self.topk_index, t - 1)
+    approx = kernel.dequantize_values(*(jnp.take_along_axis(a, slot[..., None], axis=2) for a in self.values_low),
+                                      cfg.quant.bits)
+    held_probs = jnp.where(held[:, :, None], jnp.take_along_axis(probs, slot[:, :, None], axis=-1), 0.0)
+    weights = jnp.concatenate([held_probs, probs[..., t:]], axis=-1)
+    exact_values = jnp.concatenate([top_values.astype(jnp.float32) - approx, self.residual_values], axis=2)
+    out += jnp.einsum("bkrj,bkjd->bkrd", weights, exact_values.astype(jnp.float32))
+    out = out.reshape(b, kv, s, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, s, h, dh).astype(queries.dtype)
+    if k == 0:
+      return out, self
+    votes = probs if cfg.gqa_reduce == "mean_prob" else logits
+    return out, self._fetch(self._select(votes.reshape(b, kv, s, g, -1)[:, :, -1]))
 
-  def select_topk(self, queries: jax.Array) -> jax.Array:
-    """The top-k store slots [B, K, k] (T: none) for queries [B, K, G, Dh].
+  def _select(self, votes: jax.Array) -> jax.Array:
+    """The top-k store slots [B, K, k] (T: none) from the last query row's votes [B, K, G, T + Rc] (attention
+    probabilities, or masked logits for `mean_logit`), averaged over each KV group (spec section 3.5, step 4).
 
     Candidates are the slots that are low-bit at the next step: the low-bit store, plus the residual's first R
-    tokens when a flush is due (scored at full precision, as they are still in the residual). Votes are the
-    attention probabilities over the keys attention read (`_speculative_logits`; spec section 3.5, step 4),
-    normalised over low-bit and residual keys and reduced over each KV group.
+    tokens when a flush is due (voted for at full precision, as they are still in the residual).
     """
     cfg, t, r = self.config, self.slots, self.config.residual
-    logits = self._speculative_logits(queries)
     low = jnp.arange(t)[None] < self.quantized[:, None]
     in_residual = jnp.arange(cfg.residual_slots)[None] < (self.lengths - self.quantized)[:, None]
     flush_due = (self.lengths - self.quantized >= r)[:, None]
     candidate = jnp.concatenate([low, in_residual[:, :r] & flush_due], 1)
-    logits = jnp.where(jnp.concatenate([low, in_residual], 1)[:, None, None], logits, _MASKED)
-    votes = jax.nn.softmax(logits, axis=-1) if cfg.gqa_reduce == "mean_prob" else logits
-    votes = jnp.where(candidate[:, None], votes[..., :t + r].mean(2), -jnp.inf)
+    # The group mean as a sum of G slices: XLA:CPU handed the reduction over the middle axis to a library
+    # call that a profile of the 4k-token step showed at up to 0.6 ms per layer; the sums fuse with the select.
+    votes = sum(votes[:, :, i, :t + r] for i in range(votes.shape[2])) / votes.shape[2]
+    votes = jnp.where(candidate[:, None], votes, -jnp.inf)
     k = min(cfg.top_k, t + r)
     _, index = jax.lax.top_k(votes, k)
     chosen = jnp.take_along_axis(jnp.broadcast_to(candidate[:, None], votes.shape), index, axis=-1)
@@ -307,15 +342,6 @@ class SpeCacheLayerCache:
       return cache
     return cache.replace(topk_keys=_store_gather(self.host_keys, index),
                          topk_values=_store_gather(self.host_values, index))
-
-  def observe_queries(self, queries: jax.Array, positions: jax.Array) -> "SpeCacheLayerCache":
-    """After attending: the last query row (the speculative token's) picks next step's top-k, prefetched now."""
-    del positions
-    if self.config.top_k == 0:
-      return self
-    b, _, h, dh = queries.shape
-    kv = self.host_keys.shape[1]
-    return self._fetch(self.select_topk(queries[:, -1].reshape(b, kv, h // kv, dh)))
 
   def drop_last(self, n: jax.Array) -> "SpeCacheLayerCache":
     """Forgets the last n tokens (the speculative one); they sit in the residual, which the lazy flush keeps."""

@@ -292,6 +292,11 @@ class LayerCache(Protocol):
   # Optional: `observe_queries(queries [B, S, H, Dh] after RoPE, positions [B, S]) -> LayerCache`, called after
   # `read` with the queries that attended over it. Query-aware caches use it to pick what the next step reads
   # (SpeCache's prefetch, H2O's accumulated attention); a cache without it never sees the queries.
+  # Optional: `attend(queries [B, S, H, Dh] after RoPE, mask, logit_softcap) -> ([B, S, H, Dh], LayerCache)`,
+  # called instead of `read` + attention (+ `observe_queries`), with the output of attention over `read()`: caches
+  # whose storage attention should read in place (SpeCache's bit-packed codes) rather than as the dense arrays
+  # `read` builds. `mask` carries the query half (q_positions, causal, window); the cache supplies its slots'
+  # positions and lengths.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,18 +401,24 @@ class Attention(nn.Module):
     q = rules.constrain(q, (rules.BATCH, rules.LENGTH, rules.ACT_HEADS, None))
     k = rules.constrain(k, (rules.BATCH, rules.LENGTH, rules.ACT_KV_HEADS, None))
     mask = mask.replace(window=cfg.sliding_window)
+    out = None
     if cache is not None:
       if mask.q_segment_ids is not None:
         raise ValueError("Attention: segment ids are not cached; attend over a KV cache without them")
       cache = cache.write(k, v, positions)
-      cached = cache.read()
-      observe = getattr(cache, "observe_queries", None)  # the optional hook of query-aware caches (LayerCache)
-      if observe is not None:
-        cache = observe(q, positions)
-      k, v = cached.keys, cached.values
-      mask = mask.replace(q_positions=positions, kv_positions=cached.positions, kv_lengths=cached.lengths)
-    out = dot_product_attention(q, k, v, mask, kv_heads_major=cache is not None, logit_softcap=cfg.logit_softcap,
-                                implementation=cfg.implementation)
+      attend = getattr(cache, "attend", None)  # the optional hook of caches read in place (LayerCache)
+      if attend is not None:
+        out, cache = attend(q, mask.replace(q_positions=positions), cfg.logit_softcap)
+      else:
+        cached = cache.read()
+        observe = getattr(cache, "observe_queries", None)  # the optional hook of query-aware caches
+        if observe is not None:
+          cache = observe(q, positions)
+        k, v = cached.keys, cached.values
+        mask = mask.replace(q_positions=positions, kv_positions=cached.positions, kv_lengths=cached.lengths)
+    if out is None:
+      out = dot_product_attention(q, k, v, mask, kv_heads_major=cache is not None,
+                                  logit_softcap=cfg.logit_softcap, implementation=cfg.implementation)
     # Structured pruning scores heads by their share of the output projection (pangu.compress.prune); a no-op
     # unless `intermediates` is mutable.
     self.sow("intermediates", "heads", out)

@@ -15,6 +15,7 @@ from pangu.infer.kv_cache import DenseLayerCache
 from pangu.infer.quantized_kv import QuantConfig
 from pangu.infer.specache import SpeCacheConfig, SpeCacheLayerCache
 from pangu.parallel import host_memory
+from pangu_kernels.specache import api as kernel_api
 
 CONFIG = models.tiny(n_heads=4, n_kv_heads=2, d_model=64)  # head dim 16, two query heads per KV head
 PROMPT, STEPS = 45, 24  # a partial residual block, and a flush at 64 within the steps
@@ -149,11 +150,12 @@ def test_incremental_flush_equals_quantising_from_scratch(model):
 
 
 def _numpy_topk(cache, queries, full_precision_rows=True):
-  """float64 reference of the speculative top-k (spec section 3.5, step 4): the attention row over the keys
-  attention read (low-bit keys, this step's top-k rows at full precision, then the residual), its probabilities
-  averaged over each KV group, the top k of the low-bit slots (no flush is due here) -> a set per row and head.
-  The low-bit keys come from the library's dequantisation, itself checked against NumPy above."""
-  cfg, t = cache.config, cache.slots
+  """float64 reference of the speculative top-k (spec section 3.5, step 4) for the last query row queries
+  [B, K, G, Dh]: its attention over the keys attention reads (low-bit keys, the held rows at full precision,
+  then the residual), the probabilities averaged over each KV group, the top k of the candidates (the low-bit
+  slots, and the residual's first R when a flush is due) -> a set of store slots per row and head. The low-bit
+  keys come from the library's dequantisation, itself checked against NumPy above."""
+  cfg, t, r = cache.config, cache.slots, cache.config.residual
   keys = np.asarray(quantized_kv.dequantize(cache.keys_low, cfg.quant.bits, keys=True), np.float64)
   host, index = np.asarray(cache.host_keys, np.float64), np.asarray(cache.topk_index)
   b, kv = keys.shape[:2]
@@ -164,32 +166,79 @@ def _numpy_topk(cache, queries, full_precision_rows=True):
   keys = np.concatenate([keys, np.asarray(cache.residual_keys, np.float64)], axis=2)
   logits = np.einsum("bkgd,bktd->bkgt", np.asarray(queries, np.float64), keys) / np.sqrt(keys.shape[-1])
   quantized, lengths = np.asarray(cache.quantized)[:, None], np.asarray(cache.lengths)[:, None]
-  low = np.arange(t)[None] < quantized
-  seen = np.concatenate([low, np.arange(keys.shape[2] - t)[None] < lengths - quantized], axis=1)
-  logits = np.where(seen[:, None, None], logits, -np.inf)
-  probs = np.exp(logits - logits.max(-1, keepdims=True))
-  votes = np.where(low[:, None], (probs / probs.sum(-1, keepdims=True)).mean(2)[..., :t], -np.inf)
-  return [[set(np.argsort(-votes[row, head])[:cfg.top_k]) for head in range(kv)] for row in range(b)]
+  in_residual = np.arange(keys.shape[2] - t)[None] < lengths - quantized
+  seen = np.concatenate([np.arange(t)[None] < quantized, in_residual], axis=1)
+  flush_due = (lengths - quantized >= r) & (np.arange(keys.shape[2] - t)[None] < r)
+  candidate = seen & np.concatenate([np.ones((b, t), bool), flush_due], axis=1)
+  probs = np.exp(np.where(seen[:, None, None], logits, -np.inf) - logits.max(-1, keepdims=True))
+  votes = np.where(candidate[:, None], (probs / probs.sum(-1, keepdims=True)).mean(2), -np.inf)
+  slot = lambda row, i: i if i < t else quantized[row, 0] + i - t
+  return [[{slot(row, i) for i in np.argsort(-votes[row, head])[:cfg.top_k]} for head in range(kv)]
+          for row in range(b)]
 
 
-@pytest.mark.parametrize("scoring", ["xla", "pallas_interpret"])
-def test_speculative_topk_is_the_attention_row_over_the_keys_attention_read(scoring):
-  """The kernel path (bit-packed keys, the held rows scored apart) and the XLA path (the mixed keys `read`
-  dequantised) both pick the top-k from the attention row over K_mix: the held rows at full precision."""
-  rng = np.random.default_rng(8)
-  cfg = SpeCacheConfig(QuantConfig(bits=1, group=16), residual=32, top_k=8, scoring=scoring)
-  b, kv, g, dh = 2, 2, 3, 16
+def _cache_and_queries(cfg, seed, drop, rows=1, dh=16):
+  """A SpeCache layer after a dense prefill of 70 tokens less `drop` per row (2 rows, 2 KV heads of 3 query heads
+  each), which has attended once (so it holds a top-k), and the next `rows` query rows."""
+  from pangu.nn.attention import AttentionMask
+  rng = np.random.default_rng(seed)
+  b, kv, g = 2, 2, 3
   tokens = rng.normal(size=(2, b, 70, kv, dh)).astype(np.float32)
   dense = DenseLayerCache.empty(b, kv, 70, dh, jnp.float32).write(
       jnp.asarray(tokens[0]), jnp.asarray(tokens[1]), jnp.tile(jnp.arange(70, dtype=jnp.int32), (b, 1)))
-  cache = SpeCacheLayerCache.from_dense(dense.drop_last(jnp.array([0, 20])), cfg)  # 64 and 32 low-bit slots
-  queries = jnp.asarray(rng.normal(size=(2, b, kv, g, dh)), jnp.float32)
-  cache = cache.observe_queries(queries[0].reshape(b, 1, kv * g, dh), None)  # holds a first top-k
+  cache = SpeCacheLayerCache.from_dense(dense.drop_last(jnp.asarray(drop)), cfg)
+  queries = jnp.asarray(rng.normal(size=(2, b, rows, kv * g, dh)), jnp.float32)
+  _, cache = cache.attend(queries[0], AttentionMask(q_positions=cache.lengths[:, None] + jnp.arange(rows)))
+  return cache, queries[1]
+
+
+def _as_sets(index):
+  return [[set(np.asarray(index)[row, head]) for head in range(index.shape[1])] for row in range(index.shape[0])]
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas_interpret", "cpu"])
+def test_speculative_topk_is_the_attention_row_over_the_keys_attention_read(implementation):
+  """Every scoring path (the XLA reference, the Pallas kernel, the CPU kernel) picks the top-k from the attention
+  row over K_mix: the held rows at full precision."""
+  from pangu.nn.attention import AttentionMask
+  if implementation == "cpu" and not kernel_api.cpu_kernel_registered():
+    pytest.skip("the lowbit CPU kernel does not build on this machine")
+  cfg = SpeCacheConfig(QuantConfig(bits=1, group=16), residual=32, top_k=8, implementation=implementation)
+  cache, queries = _cache_and_queries(cfg, 8, [0, 20])  # 64 and 32 low-bit slots
   assert np.all(np.asarray(cache.topk_index) < np.asarray(cache.quantized)[:, None, None])
-  got = np.asarray(cache.select_topk(queries[1]))
-  want = _numpy_topk(cache, queries[1])
-  assert want != _numpy_topk(cache, queries[1], full_precision_rows=False)  # the held rows change the choice
-  assert [[set(got[row, head]) for head in range(kv)] for row in range(b)] == want
+  _, chosen = cache.attend(queries, AttentionMask(q_positions=cache.lengths[:, None]))
+  last_row = queries[:, -1].reshape(2, 2, 3, -1)
+  want = _numpy_topk(cache, last_row)
+  assert want != _numpy_topk(cache, last_row, full_precision_rows=False)  # the held rows change the choice
+  assert _as_sets(chosen.topk_index) == want
+
+
+@pytest.mark.parametrize("implementation", ["xla", "cpu"])
+@pytest.mark.parametrize("bits,top_k,softcap,window", [(1, 8, None, None), (2, 0, 5.0, None), (1, 8, None, 40)])
+def test_attending_in_place_equals_attention_over_read(implementation, bits, top_k, softcap, window):
+  """`attend` (scores and weighted values from the packed codes, the held rows as corrections) gives the output
+  of the reference attention over `read`, and without a window the top-k of the NumPy reference: one row
+  mid-residual, one with a flush due (the residual's first R are candidates), two query rows (the real token and
+  the speculative one), GQA, softcap and a sliding window."""
+  from pangu.nn.attention import AttentionMask, xla_attention
+  if implementation == "cpu" and not kernel_api.cpu_kernel_registered():
+    pytest.skip("the lowbit CPU kernel does not build on this machine")
+  cfg = SpeCacheConfig(QuantConfig(bits=bits, group=16), residual=32, top_k=top_k, implementation=implementation)
+  cache, queries = _cache_and_queries(cfg, bits + top_k, [0, 8], rows=2, dh=32)  # 64 + 6 and 32 + 30 tokens
+  new = jnp.asarray(np.random.default_rng(top_k).normal(size=(2, 2, 2, 2, 32)), jnp.float32)
+  positions = cache.lengths[:, None] + jnp.arange(2, dtype=jnp.int32)
+  cache = cache.write(new[0], new[1], positions)
+  assert list(cache.lengths - cache.quantized) == [8, 32]  # row 1's residual is full: a flush is due
+  mask = AttentionMask(q_positions=positions, window=window)
+
+  got, chosen = jax.jit(lambda c, q: c.attend(q, mask, softcap))(cache, queries)
+  read = cache.read()
+  want = xla_attention(queries, read.keys, read.values, mask.replace(kv_positions=read.positions,
+                       kv_lengths=read.lengths), kv_heads_major=True, logit_softcap=softcap)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  if top_k and window is None:
+    assert _as_sets(chosen.topk_index) == _numpy_topk(cache, queries[:, -1].reshape(2, 2, 3, -1))
+    assert int(chosen.fetched_rows - cache.fetched_rows) == 2 * 2 * top_k
 
 
 @pytest.mark.parametrize("bits,group", [(1, 16), (2, 8)])
@@ -211,8 +260,8 @@ def test_config_errors_name_the_field():
     QuantConfig(bits=3)
   with pytest.raises(ValueError, match="gqa_reduce"):
     SpeCacheConfig(gqa_reduce="max")
-  with pytest.raises(ValueError, match="SpeCacheConfig.scoring must be one of"):
-    SpeCacheConfig(scoring="triton")
+  with pytest.raises(ValueError, match="SpeCacheConfig.implementation must be one of"):
+    SpeCacheConfig(implementation="triton")
 
 
 def test_eviction_baselines_keep_the_tokens_their_rule_names(model):
