@@ -9,7 +9,8 @@
 // channel j P + p. Eight consecutive bytes widened to eight int32 lanes therefore give, per slot, the eight
 // consecutive channels j P + p0 .. j P + p0 + 7: one shift, mask and convert per slot, no shuffles. A row's
 // last P % 8 bytes go four at a time (SSE), then one by one; values take the 8- or 4-byte path when P and the
-// channel groups are multiples of it, else the scalar one. Rows of the batch-head axis n are split over XLA's thread pool.
+// channel groups are multiples of it, else the scalar one. The batch-head axis n is split over XLA's thread
+// pool (parallel_for.h).
 
 #include <immintrin.h>
 
