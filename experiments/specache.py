@@ -40,10 +40,8 @@ SpeCache (arXiv 2503.16163), spec specache.md section 4:
    layout (`pangu.infer.decoding.decode_layout`), the methods taking turns for `decode_rounds` rounds in one run;
    the median per generated token. SpeCache and KIVI attend over the packed codes in place
    (`SpeCacheLayerCache.attend`; on CPU the AVX2 kernels of pangu_kernels.specache), the full cache over its
-   float arrays with the library's XLA attention; all in float32. That attention streams K / V at about half
-   the rate a plain XLA sum over the same arrays reads them on the 2-core dev machine (4.1 vs 2.1 ms per layer
-   at 16 x 4k tokens, head 128), so a bandwidth-bound dense kernel would make the full cache a stricter
-   baseline (not built).
+   float arrays with the library's default attention (on CPU the AVX2 decode products of
+   pangu_kernels.attention.cpu, which stream K / V near the machine's read bandwidth); all in float32.
 
 Writes <results_dir>/specache.json: {"methods": {name: {"accuracy", "accuracy_mid_generation", "ppl",
 "device_kv_bytes", "host_bytes", "transfer_bytes_per_step", "decode_ms_per_token"}}, "compression_ratio",

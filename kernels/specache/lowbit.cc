@@ -17,10 +17,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "parallel_for.h"
+#include "row_blocks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -139,23 +139,10 @@ void ScoreRows(const float* q, const uint8_t* codes, const float* scale, const f
   }
 }
 
-// Calls body(r0, rows) for each block of up to 4 query rows from r0, rows a std::integral_constant<int, R>.
-template <class Body>
-void ForRowBlocks(int64_t rows, Body body) {
-  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-    switch (std::min<int64_t>(4, rows - r0)) {
-      case 1: body(r0, std::integral_constant<int, 1>{}); break;
-      case 2: body(r0, std::integral_constant<int, 2>{}); break;
-      case 3: body(r0, std::integral_constant<int, 3>{}); break;
-      default: body(r0, std::integral_constant<int, 4>{}); break;
-    }
-  }
-}
-
 void Scores(const float* q, const uint8_t* codes, const float* scale, const float* zero, float* out,
             const Shape& s) {
   std::vector<float> folded;
-  ForRowBlocks(s.rows, [&](int64_t r0, auto rows) {
+  pangu_kernels::ForRowBlocks(s.rows, [&](int64_t r0, auto rows) {
     ScoreRows<decltype(rows)::value>(q + r0 * s.dh, codes, scale, zero, out + r0 * s.tokens, s, folded);
   });
 }
@@ -217,7 +204,7 @@ void WeighRows(const float* p, const uint8_t* codes, const float* scale, const f
 void Weigh(const float* p, const uint8_t* codes, const float* scale, const float* zero, float* out,
            const Shape& s) {
   std::vector<float> weights;
-  ForRowBlocks(s.rows, [&](int64_t r0, auto rows) {
+  pangu_kernels::ForRowBlocks(s.rows, [&](int64_t r0, auto rows) {
     WeighRows<decltype(rows)::value>(p + r0 * s.tokens, codes, scale, zero, out + r0 * s.dh, s, weights);
   });
 }

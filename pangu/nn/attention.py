@@ -3,13 +3,14 @@
 Two seams other papers plug into:
   * `dot_product_attention(q, k, v, mask, implementation=...)`: one entry point over several implementations
     (`xla` reference, `cudnn` through `jax.nn.dot_product_attention`, the `pallas` kernels of
-    pangu_kernels.attention, `auto`).
+    pangu_kernels.attention, `cpu` its AVX2 decode products, `auto`).
     The mask is an `AttentionMask`, a description by structure (causal, positions, segment ids, per-row KV
     lengths, sliding window), never a dense [B, S, T] array, so a flash kernel can build each block's mask
-    itself. Only the reference materialises it.
+    itself. Only the reference and the decode-sized CPU path materialise it.
   * `LayerCache`: the per-layer half of a KV cache. `Attention` writes its new keys and values with
-    `cache.write` and attends over `cache.read()`; the implementations (the preallocated dense cache, an
-    offloaded or quantised one) live in pangu.infer.kv_cache, which documents the contract.
+    `cache.write` and attends over `cache.read()` (or lets the cache attend: its `attend` hook); the
+    implementations (the preallocated dense cache, an offloaded or quantised one) live in
+    pangu.infer.kv_cache, which documents the contract.
 """
 
 import dataclasses
@@ -31,9 +32,10 @@ from pangu.nn.norms import rms_norm
 from pangu.nn.rope import RopeScaling, apply_rope, rope_attention_factor, rope_frequencies
 from pangu.parallel import rules
 from pangu_kernels import attention as kernel_attention
+from pangu_kernels.attention import cpu as kernel_cpu
 
 _MASKED = -1e30
-IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "cpu", "auto")
 Initializer = jax.nn.initializers.Initializer
 
 
@@ -203,15 +205,41 @@ def pallas_unsupported(q: jax.Array, k: jax.Array, mask: AttentionMask, logit_so
   return kernel_attention.pallas_unsupported(q.dtype, q.shape[-1])
 
 
+def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, kv_heads_major: bool = False,
+                  logit_softcap: float | None = None) -> jax.Array:
+  """pangu_kernels' AVX2 decode products (q . k and p . v, each cache row read once for all query rows of its KV
+  head) for a few queries against the cache layout, with masking and softmax in XLA; the reference for the
+  rest (training, prefill), whose large dots XLA serves well. Forward only on the kernel path."""
+  b, s, h, dh = q.shape
+  if not kv_heads_major or s > _DECODE_MAX_QUERIES or mask.q_segment_ids is not None:
+    return xla_attention(q, k, v, mask, kv_heads_major=kv_heads_major, logit_softcap=logit_softcap)
+  kv_heads, t = k.shape[1], k.shape[2]
+  g = h // kv_heads
+  rows = q.reshape(b, s, kv_heads, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, s * g, dh)
+  scores = kernel_cpu.dense_scores(rows * dh ** -0.5, k)
+  if logit_softcap is not None:
+    scores = logit_softcap * jnp.tanh(scores / logit_softcap)
+  seen = jnp.repeat(mask.dense(s, t), g, axis=1)[:, None]
+  probs = jax.nn.softmax(jnp.where(seen, scores, _MASKED), axis=-1)
+  out = kernel_cpu.dense_weighted_values(probs, v)
+  return out.reshape(b, kv_heads, s, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, s, h, dh).astype(q.dtype)
+
+
+def cpu_unsupported(q: jax.Array, k: jax.Array, mask: AttentionMask, logit_softcap: float | None) -> str | None:
+  """The kernels take float32 on the CPU backend without a device mesh, where they build."""
+  return kernel_cpu.unsupported(q, k)
+
+
 _REGISTRY: dict[str, AttentionImplementation] = {
     "xla": AttentionImplementation(xla_attention, lambda *_: None),
     "cudnn": AttentionImplementation(cudnn_attention, cudnn_unsupported),
     "pallas": AttentionImplementation(pallas_attention, pallas_unsupported),
+    "cpu": AttentionImplementation(cpu_attention, cpu_unsupported),
 }
 # `auto` tries these in order and takes the first that runs here (fastest first): cuDNN where it takes the mask
 # (the Pallas kernels aim at >= 0.7x its speed), the Pallas kernels for what it refuses (explicit positions, segment
-# ids, soft-cap, float32), then the reference. No CPU entry: CPU always runs the reference.
-_AUTO_ORDER = {"gpu": ("cudnn", "pallas", "xla"), "tpu": ("pallas", "xla")}
+# ids, soft-cap, float32), then the reference. CPU: the AVX2 decode products for float32 decode steps.
+_AUTO_ORDER = {"gpu": ("cudnn", "pallas", "xla"), "tpu": ("pallas", "xla"), "cpu": ("cpu", "xla")}
 
 
 def register_attention_implementation(name: str, attend: Callable[..., jax.Array],
@@ -255,7 +283,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Attent
     mask: which keys each query sees (`AttentionMask`).
     kv_heads_major: k and v are in the KV cache's [B, K, T, Dh] layout.
     logit_softcap: scores become softcap * tanh(scores / softcap) before masking (Gemma 2); None: off.
-    implementation: `xla`, `cudnn`, `pallas` or `auto` (see `resolve_implementation`).
+    implementation: `xla`, `cudnn`, `pallas`, `cpu` or `auto` (see `resolve_implementation`).
   """
   chex.assert_rank([q, k, v], 4)
   chex.assert_equal_shape([k, v])

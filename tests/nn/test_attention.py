@@ -8,6 +8,7 @@ import pytest
 from pangu import models
 from pangu.nn import attention
 from pangu.nn.attention import AttentionMask, dot_product_attention
+from pangu_kernels.attention import cpu as kernel_cpu
 
 B, S, H, K, DH = 2, 7, 4, 2, 8
 
@@ -76,9 +77,12 @@ def test_every_mask_kind_matches_the_float64_reference(name, implementation):
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
 
 
-@pytest.mark.parametrize("implementation,queries", [("xla", S), ("pallas", S), ("pallas", 1)])
+@pytest.mark.parametrize("implementation,queries", [("xla", S), ("pallas", S), ("pallas", 1), ("cpu", S), ("cpu", 1)])
 def test_soft_cap_and_the_kv_cache_layout(implementation, queries):
-  """With pallas, S queries go to flash attention over the cache layout, one query to the decode kernel."""
+  """With pallas, S queries go to flash attention over the cache layout, one query to the decode kernel; with
+  cpu, both to the AVX2 decode products (left padding, ragged lengths, soft-cap, GQA)."""
+  if implementation == "cpu" and kernel_cpu.unsupported(jnp.zeros(1)) is not None:
+    pytest.skip(f"the CPU decode kernel cannot run here: {kernel_cpu.unsupported(jnp.zeros(1))}")
   q, k, v = _inputs(t=9)
   q, q_pos = q[:, -queries:], (ARANGE + 2)[:, -queries:]
   kv_pos = np.broadcast_to(np.arange(9) - 2, (B, 9))
@@ -98,10 +102,15 @@ def test_gradients_of_xla_and_cudnn_agree():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_auto_picks_the_reference_on_cpu_and_explicit_choices_that_cannot_run_raise():
+def test_auto_picks_the_cpu_kernels_or_the_reference_on_cpu_and_explicit_choices_that_cannot_run_raise():
   q, k, v = _inputs()
   mask = AttentionMask()
-  assert attention.resolve_implementation("auto", q, k, mask) == "xla"  # never the interpreted kernels
+  cpu_runs = kernel_cpu.unsupported(jnp.asarray(q)) is None
+  assert attention.resolve_implementation("auto", q, k, mask) == ("cpu" if cpu_runs else "xla")  # never interpreted
+  bf16 = jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16)
+  assert attention.resolve_implementation("auto", *bf16, mask) == "xla"  # the CPU kernels take float32 only
+  with pytest.raises(ValueError, match="'cpu' cannot run this call: float32 only"):
+    dot_product_attention(*bf16, bf16[1], mask, implementation="cpu")
   assert attention.resolve_implementation("pallas", q, k, mask) == "pallas"  # asked for: interpreted
   with pytest.raises(ValueError, match="'cudnn' cannot run this call: .*soft-cap"):
     dot_product_attention(q, k, v, mask, implementation="cudnn", logit_softcap=5.0)
