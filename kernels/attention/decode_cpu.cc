@@ -13,6 +13,7 @@
 
 #include "parallel_for.h"
 #include "row_blocks.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -20,12 +21,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 using Floats = ffi::Buffer<ffi::F32, 3>;
-
-inline float Sum(__m256 v) {
-  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  sum = _mm_hadd_ps(sum, sum);
-  return _mm_cvtss_f32(_mm_hadd_ps(sum, sum));
-}
 
 // Scores of R query rows (R <= 4: the accumulators stay in registers) against every key row of one n.
 template <int R>
@@ -40,7 +35,7 @@ void ScoreRows(const float* q, const float* k, float* out, int64_t tokens, int64
       for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * dh + d), kv, acc[r]);
     }
     for (int r = 0; r < R; ++r) {
-      float sum = Sum(acc[r]);
+      float sum = pangu_kernels::HorizontalSum(acc[r]);
       for (int64_t d = vec; d < dh; ++d) sum += q[r * dh + d] * row[d];
       out[r * tokens + t] = sum;
     }

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "parallel_for.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -20,13 +21,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 using Matrix = ffi::Buffer<ffi::F32, 2>;
-
-inline float HorizontalSum(__m256 v) {
-  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  sum = _mm_hadd_ps(sum, sum);
-  sum = _mm_hadd_ps(sum, sum);
-  return _mm_cvtss_f32(sum);
-}
 
 // Dot products of R rows of x with C rows of w (R * C <= 12 accumulators), K % 8 tail in scalar.
 template <int R, int C>
@@ -45,7 +39,7 @@ inline void Block(const float* x, const float* w, float* y, int64_t k_size, int6
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
-      float sum = HorizontalSum(acc[r][c]);
+      float sum = pangu_kernels::HorizontalSum(acc[r][c]);
       for (int64_t k = k_vec; k < k_size; ++k) sum += x[r * k_size + k] * w[c * k_size + k];
       y[r * n_size + c] = sum;
     }

@@ -21,6 +21,7 @@
 
 #include "parallel_for.h"
 #include "row_blocks.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -49,11 +50,7 @@ struct Wide {
   static Float Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   static Float Fma(Float a, Float b, Float c) { return _mm256_fmadd_ps(a, b, c); }
   static Float Add(Float a, Float b) { return _mm256_add_ps(a, b); }
-  static float Sum(Float v) {
-    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    sum = _mm_hadd_ps(sum, sum);
-    return _mm_cvtss_f32(_mm_hadd_ps(sum, sum));
-  }
+  static float Sum(Float v) { return pangu_kernels::HorizontalSum(v); }
 };
 
 struct Narrow {
