@@ -319,7 +319,7 @@ class LayerCache(Protocol):
 
   # Optional: `observe_queries(queries [B, S, H, Dh] after RoPE, positions [B, S]) -> LayerCache`, called after
   # `read` with the queries that attended over it. Query-aware caches use it to pick what the next step reads
-  # (SpeCache's prefetch, H2O's accumulated attention); a cache without it never sees the queries.
+  # (H2O's accumulated attention; SpeCache picks its prefetch inside `attend`); a cache without it never sees them.
   # Optional: `attend(queries [B, S, H, Dh] after RoPE, mask, logit_softcap) -> ([B, S, H, Dh], LayerCache)`,
   # called instead of `read` + attention (+ `observe_queries`), with the output of attention over `read()`: caches
   # whose storage attention should read in place (SpeCache's bit-packed codes) rather than as the dense arrays
