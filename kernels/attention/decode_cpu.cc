@@ -5,15 +5,12 @@
 // library dots stream it at about half the rate a plain reduction reaches (kernels/attention/cpu.py has the
 // numbers). Rows of the batch-head axis n are split over XLA's thread pool (parallel_for.h).
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
+#include "dense_rows.h"
 #include "parallel_for.h"
 #include "row_blocks.h"
-#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -21,48 +18,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 using Floats = ffi::Buffer<ffi::F32, 3>;
-
-// Scores of R query rows (R <= 4: the accumulators stay in registers) against every key row of one n.
-template <int R>
-void ScoreRows(const float* q, const float* k, float* out, int64_t tokens, int64_t dh) {
-  const int64_t vec = dh - dh % 8;
-  for (int64_t t = 0; t < tokens; ++t) {
-    const float* row = k + t * dh;
-    __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < vec; d += 8) {
-      const __m256 kv = _mm256_loadu_ps(row + d);
-      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * dh + d), kv, acc[r]);
-    }
-    for (int r = 0; r < R; ++r) {
-      float sum = pangu_kernels::HorizontalSum(acc[r]);
-      for (int64_t d = vec; d < dh; ++d) sum += q[r * dh + d] * row[d];
-      out[r * tokens + t] = sum;
-    }
-  }
-}
-
-// o[r] += p[r, t] v[t] for every token of one n: each value row is read once and serves the R rows, whose
-// outputs stay in L1.
-template <int R>
-void WeighRows(const float* p, const float* v, float* out, int64_t tokens, int64_t dh) {
-  const int64_t vec = dh - dh % 8;
-  std::fill(out, out + R * dh, 0.f);
-  for (int64_t t = 0; t < tokens; ++t) {
-    const float* row = v + t * dh;
-    __m256 weight[R];
-    for (int r = 0; r < R; ++r) weight[r] = _mm256_set1_ps(p[r * tokens + t]);
-    for (int64_t d = 0; d < vec; d += 8) {
-      const __m256 vv = _mm256_loadu_ps(row + d);
-      for (int r = 0; r < R; ++r) {
-        float* o = out + r * dh + d;
-        _mm256_storeu_ps(o, _mm256_fmadd_ps(weight[r], vv, _mm256_loadu_ps(o)));
-      }
-    }
-    for (int64_t d = vec; d < dh; ++d)
-      for (int r = 0; r < R; ++r) out[r * dh + d] += p[r * tokens + t] * row[d];
-  }
-}
 
 // One n per work item: below this many cache bytes per item, scheduling costs more than it saves.
 constexpr int64_t kMinBytesPerItem = 64 << 10;
@@ -89,9 +44,10 @@ ffi::Error Products(ffi::ThreadPool pool, Floats a, Floats cache, ffi::Result<Fl
       const float* an = ad + (n * rows + r0) * width;
       float* on = od + (n * rows + r0) * out_width;
       if constexpr (kScores) {
-        ScoreRows<R>(an, cd + n * tokens * dh, on, tokens, dh);
+        pangu_kernels::DenseScoreRows<R>(an, cd + n * tokens * dh, on, tokens, dh, tokens);
       } else {
-        WeighRows<R>(an, cd + n * tokens * dh, on, tokens, dh);
+        std::fill(on, on + R * dh, 0.f);
+        pangu_kernels::DenseWeighRows<R>(an, cd + n * tokens * dh, on, tokens, dh, tokens);
       }
     });
   });
