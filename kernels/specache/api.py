@@ -2,9 +2,13 @@
 
 `lowbit_scores` (queries . keys) has a Pallas kernel (GPU / TPU, interpreted on CPU for tests) and an AVX2 FFI
 kernel for XLA:CPU (lowbit.cc); `lowbit_weighted_values` (attention weights . values) has the FFI kernel. Both
-read the codes in place; their XLA references dequantise the whole cache first.
+read the codes in place; their XLA references dequantise the whole cache first. `mixed_scores` and
+`mixed_weighted_values` are the same products over SpeCache's mixed cache (some low-bit slots held at full
+precision, full-precision rows after them): one FFI call each on CPU, else the reference's composition around
+the low-bit product.
 """
 
+import functools
 import os
 
 import jax
@@ -51,18 +55,27 @@ def resolve_implementation(implementation: str | None, tokens: int, group: int) 
 def _check_cpu(*arrays: jax.Array) -> None:
   if not cpu_kernel_registered():
     raise RuntimeError("the lowbit CPU kernel is unavailable here (see the log); use implementation='xla'")
-  floats = [a.dtype for a in arrays if a.dtype != jnp.uint8]
+  floats = [a.dtype for a in arrays if a.dtype not in (jnp.uint8, jnp.int32)]
   if any(d != jnp.float32 for d in floats):
     raise ValueError(f"the cpu implementation takes float32 operands, got {floats}")
 
 
 def _cpu_call(target: str, shape: tuple[int, ...], a: jax.Array, codes: jax.Array, scale: jax.Array,
-              zero: jax.Array, bits: int) -> jax.Array:
-  """The FFI kernel over the flattened batch-head axis N = B K, back to [B, K, ...]."""
+              zero: jax.Array, bits: int, held: jax.Array | None = None, held_rows: jax.Array | None = None,
+              exact_rows: jax.Array | None = None) -> jax.Array:
+  """The FFI kernel over the flattened batch-head axis N = B K, back to [B, K, ...]; no held or exact rows
+  where they are None."""
+  _check_cpu(*(x for x in (a, codes, scale, zero, held, held_rows, exact_rows) if x is not None))
   b, k = codes.shape[:2]
+  dh = codes.shape[-1] * 8 // bits
+  no_rows = jnp.zeros((b, k, 0, dh), jnp.float32)
+  held = jnp.zeros((b, k, 0), jnp.int32) if held is None else held
+  held_rows = no_rows if held_rows is None else held_rows
+  exact_rows = no_rows if exact_rows is None else exact_rows
   flat = lambda x: x.reshape(b * k, *x.shape[2:])
   out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((b * k, *shape), jnp.float32))(
-      flat(a), flat(codes), flat(scale), flat(zero), bits=np.int32(bits))
+      flat(a), flat(codes), flat(scale), flat(zero), flat(held.astype(jnp.int32)), flat(held_rows),
+      flat(exact_rows), bits=np.int32(bits))
   return out.reshape(b, k, *shape)
 
 
@@ -78,9 +91,7 @@ def lowbit_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Ar
   if implementation == "xla":
     return reference.lowbit_scores(q, codes, scale, zero, bits=bits)
   if implementation == "cpu":
-    _check_cpu(q, scale, zero)
-    scaled = q * q.shape[-1] ** -0.5
-    return _cpu_call(SCORES_TARGET, (q.shape[2], codes.shape[2]), scaled, codes, scale, zero, bits)
+    return _cpu_call(SCORES_TARGET, (q.shape[2], codes.shape[2]), q * q.shape[-1] ** -0.5, codes, scale, zero, bits)
   return pallas.lowbit_scores(q, codes, scale, zero, bits=bits, interpret=implementation == "pallas_interpret")
 
 
@@ -94,7 +105,34 @@ def lowbit_weighted_values(probs: jax.Array, codes: jax.Array, scale: jax.Array,
   """
   implementation = resolve_implementation(implementation, codes.shape[2], 1)
   if implementation == "cpu":
-    _check_cpu(probs, scale, zero)
     dh = codes.shape[-1] * 8 // bits
     return _cpu_call(VALUES_TARGET, (probs.shape[2], dh), probs, codes, scale, zero, bits)
   return reference.lowbit_weighted_values(probs, codes, scale, zero, bits=bits)
+
+
+def mixed_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Array, held: jax.Array,
+                 held_keys: jax.Array, exact_keys: jax.Array, *, bits: int,
+                 implementation: str | None = None) -> jax.Array:
+  """Scores over the mixed cache -> float32 [B, K, G, T + E]: `lowbit_scores` at the T low-bit slots, except
+  the held slots held [B, K, k] (outside [0, T): none), scored against their full-precision rows held_keys
+  [B, K, k, Dh]; then the E rows exact_keys [B, K, E, Dh]. implementation: as in `lowbit_scores`."""
+  implementation = resolve_implementation(implementation, codes.shape[2], codes.shape[2] // scale.shape[2])
+  if implementation == "cpu":
+    shape = (q.shape[2], codes.shape[2] + exact_keys.shape[2])
+    return _cpu_call(SCORES_TARGET, shape, q * q.shape[-1] ** -0.5, codes, scale, zero, bits, held, held_keys,
+                     exact_keys)
+  low = functools.partial(lowbit_scores, implementation=implementation)
+  return reference.mixed_scores(q, codes, scale, zero, held, held_keys, exact_keys, bits=bits, lowbit_scores=low)
+
+
+def mixed_weighted_values(probs: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Array, held: jax.Array,
+                          held_values: jax.Array, exact_values: jax.Array, *, bits: int,
+                          implementation: str | None = None) -> jax.Array:
+  """Weights probs [B, K, G, T + E] times the mixed cache's values -> float32 [B, K, G, Dh]: the low-bit
+  values, each held slot's full-precision row held_values [B, K, k, Dh] in place of its v_hat, then the E rows
+  exact_values [B, K, E, Dh]. implementation: as in `lowbit_weighted_values`."""
+  implementation = resolve_implementation(implementation, codes.shape[2], 1)
+  if implementation == "cpu":
+    return _cpu_call(VALUES_TARGET, (probs.shape[2], held_values.shape[-1]), probs, codes, scale, zero, bits, held,
+                     held_values, exact_values)
+  return reference.mixed_weighted_values(probs, codes, scale, zero, held, held_values, exact_values, bits=bits)

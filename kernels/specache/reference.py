@@ -10,6 +10,8 @@ Keys are quantised per channel over groups of g consecutive tokens: codes [B, K,
 quantised per token over groups of g_v consecutive channels: scale and zero [B, K, T, Dh / g_v].
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -71,3 +73,33 @@ def lowbit_weighted_values(probs: jax.Array, codes: jax.Array, scale: jax.Array,
   """Attention weights probs [B, K, G, T] times the low-bit values -> float32 [B, K, G, Dh]."""
   values = dequantize_values(codes, scale, zero, bits)
   return jnp.einsum("bkgt,bktd->bkgd", probs.astype(jnp.float32), values)
+
+
+def mixed_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Array, held: jax.Array,
+                 held_keys: jax.Array, exact_keys: jax.Array, *, bits: int,
+                 lowbit_scores: Callable[..., jax.Array] = lowbit_scores) -> jax.Array:
+  """`lowbit_scores` at the T low-bit slots with the held slots held [B, K, k] (outside [0, T): none) scored
+  against held_keys [B, K, k, Dh] instead, then the rows exact_keys [B, K, E, Dh] -> float32 [B, K, G, T + E].
+  lowbit_scores: the low-bit product (this module's, or a kernel with its signature)."""
+  t = codes.shape[2]
+  score = lambda keys: jnp.einsum("bkgd,bkjd->bkgj", q.astype(jnp.float32), keys.astype(jnp.float32)) * (
+      q.shape[-1] ** -0.5)
+  overwrite = lambda scores, index, update: scores.at[:, index].set(update, mode="drop")
+  index = jnp.where((held >= 0) & (held < t), held, t)  # t: out of range, dropped
+  low = jax.vmap(jax.vmap(overwrite))(lowbit_scores(q, codes, scale, zero, bits=bits), index, score(held_keys))
+  return jnp.concatenate([low, score(exact_keys)], axis=-1)
+
+
+def mixed_weighted_values(probs: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Array, held: jax.Array,
+                          held_values: jax.Array, exact_values: jax.Array, *, bits: int) -> jax.Array:
+  """Weights probs [B, K, G, T + E] times the low-bit values with each held slot's row held_values [B, K, k, Dh]
+  in place of its v_hat (a correction p (v - v_hat)), then the rows exact_values [B, K, E, Dh]."""
+  t = codes.shape[2]
+  probs = probs.astype(jnp.float32)
+  out = lowbit_weighted_values(probs[..., :t], codes, scale, zero, bits=bits)
+  slot = jnp.clip(held, 0, t - 1)
+  approx = dequantize_values(*(jnp.take_along_axis(a, slot[..., None], axis=2) for a in (codes, scale, zero)), bits)
+  held_probs = jnp.take_along_axis(probs, slot[:, :, None], axis=-1)
+  held_probs = jnp.where(((held >= 0) & (held < t))[:, :, None], held_probs, 0.0)
+  weigh = lambda p, rows: jnp.einsum("bkgj,bkjd->bkgd", p, rows.astype(jnp.float32))
+  return out + weigh(held_probs, held_values.astype(jnp.float32) - approx) + weigh(probs[..., t:], exact_values)

@@ -100,3 +100,39 @@ def test_implementation_resolves_to_a_kernel_that_runs_here():
   assert api.resolve_implementation("pallas_interpret", 256, 32) == "pallas_interpret"  # asked for: kept
   with pytest.raises(ValueError, match="implementation must be one of"):
     api.resolve_implementation("triton", 256, 32)
+
+
+@pytest.mark.parametrize("implementation", [
+    pytest.param("cpu", marks=needs_cpu_kernel), "xla", "pallas_interpret"])
+@pytest.mark.parametrize("bits,dh,group,rows", [(1, 128, 64, 4), (2, 48, 16, 3)])
+def test_mixed_products_match_float64_numpy(implementation, bits, dh, group, rows):
+  """Scores and weighted values over the mixed cache: the held slots (some none: index T) at full precision
+  in place of their dequantisation, then the exact rows."""
+  rng = np.random.default_rng(bits + dh)
+  b, k, t, held_count, exact_count = 2, 2, 2 * group, 5, 7
+  codes, scale, zero = _random_lowbit(rng, b, k, t, dh, bits, group)
+  values = rng.integers(0, 1 << bits, size=(b, k, t, dh))
+  v_scale, v_zero = rng.uniform(0.1, 1.0, size=(b, k, t, 1)), rng.normal(size=(b, k, t, 1))
+  held = np.stack([rng.permutation(t + 3)[:held_count] for _ in range(b * k)]).reshape(b, k, -1)
+  held = np.where(held >= t, t, held)  # a few none
+  held_keys, held_values, exact_keys, exact_values = (
+      rng.normal(size=(b, k, n, dh)) for n in (held_count, held_count, exact_count, exact_count))
+  q = rng.normal(size=(b, k, rows, dh))
+  probs = rng.dirichlet(np.ones(t + exact_count), size=(b, k, rows))
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  pack = lambda c: reference.pack_bits(jnp.asarray(c), bits)
+
+  keys = codes * np.repeat(scale, group, axis=2) + np.repeat(zero, group, axis=2)
+  vals = values * v_scale + v_zero
+  for row, head in np.ndindex(b, k):
+    for e, slot in enumerate(held[row, head]):
+      if slot < t:
+        keys[row, head, slot], vals[row, head, slot] = held_keys[row, head, e], held_values[row, head, e]
+  keys, vals = np.concatenate([keys, exact_keys], axis=2), np.concatenate([vals, exact_values], axis=2)
+
+  scores = api.mixed_scores(f32(q), pack(codes), f32(scale), f32(zero), jnp.asarray(held, jnp.int32), f32(held_keys),
+                            f32(exact_keys), bits=bits, implementation=implementation)
+  np.testing.assert_allclose(scores, np.einsum("bkgd,bktd->bkgt", q, keys) / np.sqrt(dh), rtol=1e-4, atol=1e-4)
+  out = api.mixed_weighted_values(f32(probs), pack(values), f32(v_scale), f32(v_zero), jnp.asarray(held, jnp.int32),
+                                  f32(held_values), f32(exact_values), bits=bits, implementation=implementation)
+  np.testing.assert_allclose(out, np.einsum("bkgt,bktd->bkgd", probs, vals), rtol=1e-4, atol=1e-5)

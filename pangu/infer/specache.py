@@ -269,43 +269,31 @@ class SpeCacheLayerCache:
     place (the attention hook of LayerCache); then the last query row (the speculative token's in a SpeCache
     step) picks the next step's top-k from the probabilities it attended with and prefetches them.
 
-    Scores: the low-bit keys scored in place (pangu_kernels.specache), the held rows and the residual at full
-    precision in one product, the held rows' scores written over their slots (the spec's K_mix). Output: the
-    low-bit values weighted in place, plus p (v - v_hat) at each held slot (the mixed values there), plus the
-    residual. mask: the query half (q_positions, causal, window); the cache gives the slots' positions and
+    Both products are pangu_kernels.specache's over the mixed cache: the low-bit codes read in place, each held
+    slot's full-precision row instead of its dequantisation (the spec's K_mix, and the values likewise), then
+    the residual. mask: the query half (q_positions, causal, window); the cache gives the slots' positions and
     lengths. Equal to `dot_product_attention` over `read()`.
     """
-    cfg, t, k = self.config, self.slots, self.config.top_k
+    cfg = self.config
     b, s, h, dh = queries.shape
     kv = self.host_keys.shape[1]
     g = h // kv
     implementation = self._implementation()
     q = queries.astype(jnp.float32).reshape(b, s, kv, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, kv, s * g, dh)
+    f32 = lambda a: a.astype(jnp.float32)
     top_keys, top_values = self._top_rows()
-    exact_keys = jnp.concatenate([top_keys, self.residual_keys], axis=2).astype(jnp.float32)
-    exact = jnp.einsum("bkrd,bkjd->bkrj", q, exact_keys) * dh ** -0.5
-    low = kernel.lowbit_scores(q, *self.keys_low, bits=cfg.quant.bits, implementation=implementation)
-    held = self.topk_index < t
-    overwrite = lambda scores, index, update: scores.at[:, index].set(update, mode="drop")
-    low = jax.vmap(jax.vmap(overwrite))(low, jnp.where(held, self.topk_index, t), exact[..., :k])
-    logits = jnp.concatenate([low, exact[..., k:]], axis=-1)
+    logits = kernel.mixed_scores(q, *self.keys_low, self.topk_index, f32(top_keys), f32(self.residual_keys),
+                                 bits=cfg.quant.bits, implementation=implementation)
     if logit_softcap is not None:
       logits = logit_softcap * jnp.tanh(logits / logit_softcap)
     cached = self._positions()
     seen = mask.replace(kv_positions=cached.positions, kv_lengths=cached.lengths).dense(s, logits.shape[-1])
     logits = jnp.where(jnp.repeat(seen, g, axis=1)[:, None], logits, _MASKED)
     probs = jax.nn.softmax(logits, axis=-1)
-    out = kernel.lowbit_weighted_values(probs[..., :t], *self.values_low, bits=cfg.quant.bits,
-                                        implementation=implementation)
-    slot = jnp.minimum(self.topk_index, t - 1)
-    approx = kernel.dequantize_values(*(jnp.take_along_axis(a, slot[..., None], axis=2) for a in self.values_low),
-                                      cfg.quant.bits)
-    held_probs = jnp.where(held[:, :, None], jnp.take_along_axis(probs, slot[:, :, None], axis=-1), 0.0)
-    weights = jnp.concatenate([held_probs, probs[..., t:]], axis=-1)
-    exact_values = jnp.concatenate([top_values.astype(jnp.float32) - approx, self.residual_values], axis=2)
-    out += jnp.einsum("bkrj,bkjd->bkrd", weights, exact_values.astype(jnp.float32))
+    out = kernel.mixed_weighted_values(probs, *self.values_low, self.topk_index, f32(top_values),
+                                       f32(self.residual_values), bits=cfg.quant.bits, implementation=implementation)
     out = out.reshape(b, kv, s, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, s, h, dh).astype(queries.dtype)
-    if k == 0:
+    if cfg.top_k == 0:
       return out, self
     votes = probs if cfg.gqa_reduce == "mean_prob" else logits
     return out, self._fetch(self._select(votes.reshape(b, kv, s, g, -1)[:, :, -1]))
