@@ -316,7 +316,7 @@ class SpeCacheLayerCache:
     votes = sum(votes[:, :, i, :t + r] for i in range(votes.shape[2])) / votes.shape[2]
     votes = jnp.where(candidate[:, None], votes, -jnp.inf)
     k = min(cfg.top_k, t + r)
-    index = top_k_indices(votes, k, implementation="cpu" if self._implementation() == "cpu" else "xla")
+    index = top_k_indices(votes, k, implementation=None if self._implementation() == "cpu" else "xla")
     chosen = jnp.take_along_axis(jnp.broadcast_to(candidate[:, None], votes.shape), index, axis=-1)
     slot = jnp.where(index < t, index, self.quantized[:, None, None] + index - t)
     slot = jnp.where(chosen, slot, t)
