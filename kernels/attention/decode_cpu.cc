@@ -22,10 +22,6 @@ using Floats = ffi::Buffer<ffi::F32, 3>;
 // One n per work item: below this many cache bytes per item, scheduling costs more than it saves.
 constexpr int64_t kMinBytesPerItem = 64 << 10;
 
-int64_t Threads(ffi::ThreadPool& pool, int64_t items, int64_t bytes_per_item) {
-  return bytes_per_item < kMinBytesPerItem ? 1 : std::min<int64_t>(pool.num_threads(), items);
-}
-
 // a [N, R, X], cache [N, T, Dh] -> out [N, R, Y]: scores (X = Dh, Y = T) or weighted values (X = T, Y = Dh).
 template <bool kScores>
 ffi::Error Products(ffi::ThreadPool pool, Floats a, Floats cache, ffi::Result<Floats> out) {
@@ -38,7 +34,8 @@ ffi::Error Products(ffi::ThreadPool pool, Floats a, Floats cache, ffi::Result<Fl
   const float* cd = cache.typed_data();
   float* od = out->typed_data();
   const int64_t width = a.dimensions()[2], out_width = kScores ? tokens : dh;
-  pangu_kernels::ParallelFor(pool, n_size, Threads(pool, n_size, tokens * dh * 4), [&](int64_t n) {
+  const int64_t threads = pangu_kernels::ThreadsWorth(pool, tokens * dh * 4, kMinBytesPerItem);
+  pangu_kernels::ParallelFor(pool, n_size, threads, [&](int64_t n) {
     pangu_kernels::ForRowBlocks(rows, [&](int64_t r0, auto block) {
       constexpr int R = decltype(block)::value;
       const float* an = ad + (n * rows + r0) * width;

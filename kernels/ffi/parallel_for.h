@@ -59,6 +59,12 @@ inline void ParallelFor(xla::ffi::ThreadPool& pool, int64_t count, int64_t threa
   state->idle.wait(lock, [&] { return state->running == 0; });
 }
 
+// Threads worth using for work of size `work` (bytes per item, entries per call...): one below `min_work`,
+// where scheduling costs more than it saves, else the pool (ParallelFor caps it at the item count).
+inline int64_t ThreadsWorth(xla::ffi::ThreadPool& pool, int64_t work, int64_t min_work) {
+  return work < min_work ? 1 : pool.num_threads();
+}
+
 }  // namespace pangu_kernels
 
 #endif  // PANGU_KERNELS_FFI_PARALLEL_FOR_H_

@@ -315,10 +315,6 @@ void MixedWeightedValues(const float* p, const Cache& c, float* out, const Shape
 // One n per work item: below this many code bytes per item, scheduling costs more than it saves.
 constexpr int64_t kMinBytesPerItem = 16 << 10;
 
-int64_t Threads(ffi::ThreadPool& pool, int64_t items, int64_t bytes_per_item) {
-  return bytes_per_item < kMinBytesPerItem ? 1 : std::min<int64_t>(pool.num_threads(), items);
-}
-
 using Index = ffi::Buffer<ffi::S32, 2>;
 
 // Checks the operands of either product and gives its Shape. a: q [N, R, Dh] (scores) or p [N, R, T + E]
@@ -358,7 +354,8 @@ ffi::Error Product(ffi::ThreadPool pool, Floats a, Codes codes, Floats scale, Fl
   if (checked.has_error()) return checked.error();
   const Shape s = checked.value();
   const int64_t n_size = a.dimensions()[0], scale_size = scale.element_count() / n_size;
-  pangu_kernels::ParallelFor(pool, n_size, Threads(pool, n_size, s.tokens * s.packed), [&](int64_t n) {
+  const int64_t threads = pangu_kernels::ThreadsWorth(pool, s.tokens * s.packed, kMinBytesPerItem);
+  pangu_kernels::ParallelFor(pool, n_size, threads, [&](int64_t n) {
     const Cache c{codes.typed_data() + n * s.tokens * s.packed, scale.typed_data() + n * scale_size,
                   zero.typed_data() + n * scale_size, held.typed_data() + n * s.held,
                   held_rows.typed_data() + n * s.held * s.dh, exact_rows.typed_data() + n * s.exact * s.dh};
