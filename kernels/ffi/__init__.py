@@ -1,5 +1,5 @@
 """Building and registering the CPU FFI kernels (C++ beside their Python API) once per process."""
 
-from pangu_kernels.ffi.build import register
+from pangu_kernels.ffi.build import AVX512, cpu_has, register
 
-__all__ = ["register"]
+__all__ = ["AVX512", "cpu_has", "register"]

@@ -1,7 +1,9 @@
 """Attention's products over bit-packed low-bit K / V (SpeCache's and KIVI's cache), the kernel where it runs.
 
-`lowbit_scores` (queries . keys) has a Pallas kernel (GPU / TPU, interpreted on CPU for tests) and an AVX2 FFI
-kernel for XLA:CPU (lowbit.cc); `lowbit_weighted_values` (attention weights . values) has the FFI kernel. Both
+`lowbit_scores` (queries . keys) has a Pallas kernel (GPU / TPU, interpreted on CPU for tests) and an FFI kernel
+for XLA:CPU (lowbit.cc: AVX2, and AVX-512's mask registers for 1-bit codes where the CPU has them; `cpu_avx2`
+runs the AVX2 build alone, the path other CPUs take); `lowbit_weighted_values` (attention weights . values)
+has the FFI kernel. Both
 read the codes in place; their XLA references dequantise the whole cache first. `mixed_scores` and
 `mixed_weighted_values` are the same products over SpeCache's mixed cache (some low-bit slots held at full
 precision, full-precision rows after them): one FFI call each on CPU, else the reference's composition around
@@ -18,14 +20,18 @@ import numpy as np
 from pangu_kernels import ffi
 from pangu_kernels.specache import pallas, reference
 
-IMPLEMENTATIONS = ("pallas", "pallas_interpret", "cpu", "xla")
+IMPLEMENTATIONS = ("pallas", "pallas_interpret", "cpu", "cpu_avx2", "xla")
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lowbit.cc")
-SCORES_TARGET, VALUES_TARGET = "pangu_lowbit_scores", "pangu_lowbit_weighted_values"
+_HANDLERS = ("LowbitScores", "LowbitWeightedValues")
+_TARGETS = {"cpu": ("pangu_lowbit_scores", "pangu_lowbit_weighted_values"),
+            "cpu_avx2": ("pangu_lowbit_scores_avx2", "pangu_lowbit_weighted_values_avx2")}
 
 
-def cpu_kernel_registered() -> bool:
-  """Whether lowbit.cc is built and registered here (compiled once per process; False: see the log)."""
-  return ffi.register(SOURCE, ((SCORES_TARGET, "LowbitScores"), (VALUES_TARGET, "LowbitWeightedValues")))
+def cpu_kernel_registered(implementation: str = "cpu") -> bool:
+  """Whether lowbit.cc is built and registered here as `implementation` (`cpu`: with AVX-512 where the CPU has
+  it; `cpu_avx2`: without); compiled once per process; False: see the log."""
+  wide = implementation == "cpu" and ffi.cpu_has("avx512f", "avx512bw", "avx512vl")
+  return ffi.register(SOURCE, tuple(zip(_TARGETS[implementation], _HANDLERS)), ffi.AVX512 if wide else ())
 
 
 def pallas_supported(tokens: int, group: int, block_tokens: int = pallas.DEFAULT_BLOCK_TOKENS) -> bool:
@@ -52,20 +58,22 @@ def resolve_implementation(implementation: str | None, tokens: int, group: int) 
   return implementation
 
 
-def _check_cpu(*arrays: jax.Array) -> None:
-  if not cpu_kernel_registered():
-    raise RuntimeError("the lowbit CPU kernel is unavailable here (see the log); use implementation='xla'")
+def _check_cpu(implementation: str, *arrays: jax.Array) -> None:
+  if not cpu_kernel_registered(implementation):
+    raise RuntimeError(f"the lowbit {implementation} kernel is unavailable here (see the log); use "
+                       "implementation='xla'")
   floats = [a.dtype for a in arrays if a.dtype not in (jnp.uint8, jnp.int32)]
   if any(d != jnp.float32 for d in floats):
     raise ValueError(f"the cpu implementation takes float32 operands, got {floats}")
 
 
-def _cpu_call(target: str, shape: tuple[int, ...], a: jax.Array, codes: jax.Array, scale: jax.Array,
-              zero: jax.Array, bits: int, held: jax.Array | None = None, held_rows: jax.Array | None = None,
-              exact_rows: jax.Array | None = None) -> jax.Array:
-  """The FFI kernel over the flattened batch-head axis N = B K, back to [B, K, ...]; no held or exact rows
-  where they are None."""
-  _check_cpu(*(x for x in (a, codes, scale, zero, held, held_rows, exact_rows) if x is not None))
+def _cpu_call(implementation: str, scores: bool, shape: tuple[int, ...], a: jax.Array, codes: jax.Array,
+              scale: jax.Array, zero: jax.Array, bits: int, held: jax.Array | None = None,
+              held_rows: jax.Array | None = None, exact_rows: jax.Array | None = None) -> jax.Array:
+  """The FFI kernel (scores, else weighted values) over the flattened batch-head axis N = B K, back to
+  [B, K, ...]; no held or exact rows where they are None."""
+  _check_cpu(implementation, *(x for x in (a, codes, scale, zero, held, held_rows, exact_rows) if x is not None))
+  target = _TARGETS[implementation][0 if scores else 1]
   b, k = codes.shape[:2]
   dh = codes.shape[-1] * 8 // bits
   no_rows = jnp.zeros((b, k, 0, dh), jnp.float32)
@@ -85,13 +93,14 @@ def lowbit_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Ar
   float32 [B, K, G, T] = q . k_hat / sqrt(Dh).
 
   implementation: `pallas` (compiled), `pallas_interpret` (the kernel interpreted, for CPU tests), `cpu` (the
-  FFI kernel, float32), `xla` (the reference), or None (`resolve_implementation`).
+  FFI kernel, float32), `cpu_avx2` (its AVX2 build), `xla` (the reference), or None (`resolve_implementation`).
   """
   implementation = resolve_implementation(implementation, codes.shape[2], codes.shape[2] // scale.shape[2])
   if implementation == "xla":
     return reference.lowbit_scores(q, codes, scale, zero, bits=bits)
-  if implementation == "cpu":
-    return _cpu_call(SCORES_TARGET, (q.shape[2], codes.shape[2]), q * q.shape[-1] ** -0.5, codes, scale, zero, bits)
+  if implementation in _TARGETS:
+    shape = (q.shape[2], codes.shape[2])
+    return _cpu_call(implementation, True, shape, q * q.shape[-1] ** -0.5, codes, scale, zero, bits)
   return pallas.lowbit_scores(q, codes, scale, zero, bits=bits, interpret=implementation == "pallas_interpret")
 
 
@@ -100,13 +109,14 @@ def lowbit_weighted_values(probs: jax.Array, codes: jax.Array, scale: jax.Array,
   """probs [B, K, G, T] times the values codes [B, K, T, Dh * bits / 8], scale / zero [B, K, T, Dh / g_v]
   -> float32 [B, K, G, Dh].
 
-  implementation: `cpu` (the FFI kernel, float32) or `xla` (the reference); the Pallas names and None resolve
-  as in `lowbit_scores`, and where that gives a Pallas kernel the reference runs (values have none yet).
+  implementation: `cpu` / `cpu_avx2` (the FFI kernel, float32) or `xla` (the reference); the Pallas names and
+  None resolve as in `lowbit_scores`, and where that gives a Pallas kernel the reference runs (values have none
+  yet).
   """
   implementation = resolve_implementation(implementation, codes.shape[2], 1)
-  if implementation == "cpu":
+  if implementation in _TARGETS:
     dh = codes.shape[-1] * 8 // bits
-    return _cpu_call(VALUES_TARGET, (probs.shape[2], dh), probs, codes, scale, zero, bits)
+    return _cpu_call(implementation, False, (probs.shape[2], dh), probs, codes, scale, zero, bits)
   return reference.lowbit_weighted_values(probs, codes, scale, zero, bits=bits)
 
 
@@ -117,10 +127,10 @@ def mixed_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Arr
   the held slots held [B, K, k] (outside [0, T): none), scored against their full-precision rows held_keys
   [B, K, k, Dh]; then the E rows exact_keys [B, K, E, Dh]. implementation: as in `lowbit_scores`."""
   implementation = resolve_implementation(implementation, codes.shape[2], codes.shape[2] // scale.shape[2])
-  if implementation == "cpu":
+  if implementation in _TARGETS:
     shape = (q.shape[2], codes.shape[2] + exact_keys.shape[2])
-    return _cpu_call(SCORES_TARGET, shape, q * q.shape[-1] ** -0.5, codes, scale, zero, bits, held, held_keys,
-                     exact_keys)
+    return _cpu_call(implementation, True, shape, q * q.shape[-1] ** -0.5, codes, scale, zero, bits, held,
+                     held_keys, exact_keys)
   low = functools.partial(lowbit_scores, implementation=implementation)
   return reference.mixed_scores(q, codes, scale, zero, held, held_keys, exact_keys, bits=bits, lowbit_scores=low)
 
@@ -132,7 +142,7 @@ def mixed_weighted_values(probs: jax.Array, codes: jax.Array, scale: jax.Array, 
   values, each held slot's full-precision row held_values [B, K, k, Dh] in place of its v_hat, then the E rows
   exact_values [B, K, E, Dh]. implementation: as in `lowbit_weighted_values`."""
   implementation = resolve_implementation(implementation, codes.shape[2], 1)
-  if implementation == "cpu":
-    return _cpu_call(VALUES_TARGET, (probs.shape[2], held_values.shape[-1]), probs, codes, scale, zero, bits, held,
-                     held_values, exact_values)
+  if implementation in _TARGETS:
+    return _cpu_call(implementation, False, (probs.shape[2], held_values.shape[-1]), probs, codes, scale, zero,
+                     bits, held, held_values, exact_values)
   return reference.mixed_weighted_values(probs, codes, scale, zero, held, held_values, exact_values, bits=bits)

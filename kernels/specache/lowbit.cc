@@ -10,10 +10,10 @@
 //
 // Bit layout (reference.py): a row of Dh b-bit codes packs into P = Dh b / 8 bytes, and slot j of byte p holds
 // channel j P + p. Eight consecutive bytes widened to eight int32 lanes therefore give, per slot, the eight
-// consecutive channels j P + p0 .. j P + p0 + 7: one shift, mask and convert per slot, no shuffles. A row's
-// last P % 8 bytes go four at a time (SSE), then one by one; values take the 8- or 4-byte path when P and the
-// channel groups are multiples of it, else the scalar one. The batch-head axis n is split over XLA's thread
-// pool (parallel_for.h).
+// consecutive channels j P + p0 .. j P + p0 + 7: one shift, mask and convert per slot, no shuffles (1-bit codes
+// built with AVX-512: one mask test, `Bits`). A row's last P % 8 bytes go four at a time (SSE), then one by one;
+// values take the 8- or 4-byte path when P and the channel groups are multiples of it, else the scalar one.
+// The batch-head axis n is split over XLA's thread pool (parallel_for.h).
 
 #include <immintrin.h>
 
@@ -36,51 +36,98 @@ using Codes = ffi::Buffer<ffi::U8, 3>;
 using Floats = ffi::Buffer<ffi::F32, 3>;
 
 // One block of bytes widened to int32 lanes: eight with AVX (Wide) or four with SSE (Narrow, for rows of
-// P % 8 == 4 bytes, e.g. 1-bit codes of Dh = 32). Both share the loops below.
+// P % 8 == 4 bytes, e.g. 1-bit codes of Dh = 32). Both share the loops below: Codes gives a slot's codes as
+// floats, MulAdd adds them times a weight (the folded query, or a token's weight) into an accumulator.
 struct Wide {
   static constexpr int kBytes = 8;
+  static constexpr int kAccumulators = 8;  // beside the codes' and weights' registers (16 in all with AVX2)
   using Float = __m256;
   using Int = __m256i;
+  using Code = __m256;
   static Int Widen(const uint8_t* bytes) {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
   }
-  static Float Codes(Int bytes, int shift, int bits) {
+  static Code Codes(Int bytes, int shift, int bits) {
     const Int field = _mm256_srl_epi32(bytes, _mm_cvtsi32_si128(shift));
     return _mm256_cvtepi32_ps(_mm256_and_si256(field, _mm256_set1_epi32((1 << bits) - 1)));
   }
+  static Float MulAdd(Code c, Float weight, Float acc) { return _mm256_fmadd_ps(c, weight, acc); }
   static Float Zero() { return _mm256_setzero_ps(); }
   static Float Load(const float* p) { return _mm256_loadu_ps(p); }
   static void Store(float* p, Float v) { _mm256_storeu_ps(p, v); }
   static Float Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
-  static Float Fma(Float a, Float b, Float c) { return _mm256_fmadd_ps(a, b, c); }
   static Float Add(Float a, Float b) { return _mm256_add_ps(a, b); }
-  static float Sum(Float v) { return pangu_kernels::HorizontalSum(v); }
+  // sums[i] = the sum of acc[i]'s lanes: eight at a time through one tree of horizontal adds (~9 shuffles
+  // and adds for eight sums, against ~5 for each alone).
+  template <int N>
+  static void Sums(const Float (&acc)[N], float (&sums)[N]) {
+    int i = 0;
+    for (; i + 8 <= N; i += 8) {
+      const Float h01 = _mm256_hadd_ps(acc[i], acc[i + 1]), h23 = _mm256_hadd_ps(acc[i + 2], acc[i + 3]);
+      const Float h45 = _mm256_hadd_ps(acc[i + 4], acc[i + 5]), h67 = _mm256_hadd_ps(acc[i + 6], acc[i + 7]);
+      const Float x = _mm256_hadd_ps(h01, h23), y = _mm256_hadd_ps(h45, h67);  // [0-3 low, 0-3 high], [4-7 ..]
+      const Float low = _mm256_permute2f128_ps(x, y, 0x20), high = _mm256_permute2f128_ps(x, y, 0x31);
+      _mm256_storeu_ps(sums + i, _mm256_add_ps(low, high));
+    }
+    for (; i < N; ++i) sums[i] = pangu_kernels::HorizontalSum(acc[i]);
+  }
 };
+
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+constexpr bool kMaskedBits = true;
+// 1-bit codes with AVX-512's mask registers (the build api.py asks for where the CPU has them): bit j of eight
+// bytes is slot j's eight channels' mask, and the weight is added where it is set: one test per slot instead
+// of a widening, shift, mask and convert, and 32 registers, so twice the accumulators. Scores of 4 rows over
+// 16 x 4k tokens, one thread (a scratch benchmark of the inner loop): 1.05 ms with Wide, 0.70 with Bits.
+struct Bits : Wide {
+  static constexpr int kAccumulators = 16;
+  using Int = __m128i;
+  using Code = __mmask8;
+  static Int Widen(const uint8_t* bytes) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)); }
+  static Code Codes(Int bytes, int shift, int /*bits: 1*/) {
+    return static_cast<Code>(_mm_test_epi8_mask(bytes, _mm_set1_epi8(static_cast<char>(1 << shift))));
+  }
+  static Float MulAdd(Code c, Float weight, Float acc) { return _mm256_mask_add_ps(acc, c, acc, weight); }
+};
+#else
+constexpr bool kMaskedBits = false;
+using Bits = Wide;
+#endif
 
 struct Narrow {
   static constexpr int kBytes = 4;
+  static constexpr int kAccumulators = 8;
   using Float = __m128;
   using Int = __m128i;
+  using Code = __m128;
   static Int Widen(const uint8_t* bytes) {
     int32_t word;
     std::memcpy(&word, bytes, sizeof(word));
     return _mm_cvtepu8_epi32(_mm_cvtsi32_si128(word));
   }
-  static Float Codes(Int bytes, int shift, int bits) {
+  static Code Codes(Int bytes, int shift, int bits) {
     const Int field = _mm_srl_epi32(bytes, _mm_cvtsi32_si128(shift));
     return _mm_cvtepi32_ps(_mm_and_si128(field, _mm_set1_epi32((1 << bits) - 1)));
   }
+  static Float MulAdd(Code c, Float weight, Float acc) { return _mm_fmadd_ps(c, weight, acc); }
   static Float Zero() { return _mm_setzero_ps(); }
   static Float Load(const float* p) { return _mm_loadu_ps(p); }
   static void Store(float* p, Float v) { _mm_storeu_ps(p, v); }
   static Float Broadcast(const float* p) { return _mm_broadcast_ss(p); }
-  static Float Fma(Float a, Float b, Float c) { return _mm_fmadd_ps(a, b, c); }
   static Float Add(Float a, Float b) { return _mm_add_ps(a, b); }
-  static float Sum(Float v) {
-    v = _mm_hadd_ps(v, v);
-    return _mm_cvtss_f32(_mm_hadd_ps(v, v));
+  template <int N>
+  static void Sums(const Float (&acc)[N], float (&sums)[N]) {
+    for (int i = 0; i < N; ++i) {
+      const Float v = _mm_hadd_ps(acc[i], acc[i]);
+      sums[i] = _mm_cvtss_f32(_mm_hadd_ps(v, v));
+    }
   }
 };
+
+// Tokens scored (or value slots weighed) per pass for R rows: U x R accumulators, independent FMA (add)
+// chains, each load of a folded query row (each widening of a token's bytes) serving U tokens (slots).
+template <class V, int R>
+constexpr int kPerPass = std::min(4, V::kAccumulators / R);
 
 struct Shape {
   int64_t rows, tokens, dh, packed, groups;  // R, T, Dh, P, and T / g (keys) or Dh / g_v (values)
@@ -93,39 +140,35 @@ struct Shape {
 
 inline int Code(uint8_t byte, int64_t slot, int bits) { return (byte >> (slot * bits)) & ((1 << bits) - 1); }
 
-// Tokens scored per pass: U tokens x R rows of independent FMA chains, fewer waits on one chain's latency, and
-// each load of the folded query serves U tokens. 16 x 4k 1-bit tokens on the dev machine (AMD EPYC): 0.95 ->
-// 0.86 ms for 4 rows, 0.57 -> 0.49 ms for 2, against one token per pass.
-template <int R>
-constexpr int kScoreTokensPerPass = R <= 2 ? 4 : 2;
-
 // sums[u][r] += folded[r] . codes of bytes [begin, end) of the U consecutive token rows from `rows`, in blocks
 // of V::kBytes.
 template <class V, int R, int U>
 inline void DotBlocks(const uint8_t* rows, const float* folded, const Shape& s, int64_t begin, int64_t end,
                       float (&sums)[U][R]) {
   if (begin >= end) return;
-  typename V::Float acc[U][R];
-  for (int u = 0; u < U; ++u)
-    for (int r = 0; r < R; ++r) acc[u][r] = V::Zero();
+  typename V::Float acc[U * R];
+  for (auto& a : acc) a = V::Zero();
   for (int64_t p0 = begin; p0 < end; p0 += V::kBytes) {
     typename V::Int bytes[U];
     for (int u = 0; u < U; ++u) bytes[u] = V::Widen(rows + u * s.packed + p0);
     for (int j = 0; j < s.per(); ++j) {
-      typename V::Float c[U];
+      typename V::Code c[U];
       for (int u = 0; u < U; ++u) c[u] = V::Codes(bytes[u], j * s.bits, s.bits);
       for (int r = 0; r < R; ++r) {
         const typename V::Float f = V::Load(folded + r * s.dh + j * s.packed + p0);
-        for (int u = 0; u < U; ++u) acc[u][r] = V::Fma(c[u], f, acc[u][r]);
+        for (int u = 0; u < U; ++u) acc[u * R + r] = V::MulAdd(c[u], f, acc[u * R + r]);
       }
     }
   }
+  float partial[U * R];
+  V::Sums(acc, partial);
   for (int u = 0; u < U; ++u)
-    for (int r = 0; r < R; ++r) sums[u][r] += V::Sum(acc[u][r]);
+    for (int r = 0; r < R; ++r) sums[u][r] += partial[u * R + r];
 }
 
-// out[r, t + u] = offset[r] + folded[r] . codes[t + u] for the U tokens from t.
-template <int R, int U>
+// out[r, t + u] = offset[r] + folded[r] . codes[t + u] for the U tokens from t: whole blocks of 8 bytes as V,
+// then of 4, then byte by byte.
+template <class V, int R, int U>
 inline void ScoreTokens(const uint8_t* codes, const float* folded, const float* offset, float* out, int64_t t,
                         const Shape& s) {
   const int64_t wide = s.Whole(8), narrow = s.Whole(4);
@@ -133,7 +176,7 @@ inline void ScoreTokens(const uint8_t* codes, const float* folded, const float* 
   float sums[U][R];
   for (int u = 0; u < U; ++u)
     for (int r = 0; r < R; ++r) sums[u][r] = offset[r];
-  DotBlocks<Wide, R, U>(rows, folded, s, 0, wide, sums);
+  DotBlocks<V, R, U>(rows, folded, s, 0, wide, sums);
   DotBlocks<Narrow, R, U>(rows, folded, s, wide, narrow, sums);
   for (int u = 0; u < U; ++u)
     for (int64_t p = narrow; p < s.packed; ++p)
@@ -144,12 +187,13 @@ inline void ScoreTokens(const uint8_t* codes, const float* folded, const float* 
     for (int r = 0; r < R; ++r) out[r * s.stride() + t + u] = sums[u][r];
 }
 
-// Scores of R query rows (R <= 4, a template so the accumulators stay in registers) against one n's keys.
-// Per group of g tokens the query is folded into the dequantisation: q . (c s + z) = (q s) . c + q . z.
-template <int R>
+// Scores of R query rows (R <= 4, a template so the accumulators stay in registers) against one n's keys, V
+// (Wide or Bits) for the whole blocks. Per group of g tokens the query is folded into the dequantisation:
+// q . (c s + z) = (q s) . c + q . z.
+template <class V, int R>
 void ScoreRows(const float* q, const uint8_t* codes, const float* scale, const float* zero, float* out,
                const Shape& s, std::vector<float>& folded) {
-  constexpr int U = kScoreTokensPerPass<R>;
+  constexpr int U = kPerPass<V, R>;
   const int64_t g = s.tokens / s.groups;
   folded.resize(R * s.dh);
   for (int64_t group = 0; group < s.groups; ++group) {
@@ -164,49 +208,54 @@ void ScoreRows(const float* q, const uint8_t* codes, const float* scale, const f
       }
     }
     int64_t t = group * g;
-    for (; t + U <= (group + 1) * g; t += U) ScoreTokens<R, U>(codes, folded.data(), offset, out, t, s);
-    for (; t < (group + 1) * g; ++t) ScoreTokens<R, 1>(codes, folded.data(), offset, out, t, s);
+    for (; t + U <= (group + 1) * g; t += U) ScoreTokens<V, R, U>(codes, folded.data(), offset, out, t, s);
+    for (; t < (group + 1) * g; ++t) ScoreTokens<V, R, 1>(codes, folded.data(), offset, out, t, s);
   }
 }
 
-// Slots weighed per pass over the tokens: S x R accumulators in registers, one widening of each token's
-// bytes serving S slots, and S times fewer passes over the codes and weights. 16 x 4k 1-bit tokens on the dev
-// machine: 1.29 -> 1.15 ms for 4 rows, 0.99 -> 0.72 ms for 2, against one slot per pass (more slots: no gain).
-template <int R>
-constexpr int kValueSlotsPerPass = R <= 2 ? 4 : 2;
+// A token's weights p[r, t] s[t, group] for the R <= 4 rows of one value group: four lanes, R used.
+constexpr int kWeightLanes = 4;
 
-// out[r, channels of slots j0 .. j0 + S - 1 of bytes p0 .. p0 + kBytes - 1] += sum_t weights[t, r, group]
+// out[r, channels of slots j0 .. j0 + S - 1 of bytes p0 .. p0 + kBytes - 1] += sum_t weights[t, group, r]
 // codes[t]. A block's channels j P + p0 .. j P + p0 + kBytes - 1 must share one value group (the caller checks).
 template <class V, int R, int S>
 void WeighSlots(const uint8_t* codes, const float* weights, float* out, const Shape& s, int64_t p0, int j0) {
-  const int64_t gv = s.dh / s.groups;
+  // The token loop's offsets and shifts, computed once.
+  const int64_t packed = s.packed, tokens = s.tokens, stride = s.groups * kWeightLanes, gv = s.dh / s.groups;
+  const int bits = s.bits;
   int64_t d0[S], group[S];
-  typename V::Float acc[S][R];
+  int shift[S];
   for (int i = 0; i < S; ++i) {
-    d0[i] = (j0 + i) * s.packed + p0;
-    group[i] = d0[i] / gv;
-    for (int r = 0; r < R; ++r) acc[i][r] = V::Zero();
+    d0[i] = (j0 + i) * packed + p0;
+    group[i] = d0[i] / gv * kWeightLanes;  // slot i's R weights start here in a token's weights
+    shift[i] = (j0 + i) * bits;
   }
-  for (int64_t t = 0; t < s.tokens; ++t) {
-    const typename V::Int bytes = V::Widen(codes + t * s.packed + p0);
-    const float* w = weights + t * R * s.groups;
+  typename V::Float acc[S * R];
+  for (auto& a : acc) a = V::Zero();
+  const uint8_t* row = codes + p0;
+  const float* w = weights;
+  for (int64_t t = 0; t < tokens; ++t, row += packed, w += stride) {
+    const typename V::Int bytes = V::Widen(row);
     for (int i = 0; i < S; ++i) {
-      const typename V::Float c = V::Codes(bytes, (j0 + i) * s.bits, s.bits);
-      for (int r = 0; r < R; ++r) acc[i][r] = V::Fma(V::Broadcast(w + r * s.groups + group[i]), c, acc[i][r]);
+      const typename V::Code c = V::Codes(bytes, shift[i], bits);
+      const float* wi = w + group[i];
+      for (int r = 0; r < R; ++r) acc[i * R + r] = V::MulAdd(c, V::Broadcast(wi + r), acc[i * R + r]);
     }
   }
   for (int i = 0; i < S; ++i)
     for (int r = 0; r < R; ++r) {
       float* o = out + r * s.dh + d0[i];
-      V::Store(o, V::Add(V::Load(o), acc[i][r]));
+      V::Store(o, V::Add(V::Load(o), acc[i * R + r]));
     }
 }
 
 // The channels of bytes [begin, end), in blocks of V::kBytes and S slots per pass where S divides the slots.
+// S x R accumulators: as many as Wide's for Bits too, since with 16 live over the token loop GCC also stores
+// each to the stack per token (4 rows: 1.37 ms against 0.65 with 8, the kernel's loop in a scratch benchmark).
 template <class V, int R>
 void WeighBlocks(const uint8_t* codes, const float* weights, float* out, const Shape& s, int64_t begin,
                  int64_t end) {
-  constexpr int S = kValueSlotsPerPass<R>;
+  constexpr int S = kPerPass<Wide, R>;
   for (int64_t p0 = begin; p0 < end; p0 += V::kBytes) {
     if (s.per() % S == 0) {
       for (int j0 = 0; j0 < s.per(); j0 += S) WeighSlots<V, R, S>(codes, weights, out, s, p0, j0);
@@ -217,34 +266,38 @@ void WeighBlocks(const uint8_t* codes, const float* weights, float* out, const S
 }
 
 // o[r] = sum_t p[r, t] (c[t] s[t, group] + z[t, group]) for one n, with p[r, t] s[t, group] computed once per
-// token (`weights`, [T, R, groups]) and the zero term summed apart (R x groups per token).
-template <int R>
+// token (`weights`, [T, groups, kWeightLanes]: the R rows of a slot's group side by side, one SSE multiply per
+// token and group) and the zero term summed apart.
+template <class V, int R>
 void WeighRows(const float* p, const uint8_t* codes, const float* scale, const float* zero, float* out,
                const Shape& s, std::vector<float>& weights) {
   const int64_t gv = s.dh / s.groups;
-  std::vector<float> zero_term(R * s.groups, 0.f);
-  weights.resize(s.tokens * R * s.groups);
+  std::vector<float> zero_term(s.groups * kWeightLanes, 0.f);
+  weights.resize(s.tokens * s.groups * kWeightLanes);
   for (int64_t t = 0; t < s.tokens; ++t) {
-    for (int r = 0; r < R; ++r) {
-      for (int64_t group = 0; group < s.groups; ++group) {
-        weights[(t * R + r) * s.groups + group] = p[r * s.stride() + t] * scale[t * s.groups + group];
-        zero_term[r * s.groups + group] += p[r * s.stride() + t] * zero[t * s.groups + group];
-      }
+    alignas(16) float column[kWeightLanes] = {};
+    for (int r = 0; r < R; ++r) column[r] = p[r * s.stride() + t];
+    const __m128 pt = _mm_load_ps(column);
+    for (int64_t group = 0; group < s.groups; ++group) {
+      const int64_t i = t * s.groups + group;
+      _mm_storeu_ps(&weights[i * kWeightLanes], _mm_mul_ps(pt, _mm_set1_ps(scale[i])));
+      float* z = &zero_term[group * kWeightLanes];
+      _mm_storeu_ps(z, _mm_fmadd_ps(pt, _mm_set1_ps(zero[i]), _mm_loadu_ps(z)));
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int64_t d = 0; d < s.dh; ++d) out[r * s.dh + d] = zero_term[r * s.groups + d / gv];
+    for (int64_t d = 0; d < s.dh; ++d) out[r * s.dh + d] = zero_term[d / gv * kWeightLanes + r];
   // Every block of a row must start a multiple of its width into a value group: whole rows of one width.
   const bool wide_rows = s.packed % 8 == 0 && gv % 8 == 0, narrow_rows = s.packed % 4 == 0 && gv % 4 == 0;
   const int64_t wide = wide_rows ? s.packed : 0, narrow = wide_rows || narrow_rows ? s.packed : 0;
-  WeighBlocks<Wide, R>(codes, weights.data(), out, s, 0, wide);
+  WeighBlocks<V, R>(codes, weights.data(), out, s, 0, wide);
   WeighBlocks<Narrow, R>(codes, weights.data(), out, s, wide, narrow);
   for (int64_t t = 0; t < s.tokens; ++t)
     for (int64_t p0 = narrow; p0 < s.packed; ++p0)
       for (int j = 0; j < s.per(); ++j) {
         const int64_t d = j * s.packed + p0;
         const int c = Code(codes[t * s.packed + p0], j, s.bits);
-        for (int r = 0; r < R; ++r) out[r * s.dh + d] += weights[(t * R + r) * s.groups + d / gv] * c;
+        for (int r = 0; r < R; ++r) out[r * s.dh + d] += weights[(t * s.groups + d / gv) * kWeightLanes + r] * c;
       }
 }
 
@@ -278,7 +331,11 @@ void MixedScores(const float* q, const Cache& c, float* out, const Shape& s) {
     constexpr int R = decltype(rows)::value;
     const float* qr = q + r0 * s.dh;
     float* o = out + r0 * s.stride();
-    ScoreRows<R>(qr, c.codes, c.scale, c.zero, o, s, folded);
+    if (kMaskedBits && s.bits == 1) {
+      ScoreRows<Bits, R>(qr, c.codes, c.scale, c.zero, o, s, folded);
+    } else {
+      ScoreRows<Wide, R>(qr, c.codes, c.scale, c.zero, o, s, folded);
+    }
     pangu_kernels::DenseScoreRows<R>(qr, c.exact_rows, o + s.tokens, s.exact, s.dh, s.stride());
     held_scores.resize(R * s.held);
     pangu_kernels::DenseScoreRows<R>(qr, c.held_rows, held_scores.data(), s.held, s.dh, s.held);
@@ -302,7 +359,11 @@ void MixedWeightedValues(const float* p, const Cache& c, float* out, const Shape
     constexpr int R = decltype(rows)::value;
     const float* pr = p + r0 * s.stride();
     float* o = out + r0 * s.dh;
-    WeighRows<R>(pr, c.codes, c.scale, c.zero, o, s, weights);
+    if (false && kMaskedBits && s.bits == 1) {
+      WeighRows<Bits, R>(pr, c.codes, c.scale, c.zero, o, s, weights);
+    } else {
+      WeighRows<Wide, R>(pr, c.codes, c.scale, c.zero, o, s, weights);
+    }
     pangu_kernels::DenseWeighRows<R>(pr + s.tokens, c.exact_rows, o, s.exact, s.dh, s.stride());
     held_weights.assign(R * s.held, 0.f);
     for (int64_t e = 0; e < s.held; ++e)

@@ -1,4 +1,5 @@
-"""The low-bit kernels (Pallas interpreted on CPU, the AVX2 FFI kernel) against their references and float64 NumPy."""
+"""The low-bit kernels (Pallas interpreted on CPU, the FFI kernel in both builds) against their references and
+float64 NumPy."""
 
 import jax
 import jax.numpy as jnp
@@ -48,9 +49,13 @@ def test_kernel_refuses_a_block_that_splits_a_group():
 
 needs_cpu_kernel = pytest.mark.skipif(not api.cpu_kernel_registered(),
                                       reason="the lowbit kernel does not build or run on this machine")
+# Both builds where they run: `cpu` (AVX-512's masks for 1-bit codes where the CPU has them) and `cpu_avx2`.
+CPU_BUILDS = [pytest.param(name, marks=pytest.mark.skipif(not api.cpu_kernel_registered(name),
+                                                          reason=f"lowbit {name} does not build or run here"))
+              for name in ("cpu", "cpu_avx2")]
 
 
-@needs_cpu_kernel
+@pytest.mark.parametrize("implementation", CPU_BUILDS)
 @pytest.mark.parametrize("bits,dh,group,value_group,rows", [
     (1, 128, 64, 64, 4),  # the vector path: whole 8-byte blocks, value groups of 8k channels
     (2, 64, 32, 32, 5),   # rows past one block of 4
@@ -60,7 +65,7 @@ needs_cpu_kernel = pytest.mark.skipif(not api.cpu_kernel_registered(),
     (1, 16, 8, 2, 2),     # 2 bytes a row, value groups of 2: the scalar paths
     (4, 64, 16, 16, 2),   # two slots a byte: values one slot per pass (kValueSlotsPerPass does not divide)
 ])
-def test_cpu_kernels_match_float64_numpy(bits, dh, group, value_group, rows):
+def test_cpu_kernels_match_float64_numpy(implementation, bits, dh, group, value_group, rows):
   rng = np.random.default_rng(bits * dh)
   b, k, t = 2, 3, 4 * group
   codes, scale, zero = _random_lowbit(rng, b, k, t, dh, bits, group)
@@ -72,12 +77,12 @@ def test_cpu_kernels_match_float64_numpy(bits, dh, group, value_group, rows):
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   pack = lambda c: reference.pack_bits(jnp.asarray(c), bits)
 
-  scores = api.lowbit_scores(f32(q), pack(codes), f32(scale), f32(zero), bits=bits, implementation="cpu")
+  scores = api.lowbit_scores(f32(q), pack(codes), f32(scale), f32(zero), bits=bits, implementation=implementation)
   keys = codes * np.repeat(scale, group, axis=2) + np.repeat(zero, group, axis=2)
   np.testing.assert_allclose(scores, np.einsum("bkgd,bktd->bkgt", q, keys) / np.sqrt(dh), rtol=1e-4, atol=1e-4)
 
   out = api.lowbit_weighted_values(f32(probs), pack(values), f32(v_scale), f32(v_zero), bits=bits,
-                                   implementation="cpu")
+                                   implementation=implementation)
   dequantised = values * np.repeat(v_scale, value_group, axis=3) + np.repeat(v_zero, value_group, axis=3)
   np.testing.assert_allclose(out, np.einsum("bkgt,bktd->bkgd", probs, dequantised), rtol=1e-4, atol=1e-5)
 
@@ -103,8 +108,7 @@ def test_implementation_resolves_to_a_kernel_that_runs_here():
     api.resolve_implementation("triton", 256, 32)
 
 
-@pytest.mark.parametrize("implementation", [
-    pytest.param("cpu", marks=needs_cpu_kernel), "xla", "pallas_interpret"])
+@pytest.mark.parametrize("implementation", [*CPU_BUILDS, "xla", "pallas_interpret"])
 @pytest.mark.parametrize("bits,dh,group,rows", [(1, 128, 64, 4), (2, 48, 16, 3)])
 def test_mixed_products_match_float64_numpy(implementation, bits, dh, group, rows):
   """Scores and weighted values over the mixed cache: the held slots (some none: index T) at full precision
