@@ -57,18 +57,11 @@ struct Wide {
   static void Store(float* p, Float v) { _mm256_storeu_ps(p, v); }
   static Float Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   static Float Add(Float a, Float b) { return _mm256_add_ps(a, b); }
-  // sums[i] = the sum of acc[i]'s lanes: eight at a time through one tree of horizontal adds (~9 shuffles
-  // and adds for eight sums, against ~5 for each alone).
+  // sums[i] = the sum of acc[i]'s lanes, eight at a time where there are eight.
   template <int N>
   static void Sums(const Float (&acc)[N], float (&sums)[N]) {
     int i = 0;
-    for (; i + 8 <= N; i += 8) {
-      const Float h01 = _mm256_hadd_ps(acc[i], acc[i + 1]), h23 = _mm256_hadd_ps(acc[i + 2], acc[i + 3]);
-      const Float h45 = _mm256_hadd_ps(acc[i + 4], acc[i + 5]), h67 = _mm256_hadd_ps(acc[i + 6], acc[i + 7]);
-      const Float x = _mm256_hadd_ps(h01, h23), y = _mm256_hadd_ps(h45, h67);  // [0-3 low, 0-3 high], [4-7 ..]
-      const Float low = _mm256_permute2f128_ps(x, y, 0x20), high = _mm256_permute2f128_ps(x, y, 0x31);
-      _mm256_storeu_ps(sums + i, _mm256_add_ps(low, high));
-    }
+    for (; i + 8 <= N; i += 8) pangu_kernels::HorizontalSums8(acc + i, sums + i);
     for (; i < N; ++i) sums[i] = pangu_kernels::HorizontalSum(acc[i]);
   }
 };
