@@ -2,6 +2,7 @@
 // dequantised into a float cache), k of them held at full precision, then E full-precision rows (the residual):
 //   LowbitScores:         s[n, r, t] = q[n, r] . k[n, t]          k_hat per channel over groups of g tokens
 //   LowbitWeightedValues: o[n, r]    = sum_t p[n, r, t] v[n, t]   v_hat per token over groups of channels
+//   LowbitProbabilities:  softmax over the visible t of (capped) s[n, r, t]
 // where k / v are the held or exact row, else the dequantised slot. On CPU a decode step is bound by the bytes
 // it reads: the float32 cache is 32 / b times the codes, and XLA materialises a dequantised copy before its
 // matmuls, so a low-bit cache read that way costs more than the full one. Here each token's codes are unpacked
@@ -26,6 +27,7 @@
 #include "parallel_for.h"
 #include "row_blocks.h"
 #include "simd.h"
+#include "softmax.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -400,6 +402,20 @@ ffi::ErrorOr<Shape> Check(const Floats& a, const Codes& codes, const Floats& sca
   return Shape{a.dimensions()[1], t, dh, packed, groups, bits, e, k};
 }
 
+// body(n, c, a_n) for each n of the batch-head axis, over XLA's thread pool: c the n's Cache, a_n its q or p.
+template <class Body>
+void ForEachN(ffi::ThreadPool& pool, const Floats& a, const Codes& codes, const Floats& scale, const Floats& zero,
+              const Index& held, const Floats& held_rows, const Floats& exact_rows, const Shape& s, Body body) {
+  const int64_t n_size = a.dimensions()[0], scale_size = scale.element_count() / n_size;
+  const int64_t threads = pangu_kernels::ThreadsWorth(pool, s.tokens * s.packed, kMinBytesPerItem);
+  pangu_kernels::ParallelFor(pool, n_size, threads, [&](int64_t n) {
+    const Cache c{codes.typed_data() + n * s.tokens * s.packed, scale.typed_data() + n * scale_size,
+                  zero.typed_data() + n * scale_size, held.typed_data() + n * s.held,
+                  held_rows.typed_data() + n * s.held * s.dh, exact_rows.typed_data() + n * s.exact * s.dh};
+    body(n, c, a.typed_data() + n * a.element_count() / n_size);
+  });
+}
+
 // Scores (kScores; out [N, R, T + E]) or weighted values (out [N, R, Dh]) over each n's mixed cache.
 template <bool kScores>
 ffi::Error Product(ffi::ThreadPool pool, Floats a, Codes codes, Floats scale, Floats zero, Index held,
@@ -407,13 +423,8 @@ ffi::Error Product(ffi::ThreadPool pool, Floats a, Codes codes, Floats scale, Fl
   ffi::ErrorOr<Shape> checked = Check<kScores>(a, codes, scale, zero, held, held_rows, exact_rows, bits);
   if (checked.has_error()) return checked.error();
   const Shape s = checked.value();
-  const int64_t n_size = a.dimensions()[0], scale_size = scale.element_count() / n_size;
-  const int64_t threads = pangu_kernels::ThreadsWorth(pool, s.tokens * s.packed, kMinBytesPerItem);
-  pangu_kernels::ParallelFor(pool, n_size, threads, [&](int64_t n) {
-    const Cache c{codes.typed_data() + n * s.tokens * s.packed, scale.typed_data() + n * scale_size,
-                  zero.typed_data() + n * scale_size, held.typed_data() + n * s.held,
-                  held_rows.typed_data() + n * s.held * s.dh, exact_rows.typed_data() + n * s.exact * s.dh};
-    const float* an = a.typed_data() + n * a.element_count() / n_size;
+  ForEachN(pool, a, codes, scale, zero, held, held_rows, exact_rows, s, [&](int64_t n, const Cache& c,
+                                                                            const float* an) {
     if constexpr (kScores) {
       MixedScores(an, c, out->typed_data() + n * s.rows * s.stride(), s);
     } else {
@@ -423,12 +434,40 @@ ffi::Error Product(ffi::ThreadPool pool, Floats a, Codes codes, Floats scale, Fl
   return ffi::Error::Success();
 }
 
+using Mask = ffi::Buffer<ffi::PRED, 3>;
+
+// Attention probabilities over each n's mixed cache, out [N, R, T + E]: the scores, capped (softcap > 0:
+// c tanh(s / c)), then the softmax over the slots visible [B, R, T + E] marks for the n's batch row (N = B K),
+// while the n's rows are still in cache: it saves XLA's passes of the mask, maximum, exponential and sums.
+ffi::Error Probabilities(ffi::ThreadPool pool, Floats q, Codes codes, Floats scale, Floats zero, Index held,
+                         Floats held_rows, Floats exact_rows, Mask visible, ffi::Result<Floats> out, int32_t bits,
+                         float softcap) {
+  ffi::ErrorOr<Shape> checked = Check<true>(q, codes, scale, zero, held, held_rows, exact_rows, bits);
+  if (checked.has_error()) return checked.error();
+  const Shape s = checked.value();
+  const int64_t n_size = q.dimensions()[0], batch = visible.dimensions()[0];
+  if (batch < 1 || n_size % batch || visible.dimensions()[1] != s.rows || visible.dimensions()[2] != s.stride()) {
+    return ffi::Error::InvalidArgument("lowbit_probabilities: expected visible [B, R, T + E] with N a multiple of B");
+  }
+  ForEachN(pool, q, codes, scale, zero, held, held_rows, exact_rows, s, [&](int64_t n, const Cache& c,
+                                                                            const float* qn) {
+    float* o = out->typed_data() + n * s.rows * s.stride();
+    MixedScores(qn, c, o, s);
+    const bool* seen = visible.typed_data() + n / (n_size / batch) * s.rows * s.stride();
+    for (int64_t r = 0; r < s.rows; ++r)
+      pangu_kernels::MaskedSoftmax(o + r * s.stride(), seen + r * s.stride(), s.stride(), softcap);
+  });
+  return ffi::Error::Success();
+}
+
 auto Binding() {
   return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Floats>().Arg<Codes>().Arg<Floats>().Arg<Floats>()
-      .Arg<Index>().Arg<Floats>().Arg<Floats>().Ret<Floats>().Attr<int32_t>("bits");
+      .Arg<Index>().Arg<Floats>().Arg<Floats>();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitScores, Product<true>, Binding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitWeightedValues, Product<false>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitScores, Product<true>, Binding().Ret<Floats>().Attr<int32_t>("bits"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitWeightedValues, Product<false>, Binding().Ret<Floats>().Attr<int32_t>("bits"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowbitProbabilities, Probabilities,
+                              Binding().Arg<Mask>().Ret<Floats>().Attr<int32_t>("bits").Attr<float>("softcap"));

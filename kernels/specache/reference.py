@@ -103,3 +103,18 @@ def mixed_weighted_values(probs: jax.Array, codes: jax.Array, scale: jax.Array, 
   held_probs = jnp.where(((held >= 0) & (held < t))[:, :, None], held_probs, 0.0)
   weigh = lambda p, rows: jnp.einsum("bkgj,bkjd->bkgd", p, rows.astype(jnp.float32))
   return out + weigh(held_probs, held_values.astype(jnp.float32) - approx) + weigh(probs[..., t:], exact_values)
+
+
+MASKED = -1e30  # the score a slot the query does not see gets before the softmax (finite: no NaN in a row of none)
+
+
+def mixed_probabilities(q: jax.Array, codes: jax.Array, scale: jax.Array, zero: jax.Array, held: jax.Array,
+                        held_keys: jax.Array, exact_keys: jax.Array, visible: jax.Array, *, bits: int,
+                        logit_softcap: float | None = None,
+                        lowbit_scores: Callable[..., jax.Array] = lowbit_scores) -> jax.Array:
+  """Attention probabilities over the mixed cache -> float32 [B, K, G, T + E]: the softmax over the slots
+  visible [B, G, T + E] (the same for every KV head) of `mixed_scores`, soft-capped first (c tanh(s / c))."""
+  scores = mixed_scores(q, codes, scale, zero, held, held_keys, exact_keys, bits=bits, lowbit_scores=lowbit_scores)
+  if logit_softcap is not None:
+    scores = logit_softcap * jnp.tanh(scores / logit_softcap)
+  return jax.nn.softmax(jnp.where(visible[:, None], scores, MASKED), axis=-1)

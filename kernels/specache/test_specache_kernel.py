@@ -111,8 +111,9 @@ def test_implementation_resolves_to_a_kernel_that_runs_here():
 @pytest.mark.parametrize("implementation", [*CPU_BUILDS, "xla", "pallas_interpret"])
 @pytest.mark.parametrize("bits,dh,group,rows", [(1, 128, 64, 4), (2, 48, 16, 3)])
 def test_mixed_products_match_float64_numpy(implementation, bits, dh, group, rows):
-  """Scores and weighted values over the mixed cache: the held slots (some none: index T) at full precision
-  in place of their dequantisation, then the exact rows."""
+  """Scores, probabilities (masked softmax, with and without a soft-cap) and weighted values over the mixed
+  cache: the held slots (some none: index T) at full precision in place of their dequantisation, then the exact
+  rows."""
   rng = np.random.default_rng(bits + dh)
   b, k, t, held_count, exact_count = 2, 2, 2 * group, 5, 7
   codes, scale, zero = _random_lowbit(rng, b, k, t, dh, bits, group)
@@ -137,7 +138,22 @@ def test_mixed_products_match_float64_numpy(implementation, bits, dh, group, row
 
   scores = api.mixed_scores(f32(q), pack(codes), f32(scale), f32(zero), jnp.asarray(held, jnp.int32), f32(held_keys),
                             f32(exact_keys), bits=bits, implementation=implementation)
-  np.testing.assert_allclose(scores, np.einsum("bkgd,bktd->bkgt", q, keys) / np.sqrt(dh), rtol=1e-4, atol=1e-4)
+  exact_scores = np.einsum("bkgd,bktd->bkgt", q, keys) / np.sqrt(dh)
+  np.testing.assert_allclose(scores, exact_scores, rtol=1e-4, atol=1e-4)
+
+  visible = rng.random((b, rows, t + exact_count)) < 0.7
+  visible[1, 0] = False  # a row that sees nothing: uniform, as a softmax over equal masked scores
+  for cap in (None, 3.0):
+    capped = exact_scores if cap is None else cap * np.tanh(exact_scores / cap)
+    masked = np.where(visible[:, None], capped, -np.inf)
+    top = np.max(masked, axis=-1, keepdims=True)
+    weights = np.where(visible[:, None], np.exp(masked - np.where(np.isfinite(top), top, 0)), 0)
+    want = np.where(visible[:, None].any(-1, keepdims=True), weights / np.maximum(weights.sum(-1, keepdims=True),
+                                                                                  1e-300), 1 / (t + exact_count))
+    got = api.mixed_probabilities(f32(q), pack(codes), f32(scale), f32(zero), jnp.asarray(held, jnp.int32),
+                                  f32(held_keys), f32(exact_keys), jnp.asarray(visible), bits=bits, logit_softcap=cap,
+                                  implementation=implementation)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
   out = api.mixed_weighted_values(f32(probs), pack(values), f32(v_scale), f32(v_zero), jnp.asarray(held, jnp.int32),
                                   f32(held_values), f32(exact_values), bits=bits, implementation=implementation)
   np.testing.assert_allclose(out, np.einsum("bkgt,bktd->bkgd", probs, vals), rtol=1e-4, atol=1e-5)

@@ -270,9 +270,9 @@ class SpeCacheLayerCache:
     place (the attention hook of LayerCache); then the last query row (the speculative token's in a SpeCache
     step) picks the next step's top-k from the probabilities it attended with and prefetches them.
 
-    Both products are pangu_kernels.specache's over the mixed cache: the low-bit codes read in place, each held
-    slot's full-precision row instead of its dequantisation (the spec's K_mix, and the values likewise), then
-    the residual. mask: the query half (q_positions, causal, window); the cache gives the slots' positions and
+    The probabilities (scores, mask and softmax in one call) and the weighted values are pangu_kernels.specache's
+    over the mixed cache: the low-bit codes read in place, each held slot's full-precision row instead of its
+    dequantisation (the spec's K_mix, and the values likewise), then the residual. mask: the query half (q_positions, causal, window); the cache gives the slots' positions and
     lengths. Equal to `dot_product_attention` over `read()`.
     """
     cfg = self.config
@@ -283,20 +283,24 @@ class SpeCacheLayerCache:
     q = queries.astype(jnp.float32).reshape(b, s, kv, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, kv, s * g, dh)
     f32 = lambda a: a.astype(jnp.float32)
     top_keys, top_values = self._top_rows()
-    logits = kernel.mixed_scores(q, *self.keys_low, self.topk_index, f32(top_keys), f32(self.residual_keys),
-                                 bits=cfg.quant.bits, implementation=implementation)
-    if logit_softcap is not None:
-      logits = logit_softcap * jnp.tanh(logits / logit_softcap)
     cached = self._positions()
-    seen = mask.replace(kv_positions=cached.positions, kv_lengths=cached.lengths).dense(s, logits.shape[-1])
-    logits = jnp.where(jnp.repeat(seen, g, axis=1)[:, None], logits, _MASKED)
-    probs = jax.nn.softmax(logits, axis=-1)
+    seen = mask.replace(kv_positions=cached.positions, kv_lengths=cached.lengths).dense(s, cached.positions.shape[1])
+    visible = jnp.repeat(seen, g, axis=1)
+    keys = (*self.keys_low, self.topk_index, f32(top_keys), f32(self.residual_keys))
+    probs = kernel.mixed_probabilities(q, *keys, visible, bits=cfg.quant.bits, logit_softcap=logit_softcap,
+                                       implementation=implementation)
     out = kernel.mixed_weighted_values(probs, *self.values_low, self.topk_index, f32(top_values),
                                        f32(self.residual_values), bits=cfg.quant.bits, implementation=implementation)
     out = out.reshape(b, kv, s, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, s, h, dh).astype(queries.dtype)
     if cfg.top_k == 0:
       return out, self
-    votes = probs if cfg.gqa_reduce == "mean_prob" else logits
+    if cfg.gqa_reduce == "mean_prob":
+      votes = probs
+    else:  # the masked logits, computed again for this ablation (attention itself takes the probabilities)
+      logits = kernel.mixed_scores(q, *keys, bits=cfg.quant.bits, implementation=implementation)
+      if logit_softcap is not None:
+        logits = logit_softcap * jnp.tanh(logits / logit_softcap)
+      votes = jnp.where(visible[:, None], logits, _MASKED)
     return out, self._fetch(self._select(votes.reshape(b, kv, s, g, -1)[:, :, -1]))
 
   def _select(self, votes: jax.Array) -> jax.Array:

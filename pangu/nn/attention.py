@@ -207,20 +207,17 @@ def pallas_unsupported(q: jax.Array, k: jax.Array, mask: AttentionMask, logit_so
 
 def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, kv_heads_major: bool = False,
                   logit_softcap: float | None = None) -> jax.Array:
-  """pangu_kernels' AVX2 decode products (q . k and p . v, each cache row read once for all query rows of its KV
-  head) for a few queries against the cache layout, with masking and softmax in XLA; the reference for the
-  rest (training, prefill), whose large dots XLA serves well. Forward only on the kernel path."""
+  """pangu_kernels' AVX2 decode products (q . k with the mask and softmax, and p . v, each cache row read once
+  for all query rows of its KV head) for a few queries against the cache layout; the reference for the rest
+  (training, prefill), whose large dots XLA serves well. Forward only on the kernel path."""
   b, s, h, dh = q.shape
   if not kv_heads_major or s > _DECODE_MAX_QUERIES or mask.q_segment_ids is not None:
     return xla_attention(q, k, v, mask, kv_heads_major=kv_heads_major, logit_softcap=logit_softcap)
   kv_heads, t = k.shape[1], k.shape[2]
   g = h // kv_heads
   rows = q.reshape(b, s, kv_heads, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, s * g, dh)
-  scores = kernel_cpu.dense_scores(rows * dh ** -0.5, k)
-  if logit_softcap is not None:
-    scores = logit_softcap * jnp.tanh(scores / logit_softcap)
-  seen = jnp.repeat(mask.dense(s, t), g, axis=1)[:, None]
-  probs = jax.nn.softmax(jnp.where(seen, scores, _MASKED), axis=-1)
+  visible = jnp.repeat(mask.dense(s, t), g, axis=1)
+  probs = kernel_cpu.dense_probabilities(rows * dh ** -0.5, k, visible, logit_softcap)
   out = kernel_cpu.dense_weighted_values(probs, v)
   return out.reshape(b, kv_heads, s, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, s, h, dh).astype(q.dtype)
 
