@@ -7,5 +7,5 @@ from pangu_kernels.specache.api import (IMPLEMENTATIONS, cpu_supported, lowbit_s
 from pangu_kernels.specache.reference import dequantize_keys, dequantize_values, pack_bits, unpack_bits
 
 __all__ = ["IMPLEMENTATIONS", "cpu_supported", "dequantize_keys", "dequantize_values", "lowbit_scores",
-           "lowbit_weighted_values", "mixed_probabilities", "mixed_scores", "mixed_weighted_values", "pack_bits", "pallas_supported",
-           "resolve_implementation", "unpack_bits"]
+           "lowbit_weighted_values", "mixed_probabilities", "mixed_scores", "mixed_weighted_values", "pack_bits",
+           "pallas_supported", "resolve_implementation", "unpack_bits"]

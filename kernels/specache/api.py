@@ -3,10 +3,10 @@
 `lowbit_scores` (queries . keys) has a Pallas kernel (GPU / TPU, interpreted on CPU for tests) and an FFI kernel
 for XLA:CPU (lowbit.cc: AVX2, and AVX-512's mask registers for 1-bit codes where the CPU has them; `cpu_avx2`
 runs the AVX2 build alone, the path other CPUs take); `lowbit_weighted_values` (attention weights . values)
-has the FFI kernel. Both read the codes in place; their XLA references dequantise the whole cache first. `mixed_scores` and
-`mixed_weighted_values` are the same products over SpeCache's mixed cache (some low-bit slots held at full
-precision, full-precision rows after them), and `mixed_probabilities` its scores' masked softmax: one FFI call
-each on CPU, else the reference's composition around the low-bit product.
+has the FFI kernel. Both read the codes in place; their XLA references dequantise the whole cache first.
+`mixed_scores` and `mixed_weighted_values` are the same products over SpeCache's mixed cache (some low-bit
+slots held at full precision, full-precision rows after them), and `mixed_probabilities` its scores' masked
+softmax: one FFI call each on CPU, else the reference's composition around the low-bit product.
 """
 
 import functools

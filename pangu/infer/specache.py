@@ -272,8 +272,9 @@ class SpeCacheLayerCache:
 
     The probabilities (scores, mask and softmax in one call) and the weighted values are pangu_kernels.specache's
     over the mixed cache: the low-bit codes read in place, each held slot's full-precision row instead of its
-    dequantisation (the spec's K_mix, and the values likewise), then the residual. mask: the query half (q_positions, causal, window); the cache gives the slots' positions and
-    lengths. Equal to `dot_product_attention` over `read()`.
+    dequantisation (the spec's K_mix, and the values likewise), then the residual. mask: the query half
+    (q_positions, causal, window); the cache gives the slots' positions and lengths. Equal to
+    `dot_product_attention` over `read()`.
     """
     cfg = self.config
     b, s, h, dh = queries.shape
