@@ -15,8 +15,8 @@
 namespace pangu_kernels {
 
 // e^x in eight lanes (Cephes' expf): 2^n e^r with n = round(x log2 e) and r = x - n ln 2 (ln 2 in two parts, so
-// r is exact), e^r = 1 + r + r^2 P(r) on |r| <= ln 2 / 2. Within 2 ulp of expf on [-87, 88]; x is clamped there
-// (below: ~1e-38, not 0).
+// r is exact), e^r = 1 + r + r^2 P(r) on |r| <= ln 2 / 2. At most 1.24 ulp from a float64 exp (checked every
+// 7e-4 over [-87, 88]); x is clamped there (below: ~1e-38, not 0).
 inline __m256 Exp(__m256 x) {
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),

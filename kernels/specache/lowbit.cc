@@ -73,7 +73,9 @@ constexpr bool kMaskedBits = true;
 // 1-bit codes with AVX-512's mask registers (the build api.py asks for where the CPU has them): bit j of eight
 // bytes is slot j's eight channels' mask, and the weight is added where it is set: one test per slot instead
 // of a widening, shift, mask and convert, and 32 registers, so twice the accumulators. Scores of 4 rows over
-// 16 x 4k tokens, one thread (a scratch benchmark of the inner loop): 1.05 ms with Wide, 0.70 with Bits.
+// 16 x 4k tokens, one thread (a scratch benchmark of the inner loop): 1.05 ms with Wide, 0.70 with Bits. The
+// values weigh with Wide: with 16 accumulators live over their token loop GCC stored each to the stack every
+// token (1.37 ms against Wide's 0.83), and Bits with 8 (0.65 in that benchmark) is not yet measured in a model.
 struct Bits : Wide {
   static constexpr int kAccumulators = 16;
   using Int = __m128i;
@@ -245,12 +247,10 @@ void WeighSlots(const uint8_t* codes, const float* weights, float* out, const Sh
 }
 
 // The channels of bytes [begin, end), in blocks of V::kBytes and S slots per pass where S divides the slots.
-// S x R accumulators: as many as Wide's for Bits too, since with 16 live over the token loop GCC also stores
-// each to the stack per token (4 rows: 1.37 ms against 0.65 with 8, the kernel's loop in a scratch benchmark).
 template <class V, int R>
 void WeighBlocks(const uint8_t* codes, const float* weights, float* out, const Shape& s, int64_t begin,
                  int64_t end) {
-  constexpr int S = kPerPass<Wide, R>;
+  constexpr int S = kPerPass<V, R>;
   for (int64_t p0 = begin; p0 < end; p0 += V::kBytes) {
     if (s.per() % S == 0) {
       for (int j0 = 0; j0 < s.per(); j0 += S) WeighSlots<V, R, S>(codes, weights, out, s, p0, j0);
@@ -263,7 +263,7 @@ void WeighBlocks(const uint8_t* codes, const float* weights, float* out, const S
 // o[r] = sum_t p[r, t] (c[t] s[t, group] + z[t, group]) for one n, with p[r, t] s[t, group] computed once per
 // token (`weights`, [T, groups, kWeightLanes]: the R rows of a slot's group side by side, one SSE multiply per
 // token and group) and the zero term summed apart.
-template <class V, int R>
+template <int R>
 void WeighRows(const float* p, const uint8_t* codes, const float* scale, const float* zero, float* out,
                const Shape& s, std::vector<float>& weights) {
   const int64_t gv = s.dh / s.groups;
@@ -285,7 +285,7 @@ void WeighRows(const float* p, const uint8_t* codes, const float* scale, const f
   // Every block of a row must start a multiple of its width into a value group: whole rows of one width.
   const bool wide_rows = s.packed % 8 == 0 && gv % 8 == 0, narrow_rows = s.packed % 4 == 0 && gv % 4 == 0;
   const int64_t wide = wide_rows ? s.packed : 0, narrow = wide_rows || narrow_rows ? s.packed : 0;
-  WeighBlocks<V, R>(codes, weights.data(), out, s, 0, wide);
+  WeighBlocks<Wide, R>(codes, weights.data(), out, s, 0, wide);
   WeighBlocks<Narrow, R>(codes, weights.data(), out, s, wide, narrow);
   for (int64_t t = 0; t < s.tokens; ++t)
     for (int64_t p0 = narrow; p0 < s.packed; ++p0)
@@ -354,11 +354,7 @@ void MixedWeightedValues(const float* p, const Cache& c, float* out, const Shape
     constexpr int R = decltype(rows)::value;
     const float* pr = p + r0 * s.stride();
     float* o = out + r0 * s.dh;
-    if (false && kMaskedBits && s.bits == 1) {
-      WeighRows<Bits, R>(pr, c.codes, c.scale, c.zero, o, s, weights);
-    } else {
-      WeighRows<Wide, R>(pr, c.codes, c.scale, c.zero, o, s, weights);
-    }
+    WeighRows<R>(pr, c.codes, c.scale, c.zero, o, s, weights);
     pangu_kernels::DenseWeighRows<R>(pr + s.tokens, c.exact_rows, o, s.exact, s.dh, s.stride());
     held_weights.assign(R * s.held, 0.f);
     for (int64_t e = 0; e < s.held; ++e)

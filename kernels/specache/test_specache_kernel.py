@@ -63,7 +63,7 @@ CPU_BUILDS = [pytest.param(name, marks=pytest.mark.skipif(not api.cpu_kernel_reg
     (2, 48, 16, 16, 2),   # 12 bytes: scores in 8 + 4, values in 4-byte blocks (8 would straddle a value group)
     (2, 16, 8, 4, 1),     # value groups of 4 channels
     (1, 16, 8, 2, 2),     # 2 bytes a row, value groups of 2: the scalar paths
-    (4, 64, 16, 16, 2),   # two slots a byte: values one slot per pass (kValueSlotsPerPass does not divide)
+    (4, 64, 16, 16, 2),   # two slots a byte: values one slot per pass (kPerPass does not divide)
 ])
 def test_cpu_kernels_match_float64_numpy(implementation, bits, dh, group, value_group, rows):
   rng = np.random.default_rng(bits * dh)
