@@ -149,7 +149,7 @@ def test_incremental_flush_equals_quantising_from_scratch(model):
   np.testing.assert_allclose(got.residual_keys[:, :, :5], want.residual_keys[:, :, :5], rtol=1e-6)
 
 
-def _numpy_topk(cache, queries, full_precision_rows=True):
+def _numpy_topk(cache, queries, full_precision_rows=True, gqa_reduce="mean_prob"):
   """float64 reference of the speculative top-k (spec section 3.5, step 4) for the last query row queries
   [B, K, G, Dh]: its attention over the keys attention reads (low-bit keys, the held rows at full precision,
   then the residual), the probabilities averaged over each KV group, the top k of the candidates (the low-bit
@@ -171,7 +171,8 @@ def _numpy_topk(cache, queries, full_precision_rows=True):
   flush_due = (lengths - quantized >= r) & (np.arange(keys.shape[2] - t)[None] < r)
   candidate = seen & np.concatenate([np.ones((b, t), bool), flush_due], axis=1)
   probs = np.exp(np.where(seen[:, None, None], logits, -np.inf) - logits.max(-1, keepdims=True))
-  votes = np.where(candidate[:, None], (probs / probs.sum(-1, keepdims=True)).mean(2), -np.inf)
+  group_votes = (probs / probs.sum(-1, keepdims=True)) if gqa_reduce == "mean_prob" else logits
+  votes = np.where(candidate[:, None], group_votes.mean(2), -np.inf)
   slot = lambda row, i: i if i < t else quantized[row, 0] + i - t
   return [[{slot(row, i) for i in np.argsort(-votes[row, head])[:cfg.top_k]} for head in range(kv)]
           for row in range(b)]
@@ -210,6 +211,23 @@ def test_speculative_topk_is_the_attention_row_over_the_keys_attention_read(impl
   last_row = queries[:, -1].reshape(2, 2, 3, -1)
   want = _numpy_topk(cache, last_row)
   assert want != _numpy_topk(cache, last_row, full_precision_rows=False)  # the held rows change the choice
+  assert _as_sets(chosen.topk_index) == want
+
+
+@pytest.mark.parametrize("implementation", ["xla", "cpu"])
+def test_mean_logit_votes_rank_the_group_mean_of_the_logits(implementation):
+  """The `mean_logit` ablation: the top-k of the KV group's mean logit over the keys attention read, not of its
+  mean probability (the two choose differently here)."""
+  from pangu.nn.attention import AttentionMask
+  if implementation == "cpu" and not kernel_api.cpu_kernel_registered():
+    pytest.skip("the lowbit CPU kernel does not build on this machine")
+  cfg = SpeCacheConfig(QuantConfig(bits=1, group=16), residual=32, top_k=8, implementation=implementation,
+                       gqa_reduce="mean_logit")
+  cache, queries = _cache_and_queries(cfg, 8, [0, 20])
+  _, chosen = cache.attend(queries, AttentionMask(q_positions=cache.lengths[:, None]))
+  last_row = queries[:, -1].reshape(2, 2, 3, -1)
+  want = _numpy_topk(cache, last_row, gqa_reduce="mean_logit")
+  assert want != _numpy_topk(cache, last_row)
   assert _as_sets(chosen.topk_index) == want
 
 
