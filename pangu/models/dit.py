@@ -28,6 +28,7 @@ from pangu.config_checks import positive_ints
 from pangu.nn.attention import AttentionMask, dot_product_attention
 from pangu.nn.quantized import QuantDense
 from pangu.parallel import rules
+from pangu_kernels.fence import cotangent_fence
 
 # The six adaLN outputs of a block, in column order of its `adaLN` linear.
 MODULATION = ("beta1", "gamma1", "alpha1", "beta2", "gamma2", "alpha2")
@@ -200,8 +201,10 @@ class DiT(nn.Module):
     t = QuantDense(d, rules.MLP, rules.EMBED, cfg.act_bits, name="t_embed_2")(jax.nn.silu(t))
     y = nn.Embed(cfg.n_classes + 1, d, embedding_init=jax.nn.initializers.normal(0.02), name="label_embed")(labels)
     c = t + y
+    # The fence keeps XLA:CPU from recomputing the residual stream's cotangent inside every consumer of it
+    # (pangu_kernels.fence says why and what it saves).
     for i in range(cfg.depth):
-      x = DiTBlock(cfg, name=f"block_{i}")(x, c, step)
+      x = cotangent_fence(DiTBlock(cfg, name=f"block_{i}")(x, c, step))
     zeros = jax.nn.initializers.zeros
     beta, gamma = jnp.split(QuantDense(2 * d, rules.EMBED, rules.MLP, kernel_init=zeros, name="final_adaLN")(
         jax.nn.silu(c)), 2, axis=-1)
