@@ -41,35 +41,61 @@ def guided(denoiser: Denoiser, null_label: int, guidance: float) -> Denoiser:
 
 
 def ddim_sample(denoiser: Denoiser, schedule: ScheduleConfig, labels: jax.Array, shape: tuple[int, ...],
-                rng: jax.Array, n_steps: int, *, eta: float = 0.0, clip: bool = True
-                ) -> tuple[jax.Array, jax.Array]:
+                rng: jax.Array, n_steps: int, *, eta: float = 0.0, clip: bool = True,
+                batch_size: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Samples [B, *shape] for labels [B]; also returns the trajectory [n_steps, B, *shape] of each step's input.
 
   eta = 0 is deterministic DDIM; eta = 1 is DDPM's ancestral sampler on the chosen timesteps (Song et al. 2021,
   Eq. 16). clip: clip the predicted x_0 to the data range [-1, 1].
+  batch_size: rows denoised together (None: all B). Chunks of this many rows run through every step one after
+  another from the same noise, so they give the one batch's samples; on CPU a chunk whose activations stay in
+  cache runs faster (the quantised-DiT experiment's full model, 1000 samples with guidance: 1.15 s a step in
+  one batch, 0.54 s in chunks of 125 on a 2-core AMD EPYC).
   """
+  if batch_size is not None and batch_size < 1:
+    raise ValueError(f"batch_size must be positive or None, got {batch_size}")
   bars = alpha_bars(schedule)
   taus = jnp.asarray(sampling_timesteps(schedule.n_timesteps, n_steps))
   next_bars = jnp.concatenate([bars[taus[1:]], jnp.ones((1,))])
   start_rng, step_rng = jax.random.split(rng)
-  x = jax.random.normal(start_rng, (labels.shape[0], *shape))
-
-  def step(x, inputs):
-    i, tau, a_next, key = inputs
-    a = bars[tau]
-    eps = denoiser(x, jnp.full(labels.shape, tau), labels, i)
-    x0 = (x - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
-    if clip:
-      x0 = jnp.clip(x0, -1.0, 1.0)
-      eps = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
-    sigma = eta * jnp.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
-    x_next = (jnp.sqrt(a_next) * x0 + jnp.sqrt(jnp.maximum(1 - a_next - sigma ** 2, 0.0)) * eps
-              + sigma * jax.random.normal(key, x.shape))
-    return x_next, x
-
+  batch = labels.shape[0]
+  x = jax.random.normal(start_rng, (batch, *shape))
   keys = jax.random.split(step_rng, n_steps)
-  samples, trajectory = jax.lax.scan(step, x, (jnp.arange(n_steps), taus, next_bars, keys))
-  return samples, trajectory
+
+  def run(x, labels, offset):
+    """The sampler on rows offset.. of the batch (their slice of each step's noise)."""
+    def step(x, inputs):
+      i, tau, a_next, key = inputs
+      a = bars[tau]
+      eps = denoiser(x, jnp.full(labels.shape, tau), labels, i)
+      x0 = (x - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
+      if clip:
+        x0 = jnp.clip(x0, -1.0, 1.0)
+        eps = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+      sigma = eta * jnp.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
+      x_next = jnp.sqrt(a_next) * x0 + jnp.sqrt(jnp.maximum(1 - a_next - sigma ** 2, 0.0)) * eps
+      if eta:
+        noise = jax.random.normal(key, (batch, *shape))
+        x_next = x_next + sigma * jax.lax.dynamic_slice_in_dim(noise, offset, x.shape[0])
+      return x_next, x
+
+    return jax.lax.scan(step, x, (jnp.arange(n_steps), taus, next_bars, keys))
+
+  chunk = batch if batch_size is None else min(batch_size, batch)
+  n_chunks, head = batch // chunk, batch // chunk * chunk
+  if n_chunks == 1:
+    result = run(x[:head], labels[:head], 0)
+  else:
+    samples, trajectory = jax.lax.map(lambda args: run(*args), (
+        x[:head].reshape(n_chunks, chunk, *shape), labels[:head].reshape(n_chunks, chunk),
+        jnp.arange(n_chunks) * chunk))
+    result = samples.reshape(head, *shape), jnp.moveaxis(trajectory, 0, 1).reshape(n_steps, head, *shape)
+  return result if head == batch else _concat(result, run(x[head:], labels[head:], head))
+
+
+def _concat(first: tuple[jax.Array, jax.Array], rest: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """(samples, trajectory) of two consecutive row ranges, joined."""
+  return jnp.concatenate([first[0], rest[0]]), jnp.concatenate([first[1], rest[1]], axis=1)
 
 
 def ddpm_sample(denoiser: Denoiser, schedule: ScheduleConfig, labels: jax.Array, shape: tuple[int, ...],

@@ -101,6 +101,25 @@ def test_sampler_deterministic_given_seed():
   assert np.abs(np.asarray(first) - np.asarray(other)).max() > 1e-3
 
 
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("batch_size", [4, 5, 6, 10, 64])  # chunks with a tail, without, one chunk + tail, all
+def test_sampler_in_chunks_gives_the_one_batch_samples(eta, batch_size):
+  config = DiTConfig(d_model=16, depth=2, n_heads=2)
+  params = init_dit(config, jax.random.key(0))
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+  model = DiT(config)
+  denoiser = guided(lambda x, t, y, i: model.apply({"params": params}, x, t, y, i), config.n_classes, 1.5)
+  labels, key = jnp.arange(10) % config.n_classes, jax.random.key(3)
+  want = jax.jit(lambda: ddim_sample(denoiser, ScheduleConfig(), labels, (8, 8, 1), key, 6, eta=eta))()
+  got = jax.jit(lambda: ddim_sample(denoiser, ScheduleConfig(), labels, (8, 8, 1), key, 6, eta=eta,
+                                    batch_size=batch_size))()
+  for g, w in zip(got, want):
+    assert g.shape == w.shape
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="batch_size"):
+    ddim_sample(denoiser, ScheduleConfig(), labels, (8, 8, 1), key, 6, batch_size=0)
+
+
 def test_guidance_combines_conditional_and_null():
   calls = []
 
