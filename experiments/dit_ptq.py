@@ -34,8 +34,8 @@ _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", None, "DDIM steps T (quick 
 # 1000 in quick too: at 200 the W4A8 methods' FID gaps (0.4-0.7) flipped sign with the sample count (seed 0: HTG -
 # SmoothQuant +0.67 at 200, -0.42 at 1000), and sampling 1000 costs ~20 s more.
 _SAMPLES = flags.DEFINE_integer("samples", 1000, "Generated samples per configuration.", lower_bound=2)
-# Measured on the full model (1000 samples, guidance): 1.15 s a sampler step in one batch, 0.54 s in chunks of 125
-# (2-core AMD EPYC): a chunk's activations stay in cache. The samples are the same either way.
+# Measured at the full model's shape (random weights, 1000 samples, guidance): 1.15 s a sampler step in one batch,
+# 0.54 s in chunks of 125 (2-core AMD EPYC): a chunk's activations stay in cache. The samples are the same.
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 128, "Samples denoised together (doubled by guidance).",
                                      lower_bound=1)
 _CALIB_SAMPLES = flags.DEFINE_integer("calib_samples", None, "Calibration trajectories (quick 32, full 256).")

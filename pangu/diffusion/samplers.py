@@ -49,8 +49,8 @@ def ddim_sample(denoiser: Denoiser, schedule: ScheduleConfig, labels: jax.Array,
   Eq. 16). clip: clip the predicted x_0 to the data range [-1, 1].
   batch_size: rows denoised together (None: all B). Chunks of this many rows run through every step one after
   another from the same noise, so they give the one batch's samples; on CPU a chunk whose activations stay in
-  cache runs faster (the quantised-DiT experiment's full model, 1000 samples with guidance: 1.15 s a step in
-  one batch, 0.54 s in chunks of 125 on a 2-core AMD EPYC).
+  cache runs faster (the quantised-DiT experiment's full model shape, random weights, 1000 samples with
+  guidance: 1.15 s a step in one batch, 0.54 s in chunks of 125 on a 2-core AMD EPYC).
   """
   if batch_size is not None and batch_size < 1:
     raise ValueError(f"batch_size must be positive or None, got {batch_size}")
