@@ -7,7 +7,8 @@ quadratic in depth. In the quantised-DiT experiment's full-mode train step (D = 
 tokens) such fusions took 349 of 612 ms on a 2-core AMD EPYC (jax.profiler), and the step went from 0.56 to
 0.24 s with each block's output fenced in the backward pass only (fencing the forward too gained nothing more,
 and 1000 samples of the forward-only sampler took 111 s fenced against 103 s unfenced). On CPU the fence is an
-FFI custom call (fence.cc), which XLA cannot fuse; elsewhere it is `lax.optimization_barrier`, which the GPU and TPU compilers keep.
+FFI custom call (fence.cc), which XLA cannot fuse; elsewhere it is `lax.optimization_barrier`, which the GPU
+and TPU compilers keep.
 """
 
 import functools
