@@ -290,15 +290,12 @@ def main(argv):
     calib_labels = jax.random.randint(calib_key, (n_calib,), 0, config.n_classes)
     calib_fp_samples, trajectory = sample({"params": params}, calib_labels, calib_key)
 
-    def stats_fn(p, quant):
-      return collect_input_stats(config, p, quant, trajectory, timesteps, calib_labels, guidance)
-
-    float_stats = stats_fn(params, None)
+    float_stats = collect_input_stats(config, params, None, trajectory, timesteps, calib_labels, guidance)
     stats_seconds = time.perf_counter() - start
 
     def evaluate(ptq: PTQConfig) -> tuple[dict, np.ndarray]:
       start = time.perf_counter()
-      qparams, quant, report = quantise_dit(config, params, stats_fn, ptq, stats=float_stats)
+      qparams, quant, report = quantise_dit(config, params, float_stats, ptq)
       calib_seconds = stats_seconds + time.perf_counter() - start
       samples = np.asarray(sample({"params": qparams, "quant": quant}, sample_labels, sample_key)[0])
       scores = metric(samples, sample_labels)
@@ -318,8 +315,8 @@ def main(argv):
         return HTGConfig(), 0.0, {}
       start = time.perf_counter()
       candidates = htg_candidates(HTGConfig())
-      chosen, scores = select_htg(config, params, stats_fn, PTQConfig("htg", weight_bits=bits), candidates,
-                                  calibration_mse, stats=float_stats)
+      chosen, scores = select_htg(config, params, float_stats, PTQConfig("htg", weight_bits=bits), candidates,
+                                  calibration_mse)
       named = {f"alpha {c.alpha}, scaled {'/'.join(c.scaled_layers)}, shift on {c.shift_compensation} kernel": v
                for c, v in zip(candidates, scores)}
       return chosen, time.perf_counter() - start, named

@@ -167,28 +167,69 @@ def test_smoothed_inputs_are_what_the_plan_says():
     np.testing.assert_allclose(smoothed["intermediates"][block][name]["input"][0], expected, atol=2e-5, rtol=1e-4)
 
 
-def _stats_fn(params_float):
-  x, t, y = _inputs(batch=4)
-  trajectory = jnp.stack([x * (1 + 0.5 * i) for i in range(STEPS)])
-  timesteps = np.linspace(900, 0, STEPS).astype(np.int32)
-  return lambda params, quant: collect_input_stats(CONFIG, params, quant, trajectory, timesteps, y % 10, 1.5)
+def _calibration(batch=4):
+  """(trajectory [S, B, 8, 8, 1], timesteps [S], labels [B]): inputs growing with the step."""
+  x, _, y = _inputs(batch=batch)
+  return jnp.stack([x * (1 + 0.5 * i) for i in range(STEPS)]), np.linspace(900, 0, STEPS).astype(np.int32), y % 10
+
+
+def test_input_stats_are_each_steps_channel_extremes():
+  """Against one model run per step with its intermediates read back, both CFG halves included."""
+  params, (trajectory, timesteps, labels) = _random_params(), _calibration(batch=3)
+  stats = collect_input_stats(CONFIG, params, None, trajectory, timesteps, labels, 1.5)
+  model, both = DiT(CONFIG), jnp.concatenate([labels, jnp.full_like(labels, CONFIG.n_classes)])
+  for step in (0, STEPS - 1):
+    x = jnp.concatenate([trajectory[step]] * 2)
+    _, state = model.apply({"params": params}, x, jnp.full(6, timesteps[step]), both, step,
+                           mutable=["intermediates"])
+    for block, name in quantised_layers(CONFIG):
+      inputs = np.asarray(state["intermediates"][block][name]["input"][0], np.float64)
+      flat = inputs.reshape(-1, inputs.shape[-1])
+      np.testing.assert_allclose(stats[(block, name)]["min"][step], flat.min(0), rtol=1e-6, atol=1e-6)
+      np.testing.assert_allclose(stats[(block, name)]["max"][step], flat.max(0), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="timesteps"):
+    collect_input_stats(CONFIG, params, None, trajectory, timesteps[1:], labels, 1.5)
+
+
+@pytest.mark.parametrize("method, proj_smoothing", [("htg", "fold_v"), ("htg", "explicit"), ("smoothquant", "fold_v"),
+                                                    ("ptq4dit", "fold_v")])
+def test_smoothed_stats_equal_the_folded_models(method, proj_smoothing):
+  """The closed form `quantise_dit` uses for the activation ranges against the re-parameterised float model run
+  over the same trajectory."""
+  from pangu.compress.quant.ptq import smoothed_stats, smoothing_plans
+  params, (trajectory, timesteps, labels) = _random_params(), _calibration()
+  stats = collect_input_stats(CONFIG, params, None, trajectory, timesteps, labels, 1.5)
+  plans = smoothing_plans(CONFIG, params, stats, PTQConfig(method))
+  folded, quant = reparameterise(CONFIG, params, plans, STEPS, proj_smoothing)
+  rerun = collect_input_stats(CONFIG, folded, quant, trajectory, timesteps, labels, 1.5)
+  closed_form = smoothed_stats(stats, plans)
+  assert set(plans) == set(quantised_layers(CONFIG))
+  for key in quantised_layers(CONFIG):
+    for extreme in ("min", "max"):
+      assert not np.allclose(closed_form[key][extreme], stats[key][extreme], rtol=1e-2)  # the smoothing acts
+      np.testing.assert_allclose(closed_form[key][extreme], rerun[key][extreme], rtol=1e-4, atol=1e-4)
+
+
+def test_smoothing_scale_must_be_positive():
+  with pytest.raises(ValueError, match="scale must be positive"):
+    SmoothingPlan(np.zeros(2, np.int32), np.zeros((1, 3)), np.array([1.0, 0.0, 2.0]))
 
 
 @pytest.mark.slow
 def test_quantised_model_tracks_float_and_int8_matches_fake_quant():
-  params = _random_params()
-  stats_fn = _stats_fn(params)
+  params, (trajectory, timesteps, labels) = _random_params(), _calibration()
+  stats = collect_input_stats(CONFIG, params, None, trajectory, timesteps, labels, 1.5)
   model, (x, t, y) = DiT(CONFIG), _inputs(batch=4)
   float_out = np.asarray(model.apply({"params": params}, x, t, y, 2))
   errors = {}
   for bits in (8, 4):
-    qparams, quant, report = quantise_dit(CONFIG, params, stats_fn, PTQConfig("htg", weight_bits=bits))
+    qparams, quant, report = quantise_dit(CONFIG, params, stats, PTQConfig("htg", weight_bits=bits))
     out = np.asarray(model.apply({"params": qparams, "quant": quant}, x, t, y, 2))
     errors[bits] = np.linalg.norm(out - float_out) / np.linalg.norm(float_out)
     assert report["extra_bytes"] > 0
   assert errors[8] < 0.25 and errors[8] < errors[4]
-  fake = quantise_dit(CONFIG, params, stats_fn, PTQConfig("htg", weight_bits=8))
-  real = quantise_dit(CONFIG, params, stats_fn, PTQConfig("htg", weight_bits=8, integer=True))
+  fake = quantise_dit(CONFIG, params, stats, PTQConfig("htg", weight_bits=8))
+  real = quantise_dit(CONFIG, params, stats, PTQConfig("htg", weight_bits=8, integer=True))
   assert real[1]["block_0"]["qkv"]["kernel_int8"].dtype == jnp.int8
   np.testing.assert_allclose(model.apply({"params": real[0], "quant": real[1]}, x, t, y, 2),
                              model.apply({"params": fake[0], "quant": fake[1]}, x, t, y, 2), atol=1e-4, rtol=1e-4)
@@ -278,7 +319,7 @@ def test_shift_compensation_cancels_through_the_rounded_kernel(proj_smoothing):
   for compensation in ("quantised", "float"):
     ptq = PTQConfig("htg", weight_bits=4, proj_smoothing=proj_smoothing,
                     htg=HTGConfig(shift_compensation=compensation))
-    qparams, quant, report = quantise_dit(CONFIG, params, lambda p, q: stats, ptq, stats=stats)
+    qparams, quant, report = quantise_dit(CONFIG, params, stats, ptq)
     folded, folded_quant = reparameterise(CONFIG, params, report["plans"], STEPS, proj_smoothing)
     for (block, name), plan in report["plans"].items():
       w_hat = np.asarray(folded[block][name]["kernel"], np.float64)
@@ -301,7 +342,6 @@ def test_select_htg_keeps_the_candidate_with_the_lowest_calibration_score():
   independently for each candidate; the selection must return its argmin."""
   from pangu.compress.quant.select import htg_candidates, select_htg
   params, stats = _random_params(), _synthetic_stats(1)
-  stats_fn = lambda p, q: stats  # noqa: E731 (the ranges do not matter for the ordering checked here)
   model, (x, t, y) = DiT(CONFIG), _inputs(batch=2, seed=5)
   apply = jax.jit(lambda variables: model.apply(variables, x, t, y, 3))
   reference = np.asarray(apply({"params": params}))
@@ -313,8 +353,8 @@ def test_select_htg_keeps_the_candidate_with_the_lowest_calibration_score():
   candidates = htg_candidates(ptq.htg, alphas=(0.0, 0.99))
   assert [(c.alpha, "fc2" in c.scaled_layers, c.shift_compensation) for c in candidates] == list(
       itertools.product((0.0, 0.99), (True, False), ("quantised", "float")))
-  chosen, scores = select_htg(CONFIG, params, stats_fn, ptq, candidates, score, stats=stats)
-  expected = [score(*quantise_dit(CONFIG, params, stats_fn, PTQConfig("htg", weight_bits=4, htg=c), stats)[:2])
+  chosen, scores = select_htg(CONFIG, params, stats, ptq, candidates, score)
+  expected = [score(*quantise_dit(CONFIG, params, stats, PTQConfig("htg", weight_bits=4, htg=c))[:2])
               for c in candidates]
   np.testing.assert_allclose(scores, expected, rtol=1e-6)
   assert len(set(np.round(scores, 12))) > 1

@@ -1,11 +1,13 @@
 """Calibration capture: per sampler step, the per-channel min and max of every quantised linear's input.
 
 The inputs come from `QuantDense`'s `sow("intermediates", "input", ...)`: the tensor the activation quantiser
-sees, so the same capture serves the first pass (raw inputs, for shifts and scales) and the second (smoothed
-inputs of the re-parameterised float model, for activation ranges). Trajectories come from the float sampler
+sees: the raw inputs of the float model (for shifts, scales and, mapped through them, activation ranges:
+`ptq.smoothed_stats`) or the smoothed inputs of a re-parameterised one. Trajectories come from the float sampler
 (pangu.diffusion.samplers returns them); with guidance the batch is doubled with null labels, as the sampler
 runs it.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,23 +28,31 @@ def collect_input_stats(config: DiTConfig, params: dict, quant: dict | None, tra
   """trajectory [S, B, H, W, C] (the sampler's step inputs), timesteps [S] -> per-step channel min / max."""
   if trajectory.shape[0] != len(timesteps):
     raise ValueError(f"trajectory has {trajectory.shape[0]} steps but {len(timesteps)} timesteps were given")
-  model, layers = DiT(config), quantised_layers(config)
   variables = {"params": params} | ({"quant": quant} if quant else {})
+  per_layer = _stats(config, guidance, variables, trajectory, jnp.asarray(timesteps), labels)
+  return {(block, name): jax.tree.map(np.asarray, per_layer[f"{block}/{name}"])
+          for block, name in quantised_layers(config)}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _stats(config: DiTConfig, guidance: float, variables: dict, trajectory: jax.Array, timesteps: jax.Array,
+           labels: jax.Array) -> dict[str, dict[str, jax.Array]]:
+  """Every step in one compiled loop (the model's weights are arguments, not constants) -> {"block/linear":
+  {"min", "max"}}."""
+  model = DiT(config)
   if guidance != 1.0:
     labels = jnp.concatenate([labels, jnp.full_like(labels, config.n_classes)])
 
-  @jax.jit
-  def step_stats(x, tau, step):
+  def step_stats(args):
+    x, tau, step = args
     if guidance != 1.0:
       x = jnp.concatenate([x, x])
     _, state = model.apply(variables, x, jnp.full(labels.shape, tau), labels, step, mutable=["intermediates"])
     out = {}
-    for block, name in layers:
+    for block, name in quantised_layers(config):
       (inputs,) = state["intermediates"][block][name]["input"]
       flat = inputs.reshape(-1, inputs.shape[-1])
-      out[(block, name)] = (flat.min(0), flat.max(0))
+      out[f"{block}/{name}"] = {"min": flat.min(0), "max": flat.max(0)}
     return out
 
-  per_step = [step_stats(trajectory[i], int(timesteps[i]), i) for i in range(len(timesteps))]
-  return {key: {"min": np.stack([np.asarray(s[key][0]) for s in per_step]),
-                "max": np.stack([np.asarray(s[key][1]) for s in per_step])} for key in layers}
+  return jax.lax.map(step_stats, (trajectory, timesteps, jnp.arange(trajectory.shape[0])))

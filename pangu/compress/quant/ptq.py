@@ -8,13 +8,12 @@
     (layer, group) unless `act_range_per_group=False`.
 
 Embedders, adaLN linears and the final layer stay in float (spec 3.1). Steps: smoothing plans from the float
-model's per-step input stats -> re-parameterise -> re-collect stats from the folded float model -> activation
-ranges -> weights rounded (fake-quant in float, or real int8 for W8A8), HTG's folded shift term moved onto the
+model's per-step input stats -> re-parameterise -> the folded model's input stats (`smoothed_stats`, in closed
+form) -> activation ranges -> weights rounded (fake-quant in float, or real int8 for W8A8), HTG's folded shift term moved onto the
 rounded kernel unless `HTGConfig.shift_compensation='float'`.
 """
 
 import dataclasses
-from collections.abc import Callable
 from typing import Literal
 
 import jax
@@ -23,7 +22,7 @@ import numpy as np
 
 from pangu.compress.quant.calibration import Stats, quantised_layers
 from pangu.compress.quant.grouping import collapse
-from pangu.compress.quant.reparam import ProjSmoothing, reparameterise
+from pangu.compress.quant.reparam import Plans, ProjSmoothing, reparameterise
 from pangu.compress.quant.smoothing import HTGConfig, SmoothingPlan, htg_plan, ptq4dit_plan, smoothquant_plan
 from pangu.config_checks import one_of
 from pangu.models.dit import DiTConfig
@@ -31,9 +30,6 @@ from pangu.nn.quantized import fake_quant_weight, quantise_symmetric, step_table
 
 Method = Literal["naive", "minmax", "smoothquant", "ptq4dit", "htg"]
 METHODS = ("naive", "minmax", "smoothquant", "ptq4dit", "htg")
-# (params, quant) -> per-step input stats of every quantised layer (calibration.collect_input_stats, bound to a
-# trajectory).
-StatsFn = Callable[[dict, dict | None], Stats]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +64,7 @@ class PTQConfig:
       raise ValueError(f"PTQConfig.integer needs weight_bits=8, got {self.weight_bits}")
 
 
-def smoothing_plans(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig) -> dict:
+def smoothing_plans(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig) -> Plans:
   plans = {}
   for block, name in quantised_layers(config):
     if name == "fc2" and ptq.fc2_smoothing == "none":
@@ -84,6 +80,21 @@ def smoothing_plans(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfi
   return plans
 
 
+def smoothed_stats(stats: Stats, plans: Plans) -> Stats:
+  """The per-step input stats of the re-parameterised model from the float model's, without running it.
+
+  Every fold of `reparam` makes a smoothed linear's input X_hat = (X - z_g) / s channel by channel, with s > 0,
+  so each channel's min and max map through the same affine function (layers without a plan keep theirs).
+  Running the folded model over the calibration trajectory again gives the same stats up to float rounding
+  (`tests/compress/test_quant.py`) and costs as much as the first pass, for every setting `select` tries.
+  """
+  smoothed = dict(stats)
+  for key, plan in plans.items():
+    shift, scale = plan.shift_per_step(), plan.scale
+    smoothed[key] = {"min": (stats[key]["min"] - shift) / scale, "max": (stats[key]["max"] - shift) / scale}
+  return smoothed
+
+
 def activation_ranges(stats: dict[str, np.ndarray], group_of_step: np.ndarray) -> dict:
   """A step table of (min, max) per group: the extreme values over the group's steps and all channels."""
   lo, hi = np.asarray(stats["min"]).min(1), np.asarray(stats["max"]).max(1)
@@ -92,18 +103,17 @@ def activation_ranges(stats: dict[str, np.ndarray], group_of_step: np.ndarray) -
   return step_table(jnp.asarray(values, jnp.float32), group_of_step)
 
 
-def quantise_dit(config: DiTConfig, params: dict, stats_fn: StatsFn, ptq: PTQConfig,
-                 stats: Stats | None = None) -> tuple[dict, dict, dict]:
-  """Returns (params, quant collection, report); `stats` are the float model's stats if already collected.
+def quantise_dit(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig) -> tuple[dict, dict, dict]:
+  """(float params, the float model's per-step input stats on the calibration trajectory
+  (`calibration.collect_input_stats`)) -> (params, quant collection, report).
 
   report: {"plans": the smoothing plans, "extra_bytes": bytes of per-group tables and smoothing vectors,
   "weight_bytes": packed quantised kernels and their scales}.
   """
-  stats = stats_fn(params, None) if stats is None else stats
   n_steps = next(iter(stats.values()))["min"].shape[0]
   plans = smoothing_plans(config, params, stats, ptq)
   params, quant = reparameterise(config, params, plans, n_steps, ptq.proj_smoothing)
-  smoothed = stats_fn(params, quant) if plans else stats
+  smoothed = smoothed_stats(stats, plans)
   weight_bytes = 0
   for block, name in quantised_layers(config):
     plan = plans.get((block, name))

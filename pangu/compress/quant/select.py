@@ -13,7 +13,7 @@ import itertools
 from collections.abc import Callable, Sequence
 
 from pangu.compress.quant.calibration import Stats
-from pangu.compress.quant.ptq import PTQConfig, StatsFn, quantise_dit
+from pangu.compress.quant.ptq import PTQConfig, quantise_dit
 from pangu.compress.quant.smoothing import HTGConfig
 from pangu.models.dit import BLOCK_LINEARS, DiTConfig
 
@@ -30,14 +30,14 @@ def htg_candidates(base: HTGConfig, alphas: Sequence[float] = (0.0, 0.9, 0.99),
           for alpha, layers, compensation in itertools.product(alphas, scaled_layers, shift_compensations)]
 
 
-def select_htg(config: DiTConfig, params: dict, stats_fn: StatsFn, ptq: PTQConfig, candidates: Sequence[HTGConfig],
-               score: Score, stats: Stats | None = None) -> tuple[HTGConfig, list[float]]:
-  """(the candidate with the lowest score, every candidate's score in order); ties go to the earlier one."""
+def select_htg(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig, candidates: Sequence[HTGConfig],
+               score: Score) -> tuple[HTGConfig, list[float]]:
+  """(the candidate with the lowest score, every candidate's score in order); ties go to the earlier one.
+  `stats`: the float model's calibration stats, as `quantise_dit` takes them."""
   if ptq.method != "htg" or not candidates:
     raise ValueError(f"select_htg needs method 'htg' and candidates, got {ptq.method!r} and {len(candidates)}")
-  stats = stats_fn(params, None) if stats is None else stats
   scores = []
   for candidate in candidates:
-    qparams, quant, _ = quantise_dit(config, params, stats_fn, dataclasses.replace(ptq, htg=candidate), stats=stats)
+    qparams, quant, _ = quantise_dit(config, params, stats, dataclasses.replace(ptq, htg=candidate))
     scores.append(float(score(qparams, quant)))
   return candidates[min(range(len(scores)), key=scores.__getitem__)], scores

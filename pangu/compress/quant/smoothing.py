@@ -26,11 +26,16 @@ _MIN_SCALE = 1e-5  # keeps s and max|W| away from 0 on dead channels
 
 @dataclasses.dataclass(frozen=True)
 class SmoothingPlan:
-  """One linear's smoothing: group_of_step int32 [S], shift [G, C_in], scale [C_in]."""
+  """One linear's smoothing: group_of_step int32 [S], shift [G, C_in], scale [C_in] (positive, so X_hat keeps
+  the order of X and a channel's min and max stay its min and max)."""
 
   group_of_step: np.ndarray
   shift: np.ndarray
   scale: np.ndarray
+
+  def __post_init__(self):
+    if not np.all(np.asarray(self.scale) > 0):
+      raise ValueError(f"SmoothingPlan.scale must be positive, got min {np.asarray(self.scale).min()}")
 
   def shift_per_step(self) -> np.ndarray:
     return self.shift[self.group_of_step]
