@@ -2,9 +2,9 @@
 
 The inputs come from `QuantDense`'s `sow("intermediates", "input", ...)`: the tensor the activation quantiser
 sees: the raw inputs of the float model (for shifts, scales and, mapped through them, activation ranges:
-`ptq.smoothed_stats`) or the smoothed inputs of a re-parameterised one. Trajectories come from the float sampler
-(pangu.diffusion.samplers returns them); with guidance the batch is doubled with null labels, as the sampler
-runs it.
+`ptq.smoothed_stats`) or the smoothed inputs of a re-parameterised one. Trajectories come from the float
+sampler (pangu.diffusion.samplers returns them); with guidance the batch is doubled with null labels, as the
+sampler runs it.
 """
 
 import functools

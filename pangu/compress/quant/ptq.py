@@ -9,8 +9,8 @@
 
 Embedders, adaLN linears and the final layer stay in float (spec 3.1). Steps: smoothing plans from the float
 model's per-step input stats -> re-parameterise -> the folded model's input stats (`smoothed_stats`, in closed
-form) -> activation ranges -> weights rounded (fake-quant in float, or real int8 for W8A8), HTG's folded shift term moved onto the
-rounded kernel unless `HTGConfig.shift_compensation='float'`.
+form) -> activation ranges -> weights rounded (fake-quant in float, or real int8 for W8A8), HTG's folded shift
+term moved onto the rounded kernel unless `HTGConfig.shift_compensation='float'`.
 """
 
 import dataclasses
