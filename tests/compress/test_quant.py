@@ -180,7 +180,7 @@ def test_input_stats_are_each_steps_channel_extremes():
   model, both = DiT(CONFIG), jnp.concatenate([labels, jnp.full_like(labels, CONFIG.n_classes)])
   for step in (0, STEPS - 1):
     x = jnp.concatenate([trajectory[step]] * 2)
-    _, state = model.apply({"params": params}, x, jnp.full(6, timesteps[step]), both, step,
+    _, state = model.apply({"params": params}, x, jnp.full(both.shape, timesteps[step]), both, step,
                            mutable=["intermediates"])
     for block, name in quantised_layers(CONFIG):
       inputs = np.asarray(state["intermediates"][block][name]["input"][0], np.float64)

@@ -29,16 +29,13 @@ def collect_input_stats(config: DiTConfig, params: dict, quant: dict | None, tra
   if trajectory.shape[0] != len(timesteps):
     raise ValueError(f"trajectory has {trajectory.shape[0]} steps but {len(timesteps)} timesteps were given")
   variables = {"params": params} | ({"quant": quant} if quant else {})
-  per_layer = _stats(config, guidance, variables, trajectory, jnp.asarray(timesteps), labels)
-  return {(block, name): jax.tree.map(np.asarray, per_layer[f"{block}/{name}"])
-          for block, name in quantised_layers(config)}
+  return jax.tree.map(np.asarray, _stats(config, guidance, variables, trajectory, jnp.asarray(timesteps), labels))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _stats(config: DiTConfig, guidance: float, variables: dict, trajectory: jax.Array, timesteps: jax.Array,
-           labels: jax.Array) -> dict[str, dict[str, jax.Array]]:
-  """Every step in one compiled loop (the model's weights are arguments, not constants) -> {"block/linear":
-  {"min", "max"}}."""
+           labels: jax.Array) -> Stats:
+  """Every step in one compiled loop (the model's weights are arguments, not constants)."""
   model = DiT(config)
   if guidance != 1.0:
     labels = jnp.concatenate([labels, jnp.full_like(labels, config.n_classes)])
@@ -52,7 +49,7 @@ def _stats(config: DiTConfig, guidance: float, variables: dict, trajectory: jax.
     for block, name in quantised_layers(config):
       (inputs,) = state["intermediates"][block][name]["input"]
       flat = inputs.reshape(-1, inputs.shape[-1])
-      out[f"{block}/{name}"] = {"min": flat.min(0), "max": flat.max(0)}
+      out[(block, name)] = {"min": flat.min(0), "max": flat.max(0)}
     return out
 
   return jax.lax.map(step_stats, (trajectory, timesteps, jnp.arange(trajectory.shape[0])))
