@@ -6,7 +6,8 @@ FID-digits classifier, then quantises the block linears with every method at W8A
 {1, T/10, T}. Every configuration samples from the same noise and labels (DDIM, CFG), so the numbers are paired.
 HTG's constants the paper leaves open at this scale (EMA alpha, whether fc2's post-GELU input is scaled, whether
 the folded shift's bias term uses the float or the rounded kernel) are picked per bit width on the calibration
-split, never on the evaluation samples.
+split, never on the evaluation samples, by successive halving (every candidate scored on a quarter of the
+calibration trajectories, the best quarter of them on all).
 The W4A8 comparison of HTG with naive and SmoothQuant-style is repeated on models trained from further seeds
 (--replicate_seeds), and its verdict needs every model.
 Writes <results_dir>/dit_ptq.json {"seed", "fp", "w8a8", "w4a8", "w4a8_fid_gaps", "groups", "htg_selection",
@@ -51,6 +52,10 @@ _HTG_SELECT = flags.DEFINE_bool(
     "htg_select", True, "Pick HTG's EMA alpha, whether fc2's input is scaled and the kernel the shift is folded "
     "onto on the calibration split (paired sample MSE vs float from the calibration noise); off: the spec's "
     "alpha 0.99 with all four inputs scaled (the shift folded onto the rounded kernel).")
+_SEARCH_REDUCTION = flags.DEFINE_integer(
+    "htg_search_reduction", 4, "Successive halving of HTG's search: every candidate is scored on 1/r of the "
+    "calibration trajectories and the best 1/r of them (rounded up) on all; 1: every candidate on all.",
+    lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of training, calibration and sampling noise.")
 # At this scale the W4A8 order of HTG and SmoothQuant-style changes with the training seed, and training is not
 # bit-reproducible across machines: the same code's seed-1 quick model favoured SmoothQuant-style in one session
@@ -175,13 +180,15 @@ def report_table(payload: dict, setup: str) -> str:
     rows += [{"config": f"seed {seed}: w4a8 {method}", **v} for method, v in entry["w4a8"].items()]
   columns = ["config", "fid", "class_acc", "sample_mse", "weight_bytes", "extra_bytes", "calib_seconds"]
   groups = [{"G": g, **v} for g, v in payload["groups"].items()]
-  search = [{"bits": bits, "candidate": name, "calibration_sample_mse": mse}
+  trajectories = sorted({n for picked in payload["htg_selection"].values() for n in picked["search_trajectories"]})
+  search = [{"bits": bits, "candidate": name, **{f"mse on {n} trajectories": mse for n, mse in by_budget.items()}}
             for bits, picked in payload["htg_selection"].items()
-            for name, mse in picked["calibration_sample_mse"].items()]
+            for name, by_budget in picked["calibration_sample_mse"].items()]
+  search_columns = ["bits", "candidate", *(f"mse on {n} trajectories" for n in trajectories)]
   return "\n\n".join([setup, common.format_table(rows, columns), "HTG group sweep at W4A8:",
                       common.format_table(groups, ["G", "fid", "extra_bytes"]),
-                      "HTG settings searched on the calibration split (lowest kept):",
-                      common.format_table(search, ["bits", "candidate", "calibration_sample_mse"])])
+                      "HTG settings searched on the calibration split (successive halving; lowest at the last kept):",
+                      common.format_table(search, search_columns)])
 
 
 def plot(grids: dict, shifts: dict, side: int) -> None:
@@ -212,8 +219,10 @@ def _cached(path: str, build):
     with open(path, "rb") as f:
       return jax.tree.map(np.asarray, flax.serialization.msgpack_restore(f.read())), True
   value = build()
-  with open(path, "wb") as f:
+  partial = path + ".partial"  # written whole, then renamed: a killed run never leaves a truncated cache
+  with open(partial, "wb") as f:
     f.write(flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, value)))
+  os.replace(partial, path)
   return value, False
 
 
@@ -251,6 +260,7 @@ def main(argv):
                                learning_rate=_LEARNING_RATE.value, ema_decay=_EMA_DECAY.value)
   n_steps, n_samples = common.pick(_SAMPLE_STEPS, 100, 20), _SAMPLES.value
   n_calib, guidance = common.pick(_CALIB_SAMPLES, 256, 32), _GUIDANCE.value
+  search_budgets = sorted({max(1, n_calib // _SEARCH_REDUCTION.value), n_calib})  # trajectories per rung
   schedule = ScheduleConfig(kind=_SCHEDULE.value)
   images, labels = load_digits_images(side)
   results_dir = common.RESULTS_DIR.value
@@ -264,9 +274,10 @@ def main(argv):
   shape = (config.image_size, config.image_size, config.channels)
 
   @jax.jit
-  def sample(variables, sample_labels, rng):
+  def sample(variables, sample_labels, rng, noise=None):
     denoiser = guided(lambda x, t, y, i: model.apply(variables, x, t, y, i), config.n_classes, guidance)
-    return ddim_sample(denoiser, schedule, sample_labels, shape, rng, n_steps, batch_size=_SAMPLE_BATCH.value)
+    return ddim_sample(denoiser, schedule, sample_labels, shape, rng, n_steps, batch_size=_SAMPLE_BATCH.value,
+                       noise=noise)
 
   sample_labels = jnp.arange(n_samples) % config.n_classes
   timesteps = sampling_timesteps(schedule.n_timesteps, n_steps)
@@ -303,10 +314,11 @@ def main(argv):
               "weight_bytes": report["weight_bytes"], "extra_bytes": report["extra_bytes"],
               "calib_seconds": calib_seconds}, samples
 
-    def calibration_mse(qparams: dict, quant: dict) -> float:
-      """Paired sample MSE vs float on the calibration split (its own noise and labels, not the evaluation's)."""
-      samples = sample({"params": qparams, "quant": quant}, calib_labels, calib_key)[0]
-      return float(jnp.mean((samples - calib_fp_samples) ** 2))
+    def calibration_mse(qparams: dict, quant: dict, n: int) -> float:
+      """Paired sample MSE vs float on the first n calibration trajectories (their own noise and labels, not the
+      evaluation's; DDIM is deterministic, so these n rows alone give the same samples)."""
+      samples = sample({"params": qparams, "quant": quant}, calib_labels[:n], calib_key, trajectory[0, :n])[0]
+      return float(jnp.mean((samples - calib_fp_samples[:n]) ** 2))
 
     def pick_htg(bits: int) -> tuple[HTGConfig, float, dict]:
       """HTG's settings for these bits (selected on the calibration split, or the spec's), its search time and
@@ -316,9 +328,9 @@ def main(argv):
       start = time.perf_counter()
       candidates = htg_candidates(HTGConfig())
       chosen, scores = select_htg(config, params, float_stats, PTQConfig("htg", weight_bits=bits), candidates,
-                                  calibration_mse)
-      named = {f"alpha {c.alpha}, scaled {'/'.join(c.scaled_layers)}, shift on {c.shift_compensation} kernel": v
-               for c, v in zip(candidates, scores)}
+                                  calibration_mse, search_budgets, _SEARCH_REDUCTION.value)
+      named = {f"alpha {c.alpha}, scaled {'/'.join(c.scaled_layers)}, shift on {c.shift_compensation} kernel":
+               {str(n): v for n, v in by_budget.items()} for c, by_budget in zip(candidates, scores)}
       return chosen, time.perf_counter() - start, named
 
     return types.SimpleNamespace(cached=cached, fp=fp, fp_samples=fp_samples, float_stats=float_stats,
@@ -333,7 +345,8 @@ def main(argv):
     chosen[bits], search_seconds, scores = run.pick_htg(bits)
     payload["htg_selection"][bits_name] = {
         "chosen": settings_record(chosen[bits]),
-        "calibration_sample_mse": scores, "search_seconds": search_seconds}
+        "calibration_sample_mse": scores, "search_trajectories": search_budgets if scores else [],
+        "search_seconds": search_seconds}
     for method in METHODS:
       payload[bits_name][method], samples = evaluate(PTQConfig(method, weight_bits=bits, htg=chosen[bits]))
       if method == "htg":  # the settings' search is part of HTG's calibration

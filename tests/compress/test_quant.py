@@ -337,25 +337,37 @@ def test_shift_compensation_cancels_through_the_rounded_kernel(proj_smoothing):
     HTGConfig(shift_compensation="none")
 
 
-def test_select_htg_keeps_the_candidate_with_the_lowest_calibration_score():
-  """The score here is the quantised model's output error against float on held-out inputs, computed
-  independently for each candidate; the selection must return its argmin."""
+def test_select_htg_halves_to_the_candidate_with_the_lowest_calibration_score():
+  """The score here is the quantised model's output error against float on the first `budget` held-out inputs,
+  computed independently for each candidate. One budget: the selection is the argmin over all. Two: every
+  candidate is scored on 1 input, the best quarter (rounded up) on all 4, and the pick is their argmin."""
   from pangu.compress.quant.select import htg_candidates, select_htg
   params, stats = _random_params(), _synthetic_stats(1)
-  model, (x, t, y) = DiT(CONFIG), _inputs(batch=2, seed=5)
+  model, (x, t, y) = DiT(CONFIG), _inputs(batch=4, seed=5)
   apply = jax.jit(lambda variables: model.apply(variables, x, t, y, 3))
   reference = np.asarray(apply({"params": params}))
 
-  def score(qparams, quant):
-    return float(np.mean((np.asarray(apply({"params": qparams, "quant": quant})) - reference) ** 2))
+  def score(qparams, quant, budget):
+    return float(np.mean((np.asarray(apply({"params": qparams, "quant": quant})) - reference)[:budget] ** 2))
 
   ptq = PTQConfig("htg", weight_bits=4)
   candidates = htg_candidates(ptq.htg, alphas=(0.0, 0.99))
   assert [(c.alpha, "fc2" in c.scaled_layers, c.shift_compensation) for c in candidates] == list(
       itertools.product((0.0, 0.99), (True, False), ("quantised", "float")))
-  chosen, scores = select_htg(CONFIG, params, stats, ptq, candidates, score)
-  expected = [score(*quantise_dit(CONFIG, params, stats, PTQConfig("htg", weight_bits=4, htg=c))[:2])
-              for c in candidates]
-  np.testing.assert_allclose(scores, expected, rtol=1e-6)
-  assert len(set(np.round(scores, 12))) > 1
-  assert chosen == candidates[int(np.argmin(expected))]
+  quantised = [quantise_dit(CONFIG, params, stats, PTQConfig("htg", weight_bits=4, htg=c))[:2] for c in candidates]
+  on_one, on_all = (np.array([score(*q, budget) for q in quantised]) for budget in (1, 4))
+  assert len(set(np.round(on_all, 12))) > 1
+
+  chosen, scores = select_htg(CONFIG, params, stats, ptq, candidates, score, budgets=(4,))
+  np.testing.assert_allclose([s[4] for s in scores], on_all, rtol=1e-6)
+  assert chosen == candidates[int(np.argmin(on_all))]
+
+  chosen, scores = select_htg(CONFIG, params, stats, ptq, candidates, score, budgets=(1, 4), reduction=4)
+  survivors = sorted(np.argsort(on_one, kind="stable")[:2])
+  np.testing.assert_allclose([s[1] for s in scores], on_one, rtol=1e-6)
+  assert [i for i, s in enumerate(scores) if 4 in s] == survivors
+  np.testing.assert_allclose([scores[i][4] for i in survivors], on_all[survivors], rtol=1e-6)
+  assert chosen == candidates[survivors[int(np.argmin(on_all[survivors]))]]
+  for budgets, reduction in (((4, 1), 4), ((0, 4), 4), ((), 4), ((1, 4), 1)):
+    with pytest.raises(ValueError, match="budgets" if reduction > 1 else "reduction"):
+      select_htg(CONFIG, params, stats, ptq, candidates, score, budgets=budgets, reduction=reduction)
