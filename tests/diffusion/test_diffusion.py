@@ -101,15 +101,21 @@ def test_sampler_deterministic_given_seed():
   assert np.abs(np.asarray(first) - np.asarray(other)).max() > 1e-3
 
 
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-@pytest.mark.parametrize("batch_size", [4, 5, 6, 10, 64])  # chunks with a tail, without, one chunk + tail, all
-def test_sampler_in_chunks_gives_the_one_batch_samples(eta, batch_size):
+def _guided_denoiser():
+  """A small DiT with non-zero weights (the zero-init output layer would predict 0 everywhere) under guidance,
+  ten labels and a sampling key."""
   config = DiTConfig(d_model=16, depth=2, n_heads=2)
   params = init_dit(config, jax.random.key(0))
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
   model = DiT(config)
   denoiser = guided(lambda x, t, y, i: model.apply({"params": params}, x, t, y, i), config.n_classes, 1.5)
-  labels, key = jnp.arange(10) % config.n_classes, jax.random.key(3)
+  return denoiser, jnp.arange(10) % config.n_classes, jax.random.key(3)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("batch_size", [4, 5, 6, 10, 64])  # chunks with a tail, without, one chunk + tail, all
+def test_sampler_in_chunks_gives_the_one_batch_samples(eta, batch_size):
+  denoiser, labels, key = _guided_denoiser()
   want = jax.jit(lambda: ddim_sample(denoiser, ScheduleConfig(), labels, (8, 8, 1), key, 6, eta=eta))()
   got = jax.jit(lambda: ddim_sample(denoiser, ScheduleConfig(), labels, (8, 8, 1), key, 6, eta=eta,
                                     batch_size=batch_size))()
@@ -124,12 +130,7 @@ def test_sampler_from_given_noise_and_a_prefix_of_its_rows():
   """x_T passed in gives the samples of the noise the sampler would draw; with eta = 0 rows are independent, so
   the first rows of the noise and labels alone give the first rows' samples (what scoring part of a calibration
   split relies on)."""
-  config = DiTConfig(d_model=16, depth=2, n_heads=2)
-  params = init_dit(config, jax.random.key(0))
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
-  model = DiT(config)
-  denoiser = guided(lambda x, t, y, i: model.apply({"params": params}, x, t, y, i), config.n_classes, 1.5)
-  labels, key = jnp.arange(10) % config.n_classes, jax.random.key(3)
+  denoiser, labels, key = _guided_denoiser()
   sample = jax.jit(lambda labels, noise: ddim_sample(denoiser, ScheduleConfig(), labels, (8, 8, 1), key, 6,
                                                      batch_size=4, noise=noise))
   samples, trajectory = sample(labels, None)
