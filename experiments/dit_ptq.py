@@ -44,8 +44,8 @@ _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 128, "Samples denoised toge
 _CALIB_SAMPLES = flags.DEFINE_integer("calib_samples", None, "Calibration trajectories (quick 32, full 256).")
 # The paper's likely protocol (PTQ4DiT's) samples with CFG 1.5, DiT-XL/2's FID-optimal scale. A fixed scale tuned
 # on one model can leave another over-guided, where perturbing the samples (quantisation noise too) lowers
-# FID-digits. So the scale is picked on each run's float model alone, before calibration.
-# From the spec's 1.5 up. Measured on the quick model (200 samples, two noise draws): CFG 1.5 / 2 / 2.5 / 3 gave
+# FID-digits. So the scale is picked on each run's float model alone, before calibration, from the spec's 1.5 up.
+# Measured on the quick model (200 samples, two noise draws): CFG 1.5 / 2 / 2.5 / 3 gave
 # class accuracy 0.72 / 0.795 / 0.845 / 0.87 and FID-digits 20.7 / 20.5 / 22.6 / 25.5. 1.0 (no guidance) is not a
 # candidate although the full model's float FID-digits is lowest there (1.87 vs 8.97 at 1.5, seed 0): the
 # experiment quantises a CFG sampler, whose doubled batch shares each step's group; `--guidance=1.0` runs it.
@@ -308,8 +308,10 @@ def main(argv):
     return params, cached
 
   def pick_guidance(seed: int, params: dict) -> dict:
-    """The guidance scale the float model `params` (trained from `seed`) samples best at (see --guidance), from
-    noise the evaluation never uses; with the float metrics of every candidate."""
+    """dit_ptq.json's "guidance": the given --guidance, or the scale the float model `params` (trained from `seed`)
+    samples best at, from noise the evaluation never uses, with the float metrics of every candidate."""
+    if _GUIDANCE.value is not None:
+      return {"scale": _GUIDANCE.value, "candidates": None}
     noise = jax.random.fold_in(seed_keys(seed)[3], 2)
     scores = {scale: metric(np.asarray(sample({"params": params}, sample_labels, noise, scale)[0]), sample_labels)
               for scale in GUIDANCE_CANDIDATES}
@@ -371,13 +373,13 @@ def main(argv):
                                  evaluate=evaluate, pick_htg=pick_htg)
 
   main_model = trained_model(_SEED.value)
-  selection = None if _GUIDANCE.value is not None else pick_guidance(_SEED.value, main_model[0])
-  guidance = _GUIDANCE.value if selection is None else selection["scale"]
+  selection = pick_guidance(_SEED.value, main_model[0])
+  guidance = selection["scale"]
   run = seed_run(_SEED.value, main_model, guidance)
   fp, evaluate, float_stats, cached = run.fp, run.evaluate, run.float_stats, run.cached
   grids = {"fp32": run.fp_samples[:10]}
   payload = {"seed": _SEED.value, "fp": fp,
-             "guidance": {"scale": guidance, "candidates": selection["candidates"] if selection else None},
+             "guidance": selection,
              "w8a8": {}, "w4a8": {}, "groups": {}, "htg_selection": {}}
   chosen, compared = {}, {}  # compared: the W4A8 samples of every configuration, for the paired FID gaps
   for bits_name, bits in (("w8a8", 8), ("w4a8", 4)):
@@ -425,8 +427,9 @@ def main(argv):
   shifts = {f"{block}.{name}": per_step_shift(float_stats[(block, name)])[:, :3]
             for block, name in (("block_0", "qkv"), ("block_0", "fc2"))}
   plot(grids, {f"{k}[{c}]": v[:, c] for k, v in shifts.items() for c in range(3)}, side)
-  guidance_text = "given" if selection is None else "picked on the float model from other noise: " + ", ".join(
-      f"{scale} FID {v['fid']:.3g} acc {v['class_acc']:.2f}" for scale, v in selection["candidates"].items())
+  candidates = selection["candidates"]
+  guidance_text = "given" if candidates is None else "picked on the float model from other noise: " + ", ".join(
+      f"{scale} FID {v['fid']:.3g} acc {v['class_acc']:.2f}" for scale, v in candidates.items())
   setup = (f"DiT D={d_model}, depth {depth}, 4 heads, patch {config.patch_size} on {side}x{side} digits"
            f"{' (upsampled)' if side != 8 else ''}, {train.steps} training steps "
            f"through the shared train step (lr {train.learning_rate:g}, {schedule.kind} schedule, EMA "
