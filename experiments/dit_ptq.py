@@ -8,14 +8,16 @@ HTG's constants the paper leaves open at this scale (EMA alpha, whether fc2's po
 the folded shift's bias term uses the float or the rounded kernel) are picked per bit width on the calibration
 split, never on the evaluation samples, by successive halving (every candidate scored on a quarter of the
 calibration trajectories, the best quarter of them on all).
-The W4A8 comparison of HTG with naive and SmoothQuant-style is repeated on models trained from further seeds
+The W4A8 comparison of HTG with naive and SmoothQuant-style draws more samples (--comparison_samples; every
+configuration's own --samples are the first of them), is repeated on models trained from further seeds
 (--replicate_seeds), and its verdict needs every model. The guidance scale is picked on the float model
 (--guidance).
-Writes <results_dir>/dit_ptq.json {"seed", "fp", "guidance", "w8a8", "w4a8", "w4a8_fid_gaps", "groups",
+Writes <results_dir>/dit_ptq.json {"seed", "fp", "guidance", "w8a8", "w4a8", "w4a8_comparison", "groups",
 "htg_selection", "replicates", "claims"}, dit_ptq.png (sample grids, z_t of a few layers) and dit_ptq.md.
-w4a8_fid_gaps: FID(a) - FID(b) of HTG (picked and spec settings) against naive and SmoothQuant-style, with
-paired-bootstrap intervals (`fid.paired_fid_gap`); guidance: {"scale", "candidates": {scale: the float model's
-{"fid", "class_acc"}}, null with --guidance}; replicates: {seed: {"fp", "w4a8", "w4a8_fid_gaps", "htg_chosen"}}.
+w4a8_comparison: {"samples", "fid": {method}, "sample_mse": {method}, "fid_gaps": {"a - b": FID(a) - FID(b) of
+HTG (picked and spec settings) against naive and SmoothQuant-style, with paired-bootstrap intervals
+(`fid.paired_fid_gap`)}}; guidance: {"scale", "candidates": {scale: the float model's {"fid", "class_acc"}}, null
+with --guidance}; replicates: {seed: {"fp", "w4a8", "w4a8_comparison", "htg_chosen"}}.
 
   python -m experiments.dit_ptq --quick
 """
@@ -37,6 +39,12 @@ _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", None, "DDIM steps T (quick 
 # 1000 in quick too: at 200 the W4A8 methods' FID gaps (0.4-0.7) flipped sign with the sample count (seed 0: HTG -
 # SmoothQuant +0.67 at 200, -0.42 at 1000), and sampling 1000 costs ~20 s more.
 _SAMPLES = flags.DEFINE_integer("samples", 1000, "Generated samples per configuration.", lower_bound=2)
+# At 1000 samples the W4A8 FID gaps of HTG and SmoothQuant-style held 0 on every full model (CFG 1.5), so the
+# sample-MSE tie-break decided them, by 0.3 % on seed 1; 5000 fresh samples of that model resolved the gap the
+# other way (+1.04 [+0.69, +1.44]). So the compared configurations draw this many, from the same noise.
+_COMPARISON_SAMPLES = flags.DEFINE_integer(
+    "comparison_samples", 5000, "Samples of the W4A8 comparison of HTG with naive and SmoothQuant-style (its FID "
+    "gaps, FIDs and sample MSEs); the first --samples of them are the configurations' own.", lower_bound=2)
 # Measured at the full model's shape (random weights, 1000 samples, guidance): 1.15 s a sampler step in one batch,
 # 0.54 s in chunks of 125 (2-core AMD EPYC): a chunk's activations stay in cache. The samples are the same.
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 128, "Samples denoised together (doubled by guidance).",
@@ -80,6 +88,7 @@ METHODS = ("naive", "minmax", "smoothquant", "ptq4dit", "htg")
 # spec's literal bias fold b + z_g W on the float kernel; each with the HTGConfig settings it names.
 HTG_VARIANTS = {"htg_spec": {}, "htg_shift_only": {"use_scale": False}, "htg_alpha0.9": {"alpha": 0.9},
                 "htg_float_shift_bias": {"shift_compensation": "float"}}
+BASELINES = ("naive", "smoothquant")  # what HTG is compared with at W4A8 on --comparison_samples
 FP_CLOSE = {"w8a8": 0.05, "w4a8": 0.15}  # HTG's FID within this fraction of FP (the issue's goals)
 GROUP_CLOSE = 0.02  # G = T/10 within 2 % of G = T
 CALIBRATION_GOAL_S = 180.0
@@ -99,32 +108,26 @@ def claims(payload: dict) -> list[dict]:
                              f"goal: within {close:.0%} of FP (DiT-XL/2 ImageNet FID unconfirmed)",
                              f"FID-digits {htg:.3g} vs FP {fp:.3g} ({ratio:+.1%}; FP itself moves "
                              f"{fid_noise(payload) / fp:.1%} with other sampling noise)", verdict))
-  w4 = payload["w4a8"]
-  baselines = ("naive", "smoothquant")
-  beaten = [m for m in baselines if beats(payload, "htg", m)]
-  spec_beaten = [m for m in baselines if beats(payload, "htg_spec", m)]
-  replicates = {seed: [m for m in baselines if beats(entry, "htg", m)]
+  compared = payload["w4a8_comparison"]
+  beaten = [m for m in BASELINES if beats(compared, "htg", m)]
+  spec_beaten = [m for m in BASELINES if beats(compared, "htg_spec", m)]
+  replicates = {seed: [m for m in BASELINES if beats(entry["w4a8_comparison"], "htg", m)]
                 for seed, entry in payload["replicates"].items()}
   every_seed = [beaten, *replicates.values()]
   verdict = ("reproduced" if all(len(b) == 2 for b in every_seed) else "partly" if any(every_seed) else
              "contradicted")
-  shown = ("htg", *baselines, *HTG_VARIANTS)
   picked = payload["htg_selection"]["w4a8"]
   how = "picked on the calibration split" if picked["calibration_sample_mse"] else "the spec's, --nohtg_select"
   picked = picked["chosen"]
   ours = (f"Model of seed {payload['seed']}: HTG with alpha {picked['alpha']}, scaled inputs "
           f"{'/'.join(picked['scaled_layers'])} and the shift folded onto the {picked['shift_compensation']} "
           f"kernel ({how}) beats {', '.join(beaten) or 'neither'}; with the spec's "
-          f"constants (htg_spec) it beats {', '.join(spec_beaten) or 'neither'}. FID-digits "
-          + ", ".join(f"{m} {w4[m]['fid']:.3g}" for m in shown)
-          + f". FID gaps with their 95% paired-bootstrap intervals: {gaps_text(payload['w4a8_fid_gaps'])}; a gap "
-          "whose interval holds 0 is decided by the paired sample MSE vs FP: "
-          + ", ".join(f"{m} {w4[m]['sample_mse']:.2g}" for m in shown))
+          f"constants (htg_spec) it beats {', '.join(spec_beaten) or 'neither'}. On {compared['samples']} samples "
+          f"each, {comparison_text(compared)}; a gap whose 95% paired-bootstrap interval holds 0 is decided by the "
+          "paired sample MSE vs FP")
   for seed, seed_beaten in replicates.items():
-    entry = payload["replicates"][seed]
     ours += (f". Model of seed {seed} (its own HTG pick): beats {', '.join(seed_beaten) or 'neither'}; "
-             f"{gaps_text(entry['w4a8_fid_gaps'])}; sample MSE "
-             + ", ".join(f"{m} {v['sample_mse']:.2g}" for m, v in entry["w4a8"].items()))
+             f"{comparison_text(payload['replicates'][seed]['w4a8_comparison'])}")
   rows.append(common.claim("HTG (DiT PTQ)", "At W4A8 HTG beats naive PTQ and SmoothQuant-style smoothing",
                            "state of the art among PTQ methods", ours, verdict))
   groups = payload["groups"]
@@ -166,18 +169,22 @@ def settings_record(htg) -> dict:
   return {"alpha": htg.alpha, "scaled_layers": list(htg.scaled_layers), "shift_compensation": htg.shift_compensation}
 
 
-def gaps_text(gaps: dict) -> str:
-  return ", ".join(f"{pair} {g['gap']:+.2f} [{g['low']:+.2f}, {g['high']:+.2f}]" for pair, g in gaps.items())
+def comparison_text(compared: dict) -> str:
+  """A W4A8 comparison record's FID-digits, FID gaps (with their intervals) and sample MSEs, in words."""
+  return ("FID-digits " + ", ".join(f"{m} {fid:.3g}" for m, fid in compared["fid"].items())
+          + "; gaps " + ", ".join(f"{pair} {g['gap']:+.2f} [{g['low']:+.2f}, {g['high']:+.2f}]"
+                                  for pair, g in compared["fid_gaps"].items())
+          + "; sample MSE " + ", ".join(f"{m} {mse:.3g}" for m, mse in compared["sample_mse"].items()))
 
 
-def beats(payload: dict, a: str, b: str) -> bool:
-  """W4A8 configuration a beats b (in the payload or one of its replicates): a lower FID-digits where the
-  paired-bootstrap interval of the gap excludes 0; where it holds 0 (the FID does not resolve the order at this
-  sample count), a lower paired sample MSE against the float model (same noise and labels, so far less noisy)."""
-  gap = payload["w4a8_fid_gaps"][f"{a} - {b}"]
+def beats(compared: dict, a: str, b: str) -> bool:
+  """In a W4A8 comparison record, configuration a beats b: a lower FID-digits where the paired-bootstrap interval
+  of the gap excludes 0; where it holds 0 (the FID does not resolve the order at this sample count), a lower paired
+  sample MSE against the float model (same noise and labels, so far less noisy)."""
+  gap = compared["fid_gaps"][f"{a} - {b}"]
   if gap["high"] < 0 or gap["low"] > 0:
     return gap["gap"] < 0
-  return payload["w4a8"][a]["sample_mse"] < payload["w4a8"][b]["sample_mse"]
+  return compared["sample_mse"][a] < compared["sample_mse"][b]
 
 
 def report_table(payload: dict, setup: str) -> str:
@@ -190,13 +197,24 @@ def report_table(payload: dict, setup: str) -> str:
     rows.append({"config": f"seed {seed}: fp32", "fid": entry["fp"]["fid"], "class_acc": entry["fp"]["class_acc"]})
     rows += [{"config": f"seed {seed}: w4a8 {method}", **v} for method, v in entry["w4a8"].items()]
   columns = ["config", "fid", "class_acc", "sample_mse", "weight_bytes", "extra_bytes", "calib_seconds"]
+  comparisons = {payload["seed"]: payload["w4a8_comparison"],
+                 **{seed: entry["w4a8_comparison"] for seed, entry in payload["replicates"].items()}}
+  compared = [{"seed": seed, "config": method, "fid": fid, "sample_mse": c["sample_mse"][method]}
+              for seed, c in comparisons.items() for method, fid in c["fid"].items()]
+  gaps = [{"seed": seed, "fid(a) - fid(b)": pair, **gap}
+          for seed, c in comparisons.items() for pair, gap in c["fid_gaps"].items()]
   groups = [{"G": g, **v} for g, v in payload["groups"].items()]
   trajectories = sorted({n for picked in payload["htg_selection"].values() for n in picked["search_trajectories"]})
   search = [{"bits": bits, "candidate": name, **{f"mse on {n} trajectories": mse for n, mse in by_budget.items()}}
             for bits, picked in payload["htg_selection"].items()
             for name, by_budget in picked["calibration_sample_mse"].items()]
   search_columns = ["bits", "candidate", *(f"mse on {n} trajectories" for n in trajectories)]
-  return "\n\n".join([setup, common.format_table(rows, columns), "HTG group sweep at W4A8:",
+  return "\n\n".join([setup, common.format_table(rows, columns),
+                      f"W4A8 comparison on {payload['w4a8_comparison']['samples']} samples per configuration "
+                      "(the first of them are the rows above):",
+                      common.format_table(compared, ["seed", "config", "fid", "sample_mse"]),
+                      common.format_table(gaps, ["seed", "fid(a) - fid(b)", "gap", "low", "high"]),
+                      "HTG group sweep at W4A8:",
                       common.format_table(groups, ["G", "fid", "extra_bytes"]),
                       "HTG settings searched on the calibration split (successive halving; lowest at the last kept):",
                       common.format_table(search, search_columns)])
@@ -270,7 +288,10 @@ def main(argv):
   config = DiTConfig(image_size=side, patch_size=side // 4, d_model=d_model, depth=depth, n_heads=4)
   train = DiffusionTrainConfig(steps=common.pick(_TRAIN_STEPS, 6000, 1500), batch_size=128,
                                learning_rate=_LEARNING_RATE.value, ema_decay=_EMA_DECAY.value)
-  n_steps, n_samples = common.pick(_SAMPLE_STEPS, 100, 20), _SAMPLES.value
+  n_steps, n_samples, n_compare = common.pick(_SAMPLE_STEPS, 100, 20), _SAMPLES.value, _COMPARISON_SAMPLES.value
+  if n_compare < n_samples:
+    raise app.UsageError(f"--comparison_samples {n_compare} is below --samples {n_samples}: the configurations' "
+                         "samples are the first of the comparison's")
   n_calib = common.pick(_CALIB_SAMPLES, 256, 32)
   search_budgets = sorted({max(1, n_calib // _SEARCH_REDUCTION.value), n_calib})  # trajectories per rung
   schedule = ScheduleConfig(kind=_SCHEDULE.value)
@@ -295,7 +316,8 @@ def main(argv):
     return ddim_sample(denoiser, schedule, sample_labels, shape, rng, n_steps, batch_size=_SAMPLE_BATCH.value,
                        noise=noise)
 
-  sample_labels = jnp.arange(n_samples) % config.n_classes
+  comparison_labels = jnp.arange(n_compare) % config.n_classes
+  sample_labels = comparison_labels[:n_samples]
   timesteps = sampling_timesteps(schedule.n_timesteps, n_steps)
 
   def trained_model(seed: int) -> tuple[dict, bool]:
@@ -326,8 +348,14 @@ def main(argv):
     at this guidance, and the quantise-and-sample functions bound to them."""
     _, _, calib_key, sample_key = seed_keys(seed)
     params, cached = model
-    fp_samples = np.asarray(sample({"params": params}, sample_labels, sample_key, guidance)[0])
-    fp = metric(fp_samples, sample_labels)
+    comparison_noise = jax.random.normal(sample_key, (n_compare, *shape))
+
+    def draw(variables: dict, n: int) -> np.ndarray:
+      """The first n samples from the comparison's noise (DDIM: each row's sample depends on its own noise)."""
+      return np.asarray(sample(variables, comparison_labels[:n], sample_key, guidance, comparison_noise[:n])[0])
+
+    fp_samples = draw({"params": params}, n_compare)
+    fp = metric(fp_samples[:n_samples], sample_labels)
     other_noise = jax.random.fold_in(sample_key, 1)
     fp["fid_other_noise"] = metric(np.asarray(sample({"params": params}, sample_labels, other_noise, guidance)[0]),
                                    sample_labels)["fid"]
@@ -339,15 +367,23 @@ def main(argv):
     float_stats = collect_input_stats(config, params, None, trajectory, timesteps, calib_labels, guidance)
     stats_seconds = time.perf_counter() - start
 
-    def evaluate(ptq: PTQConfig) -> tuple[dict, np.ndarray]:
+    def evaluate(ptq: PTQConfig, n: int = n_samples) -> tuple[dict, np.ndarray]:
+      """The configuration's metrics on its first n_samples samples, and its first n samples."""
       start = time.perf_counter()
       qparams, quant, report = quantise_dit(config, params, float_stats, ptq)
       calib_seconds = stats_seconds + time.perf_counter() - start
-      samples = np.asarray(sample({"params": qparams, "quant": quant}, sample_labels, sample_key, guidance)[0])
-      scores = metric(samples, sample_labels)
-      return {**scores, "sample_mse": float(np.mean((samples - fp_samples) ** 2)),
+      samples = draw({"params": qparams, "quant": quant}, n)
+      scores = metric(samples[:n_samples], sample_labels)
+      return {**scores, "sample_mse": float(np.mean((samples[:n_samples] - fp_samples[:n_samples]) ** 2)),
               "weight_bytes": report["weight_bytes"], "extra_bytes": report["extra_bytes"],
               "calib_seconds": calib_seconds}, samples
+
+    def compare(samples: dict[str, np.ndarray], pairs: list[tuple[str, str]]) -> dict:
+      """dit_ptq.json's W4A8 comparison record of these configurations' n_compare samples."""
+      return {"samples": n_compare,
+              "fid": {m: metric(x, comparison_labels)["fid"] for m, x in samples.items()},
+              "sample_mse": {m: float(np.mean((x - fp_samples) ** 2)) for m, x in samples.items()},
+              "fid_gaps": {f"{a} - {b}": metric.fid_gap(samples[a], samples[b], seed=seed) for a, b in pairs}}
 
     def calibration_mse(qparams: dict, quant: dict, n: int) -> float:
       """Paired sample MSE vs float on the first n calibration trajectories (their own noise and labels, not the
@@ -370,7 +406,7 @@ def main(argv):
       return chosen, time.perf_counter() - start, named
 
     return types.SimpleNamespace(cached=cached, fp=fp, fp_samples=fp_samples, float_stats=float_stats,
-                                 evaluate=evaluate, pick_htg=pick_htg)
+                                 evaluate=evaluate, compare=compare, pick_htg=pick_htg)
 
   main_model = trained_model(_SEED.value)
   selection = pick_guidance(_SEED.value, main_model[0])
@@ -381,7 +417,9 @@ def main(argv):
   payload = {"seed": _SEED.value, "fp": fp,
              "guidance": selection,
              "w8a8": {}, "w4a8": {}, "groups": {}, "htg_selection": {}}
-  chosen, compared = {}, {}  # compared: the W4A8 samples of every configuration, for the paired FID gaps
+  chosen, compared = {}, {}  # compared: the W4A8 comparison's samples of each of its configurations
+  main_pairs = [(a, b) for a in ("htg", "htg_spec") for b in BASELINES]
+  compared_methods = {m for pair in main_pairs for m in pair}
   for bits_name, bits in (("w8a8", 8), ("w4a8", 4)):
     chosen[bits], search_seconds, scores = run.pick_htg(bits)
     payload["htg_selection"][bits_name] = {
@@ -389,20 +427,24 @@ def main(argv):
         "calibration_sample_mse": scores, "search_trajectories": search_budgets if scores else [],
         "search_seconds": search_seconds}
     for method in METHODS:
-      payload[bits_name][method], samples = evaluate(PTQConfig(method, weight_bits=bits, htg=chosen[bits]))
+      in_comparison = bits_name == "w4a8" and method in compared_methods
+      payload[bits_name][method], samples = evaluate(PTQConfig(method, weight_bits=bits, htg=chosen[bits]),
+                                                     n_compare if in_comparison else n_samples)
       if method == "htg":  # the settings' search is part of HTG's calibration
         payload[bits_name][method]["calib_seconds"] += search_seconds
       grids[f"{bits_name} {method}"] = samples[:10]
-      if bits_name == "w4a8":
+      if in_comparison:
         compared[method] = samples
       print(f"{bits_name} {method}: {payload[bits_name][method]}", flush=True)
   for name, settings in HTG_VARIANTS.items():
-    payload["w4a8"][name], samples = evaluate(PTQConfig("htg", weight_bits=4, htg=HTGConfig(**settings)))
+    in_comparison = name in compared_methods
+    payload["w4a8"][name], samples = evaluate(PTQConfig("htg", weight_bits=4, htg=HTGConfig(**settings)),
+                                              n_compare if in_comparison else n_samples)
     grids[f"w4a8 {name}"] = samples[:10]
-    compared[name] = samples
+    if in_comparison:
+      compared[name] = samples
     print(f"w4a8 {name}: {payload['w4a8'][name]}", flush=True)
-  payload["w4a8_fid_gaps"] = {f"{a} - {b}": metric.fid_gap(compared[a], compared[b], seed=_SEED.value)
-                              for a in ("htg", "htg_spec") for b in ("naive", "smoothquant")}
+  payload["w4a8_comparison"] = run.compare(compared, main_pairs)
   for n_groups in sorted({1, default_n_groups(n_steps), n_steps}):
     if n_groups == default_n_groups(n_steps):
       result = payload["w4a8"]["htg"]
@@ -414,13 +456,12 @@ def main(argv):
     replicate = seed_run(seed, trained_model(seed), guidance)
     htg, search_seconds, _ = replicate.pick_htg(4)
     results, samples = {}, {}
-    for method in ("naive", "smoothquant", "htg"):
-      results[method], samples[method] = replicate.evaluate(PTQConfig(method, weight_bits=4, htg=htg))
+    for method in (*BASELINES, "htg"):
+      results[method], samples[method] = replicate.evaluate(PTQConfig(method, weight_bits=4, htg=htg), n_compare)
     results["htg"]["calib_seconds"] += search_seconds
     payload["replicates"][str(seed)] = {
         "fp": replicate.fp, "w4a8": results, "htg_chosen": settings_record(htg),
-        "w4a8_fid_gaps": {f"htg - {b}": metric.fid_gap(samples["htg"], samples[b], seed=seed)
-                          for b in ("naive", "smoothquant")}}
+        "w4a8_comparison": replicate.compare(samples, [("htg", b) for b in BASELINES])}
     print(f"seed {seed} w4a8: {results}", flush=True)
   payload["claims"] = claims(payload)
   common.write_json("dit_ptq", payload)
@@ -435,7 +476,8 @@ def main(argv):
            f"through the shared train step (lr {train.learning_rate:g}, {schedule.kind} schedule, EMA "
            f"{train.ema_decay:g}; {'cached' if cached else 'trained this run'}); DDIM T={n_steps} steps, "
            f"CFG {guidance} ({guidance_text}); "
-           f"{n_samples} samples per configuration from identical noise; calibration on {n_calib} trajectories. "
+           f"{n_samples} samples per configuration from identical noise ({n_compare} in the W4A8 comparison of "
+           f"HTG with {' and '.join(BASELINES)}); calibration on {n_calib} trajectories. "
            f"FID-digits: Frechet distance of a digits classifier's 64 penultimate features against all 1797 real "
            f"digits; class_acc: that classifier's agreement with the requested label (real digits ~1.0). "
            f"'fp32, other noise': the float model sampled from different noise, the FID's noise floor. "
