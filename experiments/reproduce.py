@@ -21,34 +21,34 @@ from absl import app, flags
 from experiments import common, xla_host
 
 # (module, what it studies, expected --quick seconds on 2 cores when no previous run says otherwise: measured
-# 2026-12-06 12:43-13:05 in the `make repro` of a fresh clone, rounded: 1292 s in all, 22.0 min with the venv;
+# 2026-12-06 16:16-16:40 in the `make repro` of a fresh clone, rounded: 1421 s in all, 24.2 min with the venv;
 # earlier report runs on the same machine took 1151-1758 s).
 # The benchmarks (`experiments.bench_*`: no paper claim) run on demand: bench_decode and bench_train_step compare
 # against PyTorch (the `bench` extra); bench_moe_layer, bench_moe_routing and bench_attention time kernels and
 # exchanges that only a GPU makes informative (on CPU they cost ~1 min of the quick budget).
 EXPERIMENTS = (
-    ("sandwich_norm", "Pangu Ultra: depth-scaled sandwich norm + TinyInit vs Pre-LN on a deep, narrow LM.", 82),
-    ("moge_balance", "Pangu Pro MoE: MoGE vs top-K load balance, Monte-Carlo and expert-parallel training.", 74),
+    ("sandwich_norm", "Pangu Ultra: depth-scaled sandwich norm + TinyInit vs Pre-LN on a deep, narrow LM.", 84),
+    ("moge_balance", "Pangu Pro MoE: MoGE vs top-K load balance, Monte-Carlo and expert-parallel training.", 77),
     ("balance_scope", "Pangu Ultra MoE: the balance loss over each device, each EP group or the global batch; "
-                      "balance per EP group and expert specialisation per text domain.", 32),
+                      "balance per EP group and expert specialisation per text domain.", 34),
     ("simulate_ascend", "Pangu Ultra MoE / Pro MoE: the calibrated performance simulator and the papers' layouts.",
      23),
-    ("mole", "MoLE: lookup experts vs dense and offloaded MoE, table exactness and decode latency.", 110),
+    ("mole", "MoLE: lookup experts vs dense and offloaded MoE, table exactness and decode latency.", 113),
     ("pruning", "SlimLLM: structured pruning at 20 % and 50 % against magnitude, Wanda-sp, FLAP, Taylor and layer "
-                "drop; perplexity without tuning, parameters and prefill speed-up.", 154),
+                "drop; perplexity without tuning, parameters and prefill speed-up.", 158),
     ("pangu_light", "Pangu Light: joint width + depth pruning with CLAP / SLNP vs truncation and SlimLLM, before and "
-                    "after the same distillation budget (reuses the pruning experiment's cached base).", 82),
+                    "after the same distillation budget (reuses the pruning experiment's cached base).", 84),
     ("sdtp", "SDTP: saliency-driven token pruning vs random, attention-score and no pruning on a retrieval task; "
-             "prefill FLOPs and speed-up vs prompt length (trains the retrieval LM it shares with specache).", 155),
+             "prefill FLOPs and speed-up vs prompt length (trains the retrieval LM it shares with specache).", 156),
     ("specache", "SpeCache: speculative top-k prefetch over a 1/2-bit KIVI copy vs KIVI, H2O, StreamingLLM and the "
-                 "full cache on needle retrieval at matched device memory (reuses sdtp's cached retrieval LM).", 148),
+                 "full cache on needle retrieval at matched device memory (reuses sdtp's cached retrieval LM).", 146),
     ("dit_ptq", "HTG: timestep-aware W8A8 / W4A8 post-training quantisation of a small DiT on digits against naive, "
                 "SmoothQuant-style and PTQ4DiT-style PTQ; G sweep (the first run trains the DiT; re-runs reuse it).",
-     253),
+     375),
     ("embedded_dual", "Pangu Embedded: iterative distillation with merging, then fast / slow / auto modes of a "
-                      "byte-level student trained from scratch.", 87),
+                      "byte-level student trained from scratch.", 82),
     ("embedded_rl", "Pangu Embedded: the SSP scheduler with a priority queue under long-tail generation lengths "
-                    "(s = 0, 1, 2); GRPO with MARS on the distilled student once it exists.", 92),
+                    "(s = 0, 1, 2); GRPO with MARS on the distilled student once it exists.", 89),
 )
 _ONLY = flags.DEFINE_list("only", None, "Run only these experiments.")
 _SKIP = flags.DEFINE_list("skip", None, "Run all but these experiments.")
