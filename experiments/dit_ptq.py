@@ -40,8 +40,8 @@ _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", None, "DDIM steps T (quick 
 # SmoothQuant +0.67 at 200, -0.42 at 1000), and sampling 1000 costs ~20 s more.
 _SAMPLES = flags.DEFINE_integer("samples", 1000, "Generated samples per configuration.", lower_bound=2)
 # At 1000 samples the W4A8 FID gaps of HTG and SmoothQuant-style held 0 on every full model (CFG 1.5), so the
-# sample-MSE tie-break decided them, by 0.3 % on seed 1; 5000 fresh samples of that model resolved the gap the
-# other way (+1.04 [+0.69, +1.44]). So the compared configurations draw this many, from the same noise.
+# sample-MSE tie-break decided them, by 0.3 % on seed 1; at 5000 that gap is resolved (+0.81 [+0.44, +1.24],
+# against HTG) and so is seed 0's (-0.40 [-0.80, -0.06]). So the compared configurations draw this many.
 _COMPARISON_SAMPLES = flags.DEFINE_integer(
     "comparison_samples", 5000, "Samples of the W4A8 comparison of HTG with naive and SmoothQuant-style (its FID "
     "gaps, FIDs and sample MSEs); the first --samples of them are the configurations' own.", lower_bound=2)
@@ -356,6 +356,10 @@ def main(argv):
 
     fp_samples = draw({"params": params}, n_compare)
     fp = metric(fp_samples[:n_samples], sample_labels)
+
+    def mse_to_fp(samples: np.ndarray) -> float:
+      """Paired sample MSE against the float samples from the same noise rows."""
+      return float(np.mean((samples - fp_samples[:len(samples)]) ** 2))
     other_noise = jax.random.fold_in(sample_key, 1)
     fp["fid_other_noise"] = metric(np.asarray(sample({"params": params}, sample_labels, other_noise, guidance)[0]),
                                    sample_labels)["fid"]
@@ -374,15 +378,16 @@ def main(argv):
       calib_seconds = stats_seconds + time.perf_counter() - start
       samples = draw({"params": qparams, "quant": quant}, n)
       scores = metric(samples[:n_samples], sample_labels)
-      return {**scores, "sample_mse": float(np.mean((samples[:n_samples] - fp_samples[:n_samples]) ** 2)),
+      return {**scores, "sample_mse": mse_to_fp(samples[:n_samples]),
               "weight_bytes": report["weight_bytes"], "extra_bytes": report["extra_bytes"],
               "calib_seconds": calib_seconds}, samples
 
     def compare(samples: dict[str, np.ndarray], pairs: list[tuple[str, str]]) -> dict:
-      """dit_ptq.json's W4A8 comparison record of these configurations' n_compare samples."""
+      """dit_ptq.json's W4A8 comparison record of the configurations in `pairs` (their n_compare samples)."""
+      paired = {m: x for m, x in samples.items() if any(m in pair for pair in pairs)}
       return {"samples": n_compare,
-              "fid": {m: metric(x, comparison_labels)["fid"] for m, x in samples.items()},
-              "sample_mse": {m: float(np.mean((x - fp_samples) ** 2)) for m, x in samples.items()},
+              "fid": {m: metric(x, comparison_labels)["fid"] for m, x in paired.items()},
+              "sample_mse": {m: mse_to_fp(x) for m, x in paired.items()},
               "fid_gaps": {f"{a} - {b}": metric.fid_gap(samples[a], samples[b], seed=seed) for a, b in pairs}}
 
     def calibration_mse(qparams: dict, quant: dict, n: int) -> float:
@@ -417,9 +422,14 @@ def main(argv):
   payload = {"seed": _SEED.value, "fp": fp,
              "guidance": selection,
              "w8a8": {}, "w4a8": {}, "groups": {}, "htg_selection": {}}
-  chosen, compared = {}, {}  # compared: the W4A8 comparison's samples of each of its configurations
+  chosen, compared = {}, {}  # compared: the W4A8 samples of every configuration
   main_pairs = [(a, b) for a in ("htg", "htg_spec") for b in BASELINES]
   compared_methods = {m for pair in main_pairs for m in pair}
+
+  def rows(bits_name: str, name: str) -> int:
+    """How many samples a configuration draws: the W4A8 comparison's, or its own."""
+    return n_compare if bits_name == "w4a8" and name in compared_methods else n_samples
+
   for bits_name, bits in (("w8a8", 8), ("w4a8", 4)):
     chosen[bits], search_seconds, scores = run.pick_htg(bits)
     payload["htg_selection"][bits_name] = {
@@ -427,22 +437,19 @@ def main(argv):
         "calibration_sample_mse": scores, "search_trajectories": search_budgets if scores else [],
         "search_seconds": search_seconds}
     for method in METHODS:
-      in_comparison = bits_name == "w4a8" and method in compared_methods
       payload[bits_name][method], samples = evaluate(PTQConfig(method, weight_bits=bits, htg=chosen[bits]),
-                                                     n_compare if in_comparison else n_samples)
+                                                     rows(bits_name, method))
       if method == "htg":  # the settings' search is part of HTG's calibration
         payload[bits_name][method]["calib_seconds"] += search_seconds
       grids[f"{bits_name} {method}"] = samples[:10]
-      if in_comparison:
+      if bits_name == "w4a8":
         compared[method] = samples
       print(f"{bits_name} {method}: {payload[bits_name][method]}", flush=True)
   for name, settings in HTG_VARIANTS.items():
-    in_comparison = name in compared_methods
     payload["w4a8"][name], samples = evaluate(PTQConfig("htg", weight_bits=4, htg=HTGConfig(**settings)),
-                                              n_compare if in_comparison else n_samples)
+                                              rows("w4a8", name))
     grids[f"w4a8 {name}"] = samples[:10]
-    if in_comparison:
-      compared[name] = samples
+    compared[name] = samples
     print(f"w4a8 {name}: {payload['w4a8'][name]}", flush=True)
   payload["w4a8_comparison"] = run.compare(compared, main_pairs)
   for n_groups in sorted({1, default_n_groups(n_steps), n_steps}):
