@@ -502,7 +502,7 @@ def main(argv):
            f"{train.ema_decay:g}; {'cached' if cached else 'trained this run'}); DDIM T={n_steps} steps, "
            f"CFG {guidance} ({guidance_text}); "
            f"{n_samples} samples per configuration from identical noise ({n_compare} in the W4A8 comparison of "
-           f"HTG with {' and '.join(BASELINES)}); calibration on {n_calib} trajectories. "
+           f"HTG with {' and '.join(BASELINES)} and in the FP-close claims); calibration on {n_calib} trajectories. "
            f"FID-digits: Frechet distance of a digits classifier's 64 penultimate features against all 1797 real "
            f"digits; class_acc: that classifier's agreement with the requested label (real digits ~1.0). "
            f"'fp32, other noise': the float model sampled from different noise, the FID's noise floor. "
