@@ -41,11 +41,12 @@ _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", None, "DDIM steps T (quick 
 # 1000 in quick too: at 200 the W4A8 methods' FID gaps (0.4-0.7) flipped sign with the sample count (seed 0: HTG -
 # SmoothQuant +0.67 at 200, -0.42 at 1000), and sampling 1000 costs ~20 s more.
 _SAMPLES = flags.DEFINE_integer("samples", 1000, "Generated samples per configuration.", lower_bound=2)
-# At 1000 samples the W4A8 FID gaps of HTG and SmoothQuant-style held 0 on every full model (CFG 1.5), so the
-# sample-MSE tie-break decided them, by 0.3 % on seed 1; at 5000 that gap is resolved (+0.81 [+0.44, +1.24],
-# against HTG) and so is seed 0's (-0.40 [-0.80, -0.06]). So the compared configurations draw this many. So do
-# FP and HTG for the FP-close claims: at 1000 samples the float model's FID-digits moved 14.1 % between two noise
-# draws (CFG 1.5), as much as the W4A8 goal's 15 %.
+# Measured on the full models at CFG 1.5: at 1000 samples the W4A8 FID gaps of HTG and SmoothQuant-style held 0
+# on every model, so the sample-MSE tie-break decided them, by 0.3 % on seed 1; at 5000 that gap is resolved
+# (+0.81 [+0.44, +1.24], against HTG) and so is seed 0's (-0.40 [-0.80, -0.06]). So the compared configurations
+# draw this many. So do FP and HTG for the FP-close claims: at 1000 samples the float model's FID-digits moves
+# ~14 % between two noise draws (CFG 1.5: 10.34 vs 8.89; CFG 1.0: 2.47 vs 2.12), as much as the W4A8 goal's 15 %;
+# at 5000, 3.3 % (1.23 vs 1.19, CFG 1.0).
 _COMPARISON_SAMPLES = flags.DEFINE_integer(
     "comparison_samples", 5000, "Samples of the W4A8 comparison of HTG with naive and SmoothQuant-style (its FID "
     "gaps, FIDs and sample MSEs) and of the FP-close claims (FP, and HTG at W8A8 and W4A8); the first --samples of "

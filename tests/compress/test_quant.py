@@ -173,14 +173,17 @@ def _calibration(batch=4):
   return jnp.stack([x * (1 + 0.5 * i) for i in range(STEPS)]), np.linspace(900, 0, STEPS).astype(np.int32), y % 10
 
 
-def test_input_stats_are_each_steps_channel_extremes():
-  """Against one model run per step with its intermediates read back, both CFG halves included."""
+@pytest.mark.parametrize("guidance", [1.0, 1.5])
+def test_input_stats_are_each_steps_channel_extremes(guidance):
+  """Against one model run per step with its intermediates read back: with guidance both CFG halves, without it
+  (1.0: the sampler runs the conditional batch once) the conditional batch alone."""
   params, (trajectory, timesteps, labels) = _random_params(), _calibration(batch=3)
-  stats = collect_input_stats(CONFIG, params, None, trajectory, timesteps, labels, 1.5)
-  model, both = DiT(CONFIG), jnp.concatenate([labels, jnp.full_like(labels, CONFIG.n_classes)])
+  stats = collect_input_stats(CONFIG, params, None, trajectory, timesteps, labels, guidance)
+  model, halves = DiT(CONFIG), 1 if guidance == 1.0 else 2
+  run_labels = jnp.concatenate([labels, jnp.full_like(labels, CONFIG.n_classes)])[:halves * len(labels)]
   for step in (0, STEPS - 1):
-    x = jnp.concatenate([trajectory[step]] * 2)
-    _, state = model.apply({"params": params}, x, jnp.full(both.shape, timesteps[step]), both, step,
+    x = jnp.concatenate([trajectory[step]] * halves)
+    _, state = model.apply({"params": params}, x, jnp.full(run_labels.shape, timesteps[step]), run_labels, step,
                            mutable=["intermediates"])
     for block, name in quantised_layers(CONFIG):
       inputs = np.asarray(state["intermediates"][block][name]["input"][0], np.float64)
