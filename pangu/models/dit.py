@@ -34,6 +34,9 @@ from pangu_kernels.fence import cotangent_fence
 MODULATION = ("beta1", "gamma1", "alpha1", "beta2", "gamma2", "alpha2")
 # Linears inside every block that post-training quantisation acts on (spec 3.1).
 BLOCK_LINEARS = ("qkv", "proj", "fc1", "fc2")
+# The other linears (besides every block's `adaLN`): embedders and the final layer, kept in float unless
+# post-training quantisation is asked to quantise every linear.
+OUTER_LINEARS = ("patch_embed", "t_embed_1", "t_embed_2", "final_adaLN", "final")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,13 +195,13 @@ class DiT(nn.Module):
     chex.assert_shape([timesteps, labels], (images.shape[0],))
     d = cfg.d_model
     tokens = patchify(images, cfg.patch_size)
-    x = QuantDense(d, None, rules.EMBED, cfg.act_bits, name="patch_embed")(tokens)
+    x = QuantDense(d, None, rules.EMBED, cfg.act_bits, name="patch_embed")(tokens, step)
     x = x + self.param("pos_embed", nn.with_logical_partitioning(jax.nn.initializers.normal(0.02),
                                                                  (None, rules.EMBED)), (cfg.n_tokens, d))
     t = timestep_features(timesteps, cfg.frequency_dim)
     # The timestep embedder is an MLP (hidden width D): its two kernels carry the MLP's logical axes.
-    t = QuantDense(d, None, rules.MLP, cfg.act_bits, name="t_embed_1")(t)
-    t = QuantDense(d, rules.MLP, rules.EMBED, cfg.act_bits, name="t_embed_2")(jax.nn.silu(t))
+    t = QuantDense(d, None, rules.MLP, cfg.act_bits, name="t_embed_1")(t, step)
+    t = QuantDense(d, rules.MLP, rules.EMBED, cfg.act_bits, name="t_embed_2")(jax.nn.silu(t), step)
     y = nn.Embed(cfg.n_classes + 1, d, embedding_init=jax.nn.initializers.normal(0.02), name="label_embed")(labels)
     c = t + y
     # The fence keeps XLA:CPU from recomputing the residual stream's cotangent inside every consumer of it
@@ -206,10 +209,10 @@ class DiT(nn.Module):
     for i in range(cfg.depth):
       x = cotangent_fence(DiTBlock(cfg, name=f"block_{i}")(x, c, step))
     zeros = jax.nn.initializers.zeros
-    beta, gamma = jnp.split(QuantDense(2 * d, rules.EMBED, rules.MLP, kernel_init=zeros, name="final_adaLN")(
-        jax.nn.silu(c)), 2, axis=-1)
-    out = QuantDense(tokens.shape[-1], rules.EMBED, None, kernel_init=zeros, name="final")(
-        modulate(layer_norm(x), beta, gamma))
+    final_mod = QuantDense(2 * d, rules.EMBED, rules.MLP, cfg.act_bits, kernel_init=zeros, name="final_adaLN")
+    beta, gamma = jnp.split(final_mod(jax.nn.silu(c), step), 2, axis=-1)
+    out = QuantDense(tokens.shape[-1], rules.EMBED, None, cfg.act_bits, kernel_init=zeros, name="final")(
+        modulate(layer_norm(x), beta, gamma), step)
     return unpatchify(out, cfg.patch_size, cfg.image_size, cfg.channels)
 
 

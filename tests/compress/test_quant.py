@@ -1,6 +1,7 @@
 """DiT post-training quantisation: quantisers, the int8 path, contiguous grouping against brute force, and the
 re-parameterisation's exactness (spec section 5)."""
 
+import dataclasses
 import itertools
 
 import jax
@@ -8,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pangu.compress.quant.calibration import collect_input_stats, quantised_layers
-from pangu.compress.quant.grouping import common_refinement, contiguous_groups
+from pangu.compress.quant.calibration import collect_input_stats, layer_entry, quantised_layers
+from pangu.compress.quant.grouping import common_refinement, contiguous_groups, nearest_calibrated, uniform_steps
 from pangu.compress.quant.ptq import PTQConfig, quantise_dit
 from pangu.compress.quant.reparam import reparameterise
 from pangu.compress.quant.smoothing import HTGConfig, SmoothingPlan, ema_from_noisy, htg_plan
@@ -185,11 +186,11 @@ def test_input_stats_are_each_steps_channel_extremes(guidance):
     x = jnp.concatenate([trajectory[step]] * halves)
     _, state = model.apply({"params": params}, x, jnp.full(run_labels.shape, timesteps[step]), run_labels, step,
                            mutable=["intermediates"])
-    for block, name in quantised_layers(CONFIG):
-      inputs = np.asarray(state["intermediates"][block][name]["input"][0], np.float64)
+    for key in quantised_layers(CONFIG, all_linears=True):
+      inputs = np.asarray(layer_entry(state["intermediates"], key)["input"][0], np.float64)
       flat = inputs.reshape(-1, inputs.shape[-1])
-      np.testing.assert_allclose(stats[(block, name)]["min"][step], flat.min(0), rtol=1e-6, atol=1e-6)
-      np.testing.assert_allclose(stats[(block, name)]["max"][step], flat.max(0), rtol=1e-6, atol=1e-6)
+      np.testing.assert_allclose(stats[key]["min"][step], flat.min(0), rtol=1e-6, atol=1e-6)
+      np.testing.assert_allclose(stats[key]["max"][step], flat.max(0), rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match="timesteps"):
     collect_input_stats(CONFIG, params, None, trajectory, timesteps[1:], labels, 1.5)
 
@@ -284,14 +285,14 @@ def test_baseline_plans_closed_form():
 
 # HTG settings left open by the paper: which inputs get the channel scale, and calibration-picked constants.
 
-def _synthetic_stats(seed=0):
+def _synthetic_stats(seed=0, n_steps=STEPS):
   """Per-step channel min / max of every quantised linear, drifting with the step (no model run)."""
   rng = np.random.default_rng(seed)
   stats = {}
   for block, name in quantised_layers(CONFIG):
     width = CONFIG.d_ff if name == "fc2" else CONFIG.d_model
-    lo = rng.normal(size=(STEPS, width)) + np.linspace(-1, 1, STEPS)[:, None]
-    stats[(block, name)] = {"min": lo, "max": lo + rng.uniform(0.5, 3.0, size=(STEPS, width))}
+    lo = rng.normal(size=(n_steps, width)) + np.linspace(-1, 1, n_steps)[:, None]
+    stats[(block, name)] = {"min": lo, "max": lo + rng.uniform(0.5, 3.0, size=(n_steps, width))}
   return stats
 
 
@@ -338,6 +339,91 @@ def test_shift_compensation_cancels_through_the_rounded_kernel(proj_smoothing):
         assert np.abs(z @ (w_hat - rounded)).max() > 1e-2  # 4-bit rounding error the two forms disagree by
   with pytest.raises(ValueError, match="shift_compensation"):
     HTGConfig(shift_compensation="none")
+
+
+def test_uniform_calibrated_steps_and_their_nearest():
+  calibrated = uniform_steps(100, 25)  # R1's 25 of 100: every 4.125 steps, both ends
+  assert len(calibrated) == 25 and calibrated[0] == 0 and calibrated[-1] == 99
+  np.testing.assert_array_equal(calibrated[:4], [0, 4, 8, 12])
+  np.testing.assert_array_equal(uniform_steps(7, None), np.arange(7))
+  for n_steps, n_calibrated in ((10, 4), (100, 25), (7, 7), (5, 1), (9, 2)):
+    calibrated = uniform_steps(n_steps, n_calibrated)
+    brute = [min(range(len(calibrated)), key=lambda j: (abs(calibrated[j] - i), calibrated[j])) for i in
+             range(n_steps)]
+    np.testing.assert_array_equal(nearest_calibrated(calibrated, n_steps), brute)
+  with pytest.raises(ValueError, match="calib_timesteps"):
+    uniform_steps(10, 11)
+  with pytest.raises(ValueError, match="calib_timesteps"):
+    PTQConfig(calib_timesteps=0)
+
+
+def _step_tables(tree, path=()):
+  """{path: leaf} of a quant collection, step tables as one leaf each."""
+  if isinstance(tree, dict) and "group_of_step" not in tree:
+    return {k: v for name, sub in tree.items() for k, v in _step_tables(sub, (*path, name)).items()}
+  return {path: tree}
+
+
+@pytest.mark.parametrize("proj_smoothing", ["fold_v", "explicit"])
+def test_calibrating_some_steps_is_a_shorter_sampler_read_at_the_nearest_step(proj_smoothing):
+  """Calibrating 4 of 10 steps (0, 3, 6, 9) gives the same kernels and tables as calibrating a 4-step sampler
+  on those steps' stats, each of the 10 steps reading the table row of its nearest calibrated step (spec 3.2),
+  so stats at the other steps are never read (corrupting them changes nothing)."""
+  params, stats = _random_params(), _synthetic_stats(3, n_steps=10)
+  nearest = np.array([0, 0, 1, 1, 1, 2, 2, 2, 3, 3])  # ties (none here at distance 1.5) would go to the noisier
+  on_calibrated = {key: {e: v[[0, 3, 6, 9]] for e, v in layer.items()} for key, layer in stats.items()}
+  corrupted = {key: {"min": layer["min"] - 100 * (np.arange(10) % 3 != 0)[:, None], "max": layer["max"]}
+               for key, layer in stats.items()}
+  for weight_bits, n_groups in ((4, 2), (8, None)):
+    ptq = PTQConfig("htg", weight_bits=weight_bits, proj_smoothing=proj_smoothing, htg=HTGConfig(n_groups=n_groups))
+    short_params, short_quant, _ = quantise_dit(CONFIG, params, on_calibrated, ptq)
+    for every_stats in (stats, corrupted):
+      qparams, quant, _ = quantise_dit(CONFIG, params, every_stats, dataclasses.replace(ptq, calib_timesteps=4))
+      jax.tree.map(np.testing.assert_array_equal, qparams, short_params)
+      short_tables, tables = _step_tables(short_quant), _step_tables(quant)
+      assert tables.keys() == short_tables.keys()
+      for path, short in short_tables.items():
+        if isinstance(short, dict):
+          np.testing.assert_array_equal(tables[path]["values"], short["values"])
+          np.testing.assert_array_equal(tables[path]["group_of_step"], np.asarray(short["group_of_step"])[nearest])
+        else:
+          np.testing.assert_array_equal(tables[path], short)
+  full = quantise_dit(CONFIG, params, stats, dataclasses.replace(ptq, calib_timesteps=10))
+  jax.tree.map(np.testing.assert_array_equal, full[:2], quantise_dit(CONFIG, params, stats, ptq)[:2])
+
+
+@pytest.mark.parametrize("method", ["naive", "htg"])
+def test_quantise_all_linears_adds_the_other_linears_to_the_default(method):
+  """`quantise_all_linears` = the default (block linears) plus, on every other linear, its weight quantiser
+  applied to the kernel the default leaves in float (the adaLN kernels folded by HTG) and one activation range:
+  the extremes of its input over all steps and channels. At W8 the real int8 path equals fake-quant there too."""
+  params, (trajectory, timesteps, labels) = _random_params(), _calibration()
+  stats = collect_input_stats(CONFIG, params, None, trajectory, timesteps, labels, 1.5)
+  others = [k for k in quantised_layers(CONFIG, all_linears=True) if k not in quantised_layers(CONFIG)]
+  assert set(others) == {("patch_embed",), ("t_embed_1",), ("t_embed_2",), ("final_adaLN",), ("final",),
+                         ("block_0", "adaLN"), ("block_1", "adaLN")}
+  for bits in (4, 8):
+    ptq = PTQConfig(method, weight_bits=bits)
+    default_params, default_quant, default_report = quantise_dit(CONFIG, params, stats, ptq)
+    qparams, quant, report = quantise_dit(CONFIG, params, stats, dataclasses.replace(ptq, quantise_all_linears=True))
+    for key in quantised_layers(CONFIG):
+      jax.tree.map(np.testing.assert_array_equal, layer_entry(quant, key), layer_entry(default_quant, key))
+      np.testing.assert_array_equal(layer_entry(qparams, key)["kernel"], layer_entry(default_params, key)["kernel"])
+    for key in others:
+      kept = layer_entry(default_params, key)["kernel"]
+      np.testing.assert_array_equal(layer_entry(qparams, key)["kernel"],
+                                    fake_quant_weight(kept, bits, per_channel=method != "naive"))
+      assert "act_range" not in _step_tables(default_quant).get(key, {})
+      act_range = layer_entry(quant, key)["act_range"]
+      np.testing.assert_allclose(np.asarray(act_range["values"]),
+                                 [[stats[key]["min"].min(), stats[key]["max"].max()]], rtol=1e-6)
+    assert report["weight_bytes"] > default_report["weight_bytes"]
+  model, (x, t, y) = DiT(CONFIG), _inputs(batch=4)
+  fake = quantise_dit(CONFIG, params, stats, PTQConfig(method, quantise_all_linears=True))
+  real = quantise_dit(CONFIG, params, stats, PTQConfig(method, quantise_all_linears=True, integer=True))
+  assert real[1]["patch_embed"]["kernel_int8"].dtype == jnp.int8
+  np.testing.assert_allclose(model.apply({"params": real[0], "quant": real[1]}, x, t, y, 2),
+                             model.apply({"params": fake[0], "quant": fake[1]}, x, t, y, 2), atol=1e-4, rtol=1e-4)
 
 
 def test_select_htg_halves_to_the_candidate_with_the_lowest_calibration_score():

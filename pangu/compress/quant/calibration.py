@@ -4,7 +4,8 @@ The inputs come from `QuantDense`'s `sow("intermediates", "input", ...)`: the te
 sees: the raw inputs of the float model (for shifts, scales and, mapped through them, activation ranges:
 `ptq.smoothed_stats`) or the smoothed inputs of a re-parameterised one. Trajectories come from the float
 sampler (pangu.diffusion.samplers returns them); with guidance the batch is doubled with null labels, as the
-sampler runs it.
+sampler runs it. Every linear's stats are collected (a min and a max per step and channel are cheap), so one
+capture serves the block linears alone (spec 3.1's default) and `PTQConfig.quantise_all_linears`.
 """
 
 import functools
@@ -13,14 +14,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pangu.models.dit import BLOCK_LINEARS, DiT, DiTConfig
+from pangu.models.dit import BLOCK_LINEARS, OUTER_LINEARS, DiT, DiTConfig
 
-LayerKey = tuple[str, str]  # (block name, linear name), e.g. ("block_0", "qkv")
+# A linear's path in the DiT's module tree: (block name, linear name), e.g. ("block_0", "qkv"), or (linear name,)
+# for the embedders and the final layer, e.g. ("patch_embed",).
+LayerKey = tuple[str, ...]
 Stats = dict[LayerKey, dict[str, np.ndarray]]  # layer -> {"min": [S, C], "max": [S, C]}
 
 
-def quantised_layers(config: DiTConfig) -> list[LayerKey]:
-  return [(f"block_{i}", name) for i in range(config.depth) for name in BLOCK_LINEARS]
+def quantised_layers(config: DiTConfig, all_linears: bool = False) -> list[LayerKey]:
+  """The block linears (spec 3.1's default); with `all_linears` also every block's adaLN linear, the embedders
+  and the final layer, in model order."""
+  blocks = [(f"block_{i}", name) for i in range(config.depth)
+            for name in ((("adaLN",) if all_linears else ()) + BLOCK_LINEARS)]
+  if not all_linears:
+    return blocks
+  outer = [(name,) for name in OUTER_LINEARS]
+  return outer[:3] + blocks + outer[3:]
+
+
+def layer_entry(tree: dict, key: LayerKey):
+  """The entry of a per-linear tree (params, quant, intermediates) at a linear's path."""
+  for name in key:
+    tree = tree[name]
+  return tree
 
 
 def collect_input_stats(config: DiTConfig, params: dict, quant: dict | None, trajectory: jax.Array,
@@ -46,10 +63,10 @@ def _stats(config: DiTConfig, guidance: float, variables: dict, trajectory: jax.
       x = jnp.concatenate([x, x])
     _, state = model.apply(variables, x, jnp.full(labels.shape, tau), labels, step, mutable=["intermediates"])
     out = {}
-    for block, name in quantised_layers(config):
-      (inputs,) = state["intermediates"][block][name]["input"]
+    for key in quantised_layers(config, all_linears=True):
+      (inputs,) = layer_entry(state["intermediates"], key)["input"]
       flat = inputs.reshape(-1, inputs.shape[-1])
-      out[(block, name)] = {"min": flat.min(0), "max": flat.max(0)}
+      out[key] = {"min": flat.min(0), "max": flat.max(0)}
     return out
 
   return jax.lax.map(step_stats, (trajectory, timesteps, jnp.arange(trajectory.shape[0])))

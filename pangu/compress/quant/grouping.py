@@ -53,3 +53,20 @@ def collapse(per_step: np.ndarray, group_of_step: np.ndarray) -> np.ndarray:
   """[S, ...] values constant within each group -> [G, ...] (each group's first step)."""
   firsts = np.searchsorted(group_of_step, np.arange(int(group_of_step.max()) + 1))
   return per_step[firsts]
+
+
+def uniform_steps(n_steps: int, n_calibrated: int | None) -> np.ndarray:
+  """The sampler steps calibration reads: n_calibrated spread uniformly from the noisiest (0) to the cleanest
+  (n_steps - 1), both included (R1 calibrates 25 of 100); None: every step."""
+  if n_calibrated is None:
+    return np.arange(n_steps)
+  if not 1 <= n_calibrated <= n_steps:
+    raise ValueError(f"calib_timesteps must be in [1, {n_steps}] (the sampler's steps), got {n_calibrated}")
+  return np.unique(np.round(np.linspace(0, n_steps - 1, n_calibrated)).astype(np.int64))
+
+
+def nearest_calibrated(calibrated: np.ndarray, n_steps: int) -> np.ndarray:
+  """For every sampler step, the position in `calibrated` (sorted step indices) of the nearest calibrated step,
+  ties to the noisier one. Monotone, so contiguous groups of calibrated steps stay contiguous on all steps."""
+  distance = np.abs(np.arange(n_steps)[:, None] - np.asarray(calibrated)[None, :])
+  return np.argmin(distance, axis=1).astype(np.int32)

@@ -7,8 +7,9 @@
   * `htg`: timestep-aware shift and scale, contiguous timestep groups, folded; activation ranges per
     (layer, group) unless `act_range_per_group=False`.
 
-Embedders, adaLN linears and the final layer stay in float (spec 3.1). Steps: smoothing plans from the float
-model's per-step input stats -> re-parameterise -> the folded model's input stats (`smoothed_stats`, in closed
+Embedders, adaLN linears and the final layer stay in float (spec 3.1) unless `quantise_all_linears`. Steps:
+smoothing plans from the float model's per-step input stats (on every sampler step, or `calib_timesteps` of them
+spread uniformly, spec 3.2) -> re-parameterise -> the folded model's input stats (`smoothed_stats`, in closed
 form) -> activation ranges -> weights rounded (fake-quant in float, or real int8 for W8A8), HTG's folded shift
 term moved onto the rounded kernel unless `HTGConfig.shift_compensation='float'`.
 """
@@ -20,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pangu.compress.quant.calibration import Stats, quantised_layers
-from pangu.compress.quant.grouping import collapse
+from pangu.compress.quant.calibration import LayerKey, Stats, layer_entry, quantised_layers
+from pangu.compress.quant.grouping import collapse, nearest_calibrated, uniform_steps
 from pangu.compress.quant.reparam import Plans, ProjSmoothing, reparameterise
 from pangu.compress.quant.smoothing import HTGConfig, SmoothingPlan, htg_plan, ptq4dit_plan, smoothquant_plan
 from pangu.config_checks import one_of
@@ -43,6 +44,12 @@ class PTQConfig:
     fc2_smoothing: `explicit` or `none`.
     act_range_per_group: HTG's activation ranges per (layer, group); False: one range per layer.
     integer: run W8A8 through the real int8 x int8 -> int32 path instead of fake-quant.
+    quantise_all_linears: also quantise every block's adaLN linear, the embedders and the final layer (the
+      method's weight quantiser and one activation range over all steps; no smoothing: they have no plan).
+      Default: the block linears alone (spec 3.1, our choice; unconfirmed).
+    calib_timesteps: calibrate on this many sampler steps spread uniformly, both ends included (R1: 25 of 100);
+      every other step takes the group, shift and activation range of its nearest calibrated step, ties to the
+      noisier. G's default counts the calibrated steps. None: every step (spec 3.2's default).
   """
 
   method: Method = "htg"
@@ -53,6 +60,8 @@ class PTQConfig:
   fc2_smoothing: Literal["explicit", "none"] = "explicit"
   act_range_per_group: bool = True
   integer: bool = False
+  quantise_all_linears: bool = False
+  calib_timesteps: int | None = None
 
   def __post_init__(self):
     one_of(self, "method", METHODS)
@@ -60,6 +69,8 @@ class PTQConfig:
     one_of(self, "act_bits", (8,))
     one_of(self, "proj_smoothing", ("fold_v", "explicit"))
     one_of(self, "fc2_smoothing", ("explicit", "none"))
+    if self.calib_timesteps is not None and (not isinstance(self.calib_timesteps, int) or self.calib_timesteps < 1):
+      raise ValueError(f"PTQConfig.calib_timesteps must be a positive int or None, got {self.calib_timesteps!r}")
     if self.integer and self.weight_bits != 8:
       raise ValueError(f"PTQConfig.integer needs weight_bits=8, got {self.weight_bits}")
 
@@ -95,44 +106,61 @@ def smoothed_stats(stats: Stats, plans: Plans) -> Stats:
   return smoothed
 
 
-def activation_ranges(stats: dict[str, np.ndarray], group_of_step: np.ndarray) -> dict:
-  """A step table of (min, max) per group: the extreme values over the group's steps and all channels."""
+def activation_ranges(stats: dict[str, np.ndarray], group_of_step: np.ndarray,
+                      calibrated_of_step: np.ndarray | None = None) -> dict:
+  """A step table of (min, max) per group: the extreme values over the group's steps and all channels.
+
+  stats and group_of_step cover the calibrated steps; the table covers every sampler step, step i reading
+  calibrated step calibrated_of_step[i] (None: the calibrated steps are all of them)."""
   lo, hi = np.asarray(stats["min"]).min(1), np.asarray(stats["max"]).max(1)
   n_groups = int(group_of_step.max()) + 1
   values = np.stack([[lo[group_of_step == g].min(), hi[group_of_step == g].max()] for g in range(n_groups)])
-  return step_table(jnp.asarray(values, jnp.float32), group_of_step)
+  every_step = group_of_step if calibrated_of_step is None else group_of_step[calibrated_of_step]
+  return step_table(jnp.asarray(values, jnp.float32), every_step)
 
 
 def quantise_dit(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig) -> tuple[dict, dict, dict]:
   """(float params, the float model's per-step input stats on the calibration trajectory
   (`calibration.collect_input_stats`)) -> (params, quant collection, report).
 
-  report: {"plans": the smoothing plans, "extra_bytes": bytes of per-group tables and smoothing vectors,
-  "weight_bytes": packed quantised kernels and their scales}.
+  report: {"plans": the smoothing plans (on the calibrated steps), "extra_bytes": bytes of per-group tables and
+  smoothing vectors, "weight_bytes": packed quantised kernels and their scales}.
   """
   n_steps = next(iter(stats.values()))["min"].shape[0]
+  calibrated = uniform_steps(n_steps, ptq.calib_timesteps)
+  calibrated_of_step = nearest_calibrated(calibrated, n_steps)
+  stats = {key: {extreme: np.asarray(v)[calibrated] for extreme, v in layer.items()} for key, layer in stats.items()}
   plans = smoothing_plans(config, params, stats, ptq)
-  params, quant = reparameterise(config, params, plans, n_steps, ptq.proj_smoothing)
+  every_step = {key: plan.on_steps(calibrated_of_step) for key, plan in plans.items()}
+  params, quant = reparameterise(config, params, every_step, n_steps, ptq.proj_smoothing)
   smoothed = smoothed_stats(stats, plans)
   weight_bytes = 0
-  for block, name in quantised_layers(config):
-    plan = plans.get((block, name))
+  for key in quantised_layers(config, ptq.quantise_all_linears):
+    plan = plans.get(key)
     per_group = ptq.method == "htg" and ptq.act_range_per_group and plan is not None
-    groups = plan.group_of_step if per_group else np.zeros(n_steps, np.int32)
-    layer_quant = quant.setdefault(block, {}).setdefault(name, {})
-    layer_quant["act_range"] = activation_ranges(smoothed[(block, name)], groups)
-    kernel = params[block][name]["kernel"]
+    groups = plan.group_of_step if per_group else np.zeros(len(calibrated), np.int32)
+    layer_quant = quant
+    for name in key:
+      layer_quant = layer_quant.setdefault(name, {})
+    layer_quant["act_range"] = activation_ranges(smoothed[key], groups, calibrated_of_step)
+    kernel = layer_entry(params, key)["kernel"]
     per_channel = ptq.method != "naive"
-    if ptq.integer:
-      scale = symmetric_scale(kernel, 8, axis=0)
+    if ptq.integer:  # the same grid as the fake-quant below: per output channel, or one per tensor (naive)
+      scale = symmetric_scale(kernel, 8, axis=0 if per_channel else None)
       layer_quant["kernel_int8"] = quantise_symmetric(kernel, scale, 8).astype(jnp.int8)
-      layer_quant["kernel_scale"] = scale[0]
+      layer_quant["kernel_scale"] = jnp.broadcast_to(scale[0], kernel.shape[1:])
     rounded = fake_quant_weight(kernel, ptq.weight_bits, per_channel)
     if plan is not None and ptq.htg.shift_compensation == "quantised":
-      layer_quant["bias_table"] = compensate_shift(layer_quant["bias_table"], plan, kernel, rounded)
-    params[block][name] = dict(params[block][name], kernel=rounded)
+      layer_quant["bias_table"] = compensate_shift(layer_quant["bias_table"], every_step[key], kernel, rounded)
+    _replace_kernel(params, key, rounded)
     weight_bytes += kernel.size * ptq.weight_bits // 8 + 4 * (kernel.shape[1] if per_channel else 1)
   return params, quant, {"plans": plans, "weight_bytes": weight_bytes, "extra_bytes": table_bytes(quant)}
+
+
+def _replace_kernel(params: dict, key: LayerKey, kernel: jax.Array) -> None:
+  """Sets a linear's kernel in `reparameterise`'s output, whose top level and blocks are fresh dicts."""
+  parent = layer_entry(params, key[:-1])
+  parent[key[-1]] = dict(parent[key[-1]], kernel=kernel)
 
 
 def compensate_shift(bias_table: dict, plan: SmoothingPlan, kernel: jax.Array, rounded: jax.Array) -> dict:

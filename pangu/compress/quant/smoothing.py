@@ -40,6 +40,11 @@ class SmoothingPlan:
   def shift_per_step(self) -> np.ndarray:
     return self.shift[self.group_of_step]
 
+  def on_steps(self, calibrated_of_step: np.ndarray) -> "SmoothingPlan":
+    """The plan of calibrated steps read on every sampler step: step i takes the group of calibrated step
+    calibrated_of_step[i] (spec 3.2: an uncalibrated step takes the group of its nearest calibrated one)."""
+    return SmoothingPlan(self.group_of_step[calibrated_of_step], self.shift, self.scale)
+
 
 @dataclasses.dataclass(frozen=True)
 class HTGConfig:
