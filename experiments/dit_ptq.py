@@ -13,8 +13,12 @@ The W4A8 comparison of HTG with naive and SmoothQuant-style, and the FP-close cl
 models trained from further seeds (--replicate_seeds), and its verdict needs every model. The guidance scale is
 picked on the float model (--guidance).
 Writes <results_dir>/dit_ptq.json {"seed", "samples", "fp", "guidance", "w8a8", "w4a8", "w4a8_comparison",
-"fp_close", "groups", "htg_selection", "replicates", "claims"}, dit_ptq.png (sample grids, z_t of a few layers)
-and dit_ptq.md. fp_close: {"samples", "fp", "fp_other_noise", "w8a8", "w4a8": FID-digits of FP (also from other
+"alpha_comparison", "fp_close", "groups", "htg_selection", "replicates", "claims"}, dit_ptq.png (sample grids, z_t
+of a few layers, per-step noise prediction errors at W4A8) and dit_ptq.md. Each configuration's record holds its
+"fid", "class_acc", "sample_mse", "noise_mse_per_step" (the MSE of its noise prediction against the float model's
+at each step of the float model's own trajectory on the first comparison rows; "noise_mse" its mean), bytes and
+"calib_seconds". alpha_comparison: the record w4a8_comparison describes, of htg_spec (alpha 0.99) against the
+htg_alpha rows. fp_close: {"samples", "fp", "fp_other_noise", "w8a8", "w4a8": FID-digits of FP (also from other
 noise) and of HTG at each width on the comparison's samples}.
 w4a8_comparison: {"samples", "fid": {method}, "sample_mse": {method}, "fid_gaps": {"a - b": FID(a) - FID(b) of
 HTG (picked and spec settings) against naive and SmoothQuant-style, with paired-bootstrap intervals
@@ -91,12 +95,25 @@ _REPLICATES = flags.DEFINE_list("replicate_seeds", None, "Further training seeds
                                 "HTG, naive and SmoothQuant-style is repeated (quick 1,2,3, full 1,2; empty: none).")
 
 METHODS = ("naive", "minmax", "smoothquant", "ptq4dit", "htg")
-# W4A8 rows besides "htg" (the calibration-picked settings, or the spec's with --nohtg_select): the spec's own
-# constants (with the library's default fold of the shift onto the rounded kernel), two of its ablations, and the
-# spec's literal bias fold b + z_g W on the float kernel; each with the HTGConfig settings it names.
-HTG_VARIANTS = {"htg_spec": {}, "htg_shift_only": {"use_scale": False}, "htg_alpha0.9": {"alpha": 0.9},
-                "htg_float_shift_bias": {"shift_compensation": "float"}}
 BASELINES = ("naive", "smoothquant")  # what HTG is compared with at W4A8 on --comparison_samples
+# The EMA factors of the spec's Table 4 claim (alpha = 0.99 best): the rows htg_spec (0.99) and htg_alpha<a>.
+ALPHAS = (0.0, 0.9)
+
+
+def htg_variants(n_steps: int) -> dict[str, dict]:
+  """W4A8 rows besides "htg" (the calibration-picked settings, or the spec's with --nohtg_select): the spec's own
+  constants (with the library's default fold of the shift onto the rounded kernel), its ablations (spec section 4)
+  and flags (sections 3.1, 3.2, 3.8), and its literal bias fold b + z_g W on the float kernel. Each names its
+  PTQConfig settings, "htg" holding the HTGConfig ones; every other setting is the spec's."""
+  return {"htg_spec": {}, "htg_shift_only": {"htg": {"use_scale": False}},
+          "htg_scale_only": {"htg": {"use_shift": False}},
+          **{f"htg_alpha{alpha:g}": {"htg": {"alpha": alpha}} for alpha in ALPHAS},
+          "htg_normalised_scale": {"htg": {"scale": "normalised"}},
+          "htg_fc2_unsmoothed": {"fc2_smoothing": "none"},
+          "htg_one_act_range": {"act_range_per_group": False},
+          f"htg_calib{max(1, n_steps // 4)}": {"calib_timesteps": max(1, n_steps // 4)},  # R1: 25 of 100
+          "htg_all_linears": {"quantise_all_linears": True},
+          "htg_float_shift_bias": {"htg": {"shift_compensation": "float"}}}
 FP_CLOSE = {"w8a8": 0.05, "w4a8": 0.15}  # HTG's FID within this fraction of FP (the issue's goals)
 GROUP_CLOSE = 0.02  # G = T/10 within 2 % of G = T
 CALIBRATION_GOAL_S = 180.0
@@ -151,6 +168,14 @@ def claims(payload: dict) -> list[dict]:
                            f"{groups[keys[-1]]['extra_bytes']} bytes",
                            "reproduced" if abs(gap) <= GROUP_CLOSE or gap < 0 else
                            "partly" if gap <= 5 * GROUP_CLOSE else "not reproduced"))
+  alphas, others = payload["alpha_comparison"], [f"htg_alpha{alpha:g}" for alpha in ALPHAS]
+  beaten = [name for name in others if beats(alphas, "htg_spec", name)]
+  rows.append(common.claim("HTG (DiT PTQ)", "EMA factor alpha = 0.99 is the best setting (W4A8)",
+                           "Table 4 (secondary source): 0.99 best in the EMA ablation",
+                           f"alpha 0.99 (htg_spec) beats {', '.join(beaten) or 'neither'} of {', '.join(others)}; on "
+                           f"{alphas['samples']} samples each, {comparison_text(alphas)}; a gap whose 95% "
+                           "paired-bootstrap interval holds 0 is decided by the paired sample MSE vs FP",
+                           "reproduced" if len(beaten) == len(others) else "partly" if beaten else "not reproduced"))
   acc = payload["fp"]["class_acc"]
   rows.append(common.claim("HTG (DiT PTQ)", "The float DiT draws recognisable digits (the FID-digits baseline)",
                            f"goal (ours): class accuracy of samples >= {FP_CLASS_ACC}",
@@ -206,7 +231,8 @@ def report_table(payload: dict, setup: str) -> str:
   for seed, entry in payload["replicates"].items():
     rows.append({"config": f"seed {seed}: fp32", "fid": entry["fp"]["fid"], "class_acc": entry["fp"]["class_acc"]})
     rows += [{"config": f"seed {seed}: w4a8 {method}", **v} for method, v in entry["w4a8"].items()]
-  columns = ["config", "fid", "class_acc", "sample_mse", "weight_bytes", "extra_bytes", "calib_seconds"]
+  columns = ["config", "fid", "class_acc", "sample_mse", "noise_mse", "weight_bytes", "extra_bytes",
+             "calib_seconds"]
   comparisons = {payload["seed"]: payload["w4a8_comparison"],
                  **{seed: entry["w4a8_comparison"] for seed, entry in payload["replicates"].items()}}
   compared = [{"seed": seed, "config": method, "fid": fid, "sample_mse": c["sample_mse"][method]}
@@ -233,10 +259,11 @@ def report_table(payload: dict, setup: str) -> str:
                       common.format_table(search, search_columns)])
 
 
-def plot(grids: dict, shifts: dict, side: int) -> None:
+def plot(grids: dict, shifts: dict, noise_errors: dict, side: int) -> None:
+  """Sample grids, z_t of a few channels, and per-step noise prediction errors {config: [S]}."""
   import numpy as np
   from pangu.diffusion.digits import to_unit_range
-  fig, axes = common.new_figure(ncols=2, size=(6.0, 0.5 * len(grids) + 1.5))
+  fig, axes = common.new_figure(ncols=3, size=(6.0, 0.5 * len(grids) + 1.5))
   # One row per configuration, a blank pixel around each digit.
   rows = [np.concatenate([np.pad(image, 1) for image in to_unit_range(images)[:, :, :, 0]], axis=1)
           for images in grids.values()]
@@ -249,6 +276,11 @@ def plot(grids: dict, shifts: dict, side: int) -> None:
   axes[0, 1].set(xlabel="sampler step (0 = noisiest)", ylabel="channel shift z_t",
                  title="per-step channel shifts (3 channels each)")
   axes[0, 1].legend(fontsize=6)
+  for name, errors in noise_errors.items():
+    axes[0, 2].plot(errors, lw=0.8, label=name)
+  axes[0, 2].set(xlabel="sampler step (0 = noisiest)", ylabel="noise prediction MSE vs fp32", yscale="log",
+                 title="per-step error on the float trajectory")
+  axes[0, 2].legend(fontsize=6)
   common.save_figure(fig, "dit_ptq")
 
 
@@ -287,7 +319,7 @@ def main(argv):
   from pangu.diffusion.digits import load_digits_images
   from pangu.diffusion.fid import ClassifierConfig, digits_metric, train_classifier
   from pangu.diffusion.objective import ddpm_loss
-  from pangu.diffusion.samplers import ddim_sample, guided, sampling_timesteps
+  from pangu.diffusion.samplers import ddim_sample, guided, per_step_noise_mse, sampling_timesteps
   from pangu.diffusion.schedules import ScheduleConfig
   from pangu.diffusion.train import DiffusionTrainConfig, train_diffusion
   from pangu.models.dit import DiT, DiTConfig
@@ -328,6 +360,12 @@ def main(argv):
     denoiser = guided(lambda x, t, y, i: model.apply(variables, x, t, y, i), config.n_classes, guidance)
     return ddim_sample(denoiser, schedule, sample_labels, shape, rng, n_steps, batch_size=_SAMPLE_BATCH.value,
                        noise=noise)
+
+  @functools.partial(jax.jit, static_argnames="guidance")
+  def noise_mse(variables, reference, trajectory, labels, guidance):
+    def denoiser(v):
+      return guided(lambda x, t, y, i: model.apply(v, x, t, y, i), config.n_classes, guidance)
+    return per_step_noise_mse(denoiser(variables), denoiser(reference), trajectory, timesteps, labels)
 
   comparison_labels = jnp.arange(n_compare) % config.n_classes
   sample_labels = comparison_labels[:n_samples]
@@ -372,6 +410,11 @@ def main(argv):
     fp = metric(fp_samples[:n_samples], sample_labels)
     fp_other_samples = draw({"params": params}, other_rows, other_noise)
     fp["fid_other_noise"] = metric(fp_other_samples[:n_samples], sample_labels)["fid"]
+    # The float model's own step inputs on the first comparison rows: where each configuration's per-step noise
+    # prediction error is read (spec section 4).
+    noise_rows = min(n_samples, _SAMPLE_BATCH.value)
+    _, fp_trajectory = sample({"params": params}, comparison_labels[:noise_rows], sample_key, guidance,
+                              comparison_noise[:noise_rows])
 
     def mse_to_fp(samples: np.ndarray) -> float:
       """Paired sample MSE against the float samples from the same noise rows."""
@@ -391,9 +434,11 @@ def main(argv):
       calib_seconds = stats_seconds + time.perf_counter() - start
       samples = draw({"params": qparams, "quant": quant}, n)
       scores = metric(samples[:n_samples], sample_labels)
-      return {**scores, "sample_mse": mse_to_fp(samples[:n_samples]),
-              "weight_bytes": report["weight_bytes"], "extra_bytes": report["extra_bytes"],
-              "calib_seconds": calib_seconds}, samples
+      per_step = np.asarray(noise_mse({"params": qparams, "quant": quant}, {"params": params}, fp_trajectory,
+                                      comparison_labels[:noise_rows], guidance))
+      return {**scores, "sample_mse": mse_to_fp(samples[:n_samples]), "noise_mse": float(per_step.mean()),
+              "noise_mse_per_step": per_step.tolist(), "weight_bytes": report["weight_bytes"],
+              "extra_bytes": report["extra_bytes"], "calib_seconds": calib_seconds}, samples
 
     def compare(samples: dict[str, np.ndarray], pairs: list[tuple[str, str]]) -> dict:
       """dit_ptq.json's W4A8 comparison record of the configurations in `pairs` (their n_compare samples)."""
@@ -437,7 +482,8 @@ def main(argv):
              "w8a8": {}, "w4a8": {}, "groups": {}, "htg_selection": {}}
   chosen, compared = {}, {}  # compared: the W4A8 samples of every configuration
   main_pairs = [(a, b) for a in ("htg", "htg_spec") for b in BASELINES]
-  drawn_in_full = {("w8a8", "htg"), *(("w4a8", m) for pair in main_pairs for m in pair)}
+  alpha_pairs = [("htg_spec", f"htg_alpha{alpha:g}") for alpha in ALPHAS]
+  drawn_in_full = {("w8a8", "htg"), *(("w4a8", m) for pair in main_pairs + alpha_pairs for m in pair)}
   htg_samples = {}  # bits name -> HTG's n_compare samples, for the FP-close claims
 
   def rows(bits_name: str, name: str) -> int:
@@ -461,13 +507,14 @@ def main(argv):
       if method == "htg":
         htg_samples[bits_name] = samples
       print(f"{bits_name} {method}: {payload[bits_name][method]}", flush=True)
-  for name, settings in HTG_VARIANTS.items():
-    payload["w4a8"][name], samples = evaluate(PTQConfig("htg", weight_bits=4, htg=HTGConfig(**settings)),
-                                              rows("w4a8", name))
+  for name, settings in htg_variants(n_steps).items():
+    ptq = PTQConfig("htg", weight_bits=4, **{**settings, "htg": HTGConfig(**settings.get("htg", {}))})
+    payload["w4a8"][name], samples = evaluate(ptq, rows("w4a8", name))
     grids[f"w4a8 {name}"] = samples[:10]
     compared[name] = samples
     print(f"w4a8 {name}: {payload['w4a8'][name]}", flush=True)
   payload["w4a8_comparison"] = run.compare(compared, main_pairs)
+  payload["alpha_comparison"] = run.compare(compared, alpha_pairs)
   payload["fp_close"] = {"samples": n_compare, **{
       name: metric(samples, comparison_labels)["fid"] for name, samples in (
           ("fp", run.fp_samples), ("fp_other_noise", run.fp_other_samples), *htg_samples.items())}}
@@ -493,7 +540,8 @@ def main(argv):
   common.write_json("dit_ptq", payload)
   shifts = {f"{block}.{name}": per_step_shift(float_stats[(block, name)])[:, :3]
             for block, name in (("block_0", "qkv"), ("block_0", "fc2"))}
-  plot(grids, {f"{k}[{c}]": v[:, c] for k, v in shifts.items() for c in range(3)}, side)
+  plot(grids, {f"{k}[{c}]": v[:, c] for k, v in shifts.items() for c in range(3)},
+       {f"w4a8 {m}": payload["w4a8"][m]["noise_mse_per_step"] for m in METHODS}, side)
   candidates = selection["candidates"]
   guidance_text = "given" if candidates is None else "picked on the float model from other noise: " + ", ".join(
       f"{scale} FID {v['fid']:.3g} acc {v['class_acc']:.2f}" for scale, v in candidates.items())
@@ -508,7 +556,13 @@ def main(argv):
            f"digits; class_acc: that classifier's agreement with the requested label (real digits ~1.0). "
            f"'fp32, other noise': the float model sampled from different noise, the FID's noise floor. "
            f"w4a8 htg: settings picked on the calibration split ({payload['htg_selection']['w4a8']['chosen']}); "
-           f"htg_spec: the spec's alpha 0.99 with all four inputs scaled; htg_float_shift_bias: htg_spec with the "
+           f"htg_spec: the spec's alpha 0.99 with all four inputs scaled; htg_shift_only / scale_only: s = 1 / z = 0; "
+           f"htg_alpha<a>: EMA factor a; htg_normalised_scale: R2's s = m / max(m); htg_fc2_unsmoothed: fc2's "
+           f"input left alone; htg_one_act_range: one activation range per layer, not per group; htg_calib<k>: "
+           f"calibrated on k steps spread uniformly (R1: 25 of 100), the others reading their nearest; "
+           f"htg_all_linears: the adaLN, embedder and final linears quantised too (min-max, one range); "
+           f"noise_mse: mean over steps of the noise prediction MSE against fp32 on fp32's trajectory "
+           f"({min(n_samples, _SAMPLE_BATCH.value)} rows); htg_float_shift_bias: htg_spec with the "
            f"spec's literal bias fold b + z_g W on the float kernel (htg_spec and the ablations fold the shift onto "
            f"the rounded kernel). "
            f"'seed s' rows: W4A8 naive, SmoothQuant-style and HTG (its own pick) on a model trained from seed s, "

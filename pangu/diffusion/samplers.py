@@ -40,6 +40,22 @@ def guided(denoiser: Denoiser, null_label: int, guidance: float) -> Denoiser:
   return eps
 
 
+def per_step_noise_mse(denoiser: Denoiser, reference: Denoiser, trajectory: jax.Array, timesteps: np.ndarray,
+                       labels: jax.Array) -> jax.Array:
+  """[S]: the mean squared difference of two denoisers' noise predictions at each step of one trajectory
+  [S, B, ...] (e.g. the reference's own sampler inputs, timesteps [S] its tau_i). Both see the same inputs at
+  every step, so a step's error is that step's alone, not the drift earlier steps' errors leave in a sample."""
+  if trajectory.shape[0] != len(timesteps):
+    raise ValueError(f"trajectory has {trajectory.shape[0]} steps but {len(timesteps)} timesteps were given")
+
+  def step_error(args):
+    x, tau, step = args
+    t = jnp.full(labels.shape, tau)
+    return jnp.mean(jnp.square(denoiser(x, t, labels, step) - reference(x, t, labels, step)))
+
+  return jax.lax.map(step_error, (trajectory, jnp.asarray(timesteps), jnp.arange(trajectory.shape[0])))
+
+
 def ddim_sample(denoiser: Denoiser, schedule: ScheduleConfig, labels: jax.Array, shape: tuple[int, ...],
                 rng: jax.Array, n_steps: int, *, eta: float = 0.0, clip: bool = True,
                 batch_size: int | None = None, noise: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:

@@ -8,7 +8,7 @@ import pytest
 from pangu.diffusion.digits import load_digits_images
 from pangu.diffusion.fid import frechet_distance, paired_fid_gap
 from pangu.diffusion.objective import ddpm_loss
-from pangu.diffusion.samplers import ddim_sample, ddpm_sample, guided, sampling_timesteps
+from pangu.diffusion.samplers import ddim_sample, ddpm_sample, guided, per_step_noise_mse, sampling_timesteps
 from pangu.diffusion.schedules import ScheduleConfig, alpha_bars
 from pangu.models.dit import DiT, DiTConfig, dit_param_count, dit_preset, init_dit, patchify, unpatchify
 
@@ -142,6 +142,25 @@ def test_sampler_from_given_noise_and_a_prefix_of_its_rows():
   assert np.abs(np.asarray(sample(labels, -trajectory[0])[0]) - np.asarray(samples)).max() > 0.1  # noise is used
   with pytest.raises(ValueError, match="noise has shape"):
     ddim_sample(denoiser, ScheduleConfig(), labels, (8, 8, 1), key, 6, noise=trajectory[0, :3])
+
+
+def test_per_step_noise_mse_against_float64():
+  """Each step's error is read at that step's inputs, diffusion time and index (float64 closed form)."""
+  trajectory = jax.random.normal(jax.random.key(0), (5, 3, 4, 4, 1))
+  timesteps, labels = np.array([900, 700, 400, 100, 0]), jnp.array([1, 2, 3])
+
+  def denoiser(x, t, y, step):
+    return x * (1.0 + step) + 1e-3 * t[:, None, None, None] + y[:, None, None, None]
+
+  def reference(x, t, y, step):
+    return x + y[:, None, None, None]
+
+  x = np.asarray(trajectory, np.float64)
+  expected = [np.mean((x[i] * i + 1e-3 * timesteps[i]) ** 2) for i in range(5)]
+  np.testing.assert_allclose(per_step_noise_mse(denoiser, reference, trajectory, timesteps, labels), expected,
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="timesteps"):
+    per_step_noise_mse(denoiser, reference, trajectory, timesteps[1:], labels)
 
 
 def test_guidance_combines_conditional_and_null():
