@@ -111,6 +111,8 @@ def htg_variants(n_steps: int) -> dict[str, dict]:
           "htg_normalised_scale": {"htg": {"scale": "normalised"}},
           "htg_fc2_unsmoothed": {"fc2_smoothing": "none"},
           "htg_one_act_range": {"act_range_per_group": False},
+          "htg_percentile_range": {"act_range_estimator": "percentile"},
+          "htg_mse_range": {"act_range_estimator": "mse"},
           f"htg_calib{max(1, n_steps // 4)}": {"calib_timesteps": max(1, n_steps // 4)},  # R1: 25 of 100
           "htg_all_linears": {"quantise_all_linears": True},
           "htg_float_shift_bias": {"htg": {"shift_compensation": "float"}}}
@@ -311,7 +313,7 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from pangu.compress.quant.calibration import collect_input_stats
+  from pangu.compress.quant.calibration import collect_input_histograms, collect_input_stats
   from pangu.compress.quant.grouping import default_n_groups
   from pangu.compress.quant.ptq import PTQConfig, quantise_dit
   from pangu.compress.quant.select import htg_candidates, select_htg
@@ -427,10 +429,14 @@ def main(argv):
     float_stats = collect_input_stats(config, params, None, trajectory, timesteps, calib_labels, guidance)
     stats_seconds = time.perf_counter() - start
 
+    def recollect(folded: dict, quant: dict, bounds: dict) -> dict:
+      """Histograms of the folded float model's inputs on the calibration trajectory (percentile / MSE ranges)."""
+      return collect_input_histograms(config, folded, quant, trajectory, timesteps, calib_labels, guidance, bounds)
+
     def evaluate(ptq: PTQConfig, n: int = n_samples) -> tuple[dict, np.ndarray]:
       """The configuration's metrics on its first n_samples samples, and its first n samples."""
       start = time.perf_counter()
-      qparams, quant, report = quantise_dit(config, params, float_stats, ptq)
+      qparams, quant, report = quantise_dit(config, params, float_stats, ptq, recollect)
       calib_seconds = stats_seconds + time.perf_counter() - start
       samples = draw({"params": qparams, "quant": quant}, n)
       scores = metric(samples[:n_samples], sample_labels)
@@ -558,7 +564,9 @@ def main(argv):
            f"w4a8 htg: settings picked on the calibration split ({payload['htg_selection']['w4a8']['chosen']}); "
            f"htg_spec: the spec's alpha 0.99 with all four inputs scaled; htg_shift_only / scale_only: s = 1 / z = 0; "
            f"htg_alpha<a>: EMA factor a; htg_normalised_scale: R2's s = m / max(m); htg_fc2_unsmoothed: fc2's "
-           f"input left alone; htg_one_act_range: one activation range per layer, not per group; htg_calib<k>: "
+           f"input left alone; htg_one_act_range: one activation range per layer, not per group; "
+           f"htg_percentile_range / mse_range: activation ranges at the 0.01st and 99.99th percentiles / of least "
+           f"squared error, from histograms of the folded float model's inputs; htg_calib<k>: "
            f"calibrated on k steps spread uniformly (R1: 25 of 100), the others reading their nearest; "
            f"htg_all_linears: the adaLN, embedder and final linears quantised too (min-max, one range); "
            f"noise_mse: mean over steps of the noise prediction MSE against fp32 on fp32's trajectory "

@@ -426,6 +426,101 @@ def test_quantise_all_linears_adds_the_other_linears_to_the_default(method):
                              model.apply({"params": fake[0], "quant": fake[1]}, x, t, y, 2), atol=1e-4, rtol=1e-4)
 
 
+def test_input_histograms_count_each_steps_values():
+  """Against np.histogram of the intermediates read back from one model run per step, with bounds inside step 0's
+  extremes so the end bins collect what lies beyond them."""
+  from pangu.compress.quant.calibration import collect_input_histograms
+  params, (trajectory, timesteps, labels) = _random_params(), _calibration(batch=3)
+  stats = collect_input_stats(CONFIG, params, None, trajectory, timesteps, labels, 1.5)
+  keys = [("patch_embed",), ("block_0", "qkv"), ("block_1", "fc2")]
+  bounds = {key: (0.8 * float(stats[key]["min"][0].min()), 0.8 * float(stats[key]["max"][0].max())) for key in keys}
+  histograms = collect_input_histograms(CONFIG, params, None, trajectory, timesteps, labels, 1.5, bounds, bins=64)
+  model = DiT(CONFIG)
+  both = jnp.concatenate([labels, jnp.full_like(labels, CONFIG.n_classes)])
+  for step in (0, STEPS - 1):
+    _, state = model.apply({"params": params}, jnp.concatenate([trajectory[step]] * 2),
+                           jnp.full(both.shape, timesteps[step]), both, step, mutable=["intermediates"])
+    for key in keys:
+      values = np.asarray(layer_entry(state["intermediates"], key)["input"][0], np.float64).ravel()
+      lo, hi = bounds[key]
+      expected, _ = np.histogram(np.clip(values, lo, hi), bins=64, range=(lo, hi))
+      assert histograms[key].shape == (STEPS, 64) and histograms[key][step].sum() == values.size
+      assert step > 0 or (expected[0] > 0 and expected[-1] > 0)  # the end bins hold step 0's clipped tails
+      # float32 binning may move a value on a bin edge to its neighbour, never further
+      assert np.abs(np.cumsum(histograms[key][step]) - np.cumsum(expected)).max() <= 2
+
+
+def _heavy_tailed(seed=0):
+  rng = np.random.default_rng(seed)
+  return np.concatenate([rng.laplace(0.3, 1.0, size=200_000), [40.0, -25.0]])
+
+
+def _histogram(values, bins=2048):
+  bounds = (float(values.min()), float(values.max()))
+  return np.histogram(values, bins=bins, range=bounds)[0], bounds
+
+
+def test_percentile_range_against_numpy():
+  from pangu.compress.quant.ranges import bin_centres, percentile_range
+  values = _heavy_tailed()
+  counts, bounds = _histogram(values)
+  width = (bounds[1] - bounds[0]) / len(counts)
+  assert np.allclose(bin_centres(4, (0.0, 4.0)), [0.5, 1.5, 2.5, 3.5])
+  for p in (99.0, 99.9, 99.99):
+    lo, hi = percentile_range(counts, bounds, bounds, p)
+    ref_lo, ref_hi = np.percentile(values, [100 - p, p])
+    assert ref_lo - width <= lo <= ref_lo and ref_hi <= hi <= ref_hi + width  # rounded outwards to a bin edge
+  assert percentile_range(counts, bounds, bounds, 100.0) == bounds
+  assert percentile_range(counts, bounds, (-1.0, 2.0), 99.0) == (-1.0, 2.0)  # never beyond the extremes
+
+
+def test_mse_range_minimises_the_quantisation_error_of_the_values():
+  """Float64 brute force on the raw values over the same candidate ranges: the histogram's pick is within 2% of
+  the best error and clips the outliers that the min-max range keeps."""
+  from pangu.compress.quant.ranges import SHRINK_FACTORS, mse_range
+
+  def error(values, lo, hi):  # an independent 8-bit asymmetric grid covering [min(lo, 0), max(hi, 0)]
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 255
+    zero = np.round(-lo / scale) - 128
+    return np.mean(((np.clip(np.round(values / scale) + zero, -128, 127) - zero) * scale - values) ** 2)
+
+  values = _heavy_tailed(1)
+  counts, bounds = _histogram(values)
+  lo, hi = mse_range(counts, bounds, bounds, 8)
+  errors = [error(values, bounds[0] * c, bounds[1] * c) for c in SHRINK_FACTORS]
+  assert error(values, lo, hi) <= 1.02 * min(errors) < errors[0]
+  assert bounds[0] < lo and hi < 0.8 * bounds[1]
+
+
+def test_range_estimators_narrow_the_min_max_ranges_of_the_folded_model():
+  """percentile / mse read histograms of the folded float model's inputs: every (layer, group) range lies inside
+  its min-max range, some strictly; p = 100 is min-max itself."""
+  from pangu.compress.quant.calibration import collect_input_histograms
+  params, (trajectory, timesteps, labels) = _random_params(), _calibration()
+  stats = collect_input_stats(CONFIG, params, None, trajectory, timesteps, labels, 1.5)
+
+  def recollect(folded, quant, bounds):
+    return collect_input_histograms(CONFIG, folded, quant, trajectory, timesteps, labels, 1.5, bounds)
+
+  ptq = PTQConfig("htg", weight_bits=4, htg=HTGConfig(n_groups=2))
+  _, minmax, _ = quantise_dit(CONFIG, params, stats, ptq)
+  with pytest.raises(ValueError, match="recollect"):
+    quantise_dit(CONFIG, params, stats, dataclasses.replace(ptq, act_range_estimator="mse"))
+  for estimator, percentile in (("percentile", 100.0), ("percentile", 99.0), ("mse", 99.99)):
+    _, quant, _ = quantise_dit(CONFIG, params, stats, dataclasses.replace(
+        ptq, act_range_estimator=estimator, act_percentile=percentile), recollect)
+    narrower = []
+    for key in quantised_layers(CONFIG):
+      (lo, hi), (mm_lo, mm_hi) = (np.asarray(layer_entry(q, key)["act_range"]["values"]).T for q in (quant, minmax))
+      assert np.all(lo >= mm_lo - 1e-6) and np.all(hi <= mm_hi + 1e-6)
+      narrower.append(np.any(hi < mm_hi - 1e-3) or np.any(lo > mm_lo + 1e-3))
+    assert any(narrower) != (percentile == 100.0)
+  for bad in ({"act_percentile": 50.0}, {"act_range_estimator": "kl"}):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+      PTQConfig(**bad)
+
+
 def test_select_htg_halves_to_the_candidate_with_the_lowest_calibration_score():
   """The score here is the quantised model's output error against float on the first `budget` held-out inputs,
   computed independently for each candidate. One budget: the selection is the argmin over all. Two: every

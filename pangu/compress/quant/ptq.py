@@ -10,19 +10,22 @@
 Embedders, adaLN linears and the final layer stay in float (spec 3.1) unless `quantise_all_linears`. Steps:
 smoothing plans from the float model's per-step input stats (on every sampler step, or `calib_timesteps` of them
 spread uniformly, spec 3.2) -> re-parameterise -> the folded model's input stats (`smoothed_stats`, in closed
-form) -> activation ranges -> weights rounded (fake-quant in float, or real int8 for W8A8), HTG's folded shift
-term moved onto the rounded kernel unless `HTGConfig.shift_compensation='float'`.
+form) -> activation ranges (min-max from those stats, or a percentile or MSE estimate from histograms of the
+folded float model's inputs, `ranges`) -> weights rounded (fake-quant in float, or real int8 for W8A8), HTG's
+folded shift term moved onto the rounded kernel unless `HTGConfig.shift_compensation='float'`.
 """
 
 import dataclasses
+from collections.abc import Callable
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pangu.compress.quant.calibration import LayerKey, Stats, layer_entry, quantised_layers
+from pangu.compress.quant.calibration import Histograms, LayerKey, Stats, layer_entry, quantised_layers
 from pangu.compress.quant.grouping import collapse, nearest_calibrated, uniform_steps
+from pangu.compress.quant.ranges import ESTIMATORS, Estimate, RangeEstimator, range_estimator
 from pangu.compress.quant.reparam import Plans, ProjSmoothing, reparameterise
 from pangu.compress.quant.smoothing import HTGConfig, SmoothingPlan, htg_plan, ptq4dit_plan, smoothquant_plan
 from pangu.config_checks import one_of
@@ -31,6 +34,9 @@ from pangu.nn.quantized import fake_quant_weight, quantise_symmetric, step_table
 
 Method = Literal["naive", "minmax", "smoothquant", "ptq4dit", "htg"]
 METHODS = ("naive", "minmax", "smoothquant", "ptq4dit", "htg")
+# (folded float params, their quant collection, each linear's (lo, hi)) -> per-step histograms of every linear's
+# input over its bounds on the calibration trajectory: `calibration.collect_input_histograms` bound to it.
+Recollect = Callable[[dict, dict, dict[LayerKey, tuple[float, float]]], Histograms]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +56,9 @@ class PTQConfig:
     calib_timesteps: calibrate on this many sampler steps spread uniformly, both ends included (R1: 25 of 100);
       every other step takes the group, shift and activation range of its nearest calibrated step, ties to the
       noisier. G's default counts the calibrated steps. None: every step (spec 3.2's default).
+    act_range_estimator: `minmax` (default), `percentile` or `mse` (`pangu.compress.quant.ranges`, spec 3.8);
+      the last two read histograms of the folded float model's inputs (`quantise_dit`'s `recollect`).
+    act_percentile: p of the percentile estimator, in (50, 100].
   """
 
   method: Method = "htg"
@@ -62,9 +71,14 @@ class PTQConfig:
   integer: bool = False
   quantise_all_linears: bool = False
   calib_timesteps: int | None = None
+  act_range_estimator: RangeEstimator = "minmax"
+  act_percentile: float = 99.99
 
   def __post_init__(self):
     one_of(self, "method", METHODS)
+    one_of(self, "act_range_estimator", ESTIMATORS)
+    if not 50.0 < self.act_percentile <= 100.0:
+      raise ValueError(f"PTQConfig.act_percentile must be in (50, 100], got {self.act_percentile!r}")
     one_of(self, "weight_bits", (4, 8))
     one_of(self, "act_bits", (8,))
     one_of(self, "proj_smoothing", ("fold_v", "explicit"))
@@ -107,21 +121,28 @@ def smoothed_stats(stats: Stats, plans: Plans) -> Stats:
 
 
 def activation_ranges(stats: dict[str, np.ndarray], group_of_step: np.ndarray,
-                      calibrated_of_step: np.ndarray | None = None) -> dict:
-  """A step table of (min, max) per group: the extreme values over the group's steps and all channels.
+                      calibrated_of_step: np.ndarray | None = None, estimate: Estimate | None = None,
+                      counts: np.ndarray | None = None, bounds: tuple[float, float] | None = None) -> dict:
+  """A step table of (lo, hi) per group: the extreme values over the group's steps and all channels, or what
+  `estimate` makes of the group's summed histogram (counts [S, bins] over bounds) given those extremes.
 
-  stats and group_of_step cover the calibrated steps; the table covers every sampler step, step i reading
+  stats, group_of_step and counts cover the calibrated steps; the table covers every sampler step, step i reading
   calibrated step calibrated_of_step[i] (None: the calibrated steps are all of them)."""
   lo, hi = np.asarray(stats["min"]).min(1), np.asarray(stats["max"]).max(1)
-  n_groups = int(group_of_step.max()) + 1
-  values = np.stack([[lo[group_of_step == g].min(), hi[group_of_step == g].max()] for g in range(n_groups)])
+  values = []
+  for g in range(int(group_of_step.max()) + 1):
+    extremes = (float(lo[group_of_step == g].min()), float(hi[group_of_step == g].max()))
+    values.append(extremes if estimate is None else estimate(counts[group_of_step == g].sum(0), bounds, extremes))
+  values = np.asarray(values)
   every_step = group_of_step if calibrated_of_step is None else group_of_step[calibrated_of_step]
   return step_table(jnp.asarray(values, jnp.float32), every_step)
 
 
-def quantise_dit(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig) -> tuple[dict, dict, dict]:
+def quantise_dit(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig,
+                 recollect: Recollect | None = None) -> tuple[dict, dict, dict]:
   """(float params, the float model's per-step input stats on the calibration trajectory
-  (`calibration.collect_input_stats`)) -> (params, quant collection, report).
+  (`calibration.collect_input_stats`)) -> (params, quant collection, report). `recollect`: histograms of the
+  folded float model's inputs on that trajectory, needed by the percentile and MSE range estimators only.
 
   report: {"plans": the smoothing plans (on the calibrated steps), "extra_bytes": bytes of per-group tables and
   smoothing vectors, "weight_bytes": packed quantised kernels and their scales}.
@@ -134,15 +155,24 @@ def quantise_dit(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig) 
   every_step = {key: plan.on_steps(calibrated_of_step) for key, plan in plans.items()}
   params, quant = reparameterise(config, params, every_step, n_steps, ptq.proj_smoothing)
   smoothed = smoothed_stats(stats, plans)
+  layers = quantised_layers(config, ptq.quantise_all_linears)
+  estimate, bounds, histograms = range_estimator(ptq.act_range_estimator, ptq.act_percentile, ptq.act_bits), {}, {}
+  if estimate is not None:
+    if recollect is None:
+      raise ValueError(f"PTQConfig.act_range_estimator={ptq.act_range_estimator!r} reads histograms of the "
+                       "smoothed inputs: quantise_dit needs `recollect`")
+    bounds = {key: (float(smoothed[key]["min"].min()), float(smoothed[key]["max"].max())) for key in layers}
+    histograms = {key: np.asarray(counts)[calibrated] for key, counts in recollect(params, quant, bounds).items()}
   weight_bytes = 0
-  for key in quantised_layers(config, ptq.quantise_all_linears):
+  for key in layers:
     plan = plans.get(key)
     per_group = ptq.method == "htg" and ptq.act_range_per_group and plan is not None
     groups = plan.group_of_step if per_group else np.zeros(len(calibrated), np.int32)
     layer_quant = quant
     for name in key:
       layer_quant = layer_quant.setdefault(name, {})
-    layer_quant["act_range"] = activation_ranges(smoothed[key], groups, calibrated_of_step)
+    layer_quant["act_range"] = activation_ranges(smoothed[key], groups, calibrated_of_step, estimate,
+                                                 histograms.get(key), bounds.get(key))
     kernel = layer_entry(params, key)["kernel"]
     per_channel = ptq.method != "naive"
     if ptq.integer:  # the same grid as the fake-quant below: per output channel, or one per tensor (naive)
