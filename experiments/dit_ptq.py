@@ -115,6 +115,7 @@ def htg_variants(n_steps: int) -> dict[str, dict]:
           "htg_mse_range": {"act_range_estimator": "mse"},
           f"htg_calib{max(1, n_steps // 4)}": {"calib_timesteps": max(1, n_steps // 4)},  # R1: 25 of 100
           "htg_all_linears": {"quantise_all_linears": True},
+          "htg_quantised_attention": {"quantise_attention": True},
           "htg_float_shift_bias": {"htg": {"shift_compensation": "float"}}}
 FP_CLOSE = {"w8a8": 0.05, "w4a8": 0.15}  # HTG's FID within this fraction of FP (the issue's goals)
 GROUP_CLOSE = 0.02  # G = T/10 within 2 % of G = T
@@ -569,6 +570,8 @@ def main(argv):
            f"squared error, from histograms of the folded float model's inputs; htg_calib<k>: "
            f"calibrated on k steps spread uniformly (R1: 25 of 100), the others reading their nearest; "
            f"htg_all_linears: the adaLN, embedder and final linears quantised too (min-max, one range); "
+           f"htg_quantised_attention: both attention matmuls on 8-bit inputs (q, k, v on ranges per group, the "
+           f"probabilities on [0, 1]); "
            f"noise_mse: mean over steps of the noise prediction MSE against fp32 on fp32's trajectory "
            f"({min(n_samples, _SAMPLE_BATCH.value)} rows); htg_float_shift_bias: htg_spec with the "
            f"spec's literal bias fold b + z_g W on the float kernel (htg_spec and the ablations fold the shift onto "

@@ -10,7 +10,8 @@ Each block (Sec. 3.2, "adaLN-Zero"):
 The adaLN linears and the final layer start at zero, so every block starts as the identity. LayerNorms have no
 affine parameters. Every linear is a `pangu.nn.quantized.QuantDense`, so post-training quantisation
 (pangu.compress.quant) attaches per-step tables through the `quant` collection without changing params; the
-attention core is `pangu.nn.attention.dot_product_attention` with a non-causal mask.
+attention core is `pangu.nn.quantized.QuantAttention`: `pangu.nn.attention.dot_product_attention` with a non-causal
+mask, or its matmuls on quantised inputs.
 
 Label index `n_classes` is the null label of classifier-free guidance; training drops labels to it with
 probability `label_dropout` (done by the loss, pangu.diffusion.objective).
@@ -25,8 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from pangu.config_checks import positive_ints
-from pangu.nn.attention import AttentionMask, dot_product_attention
-from pangu.nn.quantized import QuantDense
+from pangu.nn.quantized import QuantAttention, QuantDense
 from pangu.parallel import rules
 from pangu_kernels.fence import cotangent_fence
 
@@ -169,8 +169,7 @@ class DiTBlock(nn.Module):
     h = modulate(layer_norm(x), beta1, gamma1)
     qkv = QuantDense(3 * d, rules.EMBED, rules.HEADS, cfg.act_bits, name="qkv")(h, step)
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, cfg.n_heads, cfg.head_dim), 2, 0)
-    attended = dot_product_attention(q, k, v, AttentionMask(causal=False),
-                                     implementation=cfg.attention_implementation)
+    attended = QuantAttention(cfg.attention_implementation, cfg.act_bits, name="attention")(q, k, v, step)
     x = x + alpha1[:, None] * QuantDense(d, rules.HEADS, rules.EMBED, cfg.act_bits, name="proj")(
         attended.reshape(b, n, d), step)
     h = modulate(layer_norm(x), beta2, gamma2)

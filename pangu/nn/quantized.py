@@ -7,6 +7,8 @@ shapes, same checkpoints) and adds a `quant` collection next to them. Each `Quan
   * `input_shift` (a `StepTable`) and `input_scale` [C_in]: smoothing applied on the fly, (x - z_g) / s;
   * `act_range`: a `StepTable` of (min, max) per group: static, per-tensor, asymmetric activation fake-quant;
   * `kernel_int8` [C_in, C_out] int8 and `kernel_scale` [C_out]: the real integer path (needs `act_range`).
+`QuantAttention`, the attention core, reads `q_range`, `k_range` and `v_range` (`StepTable`s of (min, max)): with
+them both attention matmuls take fake-quantised inputs (the probabilities on a fixed grid over [0, 1]).
 Every table is indexed by the sampler's step index, never the diffusion time (classifier-free guidance runs
 both halves of a batch at one step). The calibration capture point is `sow("intermediates", "input", x)`: the
 tensor the activation quantiser sees.
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pangu.nn import linear
+from pangu.nn.attention import AttentionMask, dot_product_attention
 from pangu.nn.linear import ProjectionConfig
 
 QUANT = "quant"
@@ -144,3 +147,38 @@ class QuantDense(nn.Module):
     if act_range is not None:
       x = fake_quant_activation(x, lo, hi, self.act_bits)
     return linear.project(x, w, self.projection) + bias.astype(self.projection.dtype)
+
+
+def fake_quant_probabilities(p: jax.Array, bits: int) -> jax.Array:
+  """Attention probabilities on the unsigned grid {0, 1, ..., 2^b - 1} / (2^b - 1): they lie in [0, 1], so the
+  range needs no calibration (the asymmetric grid over [0, 1])."""
+  return fake_quant_activation(p, jnp.float32(0.0), jnp.float32(1.0), bits)
+
+
+class QuantAttention(nn.Module):
+  """Non-causal attention core q, k, v [B, N, A, Dh] -> [B, N, A, Dh], whose matmuls (q k^T and p v) take
+  quantised inputs when the `quant` collection holds `q_range`, `k_range` and `v_range`: q, k and v fake-quantised
+  on their static per-tensor grids, the softmax probabilities p on [0, 1]. Without them it is
+  `dot_product_attention` with `implementation`. Sows q, k and v (calibration capture points).
+
+  Attributes:
+    implementation: the float path's attention implementation.
+    act_bits: bits of the quantised operands.
+  """
+
+  implementation: str = "auto"
+  act_bits: int = 8
+
+  @nn.compact
+  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, step: jax.Array | None = None) -> jax.Array:
+    for name, operand in (("q", q), ("k", k), ("v", v)):
+      self.sow("intermediates", name, operand)
+    if not self.has_variable(QUANT, "q_range"):
+      return dot_product_attention(q, k, v, AttentionMask(causal=False), implementation=self.implementation)
+    if step is None:
+      raise ValueError(f"QuantAttention {self.name}: its ranges are per step, but no step index was given")
+    q, k, v = (fake_quant_activation(x, *select_step(self.get_variable(QUANT, f"{name}_range"), step), self.act_bits)
+               for name, x in (("q", q), ("k", k), ("v", v)))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(q.shape[-1]))
+    probabilities = fake_quant_probabilities(jax.nn.softmax(logits, axis=-1), self.act_bits)
+    return jnp.einsum("bhqk,bkhd->bqhd", probabilities, v)

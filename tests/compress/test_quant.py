@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pangu.compress.quant.calibration import collect_input_stats, layer_entry, quantised_layers
+from pangu.compress.quant.calibration import attention_operands, collect_input_stats, layer_entry, quantised_layers
 from pangu.compress.quant.grouping import common_refinement, contiguous_groups, nearest_calibrated, uniform_steps
 from pangu.compress.quant.ptq import PTQConfig, quantise_dit
 from pangu.compress.quant.reparam import reparameterise
@@ -186,11 +186,15 @@ def test_input_stats_are_each_steps_channel_extremes(guidance):
     x = jnp.concatenate([trajectory[step]] * halves)
     _, state = model.apply({"params": params}, x, jnp.full(run_labels.shape, timesteps[step]), run_labels, step,
                            mutable=["intermediates"])
-    for key in quantised_layers(CONFIG, all_linears=True):
-      inputs = np.asarray(layer_entry(state["intermediates"], key)["input"][0], np.float64)
-      flat = inputs.reshape(-1, inputs.shape[-1])
-      np.testing.assert_allclose(stats[key]["min"][step], flat.min(0), rtol=1e-6, atol=1e-6)
-      np.testing.assert_allclose(stats[key]["max"][step], flat.max(0), rtol=1e-6, atol=1e-6)
+    for key in quantised_layers(CONFIG, all_linears=True) + attention_operands(CONFIG):
+      entry = layer_entry(state["intermediates"], key)
+      if isinstance(entry, dict):  # a linear's input [..., C_in]
+        inputs = np.asarray(entry["input"][0], np.float64)
+        flat = inputs.reshape(-1, inputs.shape[-1])
+      else:  # an attention operand [B, N, A, Dh]: channels are (head, head dimension)
+        flat = np.asarray(entry[0], np.float64).reshape(-1, CONFIG.d_model)
+      np.testing.assert_allclose(stats[key]["min"][step], flat.min(0), rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(stats[key]["max"][step], flat.max(0), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="timesteps"):
     collect_input_stats(CONFIG, params, None, trajectory, timesteps[1:], labels, 1.5)
 
@@ -519,6 +523,67 @@ def test_range_estimators_narrow_the_min_max_ranges_of_the_folded_model():
   for bad in ({"act_percentile": 50.0}, {"act_range_estimator": "kl"}):
     with pytest.raises(ValueError, match=next(iter(bad))):
       PTQConfig(**bad)
+
+
+def _fake_quant_float64(x, lo, hi, bits=8):
+  """An independent asymmetric grid covering [min(lo, 0), max(hi, 0)], in float64."""
+  lo, hi = min(lo, 0.0), max(hi, 0.0)
+  scale = (hi - lo) / (2 ** bits - 1)
+  zero = np.round(-lo / scale) - 2 ** (bits - 1)
+  return (np.clip(np.round(x / scale) + zero, -2 ** (bits - 1), 2 ** (bits - 1) - 1) - zero) * scale
+
+
+def test_quant_attention_against_float64():
+  """With ranges, q, k and v are fake-quantised (values beyond a range clipped), softmax(q k^T / sqrt(Dh)), the
+  probabilities rounded to k / 255, then p v; without them it is the float attention."""
+  from pangu.nn.quantized import QuantAttention, step_table
+  q, k, v = (1.5 * jax.random.normal(key, (2, 8, 2, 4)) for key in jax.random.split(jax.random.key(3), 3))
+  ranges = {"q": (-1.0, 1.5), "k": (-2.5, 2.0), "v": (-3.0, 3.0)}
+  quant = {f"{name}_range": step_table(jnp.asarray([[0.0, 1.0], lo_hi], jnp.float32), [0, 1, 1])
+           for name, lo_hi in ranges.items()}
+  layer = QuantAttention(implementation="xla")
+  out = layer.apply({"quant": quant}, q, k, v, 2)
+  qq, kk, vv = (_fake_quant_float64(np.asarray(x, np.float64), *ranges[name]) for name, x in zip("qkv", (q, k, v)))
+  logits = np.einsum("bqhd,bkhd->bhqk", qq, kk) / 2.0
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p = np.round(p / p.sum(-1, keepdims=True) * 255) / 255
+  np.testing.assert_allclose(out, np.einsum("bhqk,bkhd->bqhd", p, vv), atol=1e-5)
+  assert np.abs(np.asarray(q)).max() > 1.5  # some of q was clipped
+  float_out = np.asarray(layer.apply({}, q, k, v, 2))
+  logits = np.einsum("bqhd,bkhd->bhqk", np.asarray(q, np.float64), np.asarray(k, np.float64)) / 2.0
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  np.testing.assert_allclose(float_out, np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v), atol=1e-5)
+  with pytest.raises(ValueError, match="step"):
+    layer.apply({"quant": quant}, q, k, v)
+
+
+@pytest.mark.parametrize("proj_smoothing", ["fold_v", "explicit"])
+def test_attention_ranges_are_the_folded_models_operand_extremes(proj_smoothing):
+  """q, k and v ranges per group equal the extremes of the folded float model's operands, re-collected by running
+  it (under fold_v, v carries proj's shift and scale and takes proj's groups; q and k take qkv's)."""
+  params, (trajectory, timesteps, labels) = _random_params(), _calibration()
+  stats = collect_input_stats(CONFIG, params, None, trajectory, timesteps, labels, 1.5)
+  ptq = PTQConfig("htg", proj_smoothing=proj_smoothing, quantise_attention=True, htg=HTGConfig(n_groups=2))
+  qparams, quant, report = quantise_dit(CONFIG, params, stats, ptq)
+  folded, folded_quant = reparameterise(CONFIG, params, report["plans"], STEPS, proj_smoothing)
+  rerun = collect_input_stats(CONFIG, folded, folded_quant, trajectory, timesteps, labels, 1.5)
+  for block, _, name in attention_operands(CONFIG):
+    source = "proj" if name == "v" and proj_smoothing == "fold_v" else "qkv"
+    groups = report["plans"][(block, source)].group_of_step
+    table = quant[block]["attention"][f"{name}_range"]
+    np.testing.assert_array_equal(table["group_of_step"], groups)
+    operand = rerun[(block, "attention", name)]
+    for g in range(2):
+      expected = [operand["min"][groups == g].min(), operand["max"][groups == g].max()]
+      np.testing.assert_allclose(table["values"][g], expected, rtol=1e-4, atol=1e-4)
+  moved = [not np.allclose(rerun[key]["max"], stats[key]["max"], rtol=1e-3) for key in attention_operands(CONFIG)]
+  assert any(moved) == (proj_smoothing == "fold_v")  # only v under fold_v differs from the float model's
+  model, (x, t, y) = DiT(CONFIG), _inputs(batch=4)
+  without = quantise_dit(CONFIG, params, stats, dataclasses.replace(ptq, quantise_attention=False))
+  outputs = [np.asarray(model.apply({"params": p, "quant": q}, x, t, y, 2)) for p, q in ((qparams, quant), without[:2])]
+  reference = np.asarray(model.apply({"params": params}, x, t, y, 2))
+  errors = [np.linalg.norm(out - reference) / np.linalg.norm(reference) for out in outputs]
+  assert errors[1] < errors[0] < 0.25
 
 
 def test_select_htg_halves_to_the_candidate_with_the_lowest_calibration_score():

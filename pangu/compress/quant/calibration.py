@@ -5,8 +5,9 @@ The inputs come from `QuantDense`'s `sow("intermediates", "input", ...)`: the te
 sees: the raw inputs of the float model (for shifts, scales and, mapped through them, activation ranges:
 `ptq.smoothed_stats`) or the smoothed inputs of a re-parameterised one. Trajectories come from the float
 sampler (pangu.diffusion.samplers returns them); with guidance the batch is doubled with null labels, as the
-sampler runs it. Every linear's stats are collected (a min and a max per step and channel are cheap), so one
-capture serves the block linears alone (spec 3.1's default) and `PTQConfig.quantise_all_linears`.
+sampler runs it. Every linear's stats are collected (a min and a max per step and channel are cheap), and those of
+the attention matmuls' inputs (`QuantAttention`'s q, k, v), so one capture serves the block linears alone (spec
+3.1's default), `PTQConfig.quantise_all_linears` and `PTQConfig.quantise_attention`.
 """
 
 import functools
@@ -22,6 +23,7 @@ from pangu.models.dit import BLOCK_LINEARS, OUTER_LINEARS, DiT, DiTConfig
 LayerKey = tuple[str, ...]
 Stats = dict[LayerKey, dict[str, np.ndarray]]  # layer -> {"min": [S, C], "max": [S, C]}
 Histograms = dict[LayerKey, np.ndarray]  # layer -> [S, bins] counts of its input values over its bounds
+ATTENTION_OPERANDS = ("q", "k", "v")
 HISTOGRAM_BINS = 2048  # 8 bins per level of an 8-bit activation grid spanning the whole range
 
 
@@ -34,6 +36,12 @@ def quantised_layers(config: DiTConfig, all_linears: bool = False) -> list[Layer
     return blocks
   outer = [(name,) for name in OUTER_LINEARS]
   return outer[:3] + blocks + outer[3:]
+
+
+def attention_operands(config: DiTConfig) -> list[LayerKey]:
+  """Every block's attention matmul inputs, (block name, "attention", "q" | "k" | "v"): their stats have one
+  channel per head and head dimension ([rows, A Dh], the qkv linear's column order)."""
+  return [(f"block_{i}", "attention", name) for i in range(config.depth) for name in ATTENTION_OPERANDS]
 
 
 def layer_entry(tree: dict, key: LayerKey):
@@ -77,8 +85,8 @@ def _variables(params: dict, quant: dict | None) -> dict:
 
 def _layer_inputs(config: DiTConfig, guidance: float, variables: dict, x: jax.Array, tau: jax.Array,
                   step: jax.Array, labels: jax.Array) -> dict[LayerKey, jax.Array]:
-  """Every linear's input [rows, C_in] at one sampler step; with guidance the batch doubled with null labels, as
-  the sampler runs it."""
+  """Every linear's input [rows, C_in] and every attention operand [rows, A Dh] at one sampler step; with guidance
+  the batch doubled with null labels, as the sampler runs it."""
   if guidance != 1.0:
     x, labels = jnp.concatenate([x, x]), jnp.concatenate([labels, jnp.full_like(labels, config.n_classes)])
   _, state = DiT(config).apply(variables, x, jnp.full(labels.shape, tau), labels, step, mutable=["intermediates"])
@@ -86,6 +94,9 @@ def _layer_inputs(config: DiTConfig, guidance: float, variables: dict, x: jax.Ar
   for key in quantised_layers(config, all_linears=True):
     (value,) = layer_entry(state["intermediates"], key)["input"]
     inputs[key] = value.reshape(-1, value.shape[-1])
+  for key in attention_operands(config):
+    (value,) = layer_entry(state["intermediates"], key)
+    inputs[key] = value.reshape(value.shape[0] * value.shape[1], -1)
   return inputs
 
 

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pangu.compress.quant.calibration import Histograms, LayerKey, Stats, layer_entry, quantised_layers
+from pangu.compress.quant.calibration import (ATTENTION_OPERANDS, Histograms, LayerKey, Stats, layer_entry,
+                                              quantised_layers)
 from pangu.compress.quant.grouping import collapse, nearest_calibrated, uniform_steps
 from pangu.compress.quant.ranges import ESTIMATORS, Estimate, RangeEstimator, range_estimator
 from pangu.compress.quant.reparam import Plans, ProjSmoothing, reparameterise
@@ -59,6 +60,9 @@ class PTQConfig:
     act_range_estimator: `minmax` (default), `percentile` or `mse` (`pangu.compress.quant.ranges`, spec 3.8);
       the last two read histograms of the folded float model's inputs (`quantise_dit`'s `recollect`).
     act_percentile: p of the percentile estimator, in (50, 100].
+    quantise_attention: the attention matmuls (q k^T, p v) take quantised inputs (`QuantAttention`): q, k and v
+      on min-max ranges per group of the linear whose output they are (qkv; v under `fold_v` carries proj's
+      smoothing and takes its groups), the probabilities on [0, 1]. Default: float (spec 3.8).
   """
 
   method: Method = "htg"
@@ -73,6 +77,7 @@ class PTQConfig:
   calib_timesteps: int | None = None
   act_range_estimator: RangeEstimator = "minmax"
   act_percentile: float = 99.99
+  quantise_attention: bool = False
 
   def __post_init__(self):
     one_of(self, "method", METHODS)
@@ -184,6 +189,17 @@ def quantise_dit(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig,
       layer_quant["bias_table"] = compensate_shift(layer_quant["bias_table"], every_step[key], kernel, rounded)
     _replace_kernel(params, key, rounded)
     weight_bytes += kernel.size * ptq.weight_bits // 8 + 4 * (kernel.shape[1] if per_channel else 1)
+  if ptq.quantise_attention:
+    for block in (f"block_{i}" for i in range(config.depth)):
+      attention = quant.setdefault(block, {}).setdefault("attention", {})
+      for name in ATTENTION_OPERANDS:
+        key, source = (block, "attention", name), "proj" if name == "v" and ptq.proj_smoothing == "fold_v" else "qkv"
+        plan, operand = plans.get((block, source)), stats[(block, "attention", name)]
+        if plan is not None and source == "proj":
+          operand = smoothed_stats({key: operand}, {key: plan})[key]
+        per_group = ptq.method == "htg" and ptq.act_range_per_group and plan is not None
+        groups = plan.group_of_step if per_group else np.zeros(len(calibrated), np.int32)
+        attention[f"{name}_range"] = activation_ranges(operand, groups, calibrated_of_step)
   return params, quant, {"plans": plans, "weight_bytes": weight_bytes, "extra_bytes": table_bytes(quant)}
 
 
