@@ -43,8 +43,9 @@ EXPERIMENTS = (
     ("specache", "SpeCache: speculative top-k prefetch over a 1/2-bit KIVI copy vs KIVI, H2O, StreamingLLM and the "
                  "full cache on needle retrieval at matched device memory (reuses sdtp's cached retrieval LM).", 146),
     ("dit_ptq", "HTG: timestep-aware W8A8 / W4A8 post-training quantisation of a small DiT on digits against naive, "
-                "SmoothQuant-style and PTQ4DiT-style PTQ; G sweep (the first run trains the DiT; re-runs reuse it).",
-     375),
+                "SmoothQuant-style and PTQ4DiT-style PTQ; G sweep and the spec's ablations (the first run trains the "
+                "DiT; re-runs reuse it).",
+     465),
     ("embedded_dual", "Pangu Embedded: iterative distillation with merging, then fast / slow / auto modes of a "
                       "byte-level student trained from scratch.", 82),
     ("embedded_rl", "Pangu Embedded: the SSP scheduler with a priority queue under long-tail generation lengths "
