@@ -62,7 +62,7 @@ def uniform_steps(n_steps: int, n_calibrated: int | None) -> np.ndarray:
     return np.arange(n_steps)
   if not 1 <= n_calibrated <= n_steps:
     raise ValueError(f"calib_timesteps must be in [1, {n_steps}] (the sampler's steps), got {n_calibrated}")
-  return np.unique(np.round(np.linspace(0, n_steps - 1, n_calibrated)).astype(np.int64))
+  return np.round(np.linspace(0, n_steps - 1, n_calibrated)).astype(np.int64)  # spacing >= 1: distinct
 
 
 def nearest_calibrated(calibrated: np.ndarray, n_steps: int) -> np.ndarray:
