@@ -358,21 +358,22 @@ def main(argv):
   model = DiT(config)
   shape = (config.image_size, config.image_size, config.channels)
 
-  @functools.partial(jax.jit, static_argnames="guidance")
-  def sample(variables, sample_labels, rng, guidance, noise=None):
-    denoiser = guided(lambda x, t, y, i: model.apply(variables, x, t, y, i), config.n_classes, guidance)
-    return ddim_sample(denoiser, schedule, sample_labels, shape, rng, n_steps, batch_size=_SAMPLE_BATCH.value,
-                       noise=noise)
+  def denoiser(variables, guidance):
+    return guided(lambda x, t, y, i: model.apply(variables, x, t, y, i), config.n_classes, guidance)
 
   @functools.partial(jax.jit, static_argnames="guidance")
-  def noise_mse(variables, reference, trajectory, labels, guidance):
-    def denoiser(v):
-      return guided(lambda x, t, y, i: model.apply(v, x, t, y, i), config.n_classes, guidance)
-    return per_step_noise_mse(denoiser(variables), denoiser(reference), trajectory, timesteps, labels)
+  def sample(variables, sample_labels, rng, guidance, noise=None):
+    return ddim_sample(denoiser(variables, guidance), schedule, sample_labels, shape, rng, n_steps,
+                       batch_size=_SAMPLE_BATCH.value, noise=noise)
 
   comparison_labels = jnp.arange(n_compare) % config.n_classes
   sample_labels = comparison_labels[:n_samples]
   timesteps = sampling_timesteps(schedule.n_timesteps, n_steps)
+
+  @functools.partial(jax.jit, static_argnames="guidance")
+  def noise_mse(variables, reference, trajectory, labels, guidance):
+    return per_step_noise_mse(denoiser(variables, guidance), denoiser(reference, guidance), trajectory, timesteps,
+                              labels)
 
   def trained_model(seed: int) -> tuple[dict, bool]:
     """The DiT trained from `seed`, cached under --results_dir; and whether it came from the cache."""

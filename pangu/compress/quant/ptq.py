@@ -171,13 +171,9 @@ def quantise_dit(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig,
   weight_bytes = 0
   for key in layers:
     plan = plans.get(key)
-    per_group = ptq.method == "htg" and ptq.act_range_per_group and plan is not None
-    groups = plan.group_of_step if per_group else np.zeros(len(calibrated), np.int32)
-    layer_quant = quant
-    for name in key:
-      layer_quant = layer_quant.setdefault(name, {})
-    layer_quant["act_range"] = activation_ranges(smoothed[key], groups, calibrated_of_step, estimate,
-                                                 histograms.get(key), bounds.get(key))
+    layer_quant = _entry(quant, key)
+    layer_quant["act_range"] = activation_ranges(smoothed[key], _range_groups(ptq, plan, len(calibrated)),
+                                                 calibrated_of_step, estimate, histograms.get(key), bounds.get(key))
     kernel = layer_entry(params, key)["kernel"]
     per_channel = ptq.method != "naive"
     if ptq.integer:  # the same grid as the fake-quant below: per output channel, or one per tensor (naive)
@@ -191,16 +187,30 @@ def quantise_dit(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig,
     weight_bytes += kernel.size * ptq.weight_bits // 8 + 4 * (kernel.shape[1] if per_channel else 1)
   if ptq.quantise_attention:
     for block in (f"block_{i}" for i in range(config.depth)):
-      attention = quant.setdefault(block, {}).setdefault("attention", {})
+      attention = _entry(quant, (block, "attention"))
       for name in ATTENTION_OPERANDS:
         key, source = (block, "attention", name), "proj" if name == "v" and ptq.proj_smoothing == "fold_v" else "qkv"
-        plan, operand = plans.get((block, source)), stats[(block, "attention", name)]
+        plan, operand = plans.get((block, source)), stats[key]
         if plan is not None and source == "proj":
           operand = smoothed_stats({key: operand}, {key: plan})[key]
-        per_group = ptq.method == "htg" and ptq.act_range_per_group and plan is not None
-        groups = plan.group_of_step if per_group else np.zeros(len(calibrated), np.int32)
-        attention[f"{name}_range"] = activation_ranges(operand, groups, calibrated_of_step)
+        attention[f"{name}_range"] = activation_ranges(operand, _range_groups(ptq, plan, len(calibrated)),
+                                                       calibrated_of_step)
   return params, quant, {"plans": plans, "weight_bytes": weight_bytes, "extra_bytes": table_bytes(quant)}
+
+
+def _range_groups(ptq: PTQConfig, plan: SmoothingPlan | None, n_calibrated: int) -> np.ndarray:
+  """The groups an activation range is kept per: the plan's for HTG (unless `act_range_per_group=False`), one
+  otherwise."""
+  if ptq.method == "htg" and ptq.act_range_per_group and plan is not None:
+    return plan.group_of_step
+  return np.zeros(n_calibrated, np.int32)
+
+
+def _entry(quant: dict, key: LayerKey) -> dict:
+  """The quant collection's dict at a module's path, created where missing."""
+  for name in key:
+    quant = quant.setdefault(name, {})
+  return quant
 
 
 def _replace_kernel(params: dict, key: LayerKey, kernel: jax.Array) -> None:
