@@ -12,14 +12,16 @@ The W4A8 comparison of HTG with naive and SmoothQuant-style, and the FP-close cl
 (--comparison_samples; every configuration's own --samples are the first of them); the comparison is repeated on
 models trained from further seeds (--replicate_seeds), and its verdict needs every model. The guidance scale is
 picked on the float model (--guidance).
-Writes <results_dir>/dit_ptq.json {"seed", "samples", "fp", "guidance", "w8a8", "w4a8", "w4a8_comparison",
-"alpha_comparison", "fp_close", "groups", "htg_selection", "replicates", "claims"}, dit_ptq.png (sample grids, z_t
-of a few layers, per-step noise prediction errors at W4A8) and dit_ptq.md. Each configuration's record holds its
-"fid", "class_acc", "sample_mse", "noise_mse_per_step" (the MSE of its noise prediction against the float model's
-at each step of the float model's own trajectory on the first comparison rows; "noise_mse" its mean), bytes and
-"calib_seconds". alpha_comparison: the record w4a8_comparison describes, of htg_spec (alpha 0.99) against the
-htg_alpha rows. fp_close: {"samples", "fp", "fp_other_noise", "w8a8", "w4a8": FID-digits of FP (also from other
-noise) and of HTG at each width on the comparison's samples}.
+Writes <results_dir>/dit_ptq.json {"seed", "samples", "fp", "guidance", "outliers", "w8a8", "w4a8",
+"w4a8_comparison", "alpha_comparison", "fp_close", "groups", "htg_selection", "replicates", "claims"},
+dit_ptq.png (sample grids, z_t of a few layers, per-step noise prediction errors at W4A8) and dit_ptq.md. Each
+configuration's record holds its "fid", "class_acc", "sample_mse", "noise_mse_per_step" (the MSE of its noise
+prediction against the float model's at each step of the float model's own trajectory on the first comparison
+rows; "noise_mse" its mean), bytes and "calib_seconds". alpha_comparison: the record w4a8_comparison describes,
+of htg_spec (alpha 0.99) against the htg_alpha rows. fp_close: {"samples", "fp", "fp_other_noise", "w8a8",
+"w4a8": FID-digits of FP (also from other noise) and of HTG at each width on the comparison's samples}.
+outliers: {"block.linear": {"outlier_ratio", "time_spread"}} of the float model's block linear inputs on the
+calibration trajectories (`pangu.compress.quant.outliers`).
 w4a8_comparison: {"samples", "fid": {method}, "sample_mse": {method}, "fid_gaps": {"a - b": FID(a) - FID(b) of
 HTG (picked and spec settings) against naive and SmoothQuant-style, with paired-bootstrap intervals
 (`fid.paired_fid_gap`)}}; guidance: {"scale", "candidates": {scale: the float model's {"fid", "class_acc"}}, null
@@ -29,6 +31,7 @@ with --guidance}; replicates: {seed: {"fp", "w4a8", "w4a8_comparison", "htg_chos
 """
 
 import os
+import statistics
 import time
 
 from absl import app, flags
@@ -120,13 +123,20 @@ def htg_variants(n_steps: int) -> dict[str, dict]:
 FP_CLOSE = {"w8a8": 0.05, "w4a8": 0.15}  # HTG's FID within this fraction of FP (the issue's goals)
 GROUP_CLOSE = 0.02  # G = T/10 within 2 % of G = T
 CALIBRATION_GOAL_S = 180.0
+# HTG's premise, "time-dependent, channel-specific outliers", read per block linear input (our thresholds): its
+# strongest channel at least this many times the median channel's max|X| (channels of one spread give ~1.2 at
+# these row counts) ...
+OUTLIER_RATIO_GOAL = 4.0
+# ... and its strongest channels' interval pooled over the sampler at least this many times one step's own width
+# (the interval moves or grows by a full width over the steps).
+TIME_SPREAD_GOAL = 2.0
 FP_CLASS_ACC = 0.8  # the float model's samples must be recognisable digits for FID gaps to mean anything
 
 
 def claims(payload: dict) -> list[dict]:
   """Verdicts computed from the JSON alone."""
   fp, fp_close = payload["fp"]["fid"], payload["fp_close"]
-  rows = []
+  rows = [outlier_claim(payload["outliers"])]
   for bits, close in FP_CLOSE.items():
     htg, ratio = fp_close[bits], fp_close[bits] / fp_close["fp"] - 1
     # Either side: quantisation noise can also lower FID-digits, which is a departure from FP all the same.
@@ -175,7 +185,8 @@ def claims(payload: dict) -> list[dict]:
   beaten = [name for name in others if beats(alphas, "htg_spec", name)]
   rows.append(common.claim("HTG (DiT PTQ)", "EMA factor alpha = 0.99 is the best setting (W4A8)",
                            "Table 4 (secondary source): 0.99 best in the EMA ablation",
-                           f"alpha 0.99 (htg_spec) beats {', '.join(beaten) or 'neither'} of {', '.join(others)}; on "
+                           f"against {', '.join(others)}, alpha 0.99 (htg_spec) beats "
+                           f"{', '.join(beaten) or 'neither'}; on "
                            f"{alphas['samples']} samples each, {comparison_text(alphas)}; a gap whose 95% "
                            "paired-bootstrap interval holds 0 is decided by the paired sample MSE vs FP",
                            "reproduced" if len(beaten) == len(others) else "partly" if beaten else "not reproduced"))
@@ -194,6 +205,32 @@ def claims(payload: dict) -> list[dict]:
                            "reproduced" if calib < CALIBRATION_GOAL_S else
                            "partly" if spec_calib < CALIBRATION_GOAL_S else "not reproduced"))
   return rows
+
+
+def outlier_claim(outliers: dict) -> dict:
+  """HTG's premise on the float model's block linear inputs: each counts when both its outlier ratio and its time
+  spread reach their goals; reproduced when at least half count, partly when one does or at least half reach
+  one of the two goals."""
+  from pangu.compress.quant.outliers import TOP_FRACTION
+  n = len(outliers)
+  ratio = sum(v["outlier_ratio"] >= OUTLIER_RATIO_GOAL for v in outliers.values())
+  spread = sum(v["time_spread"] >= TIME_SPREAD_GOAL for v in outliers.values())
+  both = sum(v["outlier_ratio"] >= OUTLIER_RATIO_GOAL and v["time_spread"] >= TIME_SPREAD_GOAL
+             for v in outliers.values())
+  by_linear = {}
+  for name, v in outliers.items():
+    by_linear.setdefault(name.split(".")[-1], []).append(v)
+  medians = "; ".join(f"{linear} ratio {statistics.median([v['outlier_ratio'] for v in vs]):.3g}, spread "
+                      f"{statistics.median([v['time_spread'] for v in vs]):.3g}" for linear, vs in by_linear.items())
+  return common.claim(
+      "HTG (DiT PTQ)", "DiT activations have time-dependent, channel-specific outliers",
+      f"abstract (confirmed); goal (ours): a block linear's input counts when its strongest channel reaches "
+      f"{OUTLIER_RATIO_GOAL:g}x the median channel's max|X| (median over steps) and its strongest "
+      f"{TOP_FRACTION:.0%} of channels' interval pooled over the steps {TIME_SPREAD_GOAL:g}x one step's width; at "
+      "least half the inputs",
+      f"{both} of {n} block linear inputs count ({ratio} reach the outlier ratio, {spread} the time spread); "
+      f"medians by linear: {medians}",
+      "reproduced" if 2 * both >= n else "partly" if both or 2 * max(ratio, spread) >= n else "not reproduced")
 
 
 def fid_noise(fp_close: dict) -> float:
@@ -248,6 +285,7 @@ def report_table(payload: dict, setup: str) -> str:
             for bits, picked in payload["htg_selection"].items()
             for name, by_budget in picked["calibration_sample_mse"].items()]
   search_columns = ["bits", "candidate", *(f"mse on {n} trajectories" for n in trajectories)]
+  outliers = [{"block linear input": name, **v} for name, v in payload["outliers"].items()]
   return "\n\n".join([setup, common.format_table(rows, columns),
                       f"FID-digits on {payload['fp_close']['samples']} samples (the FP-close claims): "
                       + ", ".join(f"{name} {fid:.3g}" for name, fid in payload["fp_close"].items()
@@ -259,7 +297,11 @@ def report_table(payload: dict, setup: str) -> str:
                       "HTG group sweep at W4A8:",
                       common.format_table(groups, ["G", "fid", "extra_bytes"]),
                       "HTG settings searched on the calibration split (successive halving; lowest at the last kept):",
-                      common.format_table(search, search_columns)])
+                      common.format_table(search, search_columns),
+                      "The float model's block linear inputs on the calibration trajectories (outlier_ratio: the "
+                      "strongest channel's max|X| over the median channel's, median over steps; time_spread: the "
+                      "strongest channels' interval pooled over steps over one step's width):",
+                      common.format_table(outliers, ["block linear input", "outlier_ratio", "time_spread"])])
 
 
 def plot(grids: dict, shifts: dict, noise_errors: dict, side: int) -> None:
@@ -314,8 +356,9 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from pangu.compress.quant.calibration import collect_input_histograms, collect_input_stats
+  from pangu.compress.quant.calibration import collect_input_histograms, collect_input_stats, quantised_layers
   from pangu.compress.quant.grouping import default_n_groups
+  from pangu.compress.quant.outliers import outlier_ratio, time_spread
   from pangu.compress.quant.ptq import PTQConfig, quantise_dit
   from pangu.compress.quant.select import htg_candidates, select_htg
   from pangu.compress.quant.smoothing import HTGConfig, per_step_shift
@@ -487,6 +530,9 @@ def main(argv):
   grids = {"fp32": run.fp_samples[:10]}
   payload = {"seed": _SEED.value, "samples": n_samples, "fp": fp,
              "guidance": selection,
+             "outliers": {f"{block}.{name}": {"outlier_ratio": outlier_ratio(float_stats[(block, name)]),
+                                              "time_spread": time_spread(float_stats[(block, name)])}
+                          for block, name in quantised_layers(config)},
              "w8a8": {}, "w4a8": {}, "groups": {}, "htg_selection": {}}
   chosen, compared = {}, {}  # compared: the W4A8 samples of every configuration
   main_pairs = [(a, b) for a in ("htg", "htg_spec") for b in BASELINES]
