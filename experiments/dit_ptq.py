@@ -25,7 +25,7 @@ calibration trajectories (`pangu.compress.quant.outliers`).
 w4a8_comparison: {"samples", "fid": {method}, "sample_mse": {method}, "fid_gaps": {"a - b": FID(a) - FID(b) of
 HTG (picked and spec settings) against naive and SmoothQuant-style, with paired-bootstrap intervals
 (`fid.paired_fid_gap`)}}; guidance: {"scale", "candidates": {scale: the float model's {"fid", "class_acc"}}, null
-with --guidance}; replicates: {seed: {"fp", "w4a8", "w4a8_comparison", "htg_chosen"}}.
+with --guidance}; replicates: {seed: {"fp", "w4a8", "w4a8_comparison", "htg_chosen", "outliers"}}.
 
   python -m experiments.dit_ptq --quick
 """
@@ -285,7 +285,10 @@ def report_table(payload: dict, setup: str) -> str:
             for bits, picked in payload["htg_selection"].items()
             for name, by_budget in picked["calibration_sample_mse"].items()]
   search_columns = ["bits", "candidate", *(f"mse on {n} trajectories" for n in trajectories)]
-  outliers = [{"block linear input": name, **v} for name, v in payload["outliers"].items()]
+  outliers = [{"seed": seed, "block linear input": name, **v}
+              for seed, record in {payload["seed"]: payload["outliers"],
+                                   **{seed: entry["outliers"] for seed, entry in payload["replicates"].items()}}.items()
+              for name, v in record.items()]
   return "\n\n".join([setup, common.format_table(rows, columns),
                       f"FID-digits on {payload['fp_close']['samples']} samples (the FP-close claims): "
                       + ", ".join(f"{name} {fid:.3g}" for name, fid in payload["fp_close"].items()
@@ -298,10 +301,10 @@ def report_table(payload: dict, setup: str) -> str:
                       common.format_table(groups, ["G", "fid", "extra_bytes"]),
                       "HTG settings searched on the calibration split (successive halving; lowest at the last kept):",
                       common.format_table(search, search_columns),
-                      "The float model's block linear inputs on the calibration trajectories (outlier_ratio: the "
+                      "The float models' block linear inputs on their calibration trajectories (outlier_ratio: the "
                       "strongest channel's max|X| over the median channel's, median over steps; time_spread: the "
                       "strongest channels' interval pooled over steps over one step's width):",
-                      common.format_table(outliers, ["block linear input", "outlier_ratio", "time_spread"])])
+                      common.format_table(outliers, ["seed", "block linear input", "outlier_ratio", "time_spread"])])
 
 
 def plot(grids: dict, shifts: dict, noise_errors: dict, side: int) -> None:
@@ -527,12 +530,16 @@ def main(argv):
   guidance = selection["scale"]
   run = seed_run(_SEED.value, main_model, guidance, n_compare)
   fp, evaluate, float_stats, cached = run.fp, run.evaluate, run.float_stats, run.cached
+
+  def outliers(stats) -> dict:
+    return {f"{block}.{name}": {"outlier_ratio": outlier_ratio(stats[(block, name)]),
+                                "time_spread": time_spread(stats[(block, name)])}
+            for block, name in quantised_layers(config)}
+
   grids = {"fp32": run.fp_samples[:10]}
   payload = {"seed": _SEED.value, "samples": n_samples, "fp": fp,
              "guidance": selection,
-             "outliers": {f"{block}.{name}": {"outlier_ratio": outlier_ratio(float_stats[(block, name)]),
-                                              "time_spread": time_spread(float_stats[(block, name)])}
-                          for block, name in quantised_layers(config)},
+             "outliers": outliers(float_stats),
              "w8a8": {}, "w4a8": {}, "groups": {}, "htg_selection": {}}
   chosen, compared = {}, {}  # compared: the W4A8 samples of every configuration
   main_pairs = [(a, b) for a in ("htg", "htg_spec") for b in BASELINES]
@@ -588,6 +595,7 @@ def main(argv):
     results["htg"]["calib_seconds"] += search_seconds
     payload["replicates"][str(seed)] = {
         "fp": replicate.fp, "w4a8": results, "htg_chosen": settings_record(htg),
+        "outliers": outliers(replicate.float_stats),
         "w4a8_comparison": replicate.compare(samples, [("htg", b) for b in BASELINES])}
     print(f"seed {seed} w4a8: {results}", flush=True)
   payload["claims"] = claims(payload)
