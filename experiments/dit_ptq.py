@@ -124,8 +124,8 @@ FP_CLOSE = {"w8a8": 0.05, "w4a8": 0.15}  # HTG's FID within this fraction of FP 
 GROUP_CLOSE = 0.02  # G = T/10 within 2 % of G = T
 CALIBRATION_GOAL_S = 180.0
 # HTG's premise, "time-dependent, channel-specific outliers", read per block linear input (our thresholds): its
-# strongest channel at least this many times the median channel's max|X| (channels of one spread give ~1.2 at
-# these row counts) ...
+# strongest channel at least this many times the median channel's max|X| (Gaussian channels of one spread give
+# 1.3-1.45 at these row and channel counts) ...
 OUTLIER_RATIO_GOAL = 4.0
 # ... and its strongest channels' interval pooled over the sampler at least this many times one step's own width
 # (the interval moves or grows by a full width over the steps).
