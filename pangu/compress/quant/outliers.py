@@ -3,7 +3,7 @@ from the per-step channel min / max that calibration collects (`calibration.coll
 
 Two numbers per linear, each near 1 where the premise is absent:
   * outlier ratio: at one step, the largest channel's max|X| over the median channel's; the linear's is the
-    median over steps. Gaussian channels of one spread give 1.3-1.45 at thousands of rows and 48-512 channels; a
+    median over steps. Gaussian channels of one spread give 1.3-1.45 at 1024-4096 rows and 48-512 channels; a
     large ratio is what per-tensor activation ranges pay for and what the channel scale s moves into the weights.
   * time spread: of the strongest channels (by max|X| over all steps), the interval [min, max] pooled over every
     step against the width of one step's own interval (median over steps, then over those channels). 1 when
