@@ -7,13 +7,15 @@ FID-digits classifier, then quantises the block linears with every method at W8A
 HTG's constants the paper leaves open at this scale (EMA alpha, whether fc2's post-GELU input is scaled, whether
 the folded shift's bias term uses the float or the rounded kernel) are picked per bit width on the calibration
 split, never on the evaluation samples, by successive halving (every candidate scored on a quarter of the
-calibration trajectories, the best quarter of them on all).
+calibration trajectories, the best quarter of them on all). So are the SmoothQuant-style baseline's (its
+migration strength and whether fc2's input is smoothed), from as many candidates, so that the two are compared
+like for like; the rows htg_spec and smoothquant_spec keep the spec's constants.
 The W4A8 comparison of HTG with naive and SmoothQuant-style, and the FP-close claims, draw more samples
 (--comparison_samples; every configuration's own --samples are the first of them); the comparison is repeated on
 models trained from further seeds (--replicate_seeds), and its verdict needs every model. The guidance scale is
 picked on the float model (--guidance).
 Writes <results_dir>/dit_ptq.json {"seed", "samples", "fp", "guidance", "outliers", "w8a8", "w4a8",
-"w4a8_comparison", "alpha_comparison", "fp_close", "groups", "htg_selection", "replicates", "claims"},
+"w4a8_comparison", "alpha_comparison", "fp_close", "groups", "selection", "replicates", "claims"},
 dit_ptq.png (sample grids, z_t of a few layers, per-step noise prediction errors at W4A8) and dit_ptq.md. Each
 configuration's record holds its "fid", "class_acc", "sample_mse", "noise_mse_per_step" (the MSE of its noise
 prediction against the float model's at each step of the float model's own trajectory on the first comparison
@@ -23,9 +25,11 @@ of htg_spec (alpha 0.99) against the htg_alpha rows. fp_close: {"samples", "fp",
 outliers: {"block.linear": {"outlier_ratio", "time_spread"}} of the float model's block linear inputs on the
 calibration trajectories (`pangu.compress.quant.outliers`).
 w4a8_comparison: {"samples", "fid": {method}, "sample_mse": {method}, "fid_gaps": {"a - b": FID(a) - FID(b) of
-HTG (picked and spec settings) against naive and SmoothQuant-style, with paired-bootstrap intervals
-(`fid.paired_fid_gap`)}}; guidance: {"scale", "candidates": {scale: the float model's {"fid", "class_acc"}}, null
-with --guidance}; replicates: {seed: {"fp", "w4a8", "w4a8_comparison", "htg_chosen", "outliers"}}.
+HTG against naive and SmoothQuant-style (both picked), and of htg_spec against naive and smoothquant_spec, with
+paired-bootstrap intervals (`fid.paired_fid_gap`)}}; guidance: {"scale", "candidates": {scale: the float model's
+{"fid", "class_acc"}}, null with --guidance}; selection: {method: {bits: {"chosen", "calibration_sample_mse",
+"search_trajectories", "search_seconds"}}} for htg and smoothquant; replicates: {seed: {"fp", "w4a8",
+"w4a8_comparison", "chosen": {method: settings}, "outliers"}}.
 
   python -m experiments.dit_ptq --quick
 """
@@ -82,12 +86,13 @@ _GUIDANCE = flags.DEFINE_float(
 _SCHEDULE = flags.DEFINE_enum("schedule", "cosine", ["linear", "cosine"], "Noise schedule of training and sampling.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate of the DiT.")
 _EMA_DECAY = flags.DEFINE_float("ema_decay", 0.999, "EMA of the DiT's weights used for sampling (0: last weights).")
-_HTG_SELECT = flags.DEFINE_bool(
-    "htg_select", True, "Pick HTG's EMA alpha, whether fc2's input is scaled and the kernel the shift is folded "
-    "onto on the calibration split (paired sample MSE vs float from the calibration noise); off: the spec's "
-    "alpha 0.99 with all four inputs scaled (the shift folded onto the rounded kernel).")
+_SELECT = flags.DEFINE_bool(
+    "select", True, "Pick HTG's EMA alpha, whether fc2's input is scaled and the kernel the shift is folded onto, "
+    "and SmoothQuant-style's migration strength and whether fc2's input is smoothed, on the calibration split "
+    "(paired sample MSE vs float from the calibration noise); off: the spec's constants (HTG: alpha 0.99 with all "
+    "four inputs scaled, the shift folded onto the rounded kernel; SmoothQuant-style: migration 1/2 on all four).")
 _SEARCH_REDUCTION = flags.DEFINE_integer(
-    "htg_search_reduction", 4, "Successive halving of HTG's search: every candidate is scored on 1/r of the "
+    "search_reduction", 4, "Successive halving of the settings' search: every candidate is scored on 1/r of the "
     "calibration trajectories and the best 1/r of them (rounded up) on all; 1: every candidate on all.",
     lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of training, calibration and sampling noise.")
@@ -98,13 +103,15 @@ _REPLICATES = flags.DEFINE_list("replicate_seeds", None, "Further training seeds
                                 "HTG, naive and SmoothQuant-style is repeated (quick 1,2,3, full 1,2; empty: none).")
 
 METHODS = ("naive", "minmax", "smoothquant", "ptq4dit", "htg")
-BASELINES = ("naive", "smoothquant")  # what HTG is compared with at W4A8 on --comparison_samples
+BASELINES = ("naive", "smoothquant")  # what HTG is compared with at W4A8 on --comparison_samples (settings picked)
+SPEC_BASELINES = ("naive", "smoothquant_spec")  # what htg_spec is compared with: every setting the spec's
+SELECTED = ("htg", "smoothquant")  # the methods whose open settings are picked on the calibration split
 # The EMA factors of the spec's Table 4 claim (alpha = 0.99 best): the rows htg_spec (0.99) and htg_alpha<a>.
 ALPHAS = (0.0, 0.9)
 
 
 def htg_variants(n_steps: int) -> dict[str, dict]:
-  """W4A8 rows besides "htg" (the calibration-picked settings, or the spec's with --nohtg_select): the spec's own
+  """W4A8 rows besides "htg" (the calibration-picked settings, or the spec's with --noselect): the spec's own
   constants (with the library's default fold of the shift onto the rounded kernel), its ablations (spec section 4)
   and flags (sections 3.1, 3.2, 3.8), and its literal bias fold b + z_g W on the float kernel. Each names its
   PTQConfig settings, "htg" holding the HTGConfig ones; every other setting is the spec's."""
@@ -150,24 +157,25 @@ def claims(payload: dict) -> list[dict]:
                              verdict))
   compared = payload["w4a8_comparison"]
   beaten = [m for m in BASELINES if beats(compared, "htg", m)]
-  spec_beaten = [m for m in BASELINES if beats(compared, "htg_spec", m)]
+  spec_beaten = [m for m in SPEC_BASELINES if beats(compared, "htg_spec", m)]
   replicates = {seed: [m for m in BASELINES if beats(entry["w4a8_comparison"], "htg", m)]
                 for seed, entry in payload["replicates"].items()}
   every_seed = [beaten, *replicates.values()]
   verdict = ("reproduced" if all(len(b) == 2 for b in every_seed) else "partly" if any(every_seed) else
              "contradicted")
-  picked = payload["htg_selection"]["w4a8"]
-  how = "picked on the calibration split" if picked["calibration_sample_mse"] else "the spec's, --nohtg_select"
-  picked = picked["chosen"]
-  ours = (f"Model of seed {payload['seed']}: HTG with alpha {picked['alpha']}, scaled inputs "
-          f"{'/'.join(picked['scaled_layers'])} and the shift folded onto the {picked['shift_compensation']} "
-          f"kernel ({how}) beats {', '.join(beaten) or 'neither'}; with the spec's "
-          f"constants (htg_spec) it beats {', '.join(spec_beaten) or 'neither'}. On {compared['samples']} samples "
-          f"each, {comparison_text(compared)}; a gap whose 95% paired-bootstrap interval holds 0 is decided by the "
-          "paired sample MSE vs FP")
+  selection = payload["selection"]
+  how = "picked on the calibration split" if selection["htg"]["w4a8"]["calibration_sample_mse"] else "the spec's"
+  ours = (f"Model of seed {payload['seed']}: HTG ({settings_text(selection['htg']['w4a8']['chosen'])}) against "
+          f"SmoothQuant-style ({settings_text(selection['smoothquant']['w4a8']['chosen'])}), each {how}, beats "
+          f"{', '.join(beaten) or 'neither'}; with the spec's constants, htg_spec against "
+          f"{', '.join(SPEC_BASELINES)} beats {', '.join(spec_beaten) or 'neither'}. On {compared['samples']} "
+          f"samples each, {comparison_text(compared)}; a gap whose 95% paired-bootstrap interval holds 0 is decided "
+          "by the paired sample MSE vs FP")
   for seed, seed_beaten in replicates.items():
-    ours += (f". Model of seed {seed} (its own HTG pick): beats {', '.join(seed_beaten) or 'neither'}; "
-             f"{comparison_text(payload['replicates'][seed]['w4a8_comparison'])}")
+    entry = payload["replicates"][seed]
+    picks = "; ".join(f"{m} {settings_text(v)}" for m, v in entry["chosen"].items())
+    ours += (f". Model of seed {seed} (its own picks: {picks}): HTG beats {', '.join(seed_beaten) or 'neither'}; "
+             f"{comparison_text(entry['w4a8_comparison'])}")
   rows.append(common.claim("HTG (DiT PTQ)", "At W4A8 HTG beats naive PTQ and SmoothQuant-style smoothing",
                            "state of the art among PTQ methods", ours, verdict))
   groups = payload["groups"]
@@ -198,7 +206,7 @@ def claims(payload: dict) -> list[dict]:
   # The search over HTG's open constants is ours, not the paper's: the method with the spec's constants alone
   # meeting the goal is "partly".
   calib, spec_calib = payload["w8a8"]["htg"]["calib_seconds"], payload["w4a8"]["htg_spec"]["calib_seconds"]
-  search = payload["htg_selection"]["w8a8"]["search_seconds"]
+  search = payload["selection"]["htg"]["w8a8"]["search_seconds"]
   rows.append(common.claim("HTG (DiT PTQ)", "Calibration of the small DiT is quick", "goal < 3 min on 2 CPU cores",
                            f"W8A8: {calib:.1f} s, of it {search:.1f} s searching its constants on the calibration "
                            f"split; with the spec's constants (W4A8) {spec_calib:.1f} s",
@@ -239,9 +247,16 @@ def fid_noise(fp_close: dict) -> float:
   return abs(fp_close["fp_other_noise"] / fp_close["fp"] - 1)
 
 
-def settings_record(htg) -> dict:
-  """The HTG settings picked on the calibration split, as dit_ptq.json records them."""
-  return {"alpha": htg.alpha, "scaled_layers": list(htg.scaled_layers), "shift_compensation": htg.shift_compensation}
+def settings_record(ptq) -> dict:
+  """The settings of HTG or SmoothQuant-style that the calibration split picks from, as dit_ptq.json records them."""
+  if ptq.method == "htg":
+    return {"alpha": ptq.htg.alpha, "scaled_layers": list(ptq.htg.scaled_layers),
+            "shift_compensation": ptq.htg.shift_compensation}
+  return {"migration": ptq.smoothquant.migration, "scaled_layers": list(ptq.smoothquant.scaled_layers)}
+
+
+def settings_text(record: dict) -> str:
+  return ", ".join(f"{k} {'/'.join(v) if isinstance(v, list) else v}" for k, v in record.items())
 
 
 def comparison_text(compared: dict) -> str:
@@ -280,11 +295,13 @@ def report_table(payload: dict, setup: str) -> str:
   gaps = [{"seed": seed, "fid(a) - fid(b)": pair, **gap}
           for seed, c in comparisons.items() for pair, gap in c["fid_gaps"].items()]
   groups = [{"G": g, **v} for g, v in payload["groups"].items()]
-  trajectories = sorted({n for picked in payload["htg_selection"].values() for n in picked["search_trajectories"]})
-  search = [{"bits": bits, "candidate": name, **{f"mse on {n} trajectories": mse for n, mse in by_budget.items()}}
-            for bits, picked in payload["htg_selection"].items()
-            for name, by_budget in picked["calibration_sample_mse"].items()]
-  search_columns = ["bits", "candidate", *(f"mse on {n} trajectories" for n in trajectories)]
+  picks = [(method, bits, picked) for method, by_bits in payload["selection"].items()
+           for bits, picked in by_bits.items()]
+  trajectories = sorted({n for _, _, picked in picks for n in picked["search_trajectories"]})
+  search = [{"method": method, "bits": bits, "candidate": name,
+             **{f"mse on {n} trajectories": mse for n, mse in by_budget.items()}}
+            for method, bits, picked in picks for name, by_budget in picked["calibration_sample_mse"].items()]
+  search_columns = ["method", "bits", "candidate", *(f"mse on {n} trajectories" for n in trajectories)]
   outliers = [{"seed": seed, "block linear input": name, **v}
               for seed, record in {payload["seed"]: payload["outliers"],
                                    **{seed: entry["outliers"] for seed, entry in payload["replicates"].items()}}.items()
@@ -299,7 +316,8 @@ def report_table(payload: dict, setup: str) -> str:
                       common.format_table(gaps, ["seed", "fid(a) - fid(b)", "gap", "low", "high"]),
                       "HTG group sweep at W4A8:",
                       common.format_table(groups, ["G", "fid", "extra_bytes"]),
-                      "HTG settings searched on the calibration split (successive halving; lowest at the last kept):",
+                      "HTG and SmoothQuant-style settings searched on the calibration split (successive halving; "
+                      "lowest at the last kept):",
                       common.format_table(search, search_columns),
                       "The float models' block linear inputs on their calibration trajectories (outlier_ratio: the "
                       "strongest channel's max|X| over the median channel's, median over steps; time_spread: the "
@@ -363,7 +381,7 @@ def main(argv):
   from pangu.compress.quant.grouping import default_n_groups
   from pangu.compress.quant.outliers import outlier_ratio, time_spread
   from pangu.compress.quant.ptq import PTQConfig, quantise_dit
-  from pangu.compress.quant.select import htg_candidates, select_htg
+  from pangu.compress.quant.select import htg_candidates, select_ptq, smoothquant_candidates
   from pangu.compress.quant.smoothing import HTGConfig, per_step_shift
   from pangu.diffusion.digits import load_digits_images
   from pangu.diffusion.fid import ClassifierConfig, digits_metric, train_classifier
@@ -509,21 +527,22 @@ def main(argv):
                        trajectory[0, :n])[0]
       return float(jnp.mean((samples - calib_fp_samples[:n]) ** 2))
 
-    def pick_htg(bits: int) -> tuple[HTGConfig, float, dict]:
-      """HTG's settings for these bits (selected on the calibration split, or the spec's), its search time and
-      the candidates' scores."""
-      if not _HTG_SELECT.value:
-        return HTGConfig(), 0.0, {}
+    def pick(method: str, bits: int) -> tuple[PTQConfig, float, dict]:
+      """The method's configuration for these bits (its settings selected on the calibration split, or the
+      spec's), the search time and the candidates' scores."""
+      spec = PTQConfig(method, weight_bits=bits)
+      if method not in SELECTED or not _SELECT.value:
+        return spec, 0.0, {}
       start = time.perf_counter()
-      candidates = htg_candidates(HTGConfig())
-      chosen, scores = select_htg(config, params, float_stats, PTQConfig("htg", weight_bits=bits), candidates,
-                                  calibration_mse, search_budgets, _SEARCH_REDUCTION.value)
-      named = {f"alpha {c.alpha}, scaled {'/'.join(c.scaled_layers)}, shift on {c.shift_compensation} kernel":
-               {str(n): v for n, v in by_budget.items()} for c, by_budget in zip(candidates, scores)}
+      candidates = {"htg": htg_candidates, "smoothquant": smoothquant_candidates}[method](spec)
+      chosen, scores = select_ptq(config, params, float_stats, candidates, calibration_mse, search_budgets,
+                                  _SEARCH_REDUCTION.value)
+      named = {settings_text(settings_record(c)): {str(n): v for n, v in by_budget.items()}
+               for c, by_budget in zip(candidates, scores)}
       return chosen, time.perf_counter() - start, named
 
     return types.SimpleNamespace(cached=cached, fp=fp, fp_samples=fp_samples, fp_other_samples=fp_other_samples,
-                                 float_stats=float_stats, evaluate=evaluate, compare=compare, pick_htg=pick_htg)
+                                 float_stats=float_stats, evaluate=evaluate, compare=compare, pick=pick)
 
   main_model = trained_model(_SEED.value)
   selection = pick_guidance(_SEED.value, main_model[0])
@@ -540,9 +559,9 @@ def main(argv):
   payload = {"seed": _SEED.value, "samples": n_samples, "fp": fp,
              "guidance": selection,
              "outliers": outliers(float_stats),
-             "w8a8": {}, "w4a8": {}, "groups": {}, "htg_selection": {}}
-  chosen, compared = {}, {}  # compared: the W4A8 samples of every configuration
-  main_pairs = [(a, b) for a in ("htg", "htg_spec") for b in BASELINES]
+             "w8a8": {}, "w4a8": {}, "groups": {}, "selection": {method: {} for method in SELECTED}}
+  compared = {}  # the W4A8 samples of every configuration
+  main_pairs = [("htg", b) for b in BASELINES] + [("htg_spec", b) for b in SPEC_BASELINES]
   alpha_pairs = [("htg_spec", f"htg_alpha{alpha:g}") for alpha in ALPHAS]
   drawn_in_full = {("w8a8", "htg"), *(("w4a8", m) for pair in main_pairs + alpha_pairs for m in pair)}
   htg_samples = {}  # bits name -> HTG's n_compare samples, for the FP-close claims
@@ -552,22 +571,23 @@ def main(argv):
     return n_compare if (bits_name, name) in drawn_in_full else n_samples
 
   for bits_name, bits in (("w8a8", 8), ("w4a8", 4)):
-    chosen[bits], search_seconds, scores = run.pick_htg(bits)
-    payload["htg_selection"][bits_name] = {
-        "chosen": settings_record(chosen[bits]),
-        "calibration_sample_mse": scores, "search_trajectories": search_budgets if scores else [],
-        "search_seconds": search_seconds}
     for method in METHODS:
-      payload[bits_name][method], samples = evaluate(PTQConfig(method, weight_bits=bits, htg=chosen[bits]),
-                                                     rows(bits_name, method))
-      if method == "htg":  # the settings' search is part of HTG's calibration
-        payload[bits_name][method]["calib_seconds"] += search_seconds
+      ptq, search_seconds, scores = run.pick(method, bits)
+      if method in SELECTED:
+        payload["selection"][method][bits_name] = {
+            "chosen": settings_record(ptq), "calibration_sample_mse": scores,
+            "search_trajectories": search_budgets if scores else [], "search_seconds": search_seconds}
+      payload[bits_name][method], samples = evaluate(ptq, rows(bits_name, method))
+      payload[bits_name][method]["calib_seconds"] += search_seconds  # the settings' search is calibration too
       grids[f"{bits_name} {method}"] = samples[:10]
       if bits_name == "w4a8":
         compared[method] = samples
       if method == "htg":
-        htg_samples[bits_name] = samples
+        htg_samples[bits_name], htg_w4a8 = samples, ptq
       print(f"{bits_name} {method}: {payload[bits_name][method]}", flush=True)
+  payload["w4a8"]["smoothquant_spec"], compared["smoothquant_spec"] = evaluate(
+      PTQConfig("smoothquant", weight_bits=4), rows("w4a8", "smoothquant_spec"))
+  grids["w4a8 smoothquant_spec"] = compared["smoothquant_spec"][:10]
   for name, settings in htg_variants(n_steps).items():
     ptq = PTQConfig("htg", weight_bits=4, **{**settings, "htg": HTGConfig(**settings.get("htg", {}))})
     payload["w4a8"][name], samples = evaluate(ptq, rows("w4a8", name))
@@ -583,18 +603,20 @@ def main(argv):
     if n_groups == default_n_groups(n_steps):
       result = payload["w4a8"]["htg"]
     else:
-      result, _ = evaluate(PTQConfig("htg", weight_bits=4, htg=dataclasses.replace(chosen[4], n_groups=n_groups)))
+      result, _ = evaluate(dataclasses.replace(htg_w4a8, htg=dataclasses.replace(htg_w4a8.htg, n_groups=n_groups)))
     payload["groups"][str(n_groups)] = {"fid": result["fid"], "extra_bytes": result["extra_bytes"]}
   payload["replicates"] = {}
   for seed in replicate_seeds:
     replicate = seed_run(seed, trained_model(seed), guidance, n_samples)
-    htg, search_seconds, _ = replicate.pick_htg(4)
-    results, samples = {}, {}
+    results, samples, chosen = {}, {}, {}
     for method in (*BASELINES, "htg"):
-      results[method], samples[method] = replicate.evaluate(PTQConfig(method, weight_bits=4, htg=htg), n_compare)
-    results["htg"]["calib_seconds"] += search_seconds
+      ptq, search_seconds, _ = replicate.pick(method, 4)
+      if method in SELECTED:
+        chosen[method] = settings_record(ptq)
+      results[method], samples[method] = replicate.evaluate(ptq, n_compare)
+      results[method]["calib_seconds"] += search_seconds
     payload["replicates"][str(seed)] = {
-        "fp": replicate.fp, "w4a8": results, "htg_chosen": settings_record(htg),
+        "fp": replicate.fp, "w4a8": results, "chosen": chosen,
         "outliers": outliers(replicate.float_stats),
         "w4a8_comparison": replicate.compare(samples, [("htg", b) for b in BASELINES])}
     print(f"seed {seed} w4a8: {results}", flush=True)
@@ -617,8 +639,11 @@ def main(argv):
            f"FID-digits: Frechet distance of a digits classifier's 64 penultimate features against all 1797 real "
            f"digits; class_acc: that classifier's agreement with the requested label (real digits ~1.0). "
            f"'fp32, other noise': the float model sampled from different noise, the FID's noise floor. "
-           f"w4a8 htg: settings picked on the calibration split ({payload['htg_selection']['w4a8']['chosen']}); "
-           f"htg_spec: the spec's alpha 0.99 with all four inputs scaled; htg_shift_only / scale_only: s = 1 / z = 0; "
+           f"w4a8 htg / smoothquant: settings picked on the calibration split "
+           f"({settings_text(payload['selection']['htg']['w4a8']['chosen'])} / "
+           f"{settings_text(payload['selection']['smoothquant']['w4a8']['chosen'])}); "
+           f"htg_spec: the spec's alpha 0.99 with all four inputs scaled; smoothquant_spec: migration 1/2 on all "
+           f"four; htg_shift_only / scale_only: s = 1 / z = 0; "
            f"htg_alpha<a>: EMA factor a; htg_normalised_scale: R2's s = m / max(m); htg_fc2_unsmoothed: fc2's "
            f"input left alone; htg_one_act_range: one activation range per layer, not per group; "
            f"htg_percentile_range / mse_range: activation ranges at the 0.01st and 99.99th percentiles / of least "
@@ -631,7 +656,7 @@ def main(argv):
            f"({min(n_samples, _SAMPLE_BATCH.value)} rows); htg_float_shift_bias: htg_spec with the "
            f"spec's literal bias fold b + z_g W on the float kernel (htg_spec and the ablations fold the shift onto "
            f"the rounded kernel). "
-           f"'seed s' rows: W4A8 naive, SmoothQuant-style and HTG (its own pick) on a model trained from seed s, "
+           f"'seed s' rows: W4A8 naive, SmoothQuant-style and HTG (each its own pick) on a model trained from seed s, "
            f"scored by the same classifier. "
            f"Total {time.perf_counter() - begin:.0f} s.")
   common.write_table("dit_ptq", report_table(payload, setup))

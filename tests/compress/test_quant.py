@@ -13,7 +13,7 @@ from pangu.compress.quant.calibration import attention_operands, collect_input_s
 from pangu.compress.quant.grouping import common_refinement, contiguous_groups, nearest_calibrated, uniform_steps
 from pangu.compress.quant.ptq import PTQConfig, quantise_dit
 from pangu.compress.quant.reparam import reparameterise
-from pangu.compress.quant.smoothing import HTGConfig, SmoothingPlan, ema_from_noisy, htg_plan
+from pangu.compress.quant.smoothing import HTGConfig, SmoothingPlan, SmoothQuantConfig, ema_from_noisy, htg_plan
 from pangu.models.dit import DiT, DiTConfig, init_dit
 from pangu.nn.quantized import fake_quant_activation, fake_quant_weight, int8_matmul, symmetric_scale
 
@@ -282,9 +282,17 @@ def test_baseline_plans_closed_form():
   # max|X| per channel: over steps [3, 16] (SmoothQuant-style), mean over steps [2.5, 10] (PTQ4DiT-style).
   np.testing.assert_allclose(sq.scale, np.sqrt(np.array([3.0, 16.0]) / np.array([4.0, 0.5])))
   np.testing.assert_allclose(balanced.scale, np.sqrt(np.array([2.5, 10.0]) / np.array([4.0, 0.5])))
-  for plan in (sq, balanced):
+  # Migration strength a: s = max|X|^a / max|W|^(1 - a) (SmoothQuant's Eq. 4); 1/2 is the square root above.
+  migrated = smoothquant_plan(stats, kernel, migration=0.3)
+  np.testing.assert_allclose(migrated.scale, np.array([3.0, 16.0]) ** 0.3 / np.array([4.0, 0.5]) ** 0.7)
+  for plan in (sq, balanced, migrated):
     np.testing.assert_array_equal(plan.shift, 0.0)
     np.testing.assert_array_equal(plan.group_of_step, [0, 0])
+  for bad in (0.0, 1.0):
+    with pytest.raises(ValueError, match="migration"):
+      SmoothQuantConfig(migration=bad)
+  with pytest.raises(ValueError, match="SmoothQuantConfig.scaled_layers"):
+    SmoothQuantConfig(scaled_layers=("fc2", "final"))
 
 
 # HTG settings left open by the paper: which inputs get the channel scale, and calibration-picked constants.
@@ -316,6 +324,25 @@ def test_unscaled_layers_keep_the_shift_alone():
       np.testing.assert_allclose(no_fc2[key].scale, everything[key].scale)
   with pytest.raises(ValueError, match="scaled_layers"):
     HTGConfig(scaled_layers=("qkv", "adaLN"))
+
+
+def test_smoothquant_leaves_unscaled_layers_alone():
+  """A linear outside SmoothQuantConfig.scaled_layers keeps its float kernel before rounding and its own input
+  range; the others are smoothed as with every layer scaled."""
+  params, stats = _random_params(), _synthetic_stats()
+  quantised = {layers: quantise_dit(CONFIG, params, stats, PTQConfig(
+      "smoothquant", weight_bits=4, smoothquant=SmoothQuantConfig(migration=0.4, scaled_layers=layers)))
+      for layers in (("qkv", "proj", "fc1", "fc2"), ("qkv", "proj", "fc1"))}
+  (everything, _, all_report), (no_fc2, no_fc2_quant, no_fc2_report) = quantised.values()
+  minmax, minmax_quant, _ = quantise_dit(CONFIG, params, stats, PTQConfig("minmax", weight_bits=4))
+  assert sorted(no_fc2_report["plans"]) == sorted(k for k in all_report["plans"] if k[1] != "fc2")
+  for key in quantised_layers(CONFIG):
+    ours, reference = (layer_entry(p, key)["kernel"] for p in (no_fc2, everything if key[1] != "fc2" else minmax))
+    np.testing.assert_array_equal(ours, reference)
+    if key[1] == "fc2":
+      np.testing.assert_array_equal(layer_entry(no_fc2_quant, key)["act_range"]["values"],
+                                    layer_entry(minmax_quant, key)["act_range"]["values"])
+      assert np.abs(np.asarray(layer_entry(everything, key)["kernel"]) - np.asarray(ours)).max() > 1e-3
 
 
 @pytest.mark.parametrize("proj_smoothing", ["fold_v", "explicit"])
@@ -583,11 +610,12 @@ def test_attention_ranges_are_the_folded_models_operand_extremes(proj_smoothing)
   assert errors[1] < errors[0] < 0.25
 
 
-def test_select_htg_halves_to_the_candidate_with_the_lowest_calibration_score():
+@pytest.mark.parametrize("method", ["htg", "smoothquant"])
+def test_select_ptq_halves_to_the_candidate_with_the_lowest_calibration_score(method):
   """The score here is the quantised model's output error against float on the first `budget` held-out inputs,
   computed independently for each candidate. One budget: the selection is the argmin over all. Two: every
-  candidate is scored on 1 input, the best quarter (rounded up) on all 4, and the pick is their argmin."""
-  from pangu.compress.quant.select import htg_candidates, select_htg
+  candidate of the 8 is scored on 1 input, the best quarter on all 4, and the pick is their argmin."""
+  from pangu.compress.quant.select import htg_candidates, select_ptq, smoothquant_candidates
   params, stats = _random_params(), _synthetic_stats(1)
   model, (x, t, y) = DiT(CONFIG), _inputs(batch=4, seed=5)
   apply = jax.jit(lambda variables: model.apply(variables, x, t, y, 3))
@@ -596,19 +624,25 @@ def test_select_htg_halves_to_the_candidate_with_the_lowest_calibration_score():
   def score(qparams, quant, budget):
     return float(np.mean((np.asarray(apply({"params": qparams, "quant": quant})) - reference)[:budget] ** 2))
 
-  ptq = PTQConfig("htg", weight_bits=4)
-  candidates = htg_candidates(ptq.htg, alphas=(0.0, 0.99))
-  assert [(c.alpha, "fc2" in c.scaled_layers, c.shift_compensation) for c in candidates] == list(
-      itertools.product((0.0, 0.99), (True, False), ("quantised", "float")))
-  quantised = [quantise_dit(CONFIG, params, stats, PTQConfig("htg", weight_bits=4, htg=c))[:2] for c in candidates]
+  ptq = PTQConfig(method, weight_bits=4)
+  if method == "htg":
+    candidates = htg_candidates(ptq, alphas=(0.0, 0.99))
+    grid = [(c.htg.alpha, "fc2" in c.htg.scaled_layers, c.htg.shift_compensation) for c in candidates]
+    assert grid == list(itertools.product((0.0, 0.99), (True, False), ("quantised", "float")))
+  else:
+    candidates = smoothquant_candidates(ptq, migrations=(0.3, 0.4, 0.6, 0.7))
+    grid = [(c.smoothquant.migration, "fc2" in c.smoothquant.scaled_layers) for c in candidates]
+    assert grid == list(itertools.product((0.3, 0.4, 0.6, 0.7), (True, False)))
+  assert all(dataclasses.replace(c, htg=ptq.htg, smoothquant=ptq.smoothquant) == ptq for c in candidates)
+  quantised = [quantise_dit(CONFIG, params, stats, c)[:2] for c in candidates]
   on_one, on_all = (np.array([score(*q, budget) for q in quantised]) for budget in (1, 4))
   assert len(set(np.round(on_all, 12))) > 1
 
-  chosen, scores = select_htg(CONFIG, params, stats, ptq, candidates, score, budgets=(4,))
+  chosen, scores = select_ptq(CONFIG, params, stats, candidates, score, budgets=(4,))
   np.testing.assert_allclose([s[4] for s in scores], on_all, rtol=1e-6)
   assert chosen == candidates[int(np.argmin(on_all))]
 
-  chosen, scores = select_htg(CONFIG, params, stats, ptq, candidates, score, budgets=(1, 4), reduction=4)
+  chosen, scores = select_ptq(CONFIG, params, stats, candidates, score, budgets=(1, 4), reduction=4)
   survivors = sorted(np.argsort(on_one, kind="stable")[:2])
   np.testing.assert_allclose([s[1] for s in scores], on_one, rtol=1e-6)
   assert [i for i, s in enumerate(scores) if 4 in s] == survivors
@@ -616,4 +650,8 @@ def test_select_htg_halves_to_the_candidate_with_the_lowest_calibration_score():
   assert chosen == candidates[survivors[int(np.argmin(on_all[survivors]))]]
   for budgets, reduction in (((4, 1), 4), ((0, 4), 4), ((), 4), ((1, 4), 1)):
     with pytest.raises(ValueError, match="budgets" if reduction > 1 else "reduction"):
-      select_htg(CONFIG, params, stats, ptq, candidates, score, budgets=budgets, reduction=reduction)
+      select_ptq(CONFIG, params, stats, candidates, score, budgets=budgets, reduction=reduction)
+  with pytest.raises(ValueError, match="candidate"):
+    select_ptq(CONFIG, params, stats, [], score, budgets=(4,))
+  with pytest.raises(ValueError, match="method is 'naive'"):
+    (htg_candidates if method == "htg" else smoothquant_candidates)(PTQConfig("naive"))

@@ -2,7 +2,7 @@
 
   * `naive`: per-tensor weights and one per-tensor activation range over all steps (plain min-max PTQ);
   * `minmax`: per-output-channel weights, one activation range over all steps;
-  * `smoothquant`: time-agnostic SmoothQuant-style smoothing, folded, then `minmax`;
+  * `smoothquant`: time-agnostic SmoothQuant-style smoothing (`PTQConfig.smoothquant`), folded, then `minmax`;
   * `ptq4dit`: PTQ4DiT-style channel balancing (our simplification), folded, then `minmax`;
   * `htg`: timestep-aware shift and scale, contiguous timestep groups, folded; activation ranges per
     (layer, group) unless `act_range_per_group=False`.
@@ -28,7 +28,8 @@ from pangu.compress.quant.calibration import (ATTENTION_OPERANDS, Histograms, La
 from pangu.compress.quant.grouping import collapse, nearest_calibrated, uniform_steps
 from pangu.compress.quant.ranges import ESTIMATORS, Estimate, RangeEstimator, range_estimator
 from pangu.compress.quant.reparam import Plans, ProjSmoothing, reparameterise
-from pangu.compress.quant.smoothing import HTGConfig, SmoothingPlan, htg_plan, ptq4dit_plan, smoothquant_plan
+from pangu.compress.quant.smoothing import (HTGConfig, SmoothingPlan, SmoothQuantConfig, htg_plan, ptq4dit_plan,
+                                            smoothquant_plan)
 from pangu.config_checks import one_of
 from pangu.models.dit import DiTConfig
 from pangu.nn.quantized import fake_quant_weight, quantise_symmetric, step_table, symmetric_scale
@@ -47,6 +48,7 @@ class PTQConfig:
     weight_bits: 8 or 4 (symmetric, [-127, 127] or [-7, 7]).
     act_bits: 8 (asymmetric, static, per tensor).
     htg: the HTG settings (method `htg` only).
+    smoothquant: the SmoothQuant-style settings (method `smoothquant` only).
     proj_smoothing: `fold_v` or `explicit` (spec 3.7).
     fc2_smoothing: `explicit` or `none`.
     act_range_per_group: HTG's activation ranges per (layer, group); False: one range per layer.
@@ -69,6 +71,7 @@ class PTQConfig:
   weight_bits: int = 8
   act_bits: int = 8
   htg: HTGConfig = HTGConfig()
+  smoothquant: SmoothQuantConfig = SmoothQuantConfig()
   proj_smoothing: ProjSmoothing = "fold_v"
   fc2_smoothing: Literal["explicit", "none"] = "explicit"
   act_range_per_group: bool = True
@@ -103,8 +106,8 @@ def smoothing_plans(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfi
     if ptq.method == "htg":
       htg = ptq.htg if name in ptq.htg.scaled_layers else dataclasses.replace(ptq.htg, use_scale=False)
       plans[(block, name)] = htg_plan(layer_stats, kernel, htg)
-    elif ptq.method == "smoothquant":
-      plans[(block, name)] = smoothquant_plan(layer_stats, kernel)
+    elif ptq.method == "smoothquant" and name in ptq.smoothquant.scaled_layers:
+      plans[(block, name)] = smoothquant_plan(layer_stats, kernel, ptq.smoothquant.migration)
     elif ptq.method == "ptq4dit":
       plans[(block, name)] = ptq4dit_plan(layer_stats, kernel)
   return plans

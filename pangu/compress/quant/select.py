@@ -1,11 +1,13 @@
-"""HTG's free settings picked on calibration data.
+"""A PTQ method's free settings picked on calibration data.
 
-The paper fixes the method's parts but not every constant a small model needs: the EMA factor of the channel
-scale (alpha = 0.99 in its ablation, on DiT-XL), what to do with the post-GELU fc2 input (unstated) and whether
-the folded shift's bias term uses the float or the rounded kernel (unstated). Rather than fixing them by the
-evaluation, `select_htg` quantises the model with each candidate setting and keeps the one whose quantised model
-scores best on a calibration split (the caller's score: e.g. the paired MSE of samples against the float model
-from the calibration noise and labels, disjoint from the evaluation's).
+The paper fixes HTG's parts but not every constant a small model needs: the EMA factor of the channel scale
+(alpha = 0.99 in its ablation, on DiT-XL), what to do with the post-GELU fc2 input (unstated) and whether the
+folded shift's bias term uses the float or the rounded kernel (unstated). The SmoothQuant-style baseline has its own
+free settings, its migration strength (tuned per model in its paper) and the inputs it smooths; a baseline left at
+its defaults while HTG is tuned would not be a like-for-like comparison, so both go through the same search.
+Rather than fixing them by the evaluation, `select_ptq` quantises the model with each candidate setting and keeps
+the one whose quantised model scores best on a calibration split (the caller's score: e.g. the paired MSE of
+samples against the float model from the calibration noise and labels, disjoint from the evaluation's).
 
 Scoring is the search's cost (one quantised sampler pass per candidate), so the search is successive halving
 (Jamieson & Talwalkar, 2016): every candidate is scored on a small part of the split, and only the best of them
@@ -19,25 +21,45 @@ from collections.abc import Callable, Sequence
 
 from pangu.compress.quant.calibration import Stats
 from pangu.compress.quant.ptq import PTQConfig, quantise_dit
-from pangu.compress.quant.smoothing import HTGConfig
 from pangu.models.dit import BLOCK_LINEARS, DiTConfig
 
 # (quantised params, quant collection, budget) -> a score to minimise on the calibration split; budget: how much of
 # the split to score on, in the caller's unit (e.g. trajectories).
 Score = Callable[[dict, dict, int], float]
+# The post-GELU fc2 input's handling is unstated in the paper: both grids also try leaving it unsmoothed.
+ALL_BUT_FC2 = ("qkv", "proj", "fc1")
 
 
-def htg_candidates(base: HTGConfig, alphas: Sequence[float] = (0.0, 0.9, 0.99),
-                   scaled_layers: Sequence[tuple[str, ...]] = (BLOCK_LINEARS, ("qkv", "proj", "fc1")),
-                   shift_compensations: Sequence[str] = ("quantised", "float")) -> list[HTGConfig]:
-  """The grid of `base` over EMA factors, sets of scaled linears (all four, or all but fc2) and the kernel the
-  shift's bias term is folded onto."""
-  return [dataclasses.replace(base, alpha=alpha, scaled_layers=tuple(layers), shift_compensation=compensation)
+def htg_candidates(base: PTQConfig, alphas: Sequence[float] = (0.0, 0.9, 0.99),
+                   scaled_layers: Sequence[tuple[str, ...]] = (BLOCK_LINEARS, ALL_BUT_FC2),
+                   shift_compensations: Sequence[str] = ("quantised", "float")) -> list[PTQConfig]:
+  """`base` (method htg) over a grid of its HTG settings: EMA factors, sets of scaled linears (all four, or all
+  but fc2) and the kernel the shift's bias term is folded onto. 12 candidates by default."""
+  _check_method(base, "htg")
+  return [dataclasses.replace(base, htg=dataclasses.replace(base.htg, alpha=alpha, scaled_layers=tuple(layers),
+                                                            shift_compensation=compensation))
           for alpha, layers, compensation in itertools.product(alphas, scaled_layers, shift_compensations)]
 
 
-def select_htg(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig, candidates: Sequence[HTGConfig],
-               score: Score, budgets: Sequence[int], reduction: int = 4) -> tuple[HTGConfig, list[dict[int, float]]]:
+def smoothquant_candidates(base: PTQConfig, migrations: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+                           scaled_layers: Sequence[tuple[str, ...]] = (BLOCK_LINEARS, ALL_BUT_FC2)
+                           ) -> list[PTQConfig]:
+  """`base` (method smoothquant) over a grid of migration strengths around SmoothQuant's default 1/2 and the same
+  sets of smoothed linears as HTG's grid: 12 candidates by default, as many as `htg_candidates`."""
+  _check_method(base, "smoothquant")
+  return [dataclasses.replace(base, smoothquant=dataclasses.replace(base.smoothquant, migration=migration,
+                                                                    scaled_layers=tuple(layers)))
+          for migration, layers in itertools.product(migrations, scaled_layers)]
+
+
+def _check_method(base: PTQConfig, method: str) -> None:
+  if base.method != method:
+    raise ValueError(f"{method}_candidates varies the {method} settings, but the base PTQConfig's method is "
+                     f"{base.method!r}")
+
+
+def select_ptq(config: DiTConfig, params: dict, stats: Stats, candidates: Sequence[PTQConfig], score: Score,
+               budgets: Sequence[int], reduction: int = 4) -> tuple[PTQConfig, list[dict[int, float]]]:
   """(the pick, each candidate's scores {budget: score} at the budgets it reached).
 
   Successive halving: every candidate is scored at budgets[0]; the best ceil(n / reduction) of the n scored at a
@@ -45,8 +67,8 @@ def select_htg(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig, ca
   candidate. One budget is a plain grid search. `stats`: the float model's calibration stats, as `quantise_dit`
   takes them.
   """
-  if ptq.method != "htg" or not candidates:
-    raise ValueError(f"select_htg needs method 'htg' and candidates, got {ptq.method!r} and {len(candidates)}")
+  if not candidates:
+    raise ValueError("select_ptq needs at least one candidate")
   if not budgets or budgets[0] < 1 or any(b <= a for a, b in zip(budgets, budgets[1:])):
     raise ValueError(f"budgets must be positive and increasing, got {tuple(budgets)}")
   if reduction < 2 and len(budgets) > 1:
@@ -55,7 +77,7 @@ def select_htg(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig, ca
   alive = list(range(len(candidates)))
   for rung, budget in enumerate(budgets):
     for i in alive:
-      qparams, quant, _ = quantise_dit(config, params, stats, dataclasses.replace(ptq, htg=candidates[i]))
+      qparams, quant, _ = quantise_dit(config, params, stats, candidates[i])
       scores[i][budget] = float(score(qparams, quant, budget))
     alive = sorted(alive, key=lambda i: scores[i][budget])  # stable: ties keep the earlier candidate first
     if rung < len(budgets) - 1:

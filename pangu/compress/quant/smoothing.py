@@ -7,7 +7,9 @@ HTG (Ding et al. 2025, spec 3.3-3.6):
     noisiest step to the cleanest (alpha = 0.99), split SmoothQuant-style against the weights (Eq. 7):
     s = sqrt(m_1 / max_j |W[i, j]|) (`sqrt_weight`, R1) or s = m_1 / max(m_1) (`normalised`, R2).
 Baselines (time-agnostic, no shift, one group):
-  * SmoothQuant-style: s = sqrt(max over all steps of max|X| / max|W|) (alpha = 1/2);
+  * SmoothQuant-style (Xiao et al. 2023): s = (max over all steps of max|X|)^a / max|W|^(1 - a), with the
+    migration strength a = 1/2 by default (the spec's form); like HTG's open constants, a and which inputs are
+    scaled can be picked on calibration data (`pangu.compress.quant.select`);
   * PTQ4DiT-style channel balancing (our simplification): the salience of a channel is its max|X| averaged over
     steps rather than the worst step, s = sqrt(mean_t max|X_t| / max|W|).
 """
@@ -46,6 +48,12 @@ class SmoothingPlan:
     return SmoothingPlan(self.group_of_step[calibrated_of_step], self.shift, self.scale)
 
 
+def _check_layers(config) -> None:
+  if unknown := sorted(set(config.scaled_layers) - set(BLOCK_LINEARS)):
+    raise ValueError(f"{type(config).__name__}.scaled_layers has {unknown}, not among the block linears "
+                     f"{BLOCK_LINEARS}")
+
+
 @dataclasses.dataclass(frozen=True)
 class HTGConfig:
   """Attributes:
@@ -78,12 +86,28 @@ class HTGConfig:
   def __post_init__(self):
     one_of(self, "scale", ("sqrt_weight", "normalised"))
     one_of(self, "shift_compensation", ("quantised", "float"))
-    if unknown := sorted(set(self.scaled_layers) - set(BLOCK_LINEARS)):
-      raise ValueError(f"HTGConfig.scaled_layers has {unknown}, not among the block linears {BLOCK_LINEARS}")
+    _check_layers(self)
     if not 0.0 <= self.alpha < 1.0:
       raise ValueError(f"HTGConfig.alpha must be in [0, 1), got {self.alpha!r}")
     if self.n_groups is not None and (not isinstance(self.n_groups, int) or self.n_groups < 1):
       raise ValueError(f"HTGConfig.n_groups must be a positive int or None, got {self.n_groups!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothQuantConfig:
+  """Attributes:
+    migration: SmoothQuant's alpha, how much of an input's range moves into the weights, in (0, 1); 1/2 splits
+      it evenly (the spec's baseline). Its paper tunes it per model, as HTG's open constants are tuned here.
+    scaled_layers: the block linears whose inputs are smoothed; the others are left alone.
+  """
+
+  migration: float = 0.5
+  scaled_layers: tuple[str, ...] = BLOCK_LINEARS
+
+  def __post_init__(self):
+    _check_layers(self)
+    if not 0.0 < self.migration < 1.0:
+      raise ValueError(f"SmoothQuantConfig.migration must be in (0, 1), got {self.migration!r}")
 
 
 def per_step_shift(stats: dict[str, np.ndarray]) -> np.ndarray:
@@ -133,9 +157,10 @@ def _scale_only(scale: np.ndarray, n_steps: int) -> SmoothingPlan:
   return SmoothingPlan(np.zeros(n_steps, np.int32), np.zeros((1, len(scale))), np.maximum(scale, _MIN_SCALE))
 
 
-def smoothquant_plan(stats: dict[str, np.ndarray], kernel: np.ndarray) -> SmoothingPlan:
+def smoothquant_plan(stats: dict[str, np.ndarray], kernel: np.ndarray, migration: float = 0.5) -> SmoothingPlan:
   absmax = channel_absmax(stats)
-  return _scale_only(np.sqrt(np.maximum(absmax.max(0), _MIN_SCALE) / weight_absmax(kernel)), absmax.shape[0])
+  activation = np.maximum(absmax.max(0), _MIN_SCALE)
+  return _scale_only(activation ** migration / weight_absmax(kernel) ** (1 - migration), absmax.shape[0])
 
 
 def ptq4dit_plan(stats: dict[str, np.ndarray], kernel: np.ndarray) -> SmoothingPlan:
