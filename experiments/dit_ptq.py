@@ -256,6 +256,7 @@ def settings_record(ptq) -> dict:
 
 
 def settings_text(record: dict) -> str:
+  """A settings record in words, e.g. "migration 0.5, scaled_layers qkv/proj/fc1/fc2"."""
   return ", ".join(f"{k} {'/'.join(v) if isinstance(v, list) else v}" for k, v in record.items())
 
 
