@@ -105,7 +105,6 @@ _REPLICATES = flags.DEFINE_list("replicate_seeds", None, "Further training seeds
 METHODS = ("naive", "minmax", "smoothquant", "ptq4dit", "htg")
 BASELINES = ("naive", "smoothquant")  # what HTG is compared with at W4A8 on --comparison_samples (settings picked)
 SPEC_BASELINES = ("naive", "smoothquant_spec")  # what htg_spec is compared with: every setting the spec's
-SELECTED = ("htg", "smoothquant")  # the methods whose open settings are picked on the calibration split
 # The EMA factors of the spec's Table 4 claim (alpha = 0.99 best): the rows htg_spec (0.99) and htg_alpha<a>.
 ALPHAS = (0.0, 0.9)
 
@@ -382,7 +381,7 @@ def main(argv):
   from pangu.compress.quant.grouping import default_n_groups
   from pangu.compress.quant.outliers import outlier_ratio, time_spread
   from pangu.compress.quant.ptq import PTQConfig, quantise_dit
-  from pangu.compress.quant.select import htg_candidates, select_ptq, smoothquant_candidates
+  from pangu.compress.quant.select import CANDIDATE_GRIDS, select_ptq
   from pangu.compress.quant.smoothing import HTGConfig, per_step_shift
   from pangu.diffusion.digits import load_digits_images
   from pangu.diffusion.fid import ClassifierConfig, digits_metric, train_classifier
@@ -532,10 +531,10 @@ def main(argv):
       """The method's configuration for these bits (its settings selected on the calibration split, or the
       spec's), the search time and the candidates' scores."""
       spec = PTQConfig(method, weight_bits=bits)
-      if method not in SELECTED or not _SELECT.value:
+      if method not in CANDIDATE_GRIDS or not _SELECT.value:
         return spec, 0.0, {}
       start = time.perf_counter()
-      candidates = {"htg": htg_candidates, "smoothquant": smoothquant_candidates}[method](spec)
+      candidates = CANDIDATE_GRIDS[method](spec)
       chosen, scores = select_ptq(config, params, float_stats, candidates, calibration_mse, search_budgets,
                                   _SEARCH_REDUCTION.value)
       named = {settings_text(settings_record(c)): {str(n): v for n, v in by_budget.items()}
@@ -560,7 +559,7 @@ def main(argv):
   payload = {"seed": _SEED.value, "samples": n_samples, "fp": fp,
              "guidance": selection,
              "outliers": outliers(float_stats),
-             "w8a8": {}, "w4a8": {}, "groups": {}, "selection": {method: {} for method in SELECTED}}
+             "w8a8": {}, "w4a8": {}, "groups": {}, "selection": {method: {} for method in CANDIDATE_GRIDS}}
   compared = {}  # the W4A8 samples of every configuration
   main_pairs = [("htg", b) for b in BASELINES] + [("htg_spec", b) for b in SPEC_BASELINES]
   alpha_pairs = [("htg_spec", f"htg_alpha{alpha:g}") for alpha in ALPHAS]
@@ -574,7 +573,7 @@ def main(argv):
   for bits_name, bits in (("w8a8", 8), ("w4a8", 4)):
     for method in METHODS:
       ptq, search_seconds, scores = run.pick(method, bits)
-      if method in SELECTED:
+      if method in CANDIDATE_GRIDS:
         payload["selection"][method][bits_name] = {
             "chosen": settings_record(ptq), "calibration_sample_mse": scores,
             "search_trajectories": search_budgets if scores else [], "search_seconds": search_seconds}
@@ -612,7 +611,7 @@ def main(argv):
     results, samples, chosen = {}, {}, {}
     for method in (*BASELINES, "htg"):
       ptq, search_seconds, _ = replicate.pick(method, 4)
-      if method in SELECTED:
+      if method in CANDIDATE_GRIDS:
         chosen[method] = settings_record(ptq)
       results[method], samples[method] = replicate.evaluate(ptq, n_compare)
       results[method]["calib_seconds"] += search_seconds

@@ -52,6 +52,11 @@ def smoothquant_candidates(base: PTQConfig, migrations: Sequence[float] = (0.3, 
           for migration, layers in itertools.product(migrations, scaled_layers)]
 
 
+# The methods with open settings to search, and each one's grid of candidates around a base configuration.
+CANDIDATE_GRIDS: dict[str, Callable[[PTQConfig], list[PTQConfig]]] = {"htg": htg_candidates,
+                                                                       "smoothquant": smoothquant_candidates}
+
+
 def _check_method(base: PTQConfig, method: str) -> None:
   if base.method != method:
     raise ValueError(f"{method}_candidates varies the {method} settings, but the base PTQConfig's method is "
