@@ -9,7 +9,9 @@ the folded shift's bias term uses the float or the rounded kernel) are picked pe
 split, never on the evaluation samples, by successive halving (every candidate scored on a quarter of the
 calibration trajectories, the best quarter of them on all). So are the SmoothQuant-style baseline's (its
 migration strength and whether fc2's input is smoothed), from as many candidates, so that the two are compared
-like for like; the rows htg_spec and smoothquant_spec keep the spec's constants.
+like for like; the rows htg_spec and smoothquant_spec keep the spec's constants. The W4A8 row htg_migration
+(our extension) opens the split exponent HTG's Eq. 7 fixes at 1/2 and searches it over SmoothQuant-style's own
+grid, so that the two differ only in HTG's timestep-aware parts.
 The W4A8 comparison of HTG with naive and SmoothQuant-style, and the FP-close claims, draw more samples
 (--comparison_samples; every configuration's own --samples are the first of them); the comparison is repeated on
 models trained from further seeds (--replicate_seeds), and its verdict needs every model. The guidance scale is
@@ -25,11 +27,12 @@ of htg_spec (alpha 0.99) against the htg_alpha rows. fp_close: {"samples", "fp",
 outliers: {"block.linear": {"outlier_ratio", "time_spread"}} of the float model's block linear inputs on the
 calibration trajectories (`pangu.compress.quant.outliers`).
 w4a8_comparison: {"samples", "fid": {method}, "sample_mse": {method}, "fid_gaps": {"a - b": FID(a) - FID(b) of
-HTG against naive and SmoothQuant-style (both picked), and of htg_spec against naive and smoothquant_spec, with
-paired-bootstrap intervals (`fid.paired_fid_gap`)}}; guidance: {"scale", "candidates": {scale: the float model's
-{"fid", "class_acc"}}, null with --guidance}; selection: {method: {bits: {"chosen", "calibration_sample_mse",
-"search_trajectories", "search_seconds"}}} for htg and smoothquant; replicates: {seed: {"fp", "w4a8",
-"w4a8_comparison", "chosen": {method: settings}, "outliers"}}.
+HTG and htg_migration against naive and SmoothQuant-style (both picked), and of htg_spec against naive and
+smoothquant_spec, with paired-bootstrap intervals (`fid.paired_fid_gap`)}}; guidance: {"scale", "candidates":
+{scale: the float model's {"fid", "class_acc"}}, null with --guidance}; selection: {name: {bits: {"chosen",
+"calibration_sample_mse", "search_trajectories", "search_seconds"}}} for htg and smoothquant (both widths) and
+htg_migration (W4A8); replicates: {seed: {"fp", "w4a8", "w4a8_comparison", "chosen": {name: settings},
+"outliers"}}.
 
   python -m experiments.dit_ptq --quick
 """
@@ -88,9 +91,10 @@ _LEARNING_RATE = flags.DEFINE_float("learning_rate", 2e-3, "Peak learning rate o
 _EMA_DECAY = flags.DEFINE_float("ema_decay", 0.999, "EMA of the DiT's weights used for sampling (0: last weights).")
 _SELECT = flags.DEFINE_bool(
     "select", True, "Pick HTG's EMA alpha, whether fc2's input is scaled and the kernel the shift is folded onto, "
-    "and SmoothQuant-style's migration strength and whether fc2's input is smoothed, on the calibration split "
-    "(paired sample MSE vs float from the calibration noise); off: the spec's constants (HTG: alpha 0.99 with all "
-    "four inputs scaled, the shift folded onto the rounded kernel; SmoothQuant-style: migration 1/2 on all four).")
+    "and SmoothQuant-style's (and htg_migration's) migration strength and whether fc2's input is smoothed, on the "
+    "calibration split (paired sample MSE vs float from the calibration noise); off: the spec's constants (HTG: "
+    "alpha 0.99 with all four inputs scaled, the shift folded onto the rounded kernel; SmoothQuant-style: "
+    "migration 1/2 on all four).")
 _SEARCH_REDUCTION = flags.DEFINE_integer(
     "search_reduction", 4, "Successive halving of the settings' search: every candidate is scored on 1/r of the "
     "calibration trajectories and the best 1/r of them (rounded up) on all; 1: every candidate on all.",
@@ -104,6 +108,9 @@ _REPLICATES = flags.DEFINE_list("replicate_seeds", None, "Further training seeds
 
 METHODS = ("naive", "minmax", "smoothquant", "ptq4dit", "htg")
 BASELINES = ("naive", "smoothquant")  # what HTG is compared with at W4A8 on --comparison_samples (settings picked)
+# HTG with Eq. 7's split exponent searched over SmoothQuant-style's own grid (our extension), compared with the same
+# baselines: at the same split, what HTG's timestep-aware parts add.
+HTG_MIGRATION = "htg_migration"
 SPEC_BASELINES = ("naive", "smoothquant_spec")  # what htg_spec is compared with: every setting the spec's
 # The EMA factors of the spec's Table 4 claim (alpha = 0.99 best): the rows htg_spec (0.99) and htg_alpha<a>.
 ALPHAS = (0.0, 0.9)
@@ -155,28 +162,16 @@ def claims(payload: dict) -> list[dict]:
                              f"on the first {payload['samples']} {own:.3g} vs {fp:.3g} ({own / fp - 1:+.1%})",
                              verdict))
   compared = payload["w4a8_comparison"]
-  beaten = [m for m in BASELINES if beats(compared, "htg", m)]
   spec_beaten = [m for m in SPEC_BASELINES if beats(compared, "htg_spec", m)]
-  replicates = {seed: [m for m in BASELINES if beats(entry["w4a8_comparison"], "htg", m)]
-                for seed, entry in payload["replicates"].items()}
-  every_seed = [beaten, *replicates.values()]
-  verdict = ("reproduced" if all(len(b) == 2 for b in every_seed) else "partly" if any(every_seed) else
-             "contradicted")
-  selection = payload["selection"]
-  how = "picked on the calibration split" if selection["htg"]["w4a8"]["calibration_sample_mse"] else "the spec's"
-  ours = (f"Model of seed {payload['seed']}: HTG ({settings_text(selection['htg']['w4a8']['chosen'])}) against "
-          f"SmoothQuant-style ({settings_text(selection['smoothquant']['w4a8']['chosen'])}), each {how}, beats "
-          f"{', '.join(beaten) or 'neither'}; with the spec's constants, htg_spec against "
-          f"{', '.join(SPEC_BASELINES)} beats {', '.join(spec_beaten) or 'neither'}. On {compared['samples']} "
-          f"samples each, {comparison_text(compared)}; a gap whose 95% paired-bootstrap interval holds 0 is decided "
-          "by the paired sample MSE vs FP")
-  for seed, seed_beaten in replicates.items():
-    entry = payload["replicates"][seed]
-    picks = "; ".join(f"{m} {settings_text(v)}" for m, v in entry["chosen"].items())
-    ours += (f". Model of seed {seed} (its own picks: {picks}): HTG beats {', '.join(seed_beaten) or 'neither'}; "
-             f"{comparison_text(entry['w4a8_comparison'])}")
-  rows.append(common.claim("HTG (DiT PTQ)", "At W4A8 HTG beats naive PTQ and SmoothQuant-style smoothing",
-                           "state of the art among PTQ methods", ours, verdict))
+  rows.append(beats_baselines_claim(
+      payload, "htg", "At W4A8 HTG beats naive PTQ and SmoothQuant-style smoothing",
+      "state of the art among PTQ methods",
+      f"with the spec's constants, htg_spec against {', '.join(SPEC_BASELINES)} beats "
+      f"{', '.join(spec_beaten) or 'neither'}; {comparison_text(compared, ('htg_spec', *SPEC_BASELINES))}"))
+  rows.append(beats_baselines_claim(
+      payload, HTG_MIGRATION, "At W4A8 and a split searched as SmoothQuant-style's is, HTG beats naive PTQ and "
+      "SmoothQuant-style smoothing", "ours (extension): Eq. 7's exponent 1/2 opened and searched over the "
+      "baseline's own grid, so that only HTG's timestep-aware parts differ"))
   groups = payload["groups"]
   keys = sorted(groups, key=int)
   every, tenth = groups[keys[-1]]["fid"], groups[keys[len(keys) // 2]]["fid"]
@@ -214,6 +209,30 @@ def claims(payload: dict) -> list[dict]:
   return rows
 
 
+def beats_baselines_claim(payload: dict, name: str, claim: str, paper: str, spec_text: str = "") -> dict:
+  """The W4A8 claim that configuration `name` beats every one of BASELINES (each with its settings picked) on the
+  main model and every replicate: reproduced when it beats both everywhere, partly when it beats any on any
+  model, contradicted when none."""
+  selection = payload["selection"]
+  how = "picked on the calibration split" if selection[name]["w4a8"]["calibration_sample_mse"] else "the spec's"
+  configurations = (name, *BASELINES)
+  every = {payload["seed"]: (payload["w4a8_comparison"], {m: selection[m]["w4a8"]["chosen"]
+                                                          for m in (name, "smoothquant")}),
+           **{seed: (entry["w4a8_comparison"], entry["chosen"]) for seed, entry in payload["replicates"].items()}}
+  beaten = {seed: [m for m in BASELINES if beats(compared, name, m)] for seed, (compared, _) in every.items()}
+  texts = [f"Model of seed {seed} ({'; '.join(f'{m} {settings_text(chosen[m])}' for m in (name, 'smoothquant'))}, "
+           f"each {how}): {name} beats {', '.join(beaten[seed]) or 'neither'}; "
+           f"{comparison_text(compared, configurations)}" for seed, (compared, chosen) in every.items()]
+  if spec_text:
+    texts[0] += f"; {spec_text}"
+  verdict = ("reproduced" if all(len(b) == len(BASELINES) for b in beaten.values()) else
+             "partly" if any(beaten.values()) else "contradicted")
+  samples = payload["w4a8_comparison"]["samples"]
+  return common.claim("HTG (DiT PTQ)", claim, paper,
+                      ". ".join(texts) + f". {samples} samples each; a gap whose 95% paired-bootstrap interval holds "
+                      "0 is decided by the paired sample MSE vs FP", verdict)
+
+
 def outlier_claim(outliers: dict) -> dict:
   """HTG's premise on the float model's block linear inputs: each counts when both its outlier ratio and its time
   spread reach their goals; reproduced when at least half count, partly when one does or at least half reach
@@ -249,7 +268,7 @@ def fid_noise(fp_close: dict) -> float:
 def settings_record(ptq) -> dict:
   """The settings of HTG or SmoothQuant-style that the calibration split picks from, as dit_ptq.json records them."""
   if ptq.method == "htg":
-    return {"alpha": ptq.htg.alpha, "scaled_layers": list(ptq.htg.scaled_layers),
+    return {"alpha": ptq.htg.alpha, "migration": ptq.htg.migration, "scaled_layers": list(ptq.htg.scaled_layers),
             "shift_compensation": ptq.htg.shift_compensation}
   return {"migration": ptq.smoothquant.migration, "scaled_layers": list(ptq.smoothquant.scaled_layers)}
 
@@ -259,12 +278,15 @@ def settings_text(record: dict) -> str:
   return ", ".join(f"{k} {'/'.join(v) if isinstance(v, list) else v}" for k, v in record.items())
 
 
-def comparison_text(compared: dict) -> str:
-  """A W4A8 comparison record's FID-digits, FID gaps (with their intervals) and sample MSEs, in words."""
-  return ("FID-digits " + ", ".join(f"{m} {fid:.3g}" for m, fid in compared["fid"].items())
+def comparison_text(compared: dict, configurations: tuple[str, ...] | None = None) -> str:
+  """A W4A8 comparison record's FID-digits, FID gaps (with their intervals) and sample MSEs, in words: of the given
+  configurations and the gaps between them, or of all."""
+  def shown(m: str) -> bool:
+    return configurations is None or m in configurations
+  return ("FID-digits " + ", ".join(f"{m} {fid:.3g}" for m, fid in compared["fid"].items() if shown(m))
           + "; gaps " + ", ".join(f"{pair} {g['gap']:+.2f} [{g['low']:+.2f}, {g['high']:+.2f}]"
-                                  for pair, g in compared["fid_gaps"].items())
-          + "; sample MSE " + ", ".join(f"{m} {mse:.3g}" for m, mse in compared["sample_mse"].items()))
+                                  for pair, g in compared["fid_gaps"].items() if all(map(shown, pair.split(" - "))))
+          + "; sample MSE " + ", ".join(f"{m} {mse:.3g}" for m, mse in compared["sample_mse"].items() if shown(m)))
 
 
 def beats(compared: dict, a: str, b: str) -> bool:
@@ -381,7 +403,7 @@ def main(argv):
   from pangu.compress.quant.grouping import default_n_groups
   from pangu.compress.quant.outliers import outlier_ratio, time_spread
   from pangu.compress.quant.ptq import PTQConfig, quantise_dit
-  from pangu.compress.quant.select import CANDIDATE_GRIDS, select_ptq
+  from pangu.compress.quant.select import SEARCHES, select_ptq
   from pangu.compress.quant.smoothing import HTGConfig, per_step_shift
   from pangu.diffusion.digits import load_digits_images
   from pangu.diffusion.fid import ClassifierConfig, digits_metric, train_classifier
@@ -527,14 +549,15 @@ def main(argv):
                        trajectory[0, :n])[0]
       return float(jnp.mean((samples - calib_fp_samples[:n]) ** 2))
 
-    def pick(method: str, bits: int) -> tuple[PTQConfig, float, dict]:
-      """The method's configuration for these bits (its settings selected on the calibration split, or the
-      spec's), the search time and the candidates' scores."""
-      spec = PTQConfig(method, weight_bits=bits)
-      if method not in CANDIDATE_GRIDS or not _SELECT.value:
+    def pick(name: str, bits: int) -> tuple[PTQConfig, float, dict]:
+      """The configuration of a method (or of a searched configuration in SEARCHES) for these bits (its settings
+      selected on the calibration split, or the spec's), the search time and the candidates' scores."""
+      search = SEARCHES.get(name)
+      spec = PTQConfig(search.method if search else name, weight_bits=bits)
+      if search is None or not _SELECT.value:
         return spec, 0.0, {}
       start = time.perf_counter()
-      candidates = CANDIDATE_GRIDS[method](spec)
+      candidates = search.candidates(spec)
       chosen, scores = select_ptq(config, params, float_stats, candidates, calibration_mse, search_budgets,
                                   _SEARCH_REDUCTION.value)
       named = {settings_text(settings_record(c)): {str(n): v for n, v in by_budget.items()}
@@ -559,9 +582,10 @@ def main(argv):
   payload = {"seed": _SEED.value, "samples": n_samples, "fp": fp,
              "guidance": selection,
              "outliers": outliers(float_stats),
-             "w8a8": {}, "w4a8": {}, "groups": {}, "selection": {method: {} for method in CANDIDATE_GRIDS}}
+             "w8a8": {}, "w4a8": {}, "groups": {}, "selection": {name: {} for name in SEARCHES}}
   compared = {}  # the W4A8 samples of every configuration
-  main_pairs = [("htg", b) for b in BASELINES] + [("htg_spec", b) for b in SPEC_BASELINES]
+  main_pairs = ([(htg, b) for htg in ("htg", HTG_MIGRATION) for b in BASELINES]
+                + [("htg_spec", b) for b in SPEC_BASELINES])
   alpha_pairs = [("htg_spec", f"htg_alpha{alpha:g}") for alpha in ALPHAS]
   drawn_in_full = {("w8a8", "htg"), *(("w4a8", m) for pair in main_pairs + alpha_pairs for m in pair)}
   htg_samples = {}  # bits name -> HTG's n_compare samples, for the FP-close claims
@@ -570,21 +594,28 @@ def main(argv):
     """How many samples a configuration draws: the comparison's (W4A8 compared, HTG at both widths), or its own."""
     return n_compare if (bits_name, name) in drawn_in_full else n_samples
 
-  for bits_name, bits in (("w8a8", 8), ("w4a8", 4)):
+  def picked_row(bits_name: str, name: str) -> tuple[PTQConfig, np.ndarray]:
+    """Evaluates a method (or searched configuration) at these bits into payload[bits_name][name], its settings
+    picked first where it has a search (recorded under payload["selection"]); its config and samples."""
+    ptq, search_seconds, scores = run.pick(name, {"w8a8": 8, "w4a8": 4}[bits_name])
+    if name in SEARCHES:
+      payload["selection"][name][bits_name] = {
+          "chosen": settings_record(ptq), "calibration_sample_mse": scores,
+          "search_trajectories": search_budgets if scores else [], "search_seconds": search_seconds}
+    payload[bits_name][name], samples = evaluate(ptq, rows(bits_name, name))
+    payload[bits_name][name]["calib_seconds"] += search_seconds  # the settings' search is calibration too
+    grids[f"{bits_name} {name}"] = samples[:10]
+    if bits_name == "w4a8":
+      compared[name] = samples
+    print(f"{bits_name} {name}: {payload[bits_name][name]}", flush=True)
+    return ptq, samples
+
+  for bits_name in ("w8a8", "w4a8"):
     for method in METHODS:
-      ptq, search_seconds, scores = run.pick(method, bits)
-      if method in CANDIDATE_GRIDS:
-        payload["selection"][method][bits_name] = {
-            "chosen": settings_record(ptq), "calibration_sample_mse": scores,
-            "search_trajectories": search_budgets if scores else [], "search_seconds": search_seconds}
-      payload[bits_name][method], samples = evaluate(ptq, rows(bits_name, method))
-      payload[bits_name][method]["calib_seconds"] += search_seconds  # the settings' search is calibration too
-      grids[f"{bits_name} {method}"] = samples[:10]
-      if bits_name == "w4a8":
-        compared[method] = samples
+      ptq, samples = picked_row(bits_name, method)
       if method == "htg":
         htg_samples[bits_name], htg_w4a8 = samples, ptq
-      print(f"{bits_name} {method}: {payload[bits_name][method]}", flush=True)
+  picked_row("w4a8", HTG_MIGRATION)
   payload["w4a8"]["smoothquant_spec"], compared["smoothquant_spec"] = evaluate(
       PTQConfig("smoothquant", weight_bits=4), rows("w4a8", "smoothquant_spec"))
   grids["w4a8 smoothquant_spec"] = compared["smoothquant_spec"][:10]
@@ -609,16 +640,17 @@ def main(argv):
   for seed in replicate_seeds:
     replicate = seed_run(seed, trained_model(seed), guidance, n_samples)
     results, samples, chosen = {}, {}, {}
-    for method in (*BASELINES, "htg"):
+    for method in (*BASELINES, "htg", HTG_MIGRATION):
       ptq, search_seconds, _ = replicate.pick(method, 4)
-      if method in CANDIDATE_GRIDS:
+      if method in SEARCHES:
         chosen[method] = settings_record(ptq)
       results[method], samples[method] = replicate.evaluate(ptq, n_compare)
       results[method]["calib_seconds"] += search_seconds
     payload["replicates"][str(seed)] = {
         "fp": replicate.fp, "w4a8": results, "chosen": chosen,
         "outliers": outliers(replicate.float_stats),
-        "w4a8_comparison": replicate.compare(samples, [("htg", b) for b in BASELINES])}
+        "w4a8_comparison": replicate.compare(samples, [(htg, b) for htg in ("htg", HTG_MIGRATION)
+                                                       for b in BASELINES])}
     print(f"seed {seed} w4a8: {results}", flush=True)
   payload["claims"] = claims(payload)
   common.write_json("dit_ptq", payload)
@@ -643,7 +675,9 @@ def main(argv):
            f"({settings_text(payload['selection']['htg']['w4a8']['chosen'])} / "
            f"{settings_text(payload['selection']['smoothquant']['w4a8']['chosen'])}); "
            f"htg_spec: the spec's alpha 0.99 with all four inputs scaled; smoothquant_spec: migration 1/2 on all "
-           f"four; htg_shift_only / scale_only: s = 1 / z = 0; "
+           f"four; {HTG_MIGRATION}: HTG (alpha 0.99) with Eq. 7's split exponent searched over SmoothQuant-style's "
+           f"grid, our extension ({settings_text(payload['selection'][HTG_MIGRATION]['w4a8']['chosen'])}); "
+           f"htg_shift_only / scale_only: s = 1 / z = 0; "
            f"htg_alpha<a>: EMA factor a; htg_normalised_scale: R2's s = m / max(m); htg_fc2_unsmoothed: fc2's "
            f"input left alone; htg_one_act_range: one activation range per layer, not per group; "
            f"htg_percentile_range / mse_range: activation ranges at the 0.01st and 99.99th percentiles / of least "
@@ -656,7 +690,8 @@ def main(argv):
            f"({min(n_samples, _SAMPLE_BATCH.value)} rows); htg_float_shift_bias: htg_spec with the "
            f"spec's literal bias fold b + z_g W on the float kernel (htg_spec and the ablations fold the shift onto "
            f"the rounded kernel). "
-           f"'seed s' rows: W4A8 naive, SmoothQuant-style and HTG (each its own pick) on a model trained from seed s, "
+           f"'seed s' rows: W4A8 naive, SmoothQuant-style, HTG and {HTG_MIGRATION} (each its own pick) on a model "
+           f"trained from seed s, "
            f"scored by the same classifier. "
            f"Total {time.perf_counter() - begin:.0f} s.")
   common.write_table("dit_ptq", report_table(payload, setup))

@@ -272,6 +272,13 @@ def test_htg_scale_is_the_spec_ema_against_float64():
   for t in range(13, -1, -1):
     reversed_m = 0.99 * reversed_m + 0.01 * r[t]
   assert np.abs(np.sqrt(reversed_m / np.abs(kernel).max(axis=1)) - plan.scale).max() > 1e-3
+  # Our extension: Eq. 7's exponent opened as SmoothQuant's migration strength, s = m_1^a / max|W|^(1 - a).
+  migrated = htg_plan({"min": lo, "max": hi}, kernel, HTGConfig(alpha=0.99, migration=0.3))
+  np.testing.assert_allclose(migrated.scale, m ** 0.3 / np.abs(kernel).max(axis=1) ** 0.7, rtol=1e-12)
+  np.testing.assert_array_equal(migrated.shift, plan.shift)
+  for bad in (0.0, 1.0):
+    with pytest.raises(ValueError, match="HTGConfig.migration"):
+      HTGConfig(migration=bad)
 
 
 def test_baseline_plans_closed_form():
@@ -610,12 +617,12 @@ def test_attention_ranges_are_the_folded_models_operand_extremes(proj_smoothing)
   assert errors[1] < errors[0] < 0.25
 
 
-@pytest.mark.parametrize("method", ["htg", "smoothquant"])
-def test_select_ptq_halves_to_the_candidate_with_the_lowest_calibration_score(method):
+@pytest.mark.parametrize("method, grid", [("htg", "htg"), ("smoothquant", "migration"), ("htg", "migration")])
+def test_select_ptq_halves_to_the_candidate_with_the_lowest_calibration_score(method, grid):
   """The score here is the quantised model's output error against float on the first `budget` held-out inputs,
   computed independently for each candidate. One budget: the selection is the argmin over all. Two: every
   candidate of the 8 is scored on 1 input, the best quarter on all 4, and the pick is their argmin."""
-  from pangu.compress.quant.select import htg_candidates, select_ptq, smoothquant_candidates
+  from pangu.compress.quant.select import htg_candidates, migration_candidates, select_ptq
   params, stats = _random_params(), _synthetic_stats(1)
   model, (x, t, y) = DiT(CONFIG), _inputs(batch=4, seed=5)
   apply = jax.jit(lambda variables: model.apply(variables, x, t, y, 3))
@@ -625,14 +632,15 @@ def test_select_ptq_halves_to_the_candidate_with_the_lowest_calibration_score(me
     return float(np.mean((np.asarray(apply({"params": qparams, "quant": quant})) - reference)[:budget] ** 2))
 
   ptq = PTQConfig(method, weight_bits=4)
-  if method == "htg":
+  if grid == "htg":
     candidates = htg_candidates(ptq, alphas=(0.0, 0.99))
-    grid = [(c.htg.alpha, "fc2" in c.htg.scaled_layers, c.htg.shift_compensation) for c in candidates]
-    assert grid == list(itertools.product((0.0, 0.99), (True, False), ("quantised", "float")))
+    settings = [(c.htg.alpha, "fc2" in c.htg.scaled_layers, c.htg.shift_compensation) for c in candidates]
+    assert settings == list(itertools.product((0.0, 0.99), (True, False), ("quantised", "float")))
   else:
-    candidates = smoothquant_candidates(ptq, migrations=(0.3, 0.4, 0.6, 0.7))
-    grid = [(c.smoothquant.migration, "fc2" in c.smoothquant.scaled_layers) for c in candidates]
-    assert grid == list(itertools.product((0.3, 0.4, 0.6, 0.7), (True, False)))
+    candidates = migration_candidates(ptq, migrations=(0.3, 0.4, 0.6, 0.7))
+    varied = [getattr(c, method) for c in candidates]
+    settings = [(v.migration, "fc2" in v.scaled_layers) for v in varied]
+    assert settings == list(itertools.product((0.3, 0.4, 0.6, 0.7), (True, False)))
   assert all(dataclasses.replace(c, htg=ptq.htg, smoothquant=ptq.smoothquant) == ptq for c in candidates)
   quantised = [quantise_dit(CONFIG, params, stats, c)[:2] for c in candidates]
   on_one, on_all = (np.array([score(*q, budget) for q in quantised]) for budget in (1, 4))
@@ -654,4 +662,7 @@ def test_select_ptq_halves_to_the_candidate_with_the_lowest_calibration_score(me
   with pytest.raises(ValueError, match="candidate"):
     select_ptq(CONFIG, params, stats, [], score, budgets=(4,))
   with pytest.raises(ValueError, match="method is 'naive'"):
-    (htg_candidates if method == "htg" else smoothquant_candidates)(PTQConfig("naive"))
+    (htg_candidates if grid == "htg" else migration_candidates)(PTQConfig("naive"))
+  if grid == "migration" and method == "htg":
+    with pytest.raises(ValueError, match="scale is 'normalised'"):
+      migration_candidates(PTQConfig("htg", htg=HTGConfig(scale="normalised")))

@@ -5,6 +5,8 @@ The paper fixes HTG's parts but not every constant a small model needs: the EMA 
 folded shift's bias term uses the float or the rounded kernel (unstated). The SmoothQuant-style baseline has its own
 free settings, its migration strength (tuned per model in its paper) and the inputs it smooths; a baseline left at
 its defaults while HTG is tuned would not be a like-for-like comparison, so both go through the same search.
+HTG's own split against the weights (Eq. 7) is SmoothQuant's at migration strength 1/2; searching it over the
+baseline's grid (our extension) leaves the timestep-aware parts as the only difference between the two.
 Rather than fixing them by the evaluation, `select_ptq` quantises the model with each candidate setting and keeps
 the one whose quantised model scores best on a calibration split (the caller's score: e.g. the paired MSE of
 samples against the float model from the calibration noise and labels, disjoint from the evaluation's).
@@ -35,31 +37,51 @@ def htg_candidates(base: PTQConfig, alphas: Sequence[float] = (0.0, 0.9, 0.99),
                    shift_compensations: Sequence[str] = ("quantised", "float")) -> list[PTQConfig]:
   """`base` (method htg) over a grid of its HTG settings: EMA factors, sets of scaled linears (all four, or all
   but fc2) and the kernel the shift's bias term is folded onto. 12 candidates by default."""
-  _check_method(base, "htg")
+  _check_method(base, "htg_candidates", ("htg",))
   return [dataclasses.replace(base, htg=dataclasses.replace(base.htg, alpha=alpha, scaled_layers=tuple(layers),
                                                             shift_compensation=compensation))
           for alpha, layers, compensation in itertools.product(alphas, scaled_layers, shift_compensations)]
 
 
-def smoothquant_candidates(base: PTQConfig, migrations: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
-                           scaled_layers: Sequence[tuple[str, ...]] = (BLOCK_LINEARS, ALL_BUT_FC2)
-                           ) -> list[PTQConfig]:
-  """`base` (method smoothquant) over a grid of migration strengths around SmoothQuant's default 1/2 and the same
-  sets of smoothed linears as HTG's grid: 12 candidates by default, as many as `htg_candidates`."""
-  _check_method(base, "smoothquant")
-  return [dataclasses.replace(base, smoothquant=dataclasses.replace(base.smoothquant, migration=migration,
-                                                                    scaled_layers=tuple(layers)))
+MIGRATIONS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # around SmoothQuant's default 1/2
+
+
+def migration_candidates(base: PTQConfig, migrations: Sequence[float] = MIGRATIONS,
+                         scaled_layers: Sequence[tuple[str, ...]] = (BLOCK_LINEARS, ALL_BUT_FC2)
+                         ) -> list[PTQConfig]:
+  """`base` (method smoothquant, or htg with R1's weight split) over a grid of migration strengths and the same sets
+  of smoothed linears as HTG's grid: 12 candidates by default, as many as `htg_candidates`. For HTG this opens
+  the exponent Eq. 7 fixes at 1/2 (our extension): with the same grid as SmoothQuant-style's, the two differ only
+  in HTG's timestep-aware parts (per-group shift, EMA scale, per-group ranges)."""
+  _check_method(base, "migration_candidates", ("smoothquant", "htg"))
+  if base.method == "htg" and base.htg.scale != "sqrt_weight":
+    raise ValueError(f"migration_candidates varies HTG's weight split, but the base HTGConfig's scale is "
+                     f"{base.htg.scale!r}")
+  sub = getattr(base, base.method)
+  return [dataclasses.replace(base, **{base.method: dataclasses.replace(sub, migration=migration,
+                                                                        scaled_layers=tuple(layers))})
           for migration, layers in itertools.product(migrations, scaled_layers)]
 
 
-# The methods with open settings to search, and each one's grid of candidates around a base configuration.
-CANDIDATE_GRIDS: dict[str, Callable[[PTQConfig], list[PTQConfig]]] = {"htg": htg_candidates,
-                                                                       "smoothquant": smoothquant_candidates}
+@dataclasses.dataclass(frozen=True)
+class Search:
+  """A configuration whose open settings are searched: the method it quantises with and its grid of candidates
+  around that method's base configuration."""
+
+  method: str
+  candidates: Callable[[PTQConfig], list[PTQConfig]]
 
 
-def _check_method(base: PTQConfig, method: str) -> None:
-  if base.method != method:
-    raise ValueError(f"{method}_candidates varies the {method} settings, but the base PTQConfig's method is "
+# The configurations with open settings to search, by name: HTG over its paper-open constants (Eq. 7's split at
+# 1/2), SmoothQuant-style over its migration strength, and HTG over the same migration grid (`htg_migration`).
+SEARCHES: dict[str, Search] = {"htg": Search("htg", htg_candidates),
+                               "smoothquant": Search("smoothquant", migration_candidates),
+                               "htg_migration": Search("htg", migration_candidates)}
+
+
+def _check_method(base: PTQConfig, grid: str, methods: tuple[str, ...]) -> None:
+  if base.method not in methods:
+    raise ValueError(f"{grid} varies the {' or '.join(methods)} settings, but the base PTQConfig's method is "
                      f"{base.method!r}")
 
 

@@ -5,7 +5,10 @@ HTG (Ding et al. 2025, spec 3.3-3.6):
   * contiguous hierarchical grouping of the steps on z_t, group shift z_g = mean of z_t over the group (Eq. 4);
   * one channel scale per layer from an EMA over steps of the half-range r_t = max_n (X_t - z_t), from the
     noisiest step to the cleanest (alpha = 0.99), split SmoothQuant-style against the weights (Eq. 7):
-    s = sqrt(m_1 / max_j |W[i, j]|) (`sqrt_weight`, R1) or s = m_1 / max(m_1) (`normalised`, R2).
+    s = sqrt(m_1 / max_j |W[i, j]|) (`sqrt_weight`, R1) or s = m_1 / max(m_1) (`normalised`, R2). R1's split
+    is SmoothQuant's with the migration strength fixed at 1/2; `HTGConfig.migration` opens it as SmoothQuant's is
+    opened (our extension, not the paper's), so HTG's timestep-aware parts can be compared with SmoothQuant-style
+    at the same split.
 Baselines (time-agnostic, no shift, one group):
   * SmoothQuant-style (Xiao et al. 2023): s = (max over all steps of max|X|)^a / max|W|^(1 - a), with the
     migration strength a = 1/2 by default (the spec's form); like HTG's open constants, a and which inputs are
@@ -54,12 +57,19 @@ def _check_layers(config) -> None:
                      f"{BLOCK_LINEARS}")
 
 
+def _check_migration(config) -> None:
+  if not 0.0 < config.migration < 1.0:
+    raise ValueError(f"{type(config).__name__}.migration must be in (0, 1), got {config.migration!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class HTGConfig:
   """Attributes:
     n_groups: G; None is max(1, S // 10) for S calibrated steps.
     alpha: EMA factor of the channel scale.
     scale: `sqrt_weight` (R1, default) or `normalised` (R2).
+    migration: the exponent a of the `sqrt_weight` split, s = m_1^a / max|W|^(1 - a), in (0, 1). 1/2 is Eq. 7 as
+      R1 has it (the spec, default); other values are our extension, SmoothQuant's migration strength.
     use_shift / use_scale: ablations (shift only: s = 1; scale only: z = 0).
     scaled_layers: the block linears whose inputs get the channel scale; the others keep the shift alone (s = 1).
       The spec scales all four (default); the paper does not say how the post-GELU fc2 input is handled, and
@@ -78,6 +88,7 @@ class HTGConfig:
   n_groups: int | None = None
   alpha: float = 0.99
   scale: Literal["sqrt_weight", "normalised"] = "sqrt_weight"
+  migration: float = 0.5
   use_shift: bool = True
   use_scale: bool = True
   scaled_layers: tuple[str, ...] = BLOCK_LINEARS
@@ -87,6 +98,7 @@ class HTGConfig:
     one_of(self, "scale", ("sqrt_weight", "normalised"))
     one_of(self, "shift_compensation", ("quantised", "float"))
     _check_layers(self)
+    _check_migration(self)
     if not 0.0 <= self.alpha < 1.0:
       raise ValueError(f"HTGConfig.alpha must be in [0, 1), got {self.alpha!r}")
     if self.n_groups is not None and (not isinstance(self.n_groups, int) or self.n_groups < 1):
@@ -106,8 +118,7 @@ class SmoothQuantConfig:
 
   def __post_init__(self):
     _check_layers(self)
-    if not 0.0 < self.migration < 1.0:
-      raise ValueError(f"SmoothQuantConfig.migration must be in (0, 1), got {self.migration!r}")
+    _check_migration(self)
 
 
 def per_step_shift(stats: dict[str, np.ndarray]) -> np.ndarray:
@@ -142,7 +153,7 @@ def htg_plan(stats: dict[str, np.ndarray], kernel: np.ndarray, config: HTGConfig
   if not config.use_scale:
     scale = np.ones(channels)
   elif config.scale == "sqrt_weight":
-    scale = np.sqrt(m / weight_absmax(kernel))
+    scale = split_scale(m, kernel, config.migration)
   else:
     scale = m / m.max()
   return SmoothingPlan(groups, shift, np.maximum(scale, _MIN_SCALE))
@@ -157,12 +168,17 @@ def _scale_only(scale: np.ndarray, n_steps: int) -> SmoothingPlan:
   return SmoothingPlan(np.zeros(n_steps, np.int32), np.zeros((1, len(scale))), np.maximum(scale, _MIN_SCALE))
 
 
+def split_scale(activation: np.ndarray, kernel: np.ndarray, migration: float) -> np.ndarray:
+  """SmoothQuant's split (its Eq. 4), s = act^a / max|W|^(1 - a) per input channel: dividing the input by s and
+  multiplying the kernel's rows by it moves the fraction a of the input's range (in log scale) into the weights."""
+  return np.maximum(activation, _MIN_SCALE) ** migration / weight_absmax(kernel) ** (1 - migration)
+
+
 def smoothquant_plan(stats: dict[str, np.ndarray], kernel: np.ndarray, migration: float = 0.5) -> SmoothingPlan:
   absmax = channel_absmax(stats)
-  activation = np.maximum(absmax.max(0), _MIN_SCALE)
-  return _scale_only(activation ** migration / weight_absmax(kernel) ** (1 - migration), absmax.shape[0])
+  return _scale_only(split_scale(absmax.max(0), kernel, migration), absmax.shape[0])
 
 
 def ptq4dit_plan(stats: dict[str, np.ndarray], kernel: np.ndarray) -> SmoothingPlan:
   absmax = channel_absmax(stats)
-  return _scale_only(np.sqrt(np.maximum(absmax.mean(0), _MIN_SCALE) / weight_absmax(kernel)), absmax.shape[0])
+  return _scale_only(split_scale(absmax.mean(0), kernel, 0.5), absmax.shape[0])
