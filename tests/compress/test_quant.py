@@ -664,5 +664,5 @@ def test_select_ptq_halves_to_the_candidate_with_the_lowest_calibration_score(me
   with pytest.raises(ValueError, match="method is 'naive'"):
     (htg_candidates if grid == "htg" else migration_candidates)(PTQConfig("naive"))
   if grid == "migration" and method == "htg":
-    with pytest.raises(ValueError, match="scale is 'normalised'"):
+    with pytest.raises(ValueError, match="HTGConfig.migration 0.3 applies to the sqrt_weight split only"):
       migration_candidates(PTQConfig("htg", htg=HTGConfig(scale="normalised")))

@@ -54,9 +54,6 @@ def migration_candidates(base: PTQConfig, migrations: Sequence[float] = MIGRATIO
   the exponent Eq. 7 fixes at 1/2 (our extension): with the same grid as SmoothQuant-style's, the two differ only
   in HTG's timestep-aware parts (per-group shift, EMA scale, per-group ranges)."""
   _check_method(base, "migration_candidates", ("smoothquant", "htg"))
-  if base.method == "htg" and base.htg.scale != "sqrt_weight":
-    raise ValueError(f"migration_candidates varies HTG's weight split, but the base HTGConfig's scale is "
-                     f"{base.htg.scale!r}")
   sub = getattr(base, base.method)
   return [dataclasses.replace(base, **{base.method: dataclasses.replace(sub, migration=migration,
                                                                         scaled_layers=tuple(layers))})

@@ -99,6 +99,9 @@ class HTGConfig:
     one_of(self, "shift_compensation", ("quantised", "float"))
     _check_layers(self)
     _check_migration(self)
+    if self.migration != 0.5 and self.scale != "sqrt_weight":
+      raise ValueError(f"HTGConfig.migration {self.migration!r} applies to the sqrt_weight split only, but scale is "
+                       f"{self.scale!r}")
     if not 0.0 <= self.alpha < 1.0:
       raise ValueError(f"HTGConfig.alpha must be in [0, 1), got {self.alpha!r}")
     if self.n_groups is not None and (not isinstance(self.n_groups, int) or self.n_groups < 1):
