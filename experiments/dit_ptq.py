@@ -111,6 +111,9 @@ BASELINES = ("naive", "smoothquant")  # what HTG is compared with at W4A8 on --c
 # HTG with Eq. 7's split exponent searched over SmoothQuant-style's own grid (our extension), compared with the same
 # baselines: at the same split, what HTG's timestep-aware parts add.
 HTG_MIGRATION = "htg_migration"
+# The W4A8 pairs every model compares on --comparison_samples: each HTG configuration against each baseline.
+COMPARED_HTG = ("htg", HTG_MIGRATION)
+COMPARISON_PAIRS = [(htg, b) for htg in COMPARED_HTG for b in BASELINES]
 SPEC_BASELINES = ("naive", "smoothquant_spec")  # what htg_spec is compared with: every setting the spec's
 # The EMA factors of the spec's Table 4 claim (alpha = 0.99 best): the rows htg_spec (0.99) and htg_alpha<a>.
 ALPHAS = (0.0, 0.9)
@@ -584,8 +587,7 @@ def main(argv):
              "outliers": outliers(float_stats),
              "w8a8": {}, "w4a8": {}, "groups": {}, "selection": {name: {} for name in SEARCHES}}
   compared = {}  # the W4A8 samples of every configuration
-  main_pairs = ([(htg, b) for htg in ("htg", HTG_MIGRATION) for b in BASELINES]
-                + [("htg_spec", b) for b in SPEC_BASELINES])
+  main_pairs = COMPARISON_PAIRS + [("htg_spec", b) for b in SPEC_BASELINES]
   alpha_pairs = [("htg_spec", f"htg_alpha{alpha:g}") for alpha in ALPHAS]
   drawn_in_full = {("w8a8", "htg"), *(("w4a8", m) for pair in main_pairs + alpha_pairs for m in pair)}
   htg_samples = {}  # bits name -> HTG's n_compare samples, for the FP-close claims
@@ -640,7 +642,7 @@ def main(argv):
   for seed in replicate_seeds:
     replicate = seed_run(seed, trained_model(seed), guidance, n_samples)
     results, samples, chosen = {}, {}, {}
-    for method in (*BASELINES, "htg", HTG_MIGRATION):
+    for method in (*BASELINES, *COMPARED_HTG):
       ptq, search_seconds, _ = replicate.pick(method, 4)
       if method in SEARCHES:
         chosen[method] = settings_record(ptq)
@@ -649,8 +651,7 @@ def main(argv):
     payload["replicates"][str(seed)] = {
         "fp": replicate.fp, "w4a8": results, "chosen": chosen,
         "outliers": outliers(replicate.float_stats),
-        "w4a8_comparison": replicate.compare(samples, [(htg, b) for htg in ("htg", HTG_MIGRATION)
-                                                       for b in BASELINES])}
+        "w4a8_comparison": replicate.compare(samples, COMPARISON_PAIRS)}
     print(f"seed {seed} w4a8: {results}", flush=True)
   payload["claims"] = claims(payload)
   common.write_json("dit_ptq", payload)
