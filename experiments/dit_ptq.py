@@ -14,8 +14,8 @@ like for like; the rows htg_spec and smoothquant_spec keep the spec's constants.
 grid, so that the two differ only in HTG's timestep-aware parts.
 The W4A8 comparison of HTG with naive and SmoothQuant-style, and the FP-close claims, draw more samples
 (--comparison_samples; every configuration's own --samples are the first of them); the comparison is repeated on
-models trained from further seeds (--replicate_seeds), and its verdict needs every model. The guidance scale is
-picked on the float model (--guidance).
+models trained from further seeds (--replicate_seeds), and its verdict needs every model. Each model samples at
+its own guidance scale, picked on its float samples by one rule (--guidance).
 Writes <results_dir>/dit_ptq.json {"seed", "samples", "fp", "guidance", "outliers", "w8a8", "w4a8",
 "w4a8_comparison", "alpha_comparison", "fp_close", "groups", "selection", "replicates", "claims"},
 dit_ptq.png (sample grids, z_t of a few layers, per-step noise prediction errors at W4A8) and dit_ptq.md. Each
@@ -31,8 +31,8 @@ HTG and htg_migration against naive and SmoothQuant-style (both picked), and of 
 smoothquant_spec, with paired-bootstrap intervals (`fid.paired_fid_gap`)}}; guidance: {"scale", "candidates":
 {scale: the float model's {"fid", "class_acc"}}, null with --guidance}; selection: {name: {bits: {"chosen",
 "calibration_sample_mse", "search_trajectories", "search_seconds"}}} for htg and smoothquant (both widths) and
-htg_migration (W4A8); replicates: {seed: {"fp", "w4a8", "w4a8_comparison", "chosen": {name: settings},
-"outliers"}}.
+htg_migration (W4A8); replicates: {seed: {"fp", "guidance" (as above), "w4a8", "w4a8_comparison",
+"chosen": {name: settings}, "outliers"}}.
 
   python -m experiments.dit_ptq --quick
 """
@@ -219,13 +219,16 @@ def beats_baselines_claim(payload: dict, name: str, claim: str, paper: str, spec
   selection = payload["selection"]
   how = "picked on the calibration split" if selection[name]["w4a8"]["calibration_sample_mse"] else "the spec's"
   configurations = (name, *BASELINES)
-  every = {payload["seed"]: (payload["w4a8_comparison"], {m: selection[m]["w4a8"]["chosen"]
-                                                          for m in (name, "smoothquant")}),
-           **{seed: (entry["w4a8_comparison"], entry["chosen"]) for seed, entry in payload["replicates"].items()}}
-  beaten = {seed: [m for m in BASELINES if beats(compared, name, m)] for seed, (compared, _) in every.items()}
-  texts = [f"Model of seed {seed} ({'; '.join(f'{m} {settings_text(chosen[m])}' for m in (name, 'smoothquant'))}, "
-           f"each {how}): {name} beats {', '.join(beaten[seed]) or 'neither'}; "
-           f"{comparison_text(compared, configurations)}" for seed, (compared, chosen) in every.items()]
+  every = {payload["seed"]: (payload, {m: selection[m]["w4a8"]["chosen"] for m in (name, "smoothquant")}),
+           **{seed: (entry, entry["chosen"]) for seed, entry in payload["replicates"].items()}}
+  beaten = {seed: [m for m in BASELINES if beats(model["w4a8_comparison"], name, m)]
+            for seed, (model, _) in every.items()}
+  texts = []
+  for seed, (model, chosen) in every.items():
+    picks = "; ".join(f"{m} {settings_text(chosen[m])}" for m in (name, "smoothquant"))
+    texts.append(f"Model of seed {seed} (CFG {model['guidance']['scale']:g}, float class accuracy "
+                 f"{model['fp']['class_acc']:.3f}; {picks}, each {how}): {name} beats "
+                 f"{', '.join(beaten[seed]) or 'neither'}; {comparison_text(model['w4a8_comparison'], configurations)}")
   if spec_text:
     texts[0] += f"; {spec_text}"
   verdict = ("reproduced" if all(len(b) == len(BASELINES) for b in beaten.values()) else
@@ -309,7 +312,8 @@ def report_table(payload: dict, setup: str) -> str:
     for method, v in payload[bits].items():
       rows.append({"config": f"{bits} {method}", **v})
   for seed, entry in payload["replicates"].items():
-    rows.append({"config": f"seed {seed}: fp32", "fid": entry["fp"]["fid"], "class_acc": entry["fp"]["class_acc"]})
+    rows.append({"config": f"seed {seed}: fp32, CFG {entry['guidance']['scale']:g}", "fid": entry["fp"]["fid"],
+                 "class_acc": entry["fp"]["class_acc"]})
     rows += [{"config": f"seed {seed}: w4a8 {method}", **v} for method, v in entry["w4a8"].items()]
   columns = ["config", "fid", "class_acc", "sample_mse", "noise_mse", "weight_bytes", "extra_bytes",
              "calib_seconds"]
@@ -640,7 +644,9 @@ def main(argv):
     payload["groups"][str(n_groups)] = {"fid": result["fid"], "extra_bytes": result["extra_bytes"]}
   payload["replicates"] = {}
   for seed in replicate_seeds:
-    replicate = seed_run(seed, trained_model(seed), guidance, n_samples)
+    replicate_model = trained_model(seed)
+    replicate_guidance = pick_guidance(seed, replicate_model[0])
+    replicate = seed_run(seed, replicate_model, replicate_guidance["scale"], n_samples)
     results, samples, chosen = {}, {}, {}
     for method in (*BASELINES, *COMPARED_HTG):
       ptq, search_seconds, _ = replicate.pick(method, 4)
@@ -649,7 +655,7 @@ def main(argv):
       results[method], samples[method] = replicate.evaluate(ptq, n_compare)
       results[method]["calib_seconds"] += search_seconds
     payload["replicates"][str(seed)] = {
-        "fp": replicate.fp, "w4a8": results, "chosen": chosen,
+        "fp": replicate.fp, "guidance": replicate_guidance, "w4a8": results, "chosen": chosen,
         "outliers": outliers(replicate.float_stats),
         "w4a8_comparison": replicate.compare(samples, COMPARISON_PAIRS)}
     print(f"seed {seed} w4a8: {results}", flush=True)
@@ -693,7 +699,7 @@ def main(argv):
            f"the rounded kernel). "
            f"'seed s' rows: W4A8 naive, SmoothQuant-style, HTG and {HTG_MIGRATION} (each its own pick) on a model "
            f"trained from seed s, "
-           f"scored by the same classifier. "
+           f"sampled at its own guidance scale (picked by the same rule) and scored by the same classifier. "
            f"Total {time.perf_counter() - begin:.0f} s.")
   common.write_table("dit_ptq", report_table(payload, setup))
 
