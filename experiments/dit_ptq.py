@@ -49,7 +49,7 @@ from experiments import common
 # samples reach FP_CLASS_ACC (1000 samples, the guidance pick's noise), seeds 0 / 1 / 2 / 3: 19.8 / 13.2 / 33.5 / none
 # reached it (CFG 2 to 3) after 1500 steps; 3.5 / 3.3 / 3.1 / 3.5 (CFG 1 to 1.25) after 3000; seed 2 1.9 after 6000.
 # So 3000 steps: not flat yet, but recognisable without over-guidance (where quantisation noise lowers FID-digits),
-# at ~40 s a model more than 1500 here (6000: ~3 min a model more, past make repro's budget).
+# at ~30 s a model more than 1500 here (6000: ~2.7 min a model more, past make repro's budget).
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", None, "DiT training steps (quick 3000, full 6000).")
 _D_MODEL = flags.DEFINE_integer("d_model", None, "DiT width (quick 48, full 128).")
 _IMAGE_SIZE = flags.DEFINE_enum("image_size", None, ["8", "16"],
@@ -497,11 +497,13 @@ def main(argv):
     print(f"guidance {scale}: {scores}", flush=True)
     return {"scale": scale, "candidates": {str(s): v for s, v in scores.items()}}
 
-  def seed_run(seed: int, model: tuple[dict, bool], guidance: float, other_rows: int) -> types.SimpleNamespace:
-    """The DiT trained from `seed` (`trained_model`'s params and cache flag), its float samples (and other_rows
-    from other noise) and calibration at this guidance, and the quantise-and-sample functions bound to them."""
+  def seed_run(seed: int, other_rows: int) -> types.SimpleNamespace:
+    """The DiT trained from `seed`, its own guidance record (`pick_guidance`), its float samples (and other_rows
+    from other noise) and calibration at that guidance, and the quantise-and-sample functions bound to them."""
     _, _, calib_key, sample_key = seed_keys(seed)
-    params, cached = model
+    params, cached = trained_model(seed)
+    picked_guidance = pick_guidance(seed, params)
+    guidance = picked_guidance["scale"]
     comparison_noise = jax.random.normal(sample_key, (n_compare, *shape))
     other_noise = jax.random.normal(jax.random.fold_in(sample_key, 1), (other_rows, *shape))
 
@@ -577,13 +579,13 @@ def main(argv):
                for c, by_budget in zip(candidates, scores)}
       return chosen, time.perf_counter() - start, named
 
-    return types.SimpleNamespace(cached=cached, fp=fp, fp_samples=fp_samples, fp_other_samples=fp_other_samples,
-                                 float_stats=float_stats, evaluate=evaluate, compare=compare, pick=pick)
+    return types.SimpleNamespace(cached=cached, guidance=picked_guidance, fp=fp, fp_samples=fp_samples,
+                                 fp_other_samples=fp_other_samples, float_stats=float_stats, evaluate=evaluate,
+                                 compare=compare, pick=pick)
 
-  main_model = trained_model(_SEED.value)
-  selection = pick_guidance(_SEED.value, main_model[0])
+  run = seed_run(_SEED.value, n_compare)
+  selection = run.guidance
   guidance = selection["scale"]
-  run = seed_run(_SEED.value, main_model, guidance, n_compare)
   fp, evaluate, float_stats, cached = run.fp, run.evaluate, run.float_stats, run.cached
 
   def outliers(stats) -> dict:
@@ -650,9 +652,7 @@ def main(argv):
     payload["groups"][str(n_groups)] = {"fid": result["fid"], "extra_bytes": result["extra_bytes"]}
   payload["replicates"] = {}
   for seed in replicate_seeds:
-    replicate_model = trained_model(seed)
-    replicate_guidance = pick_guidance(seed, replicate_model[0])
-    replicate = seed_run(seed, replicate_model, replicate_guidance["scale"], n_samples)
+    replicate = seed_run(seed, n_samples)
     results, samples, chosen = {}, {}, {}
     for method in (*BASELINES, *COMPARED_HTG):
       ptq, search_seconds, _ = replicate.pick(method, 4)
@@ -661,7 +661,7 @@ def main(argv):
       results[method], samples[method] = replicate.evaluate(ptq, n_compare)
       results[method]["calib_seconds"] += search_seconds
     payload["replicates"][str(seed)] = {
-        "fp": replicate.fp, "guidance": replicate_guidance, "w4a8": results, "chosen": chosen,
+        "fp": replicate.fp, "guidance": replicate.guidance, "w4a8": results, "chosen": chosen,
         "outliers": outliers(replicate.float_stats),
         "w4a8_comparison": replicate.compare(samples, COMPARISON_PAIRS)}
     print(f"seed {seed} w4a8: {results}", flush=True)
