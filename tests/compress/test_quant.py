@@ -243,6 +243,46 @@ def test_quantised_model_tracks_float_and_int8_matches_fake_quant():
                              model.apply({"params": fake[0], "quant": fake[1]}, x, t, y, 2), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["naive", "smoothquant", "htg"])
+def test_float_bits_split_the_quantised_model_into_its_weights_and_activations(method):
+  """weight_bits / act_bits None leave that side in float and the rest as the W4A8 model has it: W4A16 the same
+  rounded kernels with no activation ranges, W16A8 the same ranges on the folded float kernels; with neither side
+  quantised the folded model is the float model (the re-parameterisation is exact)."""
+  params, (trajectory, timesteps, labels) = _random_params(), _calibration()
+  stats = collect_input_stats(CONFIG, params, None, trajectory, timesteps, labels, 1.5)
+  w4a8 = PTQConfig(method, weight_bits=4)
+  both_params, both_quant, both_report = quantise_dit(CONFIG, params, stats, w4a8)
+  w_params, w_quant, _ = quantise_dit(CONFIG, params, stats, dataclasses.replace(w4a8, act_bits=None))
+  a_params, a_quant, _ = quantise_dit(CONFIG, params, stats, dataclasses.replace(w4a8, weight_bits=None))
+  f_params, f_quant, f_report = quantise_dit(CONFIG, params, stats, PTQConfig(method, weight_bits=None,
+                                                                              act_bits=None))
+  ranges = {path: table for path, table in _step_tables(both_quant).items() if path[-1] == "act_range"}
+  assert len(ranges) == len(quantised_layers(CONFIG))
+  assert not any(path[-1] == "act_range" for path in _step_tables(w_quant))
+  jax.tree.map(np.testing.assert_array_equal, w_params, both_params)
+  jax.tree.map(np.testing.assert_array_equal, a_params, f_params)
+  for path, table in _step_tables(a_quant).items():
+    if path[-1] == "act_range":
+      jax.tree.map(np.testing.assert_array_equal, table, ranges[path])
+  for key in quantised_layers(CONFIG):
+    assert not np.allclose(layer_entry(a_params, key)["kernel"], layer_entry(both_params, key)["kernel"])
+  assert f_report["weight_bytes"] == 4 * sum(layer_entry(params, key)["kernel"].size
+                                             for key in quantised_layers(CONFIG)) > both_report["weight_bytes"]
+  model, (x, t, y) = DiT(CONFIG), _inputs()
+  for step in (0, STEPS - 1):
+    np.testing.assert_allclose(model.apply({"params": f_params, "quant": f_quant}, x, t, y, step),
+                               model.apply({"params": params}, x, t, y, step), atol=1e-5, rtol=1e-5)
+
+
+def test_float_activations_rule_out_the_integer_path_and_quantised_attention():
+  with pytest.raises(ValueError, match="integer needs weight_bits=8 and act_bits=8"):
+    PTQConfig(integer=True, act_bits=None)
+  with pytest.raises(ValueError, match="quantise_attention .* act_bits is None"):
+    PTQConfig(quantise_attention=True, act_bits=None)
+  with pytest.raises(ValueError, match="PTQConfig.weight_bits must be one of"):
+    PTQConfig(weight_bits=2)
+
+
 def test_htg_plan_groups_and_scale():
   rng = np.random.default_rng(0)
   lo = np.concatenate([np.full((5, 4), -1.0), np.full((5, 4), 2.0)]) + 0.01 * rng.normal(size=(10, 4))

@@ -45,8 +45,10 @@ Recollect = Callable[[dict, dict, dict[LayerKey, tuple[float, float]]], Histogra
 class PTQConfig:
   """Attributes:
     method: see the module docstring.
-    weight_bits: 8 or 4 (symmetric, [-127, 127] or [-7, 7]).
-    act_bits: 8 (asymmetric, static, per tensor).
+    weight_bits: 8 or 4 (symmetric, [-127, 127] or [-7, 7]); None keeps the (folded) kernels in float.
+    act_bits: 8 (asymmetric, static, per tensor); None keeps the linears' inputs in float. With one of the two
+      None, a quantised model's error splits into what its weights and its activations each cost (e.g. W4A16
+      against W16A8 of the same smoothing).
     htg: the HTG settings (method `htg` only).
     smoothquant: the SmoothQuant-style settings (method `smoothquant` only).
     proj_smoothing: `fold_v` or `explicit` (spec 3.7).
@@ -68,8 +70,8 @@ class PTQConfig:
   """
 
   method: Method = "htg"
-  weight_bits: int = 8
-  act_bits: int = 8
+  weight_bits: int | None = 8
+  act_bits: int | None = 8
   htg: HTGConfig = HTGConfig()
   smoothquant: SmoothQuantConfig = SmoothQuantConfig()
   proj_smoothing: ProjSmoothing = "fold_v"
@@ -87,14 +89,17 @@ class PTQConfig:
     one_of(self, "act_range_estimator", ESTIMATORS)
     if not 50.0 < self.act_percentile <= 100.0:
       raise ValueError(f"PTQConfig.act_percentile must be in (50, 100], got {self.act_percentile!r}")
-    one_of(self, "weight_bits", (4, 8))
-    one_of(self, "act_bits", (8,))
+    one_of(self, "weight_bits", (4, 8, None))
+    one_of(self, "act_bits", (8, None))
     one_of(self, "proj_smoothing", ("fold_v", "explicit"))
     one_of(self, "fc2_smoothing", ("explicit", "none"))
     if self.calib_timesteps is not None and (not isinstance(self.calib_timesteps, int) or self.calib_timesteps < 1):
       raise ValueError(f"PTQConfig.calib_timesteps must be a positive int or None, got {self.calib_timesteps!r}")
-    if self.integer and self.weight_bits != 8:
-      raise ValueError(f"PTQConfig.integer needs weight_bits=8, got {self.weight_bits}")
+    if self.integer and (self.weight_bits, self.act_bits) != (8, 8):
+      raise ValueError(f"PTQConfig.integer needs weight_bits=8 and act_bits=8, got {self.weight_bits} and "
+                       f"{self.act_bits}")
+    if self.quantise_attention and self.act_bits is None:
+      raise ValueError("PTQConfig.quantise_attention quantises the attention matmuls' inputs, but act_bits is None")
 
 
 def smoothing_plans(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig) -> Plans:
@@ -164,7 +169,9 @@ def quantise_dit(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig,
   params, quant = reparameterise(config, params, every_step, n_steps, ptq.proj_smoothing)
   smoothed = smoothed_stats(stats, plans)
   layers = quantised_layers(config, ptq.quantise_all_linears)
-  estimate, bounds, histograms = range_estimator(ptq.act_range_estimator, ptq.act_percentile, ptq.act_bits), {}, {}
+  estimate, bounds, histograms = None, {}, {}
+  if ptq.act_bits is not None:
+    estimate = range_estimator(ptq.act_range_estimator, ptq.act_percentile, ptq.act_bits)
   if estimate is not None:
     if recollect is None:
       raise ValueError(f"PTQConfig.act_range_estimator={ptq.act_range_estimator!r} reads histograms of the "
@@ -175,9 +182,14 @@ def quantise_dit(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig,
   for key in layers:
     plan = plans.get(key)
     layer_quant = _entry(quant, key)
-    layer_quant["act_range"] = activation_ranges(smoothed[key], _range_groups(ptq, plan, len(calibrated)),
-                                                 calibrated_of_step, estimate, histograms.get(key), bounds.get(key))
+    if ptq.act_bits is not None:
+      layer_quant["act_range"] = activation_ranges(smoothed[key], _range_groups(ptq, plan, len(calibrated)),
+                                                   calibrated_of_step, estimate, histograms.get(key),
+                                                   bounds.get(key))
     kernel = layer_entry(params, key)["kernel"]
+    if ptq.weight_bits is None:
+      weight_bytes += kernel.size * 4
+      continue
     per_channel = ptq.method != "naive"
     if ptq.integer:  # the same grid as the fake-quant below: per output channel, or one per tensor (naive)
       scale = symmetric_scale(kernel, 8, axis=0 if per_channel else None)
