@@ -17,13 +17,17 @@ The W4A8 comparison of HTG with naive and SmoothQuant-style, and the FP-close cl
 models trained from further seeds (--replicate_seeds), and its verdict needs every model. Each model samples at
 its own guidance scale, picked on its float samples by one rule (--guidance).
 Writes <results_dir>/dit_ptq.json {"seed", "samples", "fp", "guidance", "outliers", "w8a8", "w4a8",
-"w4a8_comparison", "alpha_comparison", "fp_close", "groups", "selection", "replicates", "claims"},
+"w4a8_comparison", "alpha_comparison", "fp_close", "w4a8_split", "groups", "selection", "replicates",
+"claims"},
 dit_ptq.png (sample grids, z_t of a few layers, per-step noise prediction errors at W4A8) and dit_ptq.md. Each
 configuration's record holds its "fid", "class_acc", "sample_mse", "noise_mse_per_step" (the MSE of its noise
 prediction against the float model's at each step of the float model's own trajectory on the first comparison
 rows; "noise_mse" its mean), bytes and "calib_seconds". alpha_comparison: the record w4a8_comparison describes,
 of htg_spec (alpha 0.99) against the htg_alpha rows. fp_close: {"samples", "fp", "fp_other_noise", "w8a8",
 "w4a8": FID-digits of FP (also from other noise) and of HTG at each width on the comparison's samples}.
+w4a8_split: {method: {"weights_only", "activations_only"}} of HTG and SmoothQuant-style (their W4A8 picks):
+the records of the same configuration with its activations left in float (4-bit weights alone) and with its
+(folded) kernels left in float (8-bit activations alone), on --samples, where its W4A8 error comes from.
 outliers: {"block.linear": {"outlier_ratio", "time_spread"}} of the float model's block linear inputs on the
 calibration trajectories (`pangu.compress.quant.outliers`).
 w4a8_comparison: {"samples", "fid": {method}, "sample_mse": {method}, "fid_gaps": {"a - b": FID(a) - FID(b) of
@@ -142,6 +146,8 @@ def htg_variants(n_steps: int) -> dict[str, dict]:
           "htg_all_linears": {"quantise_all_linears": True},
           "htg_quantised_attention": {"quantise_attention": True},
           "htg_float_shift_bias": {"htg": {"shift_compensation": "float"}}}
+# The W4A8 configurations whose error is split into their weights' and their activations' (`w4a8_split`).
+SPLIT = ("smoothquant", "htg")
 FP_CLOSE = {"w8a8": 0.05, "w4a8": 0.15}  # HTG's FID within this fraction of FP (the issue's goals)
 GROUP_CLOSE = 0.02  # G = T/10 within 2 % of G = T
 CALIBRATION_GOAL_S = 180.0
@@ -168,8 +174,8 @@ def claims(payload: dict) -> list[dict]:
                              f"goal: within {close:.0%} of FP (DiT-XL/2 ImageNet FID unconfirmed)",
                              f"On {fp_close['samples']} samples FID-digits {htg:.3g} vs FP {fp_close['fp']:.3g} "
                              f"({ratio:+.1%}; FP itself moves {fid_noise(fp_close):.1%} with other sampling noise); "
-                             f"on the first {payload['samples']} {own:.3g} vs {fp:.3g} ({own / fp - 1:+.1%})",
-                             verdict))
+                             f"on the first {payload['samples']} {own:.3g} vs {fp:.3g} ({own / fp - 1:+.1%})"
+                             + (f"; {split_text(payload)}" if bits == "w4a8" else ""), verdict))
   compared = payload["w4a8_comparison"]
   spec_beaten = [m for m in SPEC_BASELINES if beats(compared, "htg_spec", m)]
   rows.append(beats_baselines_claim(
@@ -271,6 +277,18 @@ def outlier_claim(outliers: dict) -> dict:
       "reproduced" if 2 * both >= n else "partly" if both or 2 * max(ratio, spread) >= n else "not reproduced")
 
 
+def split_text(payload: dict) -> str:
+  """Where the W4A8 error of HTG and SmoothQuant-style comes from, and what the unsmoothed per-channel min-max
+  scores, in words."""
+  w4a8 = payload["w4a8"]
+  parts = [f"{m} {w4a8[m]['fid']:.3g} (sample MSE {w4a8[m]['sample_mse']:.3g}) with 4-bit weights alone "
+           f"{split['weights_only']['fid']:.3g} ({split['weights_only']['sample_mse']:.3g}), with 8-bit activations "
+           f"alone {split['activations_only']['fid']:.3g} ({split['activations_only']['sample_mse']:.3g})"
+           for m, split in payload["w4a8_split"].items()]
+  return (f"split on the first {payload['samples']}: " + "; ".join(parts) + f"; per-channel min-max without "
+          f"smoothing {w4a8['minmax']['fid']:.3g} ({w4a8['minmax']['sample_mse']:.3g})")
+
+
 def fid_noise(fp_close: dict) -> float:
   """How far, as a fraction, the float model's FID-digits moves on the FP-close claims' sample count when only the
   sampling noise changes: departures from FP below this are not resolved by the metric."""
@@ -317,6 +335,8 @@ def report_table(payload: dict, setup: str) -> str:
   for bits in ("w8a8", "w4a8"):
     for method, v in payload[bits].items():
       rows.append({"config": f"{bits} {method}", **v})
+  for method, split in payload["w4a8_split"].items():
+    rows += [{"config": f"w4a8 {method}: {part.replace('_', ' ')}", **v} for part, v in split.items()]
   for seed, entry in payload["replicates"].items():
     rows.append({"config": f"seed {seed}: fp32, CFG {entry['guidance']['scale']:g}", "fid": entry["fp"]["fid"],
                  "class_acc": entry["fp"]["class_acc"]})
@@ -603,6 +623,7 @@ def main(argv):
   alpha_pairs = [("htg_spec", f"htg_alpha{alpha:g}") for alpha in ALPHAS]
   drawn_in_full = {("w8a8", "htg"), *(("w4a8", m) for pair in main_pairs + alpha_pairs for m in pair)}
   htg_samples = {}  # bits name -> HTG's n_compare samples, for the FP-close claims
+  w4a8_picks = {}  # method -> its W4A8 configuration
 
   def rows(bits_name: str, name: str) -> int:
     """How many samples a configuration draws: the comparison's (W4A8 compared, HTG at both widths), or its own."""
@@ -627,8 +648,15 @@ def main(argv):
   for bits_name in ("w8a8", "w4a8"):
     for method in METHODS:
       ptq, samples = picked_row(bits_name, method)
+      if bits_name == "w4a8":
+        w4a8_picks[method] = ptq
       if method == "htg":
-        htg_samples[bits_name], htg_w4a8 = samples, ptq
+        htg_samples[bits_name] = samples
+  htg_w4a8 = w4a8_picks["htg"]
+  payload["w4a8_split"] = {
+      method: {part: evaluate(dataclasses.replace(w4a8_picks[method], **{side: None}))[0]
+               for part, side in (("weights_only", "act_bits"), ("activations_only", "weight_bits"))}
+      for method in SPLIT}
   picked_row("w4a8", HTG_MIGRATION)
   payload["w4a8"]["smoothquant_spec"], compared["smoothquant_spec"] = evaluate(
       PTQConfig("smoothquant", weight_bits=4), rows("w4a8", "smoothquant_spec"))
@@ -690,6 +718,8 @@ def main(argv):
            f"htg_spec: the spec's alpha 0.99 with all four inputs scaled; smoothquant_spec: migration 1/2 on all "
            f"four; {HTG_MIGRATION}: HTG (alpha 0.99) with Eq. 7's split exponent searched over SmoothQuant-style's "
            f"grid, our extension ({settings_text(payload['selection'][HTG_MIGRATION]['w4a8']['chosen'])}); "
+           f"'w4a8 m: weights only / activations only': the W4A8 pick of m with its activations / its folded "
+           f"kernels left in float; "
            f"htg_shift_only / scale_only: s = 1 / z = 0; "
            f"htg_alpha<a>: EMA factor a; htg_normalised_scale: R2's s = m / max(m); htg_fc2_unsmoothed: fc2's "
            f"input left alone; htg_one_act_range: one activation range per layer, not per group; "
