@@ -174,25 +174,33 @@ def _calibration(batch=4):
   return jnp.stack([x * (1 + 0.5 * i) for i in range(STEPS)]), np.linspace(900, 0, STEPS).astype(np.int32), y % 10
 
 
+def _step_inputs(variables, trajectory, timesteps, labels, guidance, step):
+  """{key: [rows, C]} float64 of every linear's input and attention operand at one step, read back from one model
+  run: with guidance both CFG halves, without it (1.0: the sampler runs the conditional batch once) the
+  conditional batch alone."""
+  halves = 1 if guidance == 1.0 else 2
+  run_labels = jnp.concatenate([labels, jnp.full_like(labels, CONFIG.n_classes)])[:halves * len(labels)]
+  x = jnp.concatenate([trajectory[step]] * halves)
+  _, state = DiT(CONFIG).apply(variables, x, jnp.full(run_labels.shape, timesteps[step]), run_labels, step,
+                               mutable=["intermediates"])
+  inputs = {}
+  for key in quantised_layers(CONFIG, all_linears=True) + attention_operands(CONFIG):
+    entry = layer_entry(state["intermediates"], key)
+    if isinstance(entry, dict):  # a linear's input [..., C_in]
+      value = np.asarray(entry["input"][0], np.float64)
+      inputs[key] = value.reshape(-1, value.shape[-1])
+    else:  # an attention operand [B, N, A, Dh]: channels are (head, head dimension)
+      inputs[key] = np.asarray(entry[0], np.float64).reshape(-1, CONFIG.d_model)
+  return inputs
+
+
 @pytest.mark.parametrize("guidance", [1.0, 1.5])
 def test_input_stats_are_each_steps_channel_extremes(guidance):
-  """Against one model run per step with its intermediates read back: with guidance both CFG halves, without it
-  (1.0: the sampler runs the conditional batch once) the conditional batch alone."""
+  """Against one model run per step with its intermediates read back."""
   params, (trajectory, timesteps, labels) = _random_params(), _calibration(batch=3)
   stats = collect_input_stats(CONFIG, params, None, trajectory, timesteps, labels, guidance)
-  model, halves = DiT(CONFIG), 1 if guidance == 1.0 else 2
-  run_labels = jnp.concatenate([labels, jnp.full_like(labels, CONFIG.n_classes)])[:halves * len(labels)]
   for step in (0, STEPS - 1):
-    x = jnp.concatenate([trajectory[step]] * halves)
-    _, state = model.apply({"params": params}, x, jnp.full(run_labels.shape, timesteps[step]), run_labels, step,
-                           mutable=["intermediates"])
-    for key in quantised_layers(CONFIG, all_linears=True) + attention_operands(CONFIG):
-      entry = layer_entry(state["intermediates"], key)
-      if isinstance(entry, dict):  # a linear's input [..., C_in]
-        inputs = np.asarray(entry["input"][0], np.float64)
-        flat = inputs.reshape(-1, inputs.shape[-1])
-      else:  # an attention operand [B, N, A, Dh]: channels are (head, head dimension)
-        flat = np.asarray(entry[0], np.float64).reshape(-1, CONFIG.d_model)
+    for key, flat in _step_inputs({"params": params}, trajectory, timesteps, labels, guidance, step).items():
       np.testing.assert_allclose(stats[key]["min"][step], flat.min(0), rtol=1e-5, atol=1e-5)
       np.testing.assert_allclose(stats[key]["max"][step], flat.max(0), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="timesteps"):
@@ -216,6 +224,65 @@ def test_smoothed_stats_equal_the_folded_models(method, proj_smoothing):
     for extreme in ("min", "max"):
       assert not np.allclose(closed_form[key][extreme], stats[key][extreme], rtol=1e-2)  # the smoothing acts
       np.testing.assert_allclose(closed_form[key][extreme], rerun[key][extreme], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 1.5])
+def test_input_moments_against_the_read_back_inputs(guidance):
+  from pangu.compress.quant.calibration import collect_input_moments
+  params, (trajectory, timesteps, labels) = _random_params(), _calibration(batch=3)
+  moments = collect_input_moments(CONFIG, params, None, trajectory, timesteps, labels, guidance)
+  inputs = [_step_inputs({"params": params}, trajectory, timesteps, labels, guidance, step) for step in range(STEPS)]
+  assert set(moments) == set(quantised_layers(CONFIG, all_linears=True))
+  for key, entry in moments.items():
+    assert entry["count"] == len(inputs[0][key])
+    np.testing.assert_allclose(entry["sum"], [x[key].sum(0) for x in inputs], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(entry["gram"], sum(x[key].T @ x[key] for x in inputs), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("method, compensation", [("htg", "quantised"), ("htg", "float"), ("smoothquant", "float")])
+def test_input_hessian_is_the_gram_of_what_the_rounding_error_multiplies(method, compensation):
+  """From the float model's moments in closed form, against the re-parameterised model's inputs X_hat read back:
+  X_hat + z_g / s when the shift's bias term is folded onto the rounded kernel, X_hat itself when onto the float
+  one (spec 3.7's form; SmoothQuant-style has no shift, so both are X / s)."""
+  from pangu.compress.quant.calibration import collect_input_moments
+  from pangu.compress.quant.ptq import input_hessian, smoothing_plans
+  params, (trajectory, timesteps, labels) = _random_params(), _calibration(batch=3)
+  stats = collect_input_stats(CONFIG, params, None, trajectory, timesteps, labels, 1.5)
+  moments = collect_input_moments(CONFIG, params, None, trajectory, timesteps, labels, 1.5)
+  plans = smoothing_plans(CONFIG, params, stats, PTQConfig(method, htg=HTGConfig(n_groups=2)))
+  folded, quant = reparameterise(CONFIG, params, plans, STEPS)
+  inputs = [_step_inputs({"params": folded, "quant": quant}, trajectory, timesteps, labels, 1.5, step)
+            for step in range(STEPS)]
+  for key, plan in plans.items():
+    offsets = (plan.shift_per_step() / plan.scale if compensation == "quantised" else np.zeros((STEPS, 1)))
+    want = sum((x[key] + offsets[step]).T @ (x[key] + offsets[step]) for step, x in enumerate(inputs))
+    got = input_hessian(moments[key], plan, compensation)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
+def test_gptq_rounding_in_quantise_dit():
+  """GPTQ keeps round-to-nearest's grid (scales, bytes, the int8 path at W8 equal to fake-quant), moves only the
+  levels, and needs the moments."""
+  from pangu.compress.quant.calibration import collect_input_moments
+  params, (trajectory, timesteps, labels) = _random_params(), _calibration()
+  stats = collect_input_stats(CONFIG, params, None, trajectory, timesteps, labels, 1.5)
+  moments = collect_input_moments(CONFIG, params, None, trajectory, timesteps, labels, 1.5)
+  nearest, _, nearest_report = quantise_dit(CONFIG, params, stats, PTQConfig("htg", weight_bits=4))
+  ptq = PTQConfig("htg", weight_bits=4, weight_rounding="gptq")
+  gptq, _, gptq_report = quantise_dit(CONFIG, params, stats, ptq, moments=moments)
+  assert gptq_report["weight_bytes"] == nearest_report["weight_bytes"]
+  for key in quantised_layers(CONFIG):
+    a, b = np.asarray(layer_entry(gptq, key)["kernel"]), np.asarray(layer_entry(nearest, key)["kernel"])
+    scale = np.abs(b).max(0) / 7
+    np.testing.assert_allclose(np.round(a / scale), a / scale, atol=1e-4)  # on round-to-nearest's grid
+    assert not np.allclose(a, b)
+  model, (x, t, y) = DiT(CONFIG), _inputs(batch=4)
+  fake = quantise_dit(CONFIG, params, stats, dataclasses.replace(ptq, weight_bits=8), moments=moments)
+  real = quantise_dit(CONFIG, params, stats, dataclasses.replace(ptq, weight_bits=8, integer=True), moments=moments)
+  np.testing.assert_allclose(model.apply({"params": real[0], "quant": real[1]}, x, t, y, 2),
+                             model.apply({"params": fake[0], "quant": fake[1]}, x, t, y, 2), atol=1e-4, rtol=1e-4)
+  with pytest.raises(ValueError, match="quantise_dit needs `moments`"):
+    quantise_dit(CONFIG, params, stats, ptq)
 
 
 def test_smoothing_scale_must_be_positive():

@@ -1,5 +1,6 @@
-"""Calibration capture: per sampler step, the per-channel min and max of every quantised linear's input, and (for
-the percentile and MSE range estimators) per-tensor histograms of its values.
+"""Calibration capture: per sampler step, the per-channel min and max of every quantised linear's input, (for
+the percentile and MSE range estimators) per-tensor histograms of its values, and (for GPTQ's weight rounding)
+its first and second moments.
 
 The inputs come from `QuantDense`'s `sow("intermediates", "input", ...)`: the tensor the activation quantiser
 sees: the raw inputs of the float model (for shifts, scales and, mapped through them, activation ranges:
@@ -23,6 +24,9 @@ from pangu.models.dit import BLOCK_LINEARS, OUTER_LINEARS, DiT, DiTConfig
 LayerKey = tuple[str, ...]
 Stats = dict[LayerKey, dict[str, np.ndarray]]  # layer -> {"min": [S, C], "max": [S, C]}
 Histograms = dict[LayerKey, np.ndarray]  # layer -> [S, bins] counts of its input values over its bounds
+# layer -> {"gram": [C, C] sum over steps and rows of x x^T, "sum": [S, C] per-step sum of the rows, "count": rows a
+# step}: enough to give the Gram matrix of any per-step affine map of the inputs (`ptq.input_hessian`).
+Moments = dict[LayerKey, dict[str, np.ndarray | int]]
 ATTENTION_OPERANDS = ("q", "k", "v")
 HISTOGRAM_BINS = 2048  # 8 bins per level of an 8-bit activation grid spanning the whole range
 
@@ -74,6 +78,17 @@ def collect_input_histograms(config: DiTConfig, params: dict, quant: dict | None
   return {key: np.asarray(counts[i]) for i, key in enumerate(keys)}
 
 
+def collect_input_moments(config: DiTConfig, params: dict, quant: dict | None, trajectory: jax.Array,
+                          timesteps: np.ndarray, labels: jax.Array, guidance: float) -> Moments:
+  """Every linear's input moments over the trajectory (the float model's: GPTQ's Hessian of a smoothed input
+  follows in closed form, as the smoothed stats do)."""
+  _check_steps(trajectory, timesteps)
+  grams, (sums, rows) = _moments(config, guidance, _variables(params, quant), trajectory, jnp.asarray(timesteps),
+                                 labels)
+  return {key: {"gram": np.asarray(grams[key], np.float64), "sum": np.asarray(sums[key], np.float64),
+                "count": int(rows[key][0])} for key in grams}
+
+
 def _check_steps(trajectory: jax.Array, timesteps: np.ndarray) -> None:
   if trajectory.shape[0] != len(timesteps):
     raise ValueError(f"trajectory has {trajectory.shape[0]} steps but {len(timesteps)} timesteps were given")
@@ -109,6 +124,23 @@ def _stats(config: DiTConfig, guidance: float, variables: dict, trajectory: jax.
     return {key: {"min": flat.min(0), "max": flat.max(0)} for key, flat in inputs.items()}
 
   return jax.lax.map(step_stats, (trajectory, timesteps, jnp.arange(trajectory.shape[0])))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _moments(config: DiTConfig, guidance: float, variables: dict, trajectory: jax.Array, timesteps: jax.Array,
+             labels: jax.Array) -> tuple[dict, tuple[dict, dict]]:
+  """(Gram matrices summed over the steps, ([S, C] row sums, [S] row counts)): a scan, so no [S, C, C] stack is
+  ever held."""
+  keys = quantised_layers(config, all_linears=True)
+
+  def step_moments(grams, args):
+    inputs = _layer_inputs(config, guidance, variables, *args, labels)
+    grams = {key: grams[key] + jnp.dot(inputs[key].T, inputs[key], precision="highest") for key in keys}
+    return grams, ({key: inputs[key].sum(0) for key in keys}, {key: jnp.int32(inputs[key].shape[0]) for key in keys})
+
+  widths = {key: layer_entry(variables["params"], key)["kernel"].shape[0] for key in keys}
+  initial = {key: jnp.zeros((widths[key], widths[key]), jnp.float32) for key in keys}
+  return jax.lax.scan(step_moments, initial, (trajectory, timesteps, jnp.arange(trajectory.shape[0])))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))

@@ -11,8 +11,9 @@ Embedders, adaLN linears and the final layer stay in float (spec 3.1) unless `qu
 smoothing plans from the float model's per-step input stats (on every sampler step, or `calib_timesteps` of them
 spread uniformly, spec 3.2) -> re-parameterise -> the folded model's input stats (`smoothed_stats`, in closed
 form) -> activation ranges (min-max from those stats, or a percentile or MSE estimate from histograms of the
-folded float model's inputs, `ranges`) -> weights rounded (fake-quant in float, or real int8 for W8A8), HTG's
-folded shift term moved onto the rounded kernel unless `HTGConfig.shift_compensation='float'`.
+folded float model's inputs, `ranges`) -> weights rounded to nearest, or by GPTQ on the folded inputs' Hessian
+(`gptq`, `input_hessian`), then fake-quantised in float or kept as real int8 for W8A8; HTG's folded shift term
+moved onto the rounded kernel unless `HTGConfig.shift_compensation='float'`.
 """
 
 import dataclasses
@@ -23,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pangu.compress.quant.calibration import (ATTENTION_OPERANDS, Histograms, LayerKey, Stats, layer_entry,
-                                              quantised_layers)
+from pangu.compress.quant.calibration import (ATTENTION_OPERANDS, Histograms, LayerKey, Moments, Stats,
+                                              layer_entry, quantised_layers)
+from pangu.compress.quant.gptq import gptq_levels
 from pangu.compress.quant.grouping import collapse, nearest_calibrated, uniform_steps
 from pangu.compress.quant.ranges import ESTIMATORS, Estimate, RangeEstimator, range_estimator
 from pangu.compress.quant.reparam import Plans, ProjSmoothing, reparameterise
@@ -32,10 +34,11 @@ from pangu.compress.quant.smoothing import (HTGConfig, SmoothingPlan, SmoothQuan
                                             smoothquant_plan)
 from pangu.config_checks import one_of
 from pangu.models.dit import DiTConfig
-from pangu.nn.quantized import fake_quant_weight, quantise_symmetric, step_table, symmetric_scale
+from pangu.nn.quantized import quantise_symmetric, step_table, symmetric_scale
 
 Method = Literal["naive", "minmax", "smoothquant", "ptq4dit", "htg"]
 METHODS = ("naive", "minmax", "smoothquant", "ptq4dit", "htg")
+WeightRounding = Literal["nearest", "gptq"]
 # (folded float params, their quant collection, each linear's (lo, hi)) -> per-step histograms of every linear's
 # input over its bounds on the calibration trajectory: `calibration.collect_input_histograms` bound to it.
 Recollect = Callable[[dict, dict, dict[LayerKey, tuple[float, float]]], Histograms]
@@ -54,6 +57,9 @@ class PTQConfig:
     proj_smoothing: `fold_v` or `explicit` (spec 3.7).
     fc2_smoothing: `explicit` or `none`.
     act_range_per_group: HTG's activation ranges per (layer, group); False: one range per layer.
+    weight_rounding: `nearest` (spec 3.8) or `gptq`: the same grid, each kernel row's rounding error compensated
+      on the rows after it through the Hessian of the layer's (folded) inputs (`pangu.compress.quant.gptq`; our
+      extension, the paper's weight rounding is unstated). `gptq` reads `quantise_dit`'s `moments`.
     integer: run W8A8 through the real int8 x int8 -> int32 path instead of fake-quant.
     quantise_all_linears: also quantise every block's adaLN linear, the embedders and the final layer (the
       method's weight quantiser and one activation range over all steps; no smoothing: they have no plan).
@@ -77,6 +83,7 @@ class PTQConfig:
   proj_smoothing: ProjSmoothing = "fold_v"
   fc2_smoothing: Literal["explicit", "none"] = "explicit"
   act_range_per_group: bool = True
+  weight_rounding: WeightRounding = "nearest"
   integer: bool = False
   quantise_all_linears: bool = False
   calib_timesteps: int | None = None
@@ -93,6 +100,7 @@ class PTQConfig:
     one_of(self, "act_bits", (8, None))
     one_of(self, "proj_smoothing", ("fold_v", "explicit"))
     one_of(self, "fc2_smoothing", ("explicit", "none"))
+    one_of(self, "weight_rounding", ("nearest", "gptq"))
     if self.calib_timesteps is not None and (not isinstance(self.calib_timesteps, int) or self.calib_timesteps < 1):
       raise ValueError(f"PTQConfig.calib_timesteps must be a positive int or None, got {self.calib_timesteps!r}")
     if self.integer and (self.weight_bits, self.act_bits) != (8, 8):
@@ -151,16 +159,20 @@ def activation_ranges(stats: dict[str, np.ndarray], group_of_step: np.ndarray,
   return step_table(jnp.asarray(values, jnp.float32), every_step)
 
 
-def quantise_dit(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig,
-                 recollect: Recollect | None = None) -> tuple[dict, dict, dict]:
+def quantise_dit(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig, recollect: Recollect | None = None,
+                 moments: Moments | None = None) -> tuple[dict, dict, dict]:
   """(float params, the float model's per-step input stats on the calibration trajectory
   (`calibration.collect_input_stats`)) -> (params, quant collection, report). `recollect`: histograms of the
-  folded float model's inputs on that trajectory, needed by the percentile and MSE range estimators only.
+  folded float model's inputs on that trajectory, needed by the percentile and MSE range estimators only;
+  `moments`: the float model's input moments on it (`calibration.collect_input_moments`), needed by GPTQ only.
 
   report: {"plans": the smoothing plans (on the calibrated steps), "extra_bytes": bytes of per-group tables and
   smoothing vectors, "weight_bytes": packed quantised kernels and their scales}.
   """
   n_steps = next(iter(stats.values()))["min"].shape[0]
+  if ptq.weight_rounding == "gptq" and ptq.weight_bits is not None and moments is None:
+    raise ValueError("PTQConfig.weight_rounding='gptq' reads the Hessian of each layer's inputs: quantise_dit needs "
+                     "`moments`")
   calibrated = uniform_steps(n_steps, ptq.calib_timesteps)
   calibrated_of_step = nearest_calibrated(calibrated, n_steps)
   stats = {key: {extreme: np.asarray(v)[calibrated] for extreme, v in layer.items()} for key, layer in stats.items()}
@@ -190,12 +202,18 @@ def quantise_dit(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig,
     if ptq.weight_bits is None:
       weight_bytes += kernel.size * 4
       continue
-    per_channel = ptq.method != "naive"
-    if ptq.integer:  # the same grid as the fake-quant below: per output channel, or one per tensor (naive)
-      scale = symmetric_scale(kernel, 8, axis=0 if per_channel else None)
-      layer_quant["kernel_int8"] = quantise_symmetric(kernel, scale, 8).astype(jnp.int8)
+    per_channel = ptq.method != "naive"  # one grid per output channel, or one per tensor
+    if ptq.weight_rounding == "gptq":
+      hessian = input_hessian(moments[key], every_step.get(key), ptq.htg.shift_compensation)
+      levels, scale = (jnp.asarray(a, jnp.float32) for a in gptq_levels(np.asarray(kernel), hessian,
+                                                                         ptq.weight_bits, per_channel))
+    else:
+      scale = symmetric_scale(kernel, ptq.weight_bits, axis=0 if per_channel else None)
+      levels = quantise_symmetric(kernel, scale, ptq.weight_bits)
+    if ptq.integer:
+      layer_quant["kernel_int8"] = levels.astype(jnp.int8)
       layer_quant["kernel_scale"] = jnp.broadcast_to(scale[0], kernel.shape[1:])
-    rounded = fake_quant_weight(kernel, ptq.weight_bits, per_channel)
+    rounded = levels * scale
     if plan is not None and ptq.htg.shift_compensation == "quantised":
       layer_quant["bias_table"] = compensate_shift(layer_quant["bias_table"], every_step[key], kernel, rounded)
     _replace_kernel(params, key, rounded)
@@ -211,6 +229,25 @@ def quantise_dit(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig,
         attention[f"{name}_range"] = activation_ranges(operand, _range_groups(ptq, plan, len(calibrated)),
                                                        calibrated_of_step)
   return params, quant, {"plans": plans, "weight_bytes": weight_bytes, "extra_bytes": table_bytes(quant)}
+
+
+def input_hessian(moments: dict, plan: SmoothingPlan | None, shift_compensation: str) -> np.ndarray:
+  """The Gram matrix of what a folded linear's rounding error multiplies, over the calibration trajectory, from the
+  float model's input moments (one layer's `collect_input_moments` entry; `plan` on every sampler step).
+
+  A smoothed layer computes X_hat Q(W_hat) + b + (z_g / s) K with X_hat = (X - z_g) / s, K the kernel its folded
+  shift term uses: Q(W_hat) (`quantised`), so its error (X / s)(Q(W_hat) - W_hat) moves with X / s; or W_hat
+  (`float`), so it moves with X_hat. Per step, sum (X - c)^T (X - c) = G - c^T m - m^T c + n c^T c for the rows'
+  Gram G, sum m and count n, then scaled by 1 / s on both sides.
+  """
+  gram = np.asarray(moments["gram"], np.float64)
+  if plan is None:
+    return gram
+  if shift_compensation == "float":
+    centre, sums = plan.shift_per_step(), np.asarray(moments["sum"], np.float64)
+    cross = centre.T @ sums
+    gram = gram - cross - cross.T + moments["count"] * centre.T @ centre
+  return gram / np.outer(plan.scale, plan.scale)
 
 
 def _range_groups(ptq: PTQConfig, plan: SmoothingPlan | None, n_calibrated: int) -> np.ndarray:

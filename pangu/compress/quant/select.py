@@ -21,7 +21,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 
-from pangu.compress.quant.calibration import Stats
+from pangu.compress.quant.calibration import Moments, Stats
 from pangu.compress.quant.ptq import PTQConfig, quantise_dit
 from pangu.models.dit import BLOCK_LINEARS, DiTConfig
 
@@ -83,13 +83,14 @@ def _check_method(base: PTQConfig, grid: str, methods: tuple[str, ...]) -> None:
 
 
 def select_ptq(config: DiTConfig, params: dict, stats: Stats, candidates: Sequence[PTQConfig], score: Score,
-               budgets: Sequence[int], reduction: int = 4) -> tuple[PTQConfig, list[dict[int, float]]]:
+               budgets: Sequence[int], reduction: int = 4,
+               moments: Moments | None = None) -> tuple[PTQConfig, list[dict[int, float]]]:
   """(the pick, each candidate's scores {budget: score} at the budgets it reached).
 
   Successive halving: every candidate is scored at budgets[0]; the best ceil(n / reduction) of the n scored at a
   budget go on to the next, and the pick is the best at the last budget reached. Ties go to the earlier
-  candidate. One budget is a plain grid search. `stats`: the float model's calibration stats, as `quantise_dit`
-  takes them.
+  candidate. One budget is a plain grid search. `stats` (and `moments`, for GPTQ's weight rounding): the float
+  model's calibration stats, as `quantise_dit` takes them.
   """
   if not candidates:
     raise ValueError("select_ptq needs at least one candidate")
@@ -101,7 +102,7 @@ def select_ptq(config: DiTConfig, params: dict, stats: Stats, candidates: Sequen
   alive = list(range(len(candidates)))
   for rung, budget in enumerate(budgets):
     for i in alive:
-      qparams, quant, _ = quantise_dit(config, params, stats, candidates[i])
+      qparams, quant, _ = quantise_dit(config, params, stats, candidates[i], moments=moments)
       scores[i][budget] = float(score(qparams, quant, budget))
     alive = sorted(alive, key=lambda i: scores[i][budget])  # stable: ties keep the earlier candidate first
     if rung < len(budgets) - 1:
