@@ -11,7 +11,9 @@ calibration trajectories, the best quarter of them on all). So are the SmoothQua
 migration strength and whether fc2's input is smoothed), from as many candidates, so that the two are compared
 like for like; the rows htg_spec and smoothquant_spec keep the spec's constants. The W4A8 row htg_migration
 (our extension) opens the split exponent HTG's Eq. 7 fixes at 1/2 and searches it over SmoothQuant-style's own
-grid, so that the two differ only in HTG's timestep-aware parts.
+grid, so that the two differ only in HTG's timestep-aware parts. The W4A8 rows naive_gptq, minmax_gptq,
+smoothquant_gptq and htg_gptq (our extension) round the weights by GPTQ on the same grid, their settings searched
+as the round-to-nearest ones are.
 The W4A8 comparison of HTG with naive and SmoothQuant-style, and the FP-close claims, draw more samples
 (--comparison_samples; every configuration's own --samples are the first of them); the comparison is repeated on
 models trained from further seeds (--replicate_seeds), and its verdict needs every model. Each model samples at
@@ -24,7 +26,8 @@ configuration's record holds its "fid", "class_acc", "sample_mse", "noise_mse_pe
 prediction against the float model's at each step of the float model's own trajectory on the first comparison
 rows; "noise_mse" its mean), bytes and "calib_seconds". alpha_comparison: the record w4a8_comparison describes,
 of htg_spec (alpha 0.99) against the htg_alpha rows. fp_close: {"samples", "fp", "fp_other_noise", "w8a8",
-"w4a8": FID-digits of FP (also from other noise) and of HTG at each width on the comparison's samples}.
+"w4a8", "w4a8_gptq": FID-digits of FP (also from other noise), of HTG at each width and of htg_gptq on the
+comparison's samples}.
 w4a8_split: {method: {"weights_only", "activations_only"}} of HTG and SmoothQuant-style (their W4A8 picks):
 the records of the same configuration with its activations left in float (4-bit weights alone) and with its
 (folded) kernels left in float (8-bit activations alone), on --samples, where its W4A8 error comes from.
@@ -34,8 +37,8 @@ w4a8_comparison: {"samples", "fid": {method}, "sample_mse": {method}, "fid_gaps"
 HTG and htg_migration against naive and SmoothQuant-style (both picked), and of htg_spec against naive and
 smoothquant_spec, with paired-bootstrap intervals (`fid.paired_fid_gap`)}}; guidance: {"scale", "candidates":
 {scale: the float model's {"fid", "class_acc"}}, null with --guidance}; selection: {name: {bits: {"chosen",
-"calibration_sample_mse", "search_trajectories", "search_seconds"}}} for htg and smoothquant (both widths) and
-htg_migration (W4A8); replicates: {seed: {"fp", "guidance" (as above), "w4a8", "w4a8_comparison",
+"calibration_sample_mse", "search_trajectories", "search_seconds"}}} for htg and smoothquant (both widths),
+htg_migration, htg_gptq and smoothquant_gptq (W4A8); replicates: {seed: {"fp", "guidance" (as above), "w4a8", "w4a8_comparison",
 "chosen": {name: settings}, "outliers"}}.
 
   python -m experiments.dit_ptq --quick
@@ -148,6 +151,9 @@ def htg_variants(n_steps: int) -> dict[str, dict]:
           "htg_float_shift_bias": {"htg": {"shift_compensation": "float"}}}
 # The W4A8 configurations whose error is split into their weights' and their activations' (`w4a8_split`).
 SPLIT = ("smoothquant", "htg")
+# The methods also run at W4A8 with GPTQ-rounded weights (rows "<method>_gptq"; our extension): with both split
+# into its weights' and its activations' error, nearly all of it is the 4-bit weights'.
+GPTQ_METHODS = ("naive", "minmax", "smoothquant", "htg")
 FP_CLOSE = {"w8a8": 0.05, "w4a8": 0.15}  # HTG's FID within this fraction of FP (the issue's goals)
 GROUP_CLOSE = 0.02  # G = T/10 within 2 % of G = T
 CALIBRATION_GOAL_S = 180.0
@@ -163,19 +169,19 @@ FP_CLASS_ACC = 0.8  # the float model's samples must be recognisable digits for 
 
 def claims(payload: dict) -> list[dict]:
   """Verdicts computed from the JSON alone."""
-  fp, fp_close = payload["fp"]["fid"], payload["fp_close"]
+  fp = payload["fp"]["fid"]
   rows = [outlier_claim(payload["outliers"])]
   for bits, close in FP_CLOSE.items():
-    htg, ratio = fp_close[bits], fp_close[bits] / fp_close["fp"] - 1
-    # Either side: quantisation noise can also lower FID-digits, which is a departure from FP all the same.
-    verdict = ("reproduced" if abs(ratio) <= close else "partly" if abs(ratio) <= 3 * close else "not reproduced")
-    own = payload[bits]["htg"]["fid"]
-    rows.append(common.claim("HTG (DiT PTQ)", f"{bits.upper()} with HTG keeps FID close to full precision",
-                             f"goal: within {close:.0%} of FP (DiT-XL/2 ImageNet FID unconfirmed)",
-                             f"On {fp_close['samples']} samples FID-digits {htg:.3g} vs FP {fp_close['fp']:.3g} "
-                             f"({ratio:+.1%}; FP itself moves {fid_noise(fp_close):.1%} with other sampling noise); "
-                             f"on the first {payload['samples']} {own:.3g} vs {fp:.3g} ({own / fp - 1:+.1%})"
-                             + (f"; {split_text(payload)}" if bits == "w4a8" else ""), verdict))
+    rows.append(fp_close_claim(payload, bits, "htg", f"{bits.upper()} with HTG keeps FID close to full precision",
+                               f"goal: within {close:.0%} of FP (DiT-XL/2 ImageNet FID unconfirmed)",
+                               split_text(payload) if bits == "w4a8" else ""))
+  gptq_rows = "; ".join(f"{m}_gptq {payload['w4a8'][f'{m}_gptq']['fid']:.3g} (sample MSE "
+                        f"{payload['w4a8'][f'{m}_gptq']['sample_mse']:.3g})" for m in GPTQ_METHODS)
+  rows.append(fp_close_claim(
+      payload, "w4a8_gptq", "htg_gptq", "W4A8 with HTG and GPTQ-rounded weights keeps FID close to full precision",
+      f"ours (extension; the paper's weight rounding is unstated): goal within {FP_CLOSE['w4a8']:.0%} of FP",
+      f"every method with GPTQ-rounded weights (settings searched as round-to-nearest's are) on the first "
+      f"{payload['samples']}: {gptq_rows}"))
   compared = payload["w4a8_comparison"]
   spec_beaten = [m for m in SPEC_BASELINES if beats(compared, "htg_spec", m)]
   rows.append(beats_baselines_claim(
@@ -275,6 +281,22 @@ def outlier_claim(outliers: dict) -> dict:
       f"{both} of {n} block linear inputs count ({ratio} reach the outlier ratio, {spread} the time spread); "
       f"medians by linear: {medians}",
       "reproduced" if 2 * both >= n else "partly" if both or 2 * max(ratio, spread) >= n else "not reproduced")
+
+
+def fp_close_claim(payload: dict, key: str, row: str, claim: str, paper: str, extra: str) -> dict:
+  """A configuration's FID-digits within FP_CLOSE of the float model's on the comparison's samples: the entry
+  `key` of fp_close (its bit width's goal, the first four characters), the row `row` of its bit width's records
+  on the first --samples."""
+  fp, fp_close, close = payload["fp"]["fid"], payload["fp_close"], FP_CLOSE[key[:4]]
+  value, ratio = fp_close[key], fp_close[key] / fp_close["fp"] - 1
+  # Either side: quantisation noise can also lower FID-digits, which is a departure from FP all the same.
+  verdict = "reproduced" if abs(ratio) <= close else "partly" if abs(ratio) <= 3 * close else "not reproduced"
+  own = payload[key[:4]][row]["fid"]
+  return common.claim("HTG (DiT PTQ)", claim, paper,
+                      f"On {fp_close['samples']} samples FID-digits {value:.3g} vs FP {fp_close['fp']:.3g} "
+                      f"({ratio:+.1%}; FP itself moves {fid_noise(fp_close):.1%} with other sampling noise); on the "
+                      f"first {payload['samples']} {own:.3g} vs {fp:.3g} ({own / fp - 1:+.1%})"
+                      + (f"; {extra}" if extra else ""), verdict)
 
 
 def split_text(payload: dict) -> str:
@@ -432,7 +454,8 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from pangu.compress.quant.calibration import collect_input_histograms, collect_input_stats, quantised_layers
+  from pangu.compress.quant.calibration import (collect_input_histograms, collect_input_moments, collect_input_stats,
+                                                quantised_layers)
   from pangu.compress.quant.grouping import default_n_groups
   from pangu.compress.quant.outliers import outlier_ratio, time_spread
   from pangu.compress.quant.ptq import PTQConfig, quantise_dit
@@ -552,15 +575,28 @@ def main(argv):
     float_stats = collect_input_stats(config, params, None, trajectory, timesteps, calib_labels, guidance)
     stats_seconds = time.perf_counter() - start
 
+    @functools.cache
+    def input_moments() -> tuple[dict, float]:
+      """The float model's input moments on the calibration trajectory (GPTQ's Hessians), collected on first use,
+      and the seconds that took."""
+      start = time.perf_counter()
+      moments = collect_input_moments(config, params, None, trajectory, timesteps, calib_labels, guidance)
+      return moments, time.perf_counter() - start
+
+    def moments_for(ptq: PTQConfig) -> tuple[dict | None, float]:
+      """(moments, their collection seconds) if the configuration rounds its weights by GPTQ, else (None, 0)."""
+      return input_moments() if ptq.weight_rounding == "gptq" else (None, 0.0)
+
     def recollect(folded: dict, quant: dict, bounds: dict) -> dict:
       """Histograms of the folded float model's inputs on the calibration trajectory (percentile / MSE ranges)."""
       return collect_input_histograms(config, folded, quant, trajectory, timesteps, calib_labels, guidance, bounds)
 
     def evaluate(ptq: PTQConfig, n: int = n_samples) -> tuple[dict, np.ndarray]:
       """The configuration's metrics on its first n_samples samples, and its first n samples."""
+      moments, moments_seconds = moments_for(ptq)
       start = time.perf_counter()
-      qparams, quant, report = quantise_dit(config, params, float_stats, ptq, recollect)
-      calib_seconds = stats_seconds + time.perf_counter() - start
+      qparams, quant, report = quantise_dit(config, params, float_stats, ptq, recollect, moments)
+      calib_seconds = stats_seconds + moments_seconds + time.perf_counter() - start
       samples = draw({"params": qparams, "quant": quant}, n)
       scores = metric(samples[:n_samples], sample_labels)
       per_step = np.asarray(noise_mse({"params": qparams, "quant": quant}, {"params": params}, fp_trajectory,
@@ -584,17 +620,19 @@ def main(argv):
                        trajectory[0, :n])[0]
       return float(jnp.mean((samples - calib_fp_samples[:n]) ** 2))
 
-    def pick(name: str, bits: int) -> tuple[PTQConfig, float, dict]:
-      """The configuration of a method (or of a searched configuration in SEARCHES) for these bits (its settings
-      selected on the calibration split, or the spec's), the search time and the candidates' scores."""
+    def pick(name: str, bits: int, rounding: str = "nearest") -> tuple[PTQConfig, float, dict]:
+      """The configuration of a method (or of a searched configuration in SEARCHES) for these bits and weight
+      rounding (its settings selected on the calibration split, or the spec's), the search time and the
+      candidates' scores."""
       search = SEARCHES.get(name)
-      spec = PTQConfig(search.method if search else name, weight_bits=bits)
+      spec = PTQConfig(search.method if search else name, weight_bits=bits, weight_rounding=rounding)
       if search is None or not _SELECT.value:
         return spec, 0.0, {}
       start = time.perf_counter()
       candidates = search.candidates(spec)
+      moments, _ = moments_for(spec)  # collected once per model: evaluate counts its seconds
       chosen, scores = select_ptq(config, params, float_stats, candidates, calibration_mse, search_budgets,
-                                  _SEARCH_REDUCTION.value)
+                                  _SEARCH_REDUCTION.value, moments)
       named = {settings_text(settings_record(c)): {str(n): v for n, v in by_budget.items()}
                for c, by_budget in zip(candidates, scores)}
       return chosen, time.perf_counter() - start, named
@@ -621,7 +659,8 @@ def main(argv):
   compared = {}  # the W4A8 samples of every configuration
   main_pairs = COMPARISON_PAIRS + [("htg_spec", b) for b in SPEC_BASELINES]
   alpha_pairs = [("htg_spec", f"htg_alpha{alpha:g}") for alpha in ALPHAS]
-  drawn_in_full = {("w8a8", "htg"), *(("w4a8", m) for pair in main_pairs + alpha_pairs for m in pair)}
+  drawn_in_full = {("w8a8", "htg"), ("w4a8", "htg_gptq"),
+                   *(("w4a8", m) for pair in main_pairs + alpha_pairs for m in pair)}
   htg_samples = {}  # bits name -> HTG's n_compare samples, for the FP-close claims
   w4a8_picks = {}  # method -> its W4A8 configuration
 
@@ -629,20 +668,22 @@ def main(argv):
     """How many samples a configuration draws: the comparison's (W4A8 compared, HTG at both widths), or its own."""
     return n_compare if (bits_name, name) in drawn_in_full else n_samples
 
-  def picked_row(bits_name: str, name: str) -> tuple[PTQConfig, np.ndarray]:
-    """Evaluates a method (or searched configuration) at these bits into payload[bits_name][name], its settings
-    picked first where it has a search (recorded under payload["selection"]); its config and samples."""
-    ptq, search_seconds, scores = run.pick(name, {"w8a8": 8, "w4a8": 4}[bits_name])
+  def picked_row(bits_name: str, name: str, rounding: str = "nearest") -> tuple[PTQConfig, np.ndarray]:
+    """Evaluates a method (or searched configuration) at these bits and weight rounding into
+    payload[bits_name][row] (row: the name, suffixed "_gptq" for GPTQ), its settings picked first where it has a
+    search (recorded under payload["selection"][row]); its config and samples."""
+    row = name if rounding == "nearest" else f"{name}_{rounding}"
+    ptq, search_seconds, scores = run.pick(name, {"w8a8": 8, "w4a8": 4}[bits_name], rounding)
     if name in SEARCHES:
-      payload["selection"][name][bits_name] = {
+      payload["selection"].setdefault(row, {})[bits_name] = {
           "chosen": settings_record(ptq), "calibration_sample_mse": scores,
           "search_trajectories": search_budgets if scores else [], "search_seconds": search_seconds}
-    payload[bits_name][name], samples = evaluate(ptq, rows(bits_name, name))
-    payload[bits_name][name]["calib_seconds"] += search_seconds  # the settings' search is calibration too
-    grids[f"{bits_name} {name}"] = samples[:10]
+    payload[bits_name][row], samples = evaluate(ptq, rows(bits_name, row))
+    payload[bits_name][row]["calib_seconds"] += search_seconds  # the settings' search is calibration too
+    grids[f"{bits_name} {row}"] = samples[:10]
     if bits_name == "w4a8":
-      compared[name] = samples
-    print(f"{bits_name} {name}: {payload[bits_name][name]}", flush=True)
+      compared[row] = samples
+    print(f"{bits_name} {row}: {payload[bits_name][row]}", flush=True)
     return ptq, samples
 
   for bits_name in ("w8a8", "w4a8"):
@@ -658,6 +699,10 @@ def main(argv):
                for part, side in (("weights_only", "act_bits"), ("activations_only", "weight_bits"))}
       for method in SPLIT}
   picked_row("w4a8", HTG_MIGRATION)
+  for method in GPTQ_METHODS:
+    _, samples = picked_row("w4a8", method, "gptq")
+    if method == "htg":
+      htg_samples["w4a8_gptq"] = samples
   payload["w4a8"]["smoothquant_spec"], compared["smoothquant_spec"] = evaluate(
       PTQConfig("smoothquant", weight_bits=4), rows("w4a8", "smoothquant_spec"))
   grids["w4a8 smoothquant_spec"] = compared["smoothquant_spec"][:10]
@@ -719,7 +764,8 @@ def main(argv):
            f"four; {HTG_MIGRATION}: HTG (alpha 0.99) with Eq. 7's split exponent searched over SmoothQuant-style's "
            f"grid, our extension ({settings_text(payload['selection'][HTG_MIGRATION]['w4a8']['chosen'])}); "
            f"'w4a8 m: weights only / activations only': the W4A8 pick of m with its activations / its folded "
-           f"kernels left in float; "
+           f"kernels left in float; <m>_gptq: method m with GPTQ-rounded weights on the same grid (our extension; "
+           f"settings searched as m's); "
            f"htg_shift_only / scale_only: s = 1 / z = 0; "
            f"htg_alpha<a>: EMA factor a; htg_normalised_scale: R2's s = m / max(m); htg_fc2_unsmoothed: fc2's "
            f"input left alone; htg_one_act_range: one activation range per layer, not per group; "
