@@ -181,9 +181,9 @@ def quantise_dit(config: DiTConfig, params: dict, stats: Stats, ptq: PTQConfig, 
   params, quant = reparameterise(config, params, every_step, n_steps, ptq.proj_smoothing)
   smoothed = smoothed_stats(stats, plans)
   layers = quantised_layers(config, ptq.quantise_all_linears)
-  estimate, bounds, histograms = None, {}, {}
-  if ptq.act_bits is not None:
-    estimate = range_estimator(ptq.act_range_estimator, ptq.act_percentile, ptq.act_bits)
+  bounds, histograms = {}, {}
+  estimate = (None if ptq.act_bits is None else
+              range_estimator(ptq.act_range_estimator, ptq.act_percentile, ptq.act_bits))
   if estimate is not None:
     if recollect is None:
       raise ValueError(f"PTQConfig.act_range_estimator={ptq.act_range_estimator!r} reads histograms of the "
