@@ -34,8 +34,8 @@ the records of the same configuration with its activations left in float (4-bit 
 outliers: {"block.linear": {"outlier_ratio", "time_spread"}} of the float model's block linear inputs on the
 calibration trajectories (`pangu.compress.quant.outliers`).
 w4a8_comparison: {"samples", "fid": {method}, "sample_mse": {method}, "fid_gaps": {"a - b": FID(a) - FID(b) of
-HTG and htg_migration against naive and SmoothQuant-style (both picked), and of htg_spec against naive and
-smoothquant_spec, with paired-bootstrap intervals (`fid.paired_fid_gap`)}}; guidance: {"scale", "candidates":
+HTG and htg_migration against naive and SmoothQuant-style (both picked), of htg_gptq against naive_gptq and
+smoothquant_gptq, and of htg_spec against naive and smoothquant_spec, with paired-bootstrap intervals (`fid.paired_fid_gap`)}}; guidance: {"scale", "candidates":
 {scale: the float model's {"fid", "class_acc"}}, null with --guidance}; selection: {name: {bits: {"chosen",
 "calibration_sample_mse", "search_trajectories", "search_seconds"}}} for htg and smoothquant (both widths),
 htg_migration, htg_gptq and smoothquant_gptq (W4A8); replicates: {seed: {"fp", "guidance" (as above), "w4a8", "w4a8_comparison",
@@ -154,6 +154,17 @@ SPLIT = ("smoothquant", "htg")
 # The methods also run at W4A8 with GPTQ-rounded weights (rows "<method>_gptq"; our extension): with both split
 # into its weights' and its activations' error, nearly all of it is the 4-bit weights'.
 GPTQ_METHODS = ("naive", "minmax", "smoothquant", "htg")
+# The like-for-like W4A8 comparison with GPTQ-rounded weights, on every model as the paper's claim is.
+GPTQ_HTG, GPTQ_BASELINES = "htg_gptq", ("naive_gptq", "smoothquant_gptq")
+GPTQ_PAIRS = [(GPTQ_HTG, b) for b in GPTQ_BASELINES]
+# What every replicate model runs at W4A8 on --comparison_samples: (method, weight rounding).
+REPLICATE_ROWS = ([(m, "nearest") for m in (*BASELINES, *COMPARED_HTG)]
+                  + [(m, "gptq") for m in ("naive", "smoothquant", "htg")])
+
+
+def row_name(method: str, rounding: str) -> str:
+  """A W4A8 row's name: the method's (or searched configuration's), suffixed "_gptq" for GPTQ-rounded weights."""
+  return method if rounding == "nearest" else f"{method}_{rounding}"
 FP_CLOSE = {"w8a8": 0.05, "w4a8": 0.15}  # HTG's FID within this fraction of FP (the issue's goals)
 GROUP_CLOSE = 0.02  # G = T/10 within 2 % of G = T
 CALIBRATION_GOAL_S = 180.0
@@ -185,14 +196,18 @@ def claims(payload: dict) -> list[dict]:
   compared = payload["w4a8_comparison"]
   spec_beaten = [m for m in SPEC_BASELINES if beats(compared, "htg_spec", m)]
   rows.append(beats_baselines_claim(
-      payload, "htg", "At W4A8 HTG beats naive PTQ and SmoothQuant-style smoothing",
+      payload, "htg", BASELINES, "At W4A8 HTG beats naive PTQ and SmoothQuant-style smoothing",
       "state of the art among PTQ methods",
       f"with the spec's constants, htg_spec against {', '.join(SPEC_BASELINES)} beats "
       f"{', '.join(spec_beaten) or 'neither'}; {comparison_text(compared, ('htg_spec', *SPEC_BASELINES))}"))
   rows.append(beats_baselines_claim(
-      payload, HTG_MIGRATION, "At W4A8 and a split searched as SmoothQuant-style's is, HTG beats naive PTQ and "
-      "SmoothQuant-style smoothing", "ours (extension): Eq. 7's exponent 1/2 opened and searched over the "
+      payload, HTG_MIGRATION, BASELINES, "At W4A8 and a split searched as SmoothQuant-style's is, HTG beats naive "
+      "PTQ and SmoothQuant-style smoothing", "ours (extension): Eq. 7's exponent 1/2 opened and searched over the "
       "baseline's own grid, so that only HTG's timestep-aware parts differ"))
+  rows.append(beats_baselines_claim(
+      payload, GPTQ_HTG, GPTQ_BASELINES, "At W4A8 with GPTQ-rounded weights, HTG beats naive PTQ and "
+      "SmoothQuant-style smoothing (each with GPTQ-rounded weights)", "ours (extension): the paper's weight "
+      "rounding is unstated; GPTQ for every method, settings searched as round-to-nearest's are"))
   groups = payload["groups"]
   keys = sorted(groups, key=int)
   every, tenth = groups[keys[-1]]["fid"], groups[keys[len(keys) // 2]]["fid"]
@@ -230,26 +245,28 @@ def claims(payload: dict) -> list[dict]:
   return rows
 
 
-def beats_baselines_claim(payload: dict, name: str, claim: str, paper: str, spec_text: str = "") -> dict:
-  """The W4A8 claim that configuration `name` beats every one of BASELINES (each with its settings picked) on the
-  main model and every replicate: reproduced when it beats both everywhere, partly when it beats any on any
-  model, contradicted when none."""
+def beats_baselines_claim(payload: dict, name: str, baselines: tuple[str, ...], claim: str, paper: str,
+                          spec_text: str = "") -> dict:
+  """The W4A8 claim that configuration `name` beats every one of `baselines` (each with its settings picked where
+  it has a search) on the main model and every replicate: reproduced when it beats all everywhere, partly when it
+  beats any on any model, contradicted when none."""
   selection = payload["selection"]
   how = "picked on the calibration split" if selection[name]["w4a8"]["calibration_sample_mse"] else "the spec's"
-  configurations = (name, *BASELINES)
-  every = {payload["seed"]: (payload, {m: selection[m]["w4a8"]["chosen"] for m in (name, "smoothquant")}),
+  configurations = (name, *baselines)
+  searched = [m for m in configurations if m in selection]
+  every = {payload["seed"]: (payload, {m: selection[m]["w4a8"]["chosen"] for m in searched}),
            **{seed: (entry, entry["chosen"]) for seed, entry in payload["replicates"].items()}}
-  beaten = {seed: [m for m in BASELINES if beats(model["w4a8_comparison"], name, m)]
+  beaten = {seed: [m for m in baselines if beats(model["w4a8_comparison"], name, m)]
             for seed, (model, _) in every.items()}
   texts = []
   for seed, (model, chosen) in every.items():
-    picks = "; ".join(f"{m} {settings_text(chosen[m])}" for m in (name, "smoothquant"))
+    picks = "; ".join(f"{m} {settings_text(chosen[m])}" for m in searched)
     texts.append(f"Model of seed {seed} (CFG {model['guidance']['scale']:g}, float class accuracy "
                  f"{model['fp']['class_acc']:.3f}; {picks}, each {how}): {name} beats "
                  f"{', '.join(beaten[seed]) or 'neither'}; {comparison_text(model['w4a8_comparison'], configurations)}")
   if spec_text:
     texts[0] += f"; {spec_text}"
-  verdict = ("reproduced" if all(len(b) == len(BASELINES) for b in beaten.values()) else
+  verdict = ("reproduced" if all(len(b) == len(baselines) for b in beaten.values()) else
              "partly" if any(beaten.values()) else "contradicted")
   samples = payload["w4a8_comparison"]["samples"]
   return common.claim("HTG (DiT PTQ)", claim, paper,
@@ -657,10 +674,9 @@ def main(argv):
              "outliers": outliers(float_stats),
              "w8a8": {}, "w4a8": {}, "groups": {}, "selection": {name: {} for name in SEARCHES}}
   compared = {}  # the W4A8 samples of every configuration
-  main_pairs = COMPARISON_PAIRS + [("htg_spec", b) for b in SPEC_BASELINES]
+  main_pairs = COMPARISON_PAIRS + GPTQ_PAIRS + [("htg_spec", b) for b in SPEC_BASELINES]
   alpha_pairs = [("htg_spec", f"htg_alpha{alpha:g}") for alpha in ALPHAS]
-  drawn_in_full = {("w8a8", "htg"), ("w4a8", "htg_gptq"),
-                   *(("w4a8", m) for pair in main_pairs + alpha_pairs for m in pair)}
+  drawn_in_full = {("w8a8", "htg"), *(("w4a8", m) for pair in main_pairs + alpha_pairs for m in pair)}
   htg_samples = {}  # bits name -> HTG's n_compare samples, for the FP-close claims
   w4a8_picks = {}  # method -> its W4A8 configuration
 
@@ -672,7 +688,7 @@ def main(argv):
     """Evaluates a method (or searched configuration) at these bits and weight rounding into
     payload[bits_name][row] (row: the name, suffixed "_gptq" for GPTQ), its settings picked first where it has a
     search (recorded under payload["selection"][row]); its config and samples."""
-    row = name if rounding == "nearest" else f"{name}_{rounding}"
+    row = row_name(name, rounding)
     ptq, search_seconds, scores = run.pick(name, {"w8a8": 8, "w4a8": 4}[bits_name], rounding)
     if name in SEARCHES:
       payload["selection"].setdefault(row, {})[bits_name] = {
@@ -727,16 +743,17 @@ def main(argv):
   for seed in replicate_seeds:
     replicate = seed_run(seed, n_samples)
     results, samples, chosen = {}, {}, {}
-    for method in (*BASELINES, *COMPARED_HTG):
-      ptq, search_seconds, _ = replicate.pick(method, 4)
+    for method, rounding in REPLICATE_ROWS:
+      row = row_name(method, rounding)
+      ptq, search_seconds, _ = replicate.pick(method, 4, rounding)
       if method in SEARCHES:
-        chosen[method] = settings_record(ptq)
-      results[method], samples[method] = replicate.evaluate(ptq, n_compare)
-      results[method]["calib_seconds"] += search_seconds
+        chosen[row] = settings_record(ptq)
+      results[row], samples[row] = replicate.evaluate(ptq, n_compare)
+      results[row]["calib_seconds"] += search_seconds
     payload["replicates"][str(seed)] = {
         "fp": replicate.fp, "guidance": replicate.guidance, "w4a8": results, "chosen": chosen,
         "outliers": outliers(replicate.float_stats),
-        "w4a8_comparison": replicate.compare(samples, COMPARISON_PAIRS)}
+        "w4a8_comparison": replicate.compare(samples, COMPARISON_PAIRS + GPTQ_PAIRS)}
     print(f"seed {seed} w4a8: {results}", flush=True)
   payload["claims"] = claims(payload)
   common.write_json("dit_ptq", payload)
@@ -779,7 +796,8 @@ def main(argv):
            f"({min(n_samples, _SAMPLE_BATCH.value)} rows); htg_float_shift_bias: htg_spec with the "
            f"spec's literal bias fold b + z_g W on the float kernel (htg_spec and the ablations fold the shift onto "
            f"the rounded kernel). "
-           f"'seed s' rows: W4A8 naive, SmoothQuant-style, HTG and {HTG_MIGRATION} (each its own pick) on a model "
+           f"'seed s' rows: W4A8 naive, SmoothQuant-style, HTG and {HTG_MIGRATION}, and the first three with GPTQ "
+           f"(each its own pick) on a model "
            f"trained from seed s, "
            f"sampled at its own guidance scale (picked by the same rule) and scored by the same classifier. "
            f"Total {time.perf_counter() - begin:.0f} s.")
