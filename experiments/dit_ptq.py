@@ -20,14 +20,13 @@ models trained from further seeds (--replicate_seeds), and its verdict needs eve
 its own guidance scale, picked on its float samples by one rule (--guidance).
 Writes <results_dir>/dit_ptq.json {"seed", "samples", "fp", "guidance", "outliers", "w8a8", "w4a8",
 "w4a8_comparison", "alpha_comparison", "fp_close", "w4a8_split", "groups", "selection", "replicates",
-"claims"},
-dit_ptq.png (sample grids, z_t of a few layers, per-step noise prediction errors at W4A8) and dit_ptq.md. Each
-configuration's record holds its "fid", "class_acc", "sample_mse", "noise_mse_per_step" (the MSE of its noise
-prediction against the float model's at each step of the float model's own trajectory on the first comparison
-rows; "noise_mse" its mean), bytes and "calib_seconds". alpha_comparison: the record w4a8_comparison describes,
-of htg_spec (alpha 0.99) against the htg_alpha rows. fp_close: {"samples", "fp", "fp_other_noise", "w8a8",
-"w4a8", "w4a8_gptq": FID-digits of FP (also from other noise), of HTG at each width and of htg_gptq on the
-comparison's samples}.
+"claims"}, dit_ptq.png (sample grids, z_t of a few layers, per-step noise prediction errors at W4A8) and
+dit_ptq.md. Each configuration's record holds its "fid", "class_acc", "sample_mse", "noise_mse_per_step" (the
+MSE of its noise prediction against the float model's at each step of the float model's own trajectory on the
+first comparison rows; "noise_mse" its mean), bytes and "calib_seconds". alpha_comparison: the record
+w4a8_comparison describes, of htg_spec (alpha 0.99) against the htg_alpha rows. fp_close: {"samples", "fp",
+"fp_other_noise", "w8a8", "w4a8", "w4a8_gptq": FID-digits of FP (also from other noise), of HTG at each width and
+of htg_gptq on the comparison's samples}.
 w4a8_split: {method: {"weights_only", "activations_only"}} of HTG and SmoothQuant-style (their W4A8 picks):
 the records of the same configuration with its activations left in float (4-bit weights alone) and with its
 (folded) kernels left in float (8-bit activations alone), on --samples, where its W4A8 error comes from.
@@ -35,11 +34,12 @@ outliers: {"block.linear": {"outlier_ratio", "time_spread"}} of the float model'
 calibration trajectories (`pangu.compress.quant.outliers`).
 w4a8_comparison: {"samples", "fid": {method}, "sample_mse": {method}, "fid_gaps": {"a - b": FID(a) - FID(b) of
 HTG and htg_migration against naive and SmoothQuant-style (both picked), of htg_gptq against naive_gptq and
-smoothquant_gptq, and of htg_spec against naive and smoothquant_spec, with paired-bootstrap intervals (`fid.paired_fid_gap`)}}; guidance: {"scale", "candidates":
-{scale: the float model's {"fid", "class_acc"}}, null with --guidance}; selection: {name: {bits: {"chosen",
-"calibration_sample_mse", "search_trajectories", "search_seconds"}}} for htg and smoothquant (both widths),
-htg_migration, htg_gptq and smoothquant_gptq (W4A8); replicates: {seed: {"fp", "guidance" (as above), "w4a8", "w4a8_comparison",
-"chosen": {name: settings}, "outliers"}}.
+smoothquant_gptq, and of htg_spec against naive and smoothquant_spec, with paired-bootstrap intervals
+(`fid.paired_fid_gap`)}}; guidance: {"scale", "candidates": {scale: the float model's {"fid", "class_acc"}}, null
+with --guidance}; selection: {name: {bits: {"chosen", "calibration_sample_mse", "search_trajectories",
+"search_seconds"}}} for htg and smoothquant (both widths), htg_migration, htg_gptq and smoothquant_gptq (W4A8);
+replicates: {seed: {"fp", "guidance" (as above), "w4a8", "w4a8_comparison", "chosen": {name: settings},
+"outliers"}}.
 
   python -m experiments.dit_ptq --quick
 """
@@ -149,22 +149,6 @@ def htg_variants(n_steps: int) -> dict[str, dict]:
           "htg_all_linears": {"quantise_all_linears": True},
           "htg_quantised_attention": {"quantise_attention": True},
           "htg_float_shift_bias": {"htg": {"shift_compensation": "float"}}}
-# The W4A8 configurations whose error is split into their weights' and their activations' (`w4a8_split`).
-SPLIT = ("smoothquant", "htg")
-# The methods also run at W4A8 with GPTQ-rounded weights (rows "<method>_gptq"; our extension): with both split
-# into its weights' and its activations' error, nearly all of it is the 4-bit weights'.
-GPTQ_METHODS = ("naive", "minmax", "smoothquant", "htg")
-# The like-for-like W4A8 comparison with GPTQ-rounded weights, on every model as the paper's claim is.
-GPTQ_HTG, GPTQ_BASELINES = "htg_gptq", ("naive_gptq", "smoothquant_gptq")
-GPTQ_PAIRS = [(GPTQ_HTG, b) for b in GPTQ_BASELINES]
-# What every replicate model runs at W4A8 on --comparison_samples: (method, weight rounding).
-REPLICATE_ROWS = ([(m, "nearest") for m in (*BASELINES, *COMPARED_HTG)]
-                  + [(m, "gptq") for m in ("naive", "smoothquant", "htg")])
-
-
-def row_name(method: str, rounding: str) -> str:
-  """A W4A8 row's name: the method's (or searched configuration's), suffixed "_gptq" for GPTQ-rounded weights."""
-  return method if rounding == "nearest" else f"{method}_{rounding}"
 FP_CLOSE = {"w8a8": 0.05, "w4a8": 0.15}  # HTG's FID within this fraction of FP (the issue's goals)
 GROUP_CLOSE = 0.02  # G = T/10 within 2 % of G = T
 CALIBRATION_GOAL_S = 180.0
@@ -176,6 +160,24 @@ OUTLIER_RATIO_GOAL = 4.0
 # (the interval moves or grows by a full width over the steps).
 TIME_SPREAD_GOAL = 2.0
 FP_CLASS_ACC = 0.8  # the float model's samples must be recognisable digits for FID gaps to mean anything
+
+
+def row_name(method: str, rounding: str) -> str:
+  """A W4A8 row's name: the method's (or searched configuration's), suffixed "_gptq" for GPTQ-rounded weights."""
+  return method if rounding == "nearest" else f"{method}_{rounding}"
+
+
+# The W4A8 configurations whose error is split into their weights' and their activations' (`w4a8_split`).
+SPLIT = ("smoothquant", "htg")
+# The methods also run at W4A8 with GPTQ-rounded weights (rows "<method>_gptq"; our extension): that split puts
+# nearly all of the W4A8 error on the 4-bit weights.
+GPTQ_METHODS = ("naive", "minmax", "smoothquant", "htg")
+# The like-for-like W4A8 comparison with GPTQ-rounded weights, on every model as the paper's claim is.
+GPTQ_HTG, GPTQ_BASELINES = row_name("htg", "gptq"), tuple(row_name(b, "gptq") for b in BASELINES)
+GPTQ_PAIRS = [(GPTQ_HTG, b) for b in GPTQ_BASELINES]
+# What every replicate model runs at W4A8 on --comparison_samples: (method, weight rounding).
+REPLICATE_ROWS = ([(m, "nearest") for m in (*BASELINES, *COMPARED_HTG)]
+                  + [(m, "gptq") for m in (*BASELINES, "htg")])
 
 
 def claims(payload: dict) -> list[dict]:
