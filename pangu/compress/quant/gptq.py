@@ -12,6 +12,8 @@ quantised either way has the same layout, the same bytes and the same integer pa
 
 import numpy as np
 
+from pangu.nn.quantized import weight_qmax
+
 DAMPING = 0.01  # added to H's diagonal, times its mean: keeps the factorisation stable on correlated inputs
 
 
@@ -22,7 +24,6 @@ def gptq_levels(kernel: np.ndarray, hessian: np.ndarray, bits: int, per_channel:
   product. An input that is always zero (H_ii = 0) takes no update and passes none on: its row keeps
   round-to-nearest levels.
   """
-  from pangu.nn.quantized import weight_qmax
   w = np.array(kernel, np.float64)
   h = np.array(hessian, np.float64)
   if w.ndim != 2 or h.shape != (w.shape[0], w.shape[0]):
