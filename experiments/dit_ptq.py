@@ -185,13 +185,15 @@ def claims(payload: dict) -> list[dict]:
   fp = payload["fp"]["fid"]
   rows = [outlier_claim(payload["outliers"])]
   for bits, close in FP_CLOSE.items():
-    rows.append(fp_close_claim(payload, bits, "htg", f"{bits.upper()} with HTG keeps FID close to full precision",
+    rows.append(fp_close_claim(payload, bits, bits, "htg",
+                               f"{bits.upper()} with HTG keeps FID close to full precision",
                                f"goal: within {close:.0%} of FP (DiT-XL/2 ImageNet FID unconfirmed)",
                                split_text(payload) if bits == "w4a8" else ""))
-  gptq_rows = "; ".join(f"{m}_gptq {payload['w4a8'][f'{m}_gptq']['fid']:.3g} (sample MSE "
-                        f"{payload['w4a8'][f'{m}_gptq']['sample_mse']:.3g})" for m in GPTQ_METHODS)
+  gptq = {row_name(m, "gptq"): payload["w4a8"][row_name(m, "gptq")] for m in GPTQ_METHODS}
+  gptq_rows = "; ".join(f"{row} {v['fid']:.3g} (sample MSE {v['sample_mse']:.3g})" for row, v in gptq.items())
   rows.append(fp_close_claim(
-      payload, "w4a8_gptq", "htg_gptq", "W4A8 with HTG and GPTQ-rounded weights keeps FID close to full precision",
+      payload, "w4a8_gptq", "w4a8", GPTQ_HTG,
+      "W4A8 with HTG and GPTQ-rounded weights keeps FID close to full precision",
       f"ours (extension; the paper's weight rounding is unstated): goal within {FP_CLOSE['w4a8']:.0%} of FP",
       f"every method with GPTQ-rounded weights (settings searched as round-to-nearest's are) on the first "
       f"{payload['samples']}: {gptq_rows}"))
@@ -302,15 +304,15 @@ def outlier_claim(outliers: dict) -> dict:
       "reproduced" if 2 * both >= n else "partly" if both or 2 * max(ratio, spread) >= n else "not reproduced")
 
 
-def fp_close_claim(payload: dict, key: str, row: str, claim: str, paper: str, extra: str) -> dict:
+def fp_close_claim(payload: dict, key: str, bits: str, row: str, claim: str, paper: str, extra: str) -> dict:
   """A configuration's FID-digits within FP_CLOSE of the float model's on the comparison's samples: the entry
-  `key` of fp_close (its bit width's goal, the first four characters), the row `row` of its bit width's records
-  on the first --samples."""
-  fp, fp_close, close = payload["fp"]["fid"], payload["fp_close"], FP_CLOSE[key[:4]]
+  `key` of fp_close against the goal of its bit width `bits` ("w8a8" or "w4a8"), and the row `row` of that
+  width's records on the first --samples."""
+  fp, fp_close, close = payload["fp"]["fid"], payload["fp_close"], FP_CLOSE[bits]
   value, ratio = fp_close[key], fp_close[key] / fp_close["fp"] - 1
   # Either side: quantisation noise can also lower FID-digits, which is a departure from FP all the same.
   verdict = "reproduced" if abs(ratio) <= close else "partly" if abs(ratio) <= 3 * close else "not reproduced"
-  own = payload[key[:4]][row]["fid"]
+  own = payload[bits][row]["fid"]
   return common.claim("HTG (DiT PTQ)", claim, paper,
                       f"On {fp_close['samples']} samples FID-digits {value:.3g} vs FP {fp_close['fp']:.3g} "
                       f"({ratio:+.1%}; FP itself moves {fid_noise(fp_close):.1%} with other sampling noise); on the "
@@ -647,9 +649,9 @@ def main(argv):
       spec = PTQConfig(search.method if search else name, weight_bits=bits, weight_rounding=rounding)
       if search is None or not _SELECT.value:
         return spec, 0.0, {}
+      moments, _ = moments_for(spec)  # collected once per model, before the search's clock: evaluate counts it
       start = time.perf_counter()
       candidates = search.candidates(spec)
-      moments, _ = moments_for(spec)  # collected once per model: evaluate counts its seconds
       chosen, scores = select_ptq(config, params, float_stats, candidates, calibration_mse, search_budgets,
                                   _SEARCH_REDUCTION.value, moments)
       named = {settings_text(settings_record(c)): {str(n): v for n, v in by_budget.items()}
