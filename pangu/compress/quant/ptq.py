@@ -39,6 +39,7 @@ from pangu.nn.quantized import quantise_symmetric, step_table, symmetric_scale
 Method = Literal["naive", "minmax", "smoothquant", "ptq4dit", "htg"]
 METHODS = ("naive", "minmax", "smoothquant", "ptq4dit", "htg")
 WeightRounding = Literal["nearest", "gptq"]
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
 # (folded float params, their quant collection, each linear's (lo, hi)) -> per-step histograms of every linear's
 # input over its bounds on the calibration trajectory: `calibration.collect_input_histograms` bound to it.
 Recollect = Callable[[dict, dict, dict[LayerKey, tuple[float, float]]], Histograms]
@@ -100,7 +101,7 @@ class PTQConfig:
     one_of(self, "act_bits", (8, None))
     one_of(self, "proj_smoothing", ("fold_v", "explicit"))
     one_of(self, "fc2_smoothing", ("explicit", "none"))
-    one_of(self, "weight_rounding", ("nearest", "gptq"))
+    one_of(self, "weight_rounding", WEIGHT_ROUNDINGS)
     if self.calib_timesteps is not None and (not isinstance(self.calib_timesteps, int) or self.calib_timesteps < 1):
       raise ValueError(f"PTQConfig.calib_timesteps must be a positive int or None, got {self.calib_timesteps!r}")
     if self.integer and (self.weight_bits, self.act_bits) != (8, 8):
