@@ -118,8 +118,8 @@ _SEARCH_REDUCTION = flags.DEFINE_integer(
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of training, calibration and sampling noise.")
 # At this scale the W4A8 order of HTG and SmoothQuant-style changes with the training seed, and training is not
 # bit-reproducible across machines: the same code's seed-1 quick model favoured SmoothQuant-style in one session
-# and HTG in the next. So the claim is checked on more than one model; quick mode checks three (311 s of a
-# 549 s run with cached models, guidance picks and the GPTQ comparison included).
+# and HTG in the next. So the claim is checked on more than one model; quick mode checks three (~360 s of a
+# 612 s run with cached models, guidance picks and the GPTQ comparison included).
 _REPLICATES = flags.DEFINE_list("replicate_seeds", None, "Further training seeds on which the W4A8 comparison of "
                                 "HTG, naive and SmoothQuant-style is repeated (quick 1,2,3, full 1,2; empty: none).")
 
@@ -791,7 +791,8 @@ def main(argv):
            f"{train.ema_decay:g}; {'cached' if cached else 'trained this run'}); DDIM T={n_steps} steps, "
            f"CFG {guidance} ({guidance_text}); "
            f"{n_samples} samples per configuration from identical noise ({n_compare} in the W4A8 comparison of "
-           f"HTG with {' and '.join(BASELINES)} and in the FP-close claims); calibration on {n_calib} trajectories. "
+           f"HTG with {' and '.join(BASELINES)}, in the FP-close claims and in the G sweep); calibration on {n_calib} "
+           f"trajectories. "
            f"FID-digits: Frechet distance of a digits classifier's 64 penultimate features against all 1797 real "
            f"digits; class_acc: that classifier's agreement with the requested label (real digits ~1.0). "
            f"'fp32, other noise': the float model sampled from different noise, the FID's noise floor. "
@@ -818,9 +819,8 @@ def main(argv):
            f"spec's literal bias fold b + z_g W on the float kernel (htg_spec and the ablations fold the shift onto "
            f"the rounded kernel). "
            f"'seed s' rows: W4A8 naive, SmoothQuant-style, HTG and {HTG_MIGRATION}, and the first three with GPTQ "
-           f"(each its own pick) on a model "
-           f"trained from seed s, "
-           f"sampled at its own guidance scale (picked by the same rule) and scored by the same classifier. "
+           f"(each its own pick) on a model trained from seed s, sampled at its own guidance scale (picked by the "
+           f"same rule) and scored by the same classifier. "
            f"Total {time.perf_counter() - begin:.0f} s.")
   common.write_table("dit_ptq", report_table(payload, setup))
 
