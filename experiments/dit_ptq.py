@@ -118,8 +118,8 @@ _SEARCH_REDUCTION = flags.DEFINE_integer(
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of training, calibration and sampling noise.")
 # At this scale the W4A8 order of HTG and SmoothQuant-style changes with the training seed, and training is not
 # bit-reproducible across machines: the same code's seed-1 quick model favoured SmoothQuant-style in one session
-# and HTG in the next. So the claim is checked on more than one model; quick mode checks three (~360 s of a
-# 612 s run with cached models, guidance picks and the GPTQ comparison included).
+# and HTG in the next. So the claim is checked on more than one model; quick mode checks three (~320 s of a
+# 523 s run with cached models, guidance picks and the GPTQ comparison included).
 _REPLICATES = flags.DEFINE_list("replicate_seeds", None, "Further training seeds on which the W4A8 comparison of "
                                 "HTG, naive and SmoothQuant-style is repeated (quick 1,2,3, full 1,2; empty: none).")
 
@@ -498,7 +498,8 @@ def main(argv):
   from pangu.diffusion.digits import load_digits_images
   from pangu.diffusion.fid import ClassifierConfig, digits_metric, train_classifier
   from pangu.diffusion.objective import ddpm_loss
-  from pangu.diffusion.samplers import ddim_sample, guided, per_step_noise_mse, sampling_timesteps
+  from pangu.diffusion.samplers import (ddim_sample, guided, initial_noise, per_step_noise_mse, sample_in_chunks,
+                                       sampling_timesteps)
   from pangu.diffusion.schedules import ScheduleConfig
   from pangu.diffusion.train import DiffusionTrainConfig, train_diffusion
   from pangu.models.dit import DiT, DiTConfig
@@ -542,6 +543,14 @@ def main(argv):
     return ddim_sample(denoiser(variables, guidance), schedule, sample_labels, shape, rng, n_steps,
                        batch_size=_SAMPLE_BATCH.value, noise=noise)
 
+  def sample_rows(variables: dict, labels: jax.Array, noise: jax.Array, guidance: float) -> np.ndarray:
+    """The samples of these labels and noise rows, through one compiled sampler of --sample_batch rows per
+    configuration and guidance: a quantised configuration's compile costs about as much as sampling 2000 rows, and
+    one sampler over all rows would compile again for each row count."""
+    unused = jax.random.key(0)  # the step noise's key: DDIM with eta = 0 draws none
+    return sample_in_chunks(lambda y, x: sample(variables, y, unused, guidance, x)[0], labels, noise,
+                            _SAMPLE_BATCH.value)
+
   comparison_labels = jnp.arange(n_compare) % config.n_classes
   sample_labels = comparison_labels[:n_samples]
   timesteps = sampling_timesteps(schedule.n_timesteps, n_steps)
@@ -565,8 +574,8 @@ def main(argv):
     samples best at, from noise the evaluation never uses, with the float metrics of every candidate."""
     if _GUIDANCE.value is not None:
       return {"scale": _GUIDANCE.value, "candidates": None}
-    noise = jax.random.fold_in(seed_keys(seed)[3], 2)
-    scores = {scale: metric(np.asarray(sample({"params": params}, sample_labels, noise, scale)[0]), sample_labels)
+    noise = initial_noise(jax.random.fold_in(seed_keys(seed)[3], 2), n_samples, shape)
+    scores = {scale: metric(sample_rows({"params": params}, sample_labels, noise, scale), sample_labels)
               for scale in GUIDANCE_CANDIDATES}
     recognisable = [scale for scale in GUIDANCE_CANDIDATES if scores[scale]["class_acc"] >= FP_CLASS_ACC]
     scale = (min(recognisable, key=lambda s: scores[s]["fid"]) if recognisable else
@@ -586,7 +595,7 @@ def main(argv):
 
     def draw(variables: dict, n: int, noise: jax.Array = comparison_noise) -> np.ndarray:
       """The first n samples from a noise block (DDIM: each row's sample depends on its own noise)."""
-      return np.asarray(sample(variables, comparison_labels[:n], sample_key, guidance, noise[:n])[0])
+      return sample_rows(variables, comparison_labels[:n], noise[:n], guidance)
 
     fp_samples = draw({"params": params}, n_compare)
     fp = metric(fp_samples[:n_samples], sample_labels)

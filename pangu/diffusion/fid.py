@@ -8,13 +8,13 @@ same sample count.
 """
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import scipy.linalg
 
 from pangu.config_checks import positive_ints
 
@@ -76,25 +76,76 @@ def train_classifier(config: ClassifierConfig, images: np.ndarray, labels: np.nd
   return params
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _predict(config: ClassifierConfig, params: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+  logits, features = DigitsClassifier(config).apply({"params": params}, images)
+  return jnp.argmax(logits, -1), features
+
+
 def classify(config: ClassifierConfig, params: dict, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(predicted labels [B], penultimate features [B, features]) as float64 NumPy."""
-  logits, features = jax.jit(DigitsClassifier(config).apply)({"params": params}, jnp.asarray(images))
-  return np.asarray(jnp.argmax(logits, -1)), np.asarray(features, np.float64)
+  predicted, features = _predict(config, params, jnp.asarray(images))
+  return np.asarray(predicted), np.asarray(features, np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureGaussian:
+  """A Gaussian fitted to feature rows (float64), with the symmetric square root of its covariance: the FIDs of
+  many sample sets against one reference (the real digits, in every bootstrap resample) share it."""
+
+  mean: np.ndarray
+  cov: np.ndarray
+  cov_root: np.ndarray
+
+
+def fit_gaussian(features: np.ndarray) -> FeatureGaussian:
+  """The Gaussian of feature rows [N, d]: mean, covariance and its root from the symmetric eigendecomposition."""
+  features = np.asarray(features, np.float64)
+  cov = np.cov(features, rowvar=False)
+  values, vectors = np.linalg.eigh(cov)
+  return FeatureGaussian(features.mean(0), cov, (vectors * np.sqrt(np.maximum(values, 0.0))) @ vectors.T)
+
+
+def frechet_distance_to(a: np.ndarray, reference: FeatureGaussian) -> float:
+  """||mu_a - mu_r||^2 + tr(S_a + S_r - 2 (S_a S_r)^(1/2)) of a Gaussian fitted to rows of a and the reference."""
+  a = np.asarray(a, np.float64)
+  return float(_frechet(a.mean(0)[None], np.cov(a, rowvar=False)[None], reference)[0])
+
+
+def _frechet(means: np.ndarray, covs: np.ndarray, reference: FeatureGaussian) -> np.ndarray:
+  """[R] Frechet distances of R Gaussians (means [R, d], covs [R, d, d]) to the reference.
+
+  S_a S_r is similar to R S_a R (R = S_r^(1/2)), which is symmetric positive semi-definite, so the trace of
+  (S_a S_r)^(1/2) is the sum of the square roots of R S_a R's eigenvalues: no general matrix square root (FID's
+  usual scipy.linalg.sqrtm, several times slower at 64 features) and no imaginary round-off to drop.
+  """
+  root = reference.cov_root
+  cross = np.sqrt(np.maximum(np.linalg.eigvalsh(root @ covs @ root), 0.0)).sum(-1)
+  return (np.sum((means - reference.mean) ** 2, -1) + np.trace(covs, axis1=-2, axis2=-1) + np.trace(reference.cov)
+          - 2 * cross)
+
+
+def _resampled_frechet(x: np.ndarray, counts: np.ndarray, reference: FeatureGaussian, block: int = 2048
+                       ) -> np.ndarray:
+  """[R] `frechet_distance_to` of R bootstrap resamples of x's rows (counts [R, n]: each row's multiplicity), from
+  products with the rows' outer products (blocks of `block` rows) instead of R gathered copies."""
+  n, d = x.shape
+  means = counts @ x / n
+  second = sum(counts[:, i:i + block] @ (x[i:i + block, :, None] * x[i:i + block, None, :]).reshape(-1, d * d)
+               for i in range(0, n, block)).reshape(-1, d, d) / n
+  covs = (second - means[:, :, None] * means[:, None, :]) * (n / (n - 1))
+  return _frechet(means, covs, reference)
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-  """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of Gaussians fitted to rows of a and b (float64)."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  mu_a, mu_b = a.mean(0), b.mean(0)
-  cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-  root = scipy.linalg.sqrtm(cov_a @ cov_b)
-  root = np.real(root)
-  return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2 * root))
+  """The Frechet distance of Gaussians fitted to rows of a and b (float64); see `frechet_distance_to`."""
+  return frechet_distance_to(a, fit_gaussian(b))
 
 
-def paired_fid_gap(a: np.ndarray, b: np.ndarray, reference: np.ndarray, *, resamples: int = 200,
+def paired_fid_gap(a: np.ndarray, b: np.ndarray, reference: np.ndarray | FeatureGaussian, *, resamples: int = 200,
                    level: float = 0.95, seed: int = 0) -> dict[str, float]:
-  """FID(a) - FID(b) against `reference`, with a paired-bootstrap interval at `level`.
+  """FID(a) - FID(b) against `reference` (feature rows, or the Gaussian fitted to them), with a paired-bootstrap
+  interval at `level`.
 
   Row i of a and b must come from the same sampling noise and label (two models, identical noise). Rows are
   resampled together, so the noise the two share moves both FIDs alike and the interval measures only how far
@@ -106,35 +157,36 @@ def paired_fid_gap(a: np.ndarray, b: np.ndarray, reference: np.ndarray, *, resam
     raise ValueError(f"paired_fid_gap needs paired feature rows of one shape, got {a.shape} and {b.shape}")
   if resamples < 1 or not 0 < level < 1:
     raise ValueError(f"paired_fid_gap: resamples must be >= 1 and level in (0, 1), got {resamples}, {level}")
+  if not isinstance(reference, FeatureGaussian):
+    reference = fit_gaussian(reference)
   rng = np.random.default_rng(seed)
-  gaps = []
-  for _ in range(resamples):
-    rows = rng.integers(0, a.shape[0], a.shape[0])
-    gaps.append(frechet_distance(a[rows], reference) - frechet_distance(b[rows], reference))
+  n = a.shape[0]
+  counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)]).astype(np.float64)
+  gaps = _resampled_frechet(a, counts, reference) - _resampled_frechet(b, counts, reference)
   low, high = np.quantile(gaps, [(1 - level) / 2, (1 + level) / 2])
-  return {"gap": frechet_distance(a, reference) - frechet_distance(b, reference), "low": float(low),
+  return {"gap": frechet_distance_to(a, reference) - frechet_distance_to(b, reference), "low": float(low),
           "high": float(high)}
 
 
 @dataclasses.dataclass(frozen=True)
 class DigitsMetric:
-  """The classifier and the real digits' features it is compared against."""
+  """The classifier and the Gaussian of the real digits' features it compares against."""
 
   config: ClassifierConfig
   params: dict
-  real_features: np.ndarray
+  real: FeatureGaussian
 
   def __call__(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """{"fid", "class_acc"} of generated images with the labels they were generated for."""
     predicted, features = classify(self.config, self.params, images)
-    return {"fid": frechet_distance(features, self.real_features),
+    return {"fid": frechet_distance_to(features, self.real),
             "class_acc": float(np.mean(predicted == np.asarray(labels)))}
 
   def fid_gap(self, images_a: np.ndarray, images_b: np.ndarray, **bootstrap) -> dict[str, float]:
     """`paired_fid_gap` of two sets of generated images drawn from the same noise and labels."""
     return paired_fid_gap(classify(self.config, self.params, images_a)[1],
-                          classify(self.config, self.params, images_b)[1], self.real_features, **bootstrap)
+                          classify(self.config, self.params, images_b)[1], self.real, **bootstrap)
 
 
 def digits_metric(config: ClassifierConfig, params: dict, real_images: np.ndarray) -> DigitsMetric:
-  return DigitsMetric(config, params, classify(config, params, real_images)[1])
+  return DigitsMetric(config, params, fit_gaussian(classify(config, params, real_images)[1]))

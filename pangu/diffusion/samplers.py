@@ -79,9 +79,9 @@ def ddim_sample(denoiser: Denoiser, schedule: ScheduleConfig, labels: jax.Array,
   bars = alpha_bars(schedule)
   taus = jnp.asarray(sampling_timesteps(schedule.n_timesteps, n_steps))
   next_bars = jnp.concatenate([bars[taus[1:]], jnp.ones((1,))])
-  start_rng, step_rng = jax.random.split(rng)
   batch = labels.shape[0]
-  x = jax.random.normal(start_rng, (batch, *shape)) if noise is None else noise
+  x = initial_noise(rng, batch, shape) if noise is None else noise
+  step_rng = jax.random.split(rng)[1]
   keys = jax.random.split(step_rng, n_steps)
 
   def run(x, labels, offset):
@@ -113,6 +113,33 @@ def ddim_sample(denoiser: Denoiser, schedule: ScheduleConfig, labels: jax.Array,
         jnp.arange(n_chunks) * chunk))
     result = samples.reshape(head, *shape), jnp.moveaxis(trajectory, 0, 1).reshape(n_steps, head, *shape)
   return result if head == batch else _concat(result, run(x[head:], labels[head:], head))
+
+
+def initial_noise(rng: jax.Array, batch: int, shape: tuple[int, ...]) -> jax.Array:
+  """x_T [batch, *shape] as `ddim_sample` draws it from rng when it is given no noise."""
+  return jax.random.normal(jax.random.split(rng)[0], (batch, *shape))
+
+
+def sample_in_chunks(sample_fn: Callable[[jax.Array, jax.Array], jax.Array], labels: jax.Array, noise: jax.Array,
+                     chunk: int) -> np.ndarray:
+  """sample_fn(labels [chunk], noise [chunk, ...]) -> samples [chunk, ...] (e.g. a jitted deterministic DDIM),
+  called from the host on `chunk` rows at a time, the last chunk padded; returns the samples [B, ...] of labels
+  [B] and noise [B, ...].
+
+  One compiled sample_fn then serves every row count, where a jitted sampler over all B rows compiles again for
+  each B. Valid where a row's sample depends on its own noise and label alone (DDIM with eta = 0).
+  """
+  if chunk < 1:
+    raise ValueError(f"chunk must be positive, got {chunk}")
+  if noise.shape[0] != labels.shape[0] or not labels.shape[0]:
+    raise ValueError(f"noise has {noise.shape[0]} rows but {labels.shape[0]} labels were given (at least one)")
+  parts = []
+  for start in range(0, labels.shape[0], chunk):
+    rows = min(chunk, labels.shape[0] - start)
+    pad = [(0, chunk - rows)]
+    parts.append(sample_fn(jnp.pad(labels[start:start + rows], pad),
+                           jnp.pad(noise[start:start + rows], pad + [(0, 0)] * (noise.ndim - 1)))[:rows])
+  return np.concatenate([np.asarray(part) for part in parts])
 
 
 def _concat(first: tuple[jax.Array, jax.Array], rest: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:

@@ -4,11 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.linalg
 
 from pangu.diffusion.digits import load_digits_images
 from pangu.diffusion.fid import frechet_distance, paired_fid_gap
 from pangu.diffusion.objective import ddpm_loss
-from pangu.diffusion.samplers import ddim_sample, ddpm_sample, guided, per_step_noise_mse, sampling_timesteps
+from pangu.diffusion.samplers import (ddim_sample, ddpm_sample, guided, initial_noise, per_step_noise_mse,
+                                     sample_in_chunks, sampling_timesteps)
 from pangu.diffusion.schedules import ScheduleConfig, alpha_bars
 from pangu.models.dit import DiT, DiTConfig, dit_param_count, dit_preset, init_dit, patchify, unpatchify
 
@@ -144,6 +146,19 @@ def test_sampler_from_given_noise_and_a_prefix_of_its_rows():
     ddim_sample(denoiser, ScheduleConfig(), labels, (8, 8, 1), key, 6, noise=trajectory[0, :3])
 
 
+@pytest.mark.parametrize("chunk", [3, 4, 10, 16])  # a tail, none, one chunk, one padded chunk
+def test_host_chunks_give_the_one_batch_samples(chunk):
+  """Chunks from the host (the last padded) give the samples of one batch from the noise the sampler draws."""
+  denoiser, labels, key = _guided_denoiser()
+  samples, _ = jax.jit(lambda: ddim_sample(denoiser, ScheduleConfig(), labels, (8, 8, 1), key, 6))()
+  chunk_fn = jax.jit(lambda y, x: ddim_sample(denoiser, ScheduleConfig(), y, (8, 8, 1), key, 6, noise=x)[0])
+  got = sample_in_chunks(chunk_fn, labels, initial_noise(key, labels.shape[0], (8, 8, 1)), chunk)
+  assert got.shape == samples.shape
+  np.testing.assert_allclose(got, samples, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="noise has 3 rows but 10 labels"):
+    sample_in_chunks(chunk_fn, labels, jnp.zeros((3, 8, 8, 1)), chunk)
+
+
 def test_per_step_noise_mse_against_float64():
   """Each step's error is read at that step's inputs, diffusion time and index (float64 closed form)."""
   trajectory = jax.random.normal(jax.random.key(0), (5, 3, 4, 4, 1))
@@ -193,6 +208,17 @@ def test_frechet_distance_closed_forms():
   # Doubling: ||mu||^2 + tr(S + 4 S - 2 (4 S^2)^(1/2)) = ||mu||^2 + tr(S).
   expected = np.sum(a.mean(0) ** 2) + np.trace(np.cov(a, rowvar=False))
   assert abs(frechet_distance(a, 2 * a) - expected) < 1e-6
+
+
+def test_frechet_distance_matches_the_general_matrix_square_root():
+  # Non-commuting covariances of 64 features: the eigenvalue route against FID's usual sqrtm of S_a S_b.
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(700, 64)) @ rng.normal(size=(64, 64))
+  b = rng.normal(size=(500, 64)) @ rng.normal(size=(64, 64)) + 0.5
+  cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  expected = (np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(cov_a + cov_b)
+              - 2 * np.trace(np.real(scipy.linalg.sqrtm(cov_a @ cov_b))))
+  assert abs(frechet_distance(a, b) - expected) < 1e-8 * expected
 
 
 def test_paired_fid_gap_against_the_closed_form_of_a_shift():
