@@ -47,6 +47,7 @@ replicates: {seed: {"fp", "guidance" (as above), "w4a8", "w4a8_comparison", "cho
   python -m experiments.dit_ptq --quick
 """
 
+import concurrent.futures
 import os
 import statistics
 import time
@@ -87,6 +88,11 @@ _COMPARISON_SAMPLES = flags.DEFINE_integer(
 # rounding (the quick replicates sampled at CFG 1.25 moved their FID-digits by at most 6e-4 relative).
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 128, "Samples denoised together (doubled by guidance).",
                                      lower_bound=1)
+# Measured on the quick model (5000 float samples, chunks of 128, 2-core AMD EPYC, compiled, three interleaved
+# runs): 3.6-4.7 s spread over two host devices against 4.9-6.2 s on one, the same bits.
+_SAMPLE_DEVICES = flags.DEFINE_integer(
+    "sample_devices", None, "Local devices the sample chunks are spread over, round-robin (default: 2, or 1 where "
+    "there is one); the samples are the same bits on any number.", lower_bound=1)
 _CALIB_SAMPLES = flags.DEFINE_integer("calib_samples", None, "Calibration trajectories (quick 32, full 256).")
 # The paper's likely protocol (PTQ4DiT's) samples with CFG 1.5, DiT-XL/2's FID-optimal scale. A fixed scale tuned
 # on one model can leave another over-guided, where perturbing the samples (quantisation noise too) lowers
@@ -509,6 +515,10 @@ def main(argv):
   replicate_seeds = [int(seed) for seed in common.pick(_REPLICATES, ["1", "2"], ["1", "2", "3"])]
   if _SEED.value in replicate_seeds:
     raise app.UsageError(f"--replicate_seeds {replicate_seeds} holds the main --seed {_SEED.value}")
+  sample_devices = jax.local_devices()[:_SAMPLE_DEVICES.value or 2]
+  if _SAMPLE_DEVICES.value and _SAMPLE_DEVICES.value > len(sample_devices):
+    raise app.UsageError(f"--sample_devices {_SAMPLE_DEVICES.value} exceeds the {jax.local_device_count()} local "
+                         "devices")
   begin = time.perf_counter()
   d_model, depth = common.pick(_D_MODEL, 128, 48), common.pick(_DEPTH, 6, 2)
   side = int(common.pick(_IMAGE_SIZE, "16", "8"))
@@ -551,7 +561,7 @@ def main(argv):
     one sampler over all rows would compile again for each row count."""
     unused = jax.random.key(0)  # the step noise's key: DDIM with eta = 0 draws none
     return sample_in_chunks(lambda y, x: sample(variables, y, unused, guidance, x)[0], labels, noise,
-                            _SAMPLE_BATCH.value)
+                            _SAMPLE_BATCH.value, sample_devices)
 
   comparison_labels = jnp.arange(n_compare) % config.n_classes
   sample_labels = comparison_labels[:n_samples]
@@ -562,12 +572,12 @@ def main(argv):
     return per_step_noise_mse(denoiser(variables, guidance), denoiser(reference, guidance), trajectory, timesteps,
                               labels)
 
-  def trained_model(seed: int) -> tuple[dict, bool]:
-    """The DiT trained from `seed`, cached under --results_dir; and whether it came from the cache."""
+  def trained_model(seed: int, device: jax.Device | None = None) -> tuple[dict, bool]:
+    """The DiT trained from `seed` (on `device`), cached under --results_dir; and whether it came from the cache."""
     tag = (f"{side}px_d{d_model}_l{depth}_s{train.steps}_{schedule.kind}_lr{train.learning_rate:g}"
            f"_ema{train.ema_decay:g}_seed{seed}")
     params, cached = _cached(os.path.join(results_dir, f"dit_ptq_model_{tag}.msgpack"), lambda: train_diffusion(
-        train, config, ddpm_loss(config, schedule), images, labels, seed_keys(seed)[0])[0])
+        train, config, ddpm_loss(config, schedule), images, labels, seed_keys(seed)[0], device=device)[0])
     print(f"seed {seed}: model {'cached' if cached else 'trained'} ({time.perf_counter() - begin:.0f} s)", flush=True)
     return params, cached
 
@@ -585,11 +595,12 @@ def main(argv):
     print(f"guidance {scale}: {scores}", flush=True)
     return {"scale": scale, "candidates": {str(s): v for s, v in scores.items()}}
 
-  def seed_run(seed: int, other_rows: int) -> types.SimpleNamespace:
-    """The DiT trained from `seed`, its own guidance record (`pick_guidance`), its float samples (and other_rows
-    from other noise) and calibration at that guidance, and the quantise-and-sample functions bound to them."""
+  def seed_run(seed: int, other_rows: int, model: tuple[dict, bool]) -> types.SimpleNamespace:
+    """The DiT trained from `seed` (`model`: its params and whether they were cached), its own guidance record
+    (`pick_guidance`), its float samples (and other_rows from other noise) and calibration at that guidance, and
+    the quantise-and-sample functions bound to them."""
     _, _, calib_key, sample_key = seed_keys(seed)
-    params, cached = trained_model(seed)
+    params, cached = model
     picked_guidance = pick_guidance(seed, params)
     guidance = picked_guidance["scale"]
     comparison_noise = jax.random.normal(sample_key, (n_compare, *shape))
@@ -686,107 +697,115 @@ def main(argv):
                                  fp_other_samples=fp_other_samples, float_stats=float_stats, evaluate=evaluate,
                                  compare=compare, pick=pick)
 
-  run = seed_run(_SEED.value, n_compare)
-  selection = run.guidance
-  guidance = selection["scale"]
-  fp, evaluate, float_stats, cached = run.fp, run.evaluate, run.float_stats, run.cached
+  # The replicate models train in one background thread on another device while the main model trains and is
+  # evaluated (each reaches the bits it would alone); an interrupted run still finishes, and caches, the one in
+  # training.
+  background, replicate_device = concurrent.futures.ThreadPoolExecutor(1), jax.local_devices()[-1]
+  replicate_models = {seed: background.submit(trained_model, seed, replicate_device) for seed in replicate_seeds}
+  try:
+    run = seed_run(_SEED.value, n_compare, trained_model(_SEED.value))
+    selection = run.guidance
+    guidance = selection["scale"]
+    fp, evaluate, float_stats, cached = run.fp, run.evaluate, run.float_stats, run.cached
 
-  def outliers(stats) -> dict:
-    return {f"{block}.{name}": {"outlier_ratio": outlier_ratio(stats[(block, name)]),
-                                "time_spread": time_spread(stats[(block, name)])}
-            for block, name in quantised_layers(config)}
+    def outliers(stats) -> dict:
+      return {f"{block}.{name}": {"outlier_ratio": outlier_ratio(stats[(block, name)]),
+                                  "time_spread": time_spread(stats[(block, name)])}
+              for block, name in quantised_layers(config)}
 
-  grids = {"fp32": run.fp_samples[:10]}
-  payload = {"seed": _SEED.value, "samples": n_samples, "fp": fp,
-             "guidance": selection,
-             "outliers": outliers(float_stats),
-             "w8a8": {}, "w4a8": {}, "groups": {}, "selection": {name: {} for name in SEARCHES}}
-  compared = {}  # the W4A8 samples of every configuration
-  main_pairs = COMPARISON_PAIRS + GPTQ_PAIRS + [("htg_spec", b) for b in SPEC_BASELINES]
-  alpha_pairs = [("htg_spec", f"htg_alpha{alpha:g}") for alpha in ALPHAS]
-  drawn_in_full = {("w8a8", "htg"), *(("w4a8", m) for pair in main_pairs + alpha_pairs for m in pair)}
-  htg_samples = {}  # bits name -> HTG's n_compare samples, for the FP-close claims
-  w4a8_picks = {}  # method -> its W4A8 configuration
+    grids = {"fp32": run.fp_samples[:10]}
+    payload = {"seed": _SEED.value, "samples": n_samples, "fp": fp,
+               "guidance": selection,
+               "outliers": outliers(float_stats),
+               "w8a8": {}, "w4a8": {}, "groups": {}, "selection": {name: {} for name in SEARCHES}}
+    compared = {}  # the W4A8 samples of every configuration
+    main_pairs = COMPARISON_PAIRS + GPTQ_PAIRS + [("htg_spec", b) for b in SPEC_BASELINES]
+    alpha_pairs = [("htg_spec", f"htg_alpha{alpha:g}") for alpha in ALPHAS]
+    drawn_in_full = {("w8a8", "htg"), *(("w4a8", m) for pair in main_pairs + alpha_pairs for m in pair)}
+    htg_samples = {}  # bits name -> HTG's n_compare samples, for the FP-close claims
+    w4a8_picks = {}  # method -> its W4A8 configuration
 
-  def rows(bits_name: str, name: str) -> int:
-    """How many samples a configuration draws: the comparison's (W4A8 compared, HTG at both widths), or its own."""
-    return n_compare if (bits_name, name) in drawn_in_full else n_samples
+    def rows(bits_name: str, name: str) -> int:
+      """How many samples a configuration draws: the comparison's (W4A8 compared, HTG at both widths), or its own."""
+      return n_compare if (bits_name, name) in drawn_in_full else n_samples
 
-  def picked_row(bits_name: str, name: str, rounding: str = "nearest") -> tuple[PTQConfig, np.ndarray]:
-    """Evaluates a method (or searched configuration) at these bits and weight rounding into
-    payload[bits_name][row] (row: the name, suffixed "_gptq" for GPTQ), its settings picked first where it has a
-    search (recorded under payload["selection"][row]); its config and samples."""
-    row = row_name(name, rounding)
-    ptq, search_seconds, scores = run.pick(name, {"w8a8": 8, "w4a8": 4}[bits_name], rounding)
-    if name in SEARCHES:
-      payload["selection"].setdefault(row, {})[bits_name] = {
-          "chosen": settings_record(ptq), "calibration_sample_mse": scores,
-          "search_trajectories": search_budgets if scores else [], "search_seconds": search_seconds}
-    payload[bits_name][row], samples = evaluate(ptq, rows(bits_name, row))
-    payload[bits_name][row]["calib_seconds"] += search_seconds  # the settings' search is calibration too
-    grids[f"{bits_name} {row}"] = samples[:10]
-    if bits_name == "w4a8":
-      compared[row] = samples
-    print(f"{bits_name} {row}: {payload[bits_name][row]}", flush=True)
-    return ptq, samples
-
-  for bits_name in ("w8a8", "w4a8"):
-    for method in METHODS:
-      ptq, samples = picked_row(bits_name, method)
+    def picked_row(bits_name: str, name: str, rounding: str = "nearest") -> tuple[PTQConfig, np.ndarray]:
+      """Evaluates a method (or searched configuration) at these bits and weight rounding into
+      payload[bits_name][row] (row: the name, suffixed "_gptq" for GPTQ), its settings picked first where it has a
+      search (recorded under payload["selection"][row]); its config and samples."""
+      row = row_name(name, rounding)
+      ptq, search_seconds, scores = run.pick(name, {"w8a8": 8, "w4a8": 4}[bits_name], rounding)
+      if name in SEARCHES:
+        payload["selection"].setdefault(row, {})[bits_name] = {
+            "chosen": settings_record(ptq), "calibration_sample_mse": scores,
+            "search_trajectories": search_budgets if scores else [], "search_seconds": search_seconds}
+      payload[bits_name][row], samples = evaluate(ptq, rows(bits_name, row))
+      payload[bits_name][row]["calib_seconds"] += search_seconds  # the settings' search is calibration too
+      grids[f"{bits_name} {row}"] = samples[:10]
       if bits_name == "w4a8":
-        w4a8_picks[method] = ptq
+        compared[row] = samples
+      print(f"{bits_name} {row}: {payload[bits_name][row]}", flush=True)
+      return ptq, samples
+
+    for bits_name in ("w8a8", "w4a8"):
+      for method in METHODS:
+        ptq, samples = picked_row(bits_name, method)
+        if bits_name == "w4a8":
+          w4a8_picks[method] = ptq
+        if method == "htg":
+          htg_samples[bits_name] = samples
+    htg_w4a8 = w4a8_picks["htg"]
+    payload["w4a8_split"] = {
+        method: {part: evaluate(dataclasses.replace(w4a8_picks[method], **{side: None}))[0]
+                 for part, side in (("weights_only", "act_bits"), ("activations_only", "weight_bits"))}
+        for method in SPLIT}
+    picked_row("w4a8", HTG_MIGRATION)
+    for method in GPTQ_METHODS:
+      _, samples = picked_row("w4a8", method, "gptq")
       if method == "htg":
-        htg_samples[bits_name] = samples
-  htg_w4a8 = w4a8_picks["htg"]
-  payload["w4a8_split"] = {
-      method: {part: evaluate(dataclasses.replace(w4a8_picks[method], **{side: None}))[0]
-               for part, side in (("weights_only", "act_bits"), ("activations_only", "weight_bits"))}
-      for method in SPLIT}
-  picked_row("w4a8", HTG_MIGRATION)
-  for method in GPTQ_METHODS:
-    _, samples = picked_row("w4a8", method, "gptq")
-    if method == "htg":
-      htg_samples["w4a8_gptq"] = samples
-  payload["w4a8"]["smoothquant_spec"], compared["smoothquant_spec"] = evaluate(
-      PTQConfig("smoothquant", weight_bits=4), rows("w4a8", "smoothquant_spec"))
-  grids["w4a8 smoothquant_spec"] = compared["smoothquant_spec"][:10]
-  for name, settings in htg_variants(n_steps).items():
-    ptq = PTQConfig("htg", weight_bits=4, **{**settings, "htg": HTGConfig(**settings.get("htg", {}))})
-    payload["w4a8"][name], samples = evaluate(ptq, rows("w4a8", name))
-    grids[f"w4a8 {name}"] = samples[:10]
-    compared[name] = samples
-    print(f"w4a8 {name}: {payload['w4a8'][name]}", flush=True)
-  payload["w4a8_comparison"] = run.compare(compared, main_pairs)
-  payload["alpha_comparison"] = run.compare(compared, alpha_pairs)
-  payload["fp_close"] = {"samples": n_compare, **{
-      name: metric(samples, comparison_labels)["fid"] for name, samples in (
-          ("fp", run.fp_samples), ("fp_other_noise", run.fp_other_samples), *htg_samples.items())}}
-  swept = {}  # G -> its n_compare samples
-  for n_groups in sorted({1, default_n_groups(n_steps), n_steps}):
-    if n_groups == default_n_groups(n_steps):
-      result, swept[str(n_groups)] = payload["w4a8"]["htg"], compared["htg"]
-    else:
-      result, swept[str(n_groups)] = evaluate(
-          dataclasses.replace(htg_w4a8, htg=dataclasses.replace(htg_w4a8.htg, n_groups=n_groups)), n_compare)
-    payload["groups"][str(n_groups)] = {"fid": result["fid"], "extra_bytes": result["extra_bytes"]}
-  every = str(n_steps)
-  payload["group_comparison"] = run.compare(swept, [(g, every) for g in swept if g != every])
-  payload["replicates"] = {}
-  for seed in replicate_seeds:
-    replicate = seed_run(seed, n_samples)
-    results, samples, chosen = {}, {}, {}
-    for method, rounding in REPLICATE_ROWS:
-      row = row_name(method, rounding)
-      ptq, search_seconds, _ = replicate.pick(method, 4, rounding)
-      if method in SEARCHES:
-        chosen[row] = settings_record(ptq)
-      results[row], samples[row] = replicate.evaluate(ptq, n_compare)
-      results[row]["calib_seconds"] += search_seconds
-    payload["replicates"][str(seed)] = {
-        "fp": replicate.fp, "guidance": replicate.guidance, "w4a8": results, "chosen": chosen,
-        "outliers": outliers(replicate.float_stats),
-        "w4a8_comparison": replicate.compare(samples, COMPARISON_PAIRS + GPTQ_PAIRS)}
-    print(f"seed {seed} w4a8: {results}", flush=True)
+        htg_samples["w4a8_gptq"] = samples
+    payload["w4a8"]["smoothquant_spec"], compared["smoothquant_spec"] = evaluate(
+        PTQConfig("smoothquant", weight_bits=4), rows("w4a8", "smoothquant_spec"))
+    grids["w4a8 smoothquant_spec"] = compared["smoothquant_spec"][:10]
+    for name, settings in htg_variants(n_steps).items():
+      ptq = PTQConfig("htg", weight_bits=4, **{**settings, "htg": HTGConfig(**settings.get("htg", {}))})
+      payload["w4a8"][name], samples = evaluate(ptq, rows("w4a8", name))
+      grids[f"w4a8 {name}"] = samples[:10]
+      compared[name] = samples
+      print(f"w4a8 {name}: {payload['w4a8'][name]}", flush=True)
+    payload["w4a8_comparison"] = run.compare(compared, main_pairs)
+    payload["alpha_comparison"] = run.compare(compared, alpha_pairs)
+    payload["fp_close"] = {"samples": n_compare, **{
+        name: metric(samples, comparison_labels)["fid"] for name, samples in (
+            ("fp", run.fp_samples), ("fp_other_noise", run.fp_other_samples), *htg_samples.items())}}
+    swept = {}  # G -> its n_compare samples
+    for n_groups in sorted({1, default_n_groups(n_steps), n_steps}):
+      if n_groups == default_n_groups(n_steps):
+        result, swept[str(n_groups)] = payload["w4a8"]["htg"], compared["htg"]
+      else:
+        result, swept[str(n_groups)] = evaluate(
+            dataclasses.replace(htg_w4a8, htg=dataclasses.replace(htg_w4a8.htg, n_groups=n_groups)), n_compare)
+      payload["groups"][str(n_groups)] = {"fid": result["fid"], "extra_bytes": result["extra_bytes"]}
+    every = str(n_steps)
+    payload["group_comparison"] = run.compare(swept, [(g, every) for g in swept if g != every])
+    payload["replicates"] = {}
+    for seed in replicate_seeds:
+      replicate = seed_run(seed, n_samples, replicate_models[seed].result())
+      results, samples, chosen = {}, {}, {}
+      for method, rounding in REPLICATE_ROWS:
+        row = row_name(method, rounding)
+        ptq, search_seconds, _ = replicate.pick(method, 4, rounding)
+        if method in SEARCHES:
+          chosen[row] = settings_record(ptq)
+        results[row], samples[row] = replicate.evaluate(ptq, n_compare)
+        results[row]["calib_seconds"] += search_seconds
+      payload["replicates"][str(seed)] = {
+          "fp": replicate.fp, "guidance": replicate.guidance, "w4a8": results, "chosen": chosen,
+          "outliers": outliers(replicate.float_stats),
+          "w4a8_comparison": replicate.compare(samples, COMPARISON_PAIRS + GPTQ_PAIRS)}
+      print(f"seed {seed} w4a8: {results}", flush=True)
+  finally:
+    background.shutdown(cancel_futures=True)
   payload["claims"] = claims(payload)
   common.write_json("dit_ptq", payload)
   shifts = {f"{block}.{name}": per_step_shift(float_stats[(block, name)])[:, :3]

@@ -6,7 +6,7 @@ time, because a timestep-aware quantised model keys its tables by the sampler st
 share it). Everything is a pure function of the rng, so a seed fixes the samples.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -121,24 +121,34 @@ def initial_noise(rng: jax.Array, batch: int, shape: tuple[int, ...]) -> jax.Arr
 
 
 def sample_in_chunks(sample_fn: Callable[[jax.Array, jax.Array], jax.Array], labels: jax.Array, noise: jax.Array,
-                     chunk: int) -> np.ndarray:
+                     chunk: int, devices: Sequence[jax.Device] | None = None) -> np.ndarray:
   """sample_fn(labels [chunk], noise [chunk, ...]) -> samples [chunk, ...] (e.g. a jitted deterministic DDIM),
   called from the host on `chunk` rows at a time, the last chunk padded; returns the samples [B, ...] of labels
   [B] and noise [B, ...].
 
   One compiled sample_fn then serves every row count, where a jitted sampler over all B rows compiles again for
   each B. Valid where a row's sample depends on its own noise and label alone (DDIM with eta = 0).
+
+  With `devices`, chunk k's rows are committed to devices[k % len(devices)], so that dispatch runs chunks on
+  several devices at once (XLA:CPU host devices share the cores: a small model's chunk alone keeps two cores
+  busy only part of the time). Each device runs the same program on the same rows, so the samples are the same
+  bits as on one device; arrays sample_fn closes over must be uncommitted (e.g. NumPy) to follow its inputs.
   """
   if chunk < 1:
     raise ValueError(f"chunk must be positive, got {chunk}")
   if noise.shape[0] != labels.shape[0] or not labels.shape[0]:
     raise ValueError(f"noise has {noise.shape[0]} rows but {labels.shape[0]} labels were given (at least one)")
+  if devices is not None and not devices:
+    raise ValueError("devices is empty: give at least one device, or None for the default placement")
   parts = []
-  for start in range(0, labels.shape[0], chunk):
+  for index, start in enumerate(range(0, labels.shape[0], chunk)):
     rows = min(chunk, labels.shape[0] - start)
     pad = [(0, chunk - rows)]
-    parts.append(sample_fn(jnp.pad(labels[start:start + rows], pad),
-                           jnp.pad(noise[start:start + rows], pad + [(0, 0)] * (noise.ndim - 1)))[:rows])
+    inputs = (jnp.pad(labels[start:start + rows], pad),
+              jnp.pad(noise[start:start + rows], pad + [(0, 0)] * (noise.ndim - 1)))
+    if devices is not None:
+      inputs = jax.device_put(inputs, devices[index % len(devices)])
+    parts.append(sample_fn(*inputs)[:rows])
   return np.concatenate([np.asarray(part) for part in parts])
 
 

@@ -17,7 +17,8 @@ from pangu.config_checks import positive_ints
 from pangu.diffusion.objective import DiffusionLoss
 from pangu.models.dit import DiT, DiTConfig
 from pangu.parallel import rules
-from pangu.parallel.mesh import single_device_mesh
+from pangu.parallel.mesh import ParallelPlan, make_mesh, single_device_mesh
+from pangu.parallel.topology import cpu
 from pangu.train.config import TrainConfig
 from pangu.train.step import TrainModel, init_train_state, make_train_step
 
@@ -75,11 +76,15 @@ def _ema_update(ema, params, decay):
 
 
 def train_diffusion(config: DiffusionTrainConfig, model_config: DiTConfig, loss_fn: DiffusionLoss,
-                    images: np.ndarray, labels: np.ndarray, rng: jax.Array, log_every: int = 0
-                    ) -> tuple[dict, list[float]]:
-  """Trains a fresh DiT (init from `rng`) on batches drawn with replacement; returns (sampling params: the EMA,
-  or the last params with ema_decay 0, as plain arrays; loss per step)."""
-  train_config, model, mesh = config.train_config(), dit_train_model(model_config), single_device_mesh()
+                    images: np.ndarray, labels: np.ndarray, rng: jax.Array, log_every: int = 0,
+                    device: jax.Device | None = None) -> tuple[dict, list[float]]:
+  """Trains a fresh DiT (init from `rng`) on batches drawn with replacement, on `device` (default: the first);
+  returns (sampling params: the EMA, or the last params with ema_decay 0, as plain arrays; loss per step).
+
+  Models trained on different devices from separate threads train at once, each to the bits it would reach
+  alone: a small DiT's step keeps two CPU cores busy only part of the time."""
+  train_config, model = config.train_config(), dit_train_model(model_config)
+  mesh = single_device_mesh() if device is None else make_mesh(cpu(1), ParallelPlan(), devices=[device])
   state = init_train_state(model, train_config, rng, mesh)
   step = make_train_step(model, train_config, mesh, loss_fn=loss_fn, batch_axes=DIFFUSION_BATCH_AXES)
   # The step donates its state, so the average starts from its own copy.

@@ -159,6 +159,25 @@ def test_host_chunks_give_the_one_batch_samples(chunk):
     sample_in_chunks(chunk_fn, labels, jnp.zeros((3, 8, 8, 1)), chunk)
 
 
+def test_host_chunks_spread_over_devices_give_the_same_bits():
+  """Chunks committed round-robin to several devices run there and give one device's samples bit for bit."""
+  denoiser, labels, key = _guided_denoiser()
+  chunk_fn = jax.jit(lambda y, x: ddim_sample(denoiser, ScheduleConfig(), y, (8, 8, 1), key, 6, noise=x)[0])
+  ran_on = []
+
+  def recording_fn(y, x):
+    ran_on.append(next(iter(x.devices())))
+    return chunk_fn(y, x)
+
+  noise, devices = initial_noise(key, labels.shape[0], (8, 8, 1)), jax.devices()[:2]
+  one = sample_in_chunks(chunk_fn, labels, noise, 4)
+  spread = sample_in_chunks(recording_fn, labels, noise, 4, devices=devices)
+  np.testing.assert_array_equal(spread, one)
+  assert ran_on == [devices[0], devices[1], devices[0]]
+  with pytest.raises(ValueError, match="devices is empty"):
+    sample_in_chunks(chunk_fn, labels, noise, 4, devices=[])
+
+
 def test_per_step_noise_mse_against_float64():
   """Each step's error is read at that step's inputs, diffusion time and index (float64 closed form)."""
   trajectory = jax.random.normal(jax.random.key(0), (5, 3, 4, 4, 1))

@@ -1,12 +1,15 @@
 """The DiT trains through the shared train step (pangu.train.step) with the DDPM loss injected."""
 
+import concurrent.futures
+
 import jax
 import numpy as np
 import pytest
 
 from pangu.diffusion.objective import ddpm_loss
 from pangu.diffusion.schedules import ScheduleConfig
-from pangu.diffusion.train import DIFFUSION_BATCH_AXES, DiffusionTrainConfig, dit_train_model, ema_decay_at
+from pangu.diffusion.train import (DIFFUSION_BATCH_AXES, DiffusionTrainConfig, dit_train_model, ema_decay_at,
+                                  train_diffusion)
 from pangu.models.dit import DiTConfig
 from pangu.parallel.mesh import single_device_mesh
 from pangu.train.step import init_train_state, make_train_step
@@ -50,3 +53,22 @@ def test_ema_decay_warms_up_then_holds():
   assert ema_decay_at(config, 0) == pytest.approx(0.1)
   assert ema_decay_at(config, 90) == pytest.approx(0.91)
   assert ema_decay_at(config, 10_000) == 0.99
+
+
+def test_models_trained_at_once_on_two_devices_match_each_trained_alone():
+  """Two threads, each training on its own device, reach the bits each model reaches alone on the default device."""
+  train = DiffusionTrainConfig(steps=4, batch_size=8, warmup_steps=2, learning_rate=1e-2)
+  rng = np.random.default_rng(0)
+  images, labels = rng.uniform(-1, 1, (32, 8, 8, 1)).astype(np.float32), rng.integers(0, 10, 32).astype(np.int32)
+  loss_fn, keys = ddpm_loss(CONFIG, ScheduleConfig()), jax.random.split(jax.random.key(0))
+
+  def trained(key, device=None):
+    return train_diffusion(train, CONFIG, loss_fn, images, labels, key, device=device)
+
+  alone = [trained(key) for key in keys]
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    together = list(pool.map(trained, keys, jax.devices()[1:3]))
+  for (want_params, want_losses), (params, losses) in zip(alone, together):
+    assert losses == want_losses
+    jax.tree.map(np.testing.assert_array_equal, params, want_params)
+  assert alone[0][1] != alone[1][1]  # the two keys train different models
