@@ -25,9 +25,8 @@ from experiments import common, xla_host
 # earlier report runs on the same machine took 1151-1758 s); dit_ptq: 500 s, from 1038 s in that of 2026-12-07
 # 12:24-13:09 (with the GPTQ rows, the G sweep on 5000 samples and one compiled sampler chunk per configuration),
 # where the other eleven ran 1.57x their expected seconds (44.8 min in all): ~660 s at the expected speed, times
-# 0.76, because its fresh --quick run took
-# 1106 s before and 843 s after the replicates trained beside the main model and the samples spread over two host
-# devices, back to back on 2026-12-07 13:59-14:35 (the same JSON).
+# 0.76, because its fresh --quick run took 1106 s before and 843 s after the replicates trained beside the main
+# model and the samples spread over two host devices, back to back on 2026-12-07 13:59-14:35 (the same JSON).
 # The benchmarks (`experiments.bench_*`: no paper claim) run on demand: bench_decode and bench_train_step compare
 # against PyTorch (the `bench` extra); bench_moe_layer, bench_moe_routing and bench_attention time kernels and
 # exchanges that only a GPU makes informative (on CPU they cost ~1 min of the quick budget).
