@@ -17,8 +17,7 @@ from pangu.config_checks import positive_ints
 from pangu.diffusion.objective import DiffusionLoss
 from pangu.models.dit import DiT, DiTConfig
 from pangu.parallel import rules
-from pangu.parallel.mesh import ParallelPlan, make_mesh, single_device_mesh
-from pangu.parallel.topology import cpu
+from pangu.parallel.mesh import single_device_mesh
 from pangu.train.config import TrainConfig
 from pangu.train.step import TrainModel, init_train_state, make_train_step
 
@@ -83,8 +82,7 @@ def train_diffusion(config: DiffusionTrainConfig, model_config: DiTConfig, loss_
 
   Models trained on different devices from separate threads train at once, each to the bits it would reach
   alone: a small DiT's step keeps two CPU cores busy only part of the time."""
-  train_config, model = config.train_config(), dit_train_model(model_config)
-  mesh = single_device_mesh() if device is None else make_mesh(cpu(1), ParallelPlan(), devices=[device])
+  train_config, model, mesh = config.train_config(), dit_train_model(model_config), single_device_mesh(device)
   state = init_train_state(model, train_config, rng, mesh)
   step = make_train_step(model, train_config, mesh, loss_fn=loss_fn, batch_axes=DIFFUSION_BATCH_AXES)
   # The step donates its state, so the average starts from its own copy.

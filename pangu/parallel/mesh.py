@@ -118,9 +118,10 @@ def cpu_mesh(**plan_sizes: int) -> jax.sharding.Mesh:
   return make_mesh(cpu(len(jax.devices())), ParallelPlan(**plan_sizes))
 
 
-def single_device_mesh() -> jax.sharding.Mesh:
-  """A mesh over the first local device alone: the reference layout sharded runs are compared with."""
-  return make_mesh(cpu(1), ParallelPlan(), devices=jax.devices()[:1])
+def single_device_mesh(device: jax.Device | None = None) -> jax.sharding.Mesh:
+  """A mesh over one device alone (default: the first): the reference layout sharded runs are compared with, or
+  one of several independent runs side by side."""
+  return make_mesh(cpu(1), ParallelPlan(), devices=[jax.devices()[0] if device is None else device])
 
 
 def require_no_pipeline(mesh: jax.sharding.Mesh, what: str) -> None:

@@ -45,6 +45,13 @@ def test_device_count_mismatch_names_both_numbers():
     mesh_lib.validate_plan(topology.atlas_800t_a2(num_nodes=2), ParallelPlan(data=4))
 
 
+def test_single_device_mesh_holds_the_first_or_the_given_device():
+  first, other = jax.devices()[0], jax.devices()[3]
+  assert mesh_lib.single_device_mesh().devices.ravel().tolist() == [first]
+  assert mesh_lib.single_device_mesh(other).devices.ravel().tolist() == [other]
+  assert set(mesh_lib.single_device_mesh(other).shape.values()) == {1}
+
+
 def test_tensor_parallelism_may_not_leave_a_node():
   with pytest.raises(ValueError, match="tensor=16 spans 2 nodes of 8 chips: its all-reduces would cross RoCE"):
     mesh_lib.validate_plan(topology.atlas_800t_a2(num_nodes=2), ParallelPlan(tensor=16))
