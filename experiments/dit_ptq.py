@@ -16,8 +16,9 @@ smoothquant_gptq and htg_gptq (our extension) round the weights by GPTQ on the s
 as the round-to-nearest ones are.
 The W4A8 comparison of HTG with naive and SmoothQuant-style, and the FP-close claims, draw more samples
 (--comparison_samples; every configuration's own --samples are the first of them); the comparison is repeated on
-models trained from further seeds (--replicate_seeds), and its verdict needs every model. Each model samples at
-its own guidance scale, picked on its float samples by one rule (--guidance).
+models trained from further seeds (--replicate_seeds; they train in a background thread on another host device
+while the main model is evaluated), and its verdict needs every model. Each model samples at its own guidance
+scale, picked on its float samples by one rule (--guidance).
 Writes <results_dir>/dit_ptq.json {"seed", "samples", "fp", "guidance", "outliers", "w8a8", "w4a8",
 "w4a8_comparison", "alpha_comparison", "fp_close", "w4a8_split", "groups", "group_comparison", "selection",
 "replicates", "claims"}, dit_ptq.png (sample grids, z_t of a few layers, per-step noise prediction errors at W4A8) and
