@@ -128,7 +128,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of training, calibration and sampl
 # At this scale the W4A8 order of HTG and SmoothQuant-style changes with the training seed, and training is not
 # bit-reproducible across machines: the same code's seed-1 quick model favoured SmoothQuant-style in one session
 # and HTG in the next. So the claim is checked on more than one model; quick mode checks three (~320 s of a
-# 523 s run with cached models, guidance picks and the GPTQ comparison included).
+# 506 s re-run on cached models with the samples on one device, guidance picks and the GPTQ comparison included).
 _REPLICATES = flags.DEFINE_list("replicate_seeds", None, "Further training seeds on which the W4A8 comparison of "
                                 "HTG, naive and SmoothQuant-style is repeated (quick 1,2,3, full 1,2; empty: none).")
 
