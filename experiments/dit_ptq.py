@@ -66,9 +66,10 @@ from experiments import common
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", None, "DiT training steps (quick 3000, full 6000).")
 # The spec's small model is 128 wide. At width 48 (the quick default until 2026-12-07) the 4-bit weights could not
 # hold the model: seed 0's W4A8 HTG scored FID-digits 4.90 against FP's 2.78 on 5000 samples (+76 %), its error
-# nearly all from the weights (5.06 with its activations in float, FP 3.20, on 1000), and per-channel min-max without
-# smoothing (3.66) beat every smoothing method. At width 96, every other quick setting the same (seed 0, no
-# replicates, 2026-12-07): 1.19 against 1.19 (+0.0 %), and FP 1.52 on 1000; that run took 645 s here, training 290 s.
+# nearly all from the weights (5.06 with its activations in float, FP 3.20, on 1000), and on 1000 per-channel
+# min-max without smoothing (3.66) beat every smoothing method with round-to-nearest weights. At width 96, every
+# other quick setting the same (seed 0, no replicates, 2026-12-07): 1.19 against 1.19 (+0.0 %), and FP 1.52 on
+# 1000; that run took 645 s here, training 290 s.
 _D_MODEL = flags.DEFINE_integer("d_model", None, "DiT width (quick 96, full 128).")
 _IMAGE_SIZE = flags.DEFINE_enum("image_size", None, ["8", "16"],
                                 "Digit side: 8, or 16 upsampled bilinearly (quick 8, full 16); patches of side/4 "
