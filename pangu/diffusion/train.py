@@ -28,7 +28,11 @@ DIFFUSION_BATCH_AXES = {"images": (rules.BATCH, None, None, None), "labels": (ru
 @dataclasses.dataclass(frozen=True)
 class DiffusionTrainConfig:
   """Attributes: steps, batch_size, peak learning_rate (linear warmup over warmup_steps, then cosine decay to
-  0), ema_decay of the weights kept for sampling (0 disables), grad_clip (global norm), adam_b2."""
+  0), ema_decay of the weights kept for sampling (0 disables), grad_clip (global norm), adam_b2, and
+  grad_accum_steps: micro-batches the batch's gradient is summed over (the same gradient in expectation; each
+  micro-batch draws its own noise). On XLA:CPU a small DiT's backward pass runs faster on micro-batches whose
+  activations stay in cache: the quick width-96 DiT's batch of 128 took 53-57 ms a step in two against 71-76 ms
+  whole (2-core AMD EPYC, side by side)."""
 
   steps: int = 2000
   batch_size: int = 128
@@ -37,16 +41,21 @@ class DiffusionTrainConfig:
   ema_decay: float = 0.999
   grad_clip: float = 1.0
   adam_b2: float = 0.999
+  grad_accum_steps: int = 1
 
   def __post_init__(self):
-    positive_ints(self, "steps", "batch_size", "warmup_steps")
+    positive_ints(self, "steps", "batch_size", "warmup_steps", "grad_accum_steps")
+    if self.batch_size % self.grad_accum_steps:
+      raise ValueError(f"DiffusionTrainConfig.batch_size={self.batch_size} is not divisible by "
+                       f"grad_accum_steps={self.grad_accum_steps}")
     if not 0.0 <= self.ema_decay < 1.0:
       raise ValueError(f"DiffusionTrainConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
 
   def train_config(self) -> TrainConfig:
     """The shared step's settings: no weight decay (small diffusion models train without it), cosine to 0."""
     return TrainConfig(peak_lr=self.learning_rate, end_lr=0.0, warmup_steps=self.warmup_steps,
-                       total_steps=self.steps, b2=self.adam_b2, weight_decay=0.0, clip_norm=self.grad_clip)
+                       total_steps=self.steps, b2=self.adam_b2, weight_decay=0.0, clip_norm=self.grad_clip,
+                       grad_accum_steps=self.grad_accum_steps)
 
 
 def dit_train_model(config: DiTConfig) -> TrainModel:

@@ -48,6 +48,23 @@ def test_shared_step_reports_the_injected_loss_and_per_block_gradient_norms():
     make_train_step(model, train.train_config(), mesh)
 
 
+def test_accumulated_step_averages_the_loss_of_each_micro_batch_on_its_own_key():
+  train = DiffusionTrainConfig(steps=10, warmup_steps=2, grad_accum_steps=2)
+  model, mesh, loss_fn = dit_train_model(CONFIG), single_device_mesh(), ddpm_loss(CONFIG, ScheduleConfig())
+  state = init_train_state(model, train.train_config(), jax.random.key(0), mesh)
+  rng = np.random.default_rng(0)
+  batch = {"images": rng.uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32), "labels": np.arange(8, dtype=np.int32)}
+  params = jax.tree.map(np.asarray, state.params)
+  keys = jax.random.split(jax.random.split(state.rng)[1], 2)  # the loss's half of the step's rng, one per half
+  halves = [jax.tree.map(lambda x, i=i: x[4 * i:4 * (i + 1)], batch) for i in range(2)]
+  want = np.mean([float(loss_fn(params, half, key)[0]) for half, key in zip(halves, keys)])
+  step = make_train_step(model, train.train_config(), mesh, loss_fn=loss_fn, batch_axes=DIFFUSION_BATCH_AXES)
+  _, metrics = step(state, batch)
+  np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
+  with pytest.raises(ValueError, match="batch_size=6 is not divisible by grad_accum_steps=4"):
+    DiffusionTrainConfig(batch_size=6, grad_accum_steps=4)
+
+
 def test_ema_decay_warms_up_then_holds():
   config = DiffusionTrainConfig(ema_decay=0.99)
   assert ema_decay_at(config, 0) == pytest.approx(0.1)
