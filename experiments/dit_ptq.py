@@ -57,19 +57,23 @@ from absl import app, flags
 
 from experiments import common
 
-# The issue trains "until FID-digits flattens". The width-48 quick models' best float FID-digits among guidance
-# scales whose samples reach FP_CLASS_ACC (1000 samples, the guidance pick's noise), seeds 0 / 1 / 2 / 3: 19.8 / 13.2
-# / 33.5 / none reached it (CFG 2 to 3) after 1500 steps; 3.5 / 3.3 / 3.1 / 3.5 (CFG 1 to 1.25) after 3000; seed 2 1.9
-# after 6000. So 3000 steps: not flat yet, but recognisable without over-guidance (where quantisation noise lowers
-# FID-digits), at ~30 s a model more than 1500 there (6000: ~2.7 min a model more, past make repro's budget). The
-# width-96 model of seed 0 reaches 1.78 (CFG 1) after 3000.
-_TRAIN_STEPS = flags.DEFINE_integer("train_steps", None, "DiT training steps (quick 3000, full 6000).")
+# The issue trains "until FID-digits flattens". The width-96 quick model of seed 0 (one micro-batch a step): float
+# FID-digits on the 5000 comparison samples at CFG 1 of 1.56 after 2000 steps, 1.19 after 3000 (the quick default
+# until 2026-12-07), 0.95 after 6000: still falling at 3000. So 6000 steps in both modes (not shown flat there
+# either); two micro-batches a step pay for a quarter of them (DiffusionTrainConfig.grad_accum_steps). The verdicts
+# move with it (2026-12-07, seeds 0, 1 and 2 each time): after 3000 steps HTG's W4A8 FID-digits was +0.0 % over FP
+# and HTG beat SmoothQuant-style on seed 0 alone; after 6000, +26.0 % (FP 0.91) and HTG beats it on all three (two
+# by the paired sample MSE, their FID gaps holding 0). Width 64 does not pay for the steps: after 6000 its W4A8 HTG
+# scored +46 % over FP (1.72 vs 1.18) and lost to SmoothQuant-style (seed 0).
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 6000, "DiT training steps.", lower_bound=1)
+_GRAD_ACCUM = flags.DEFINE_integer("grad_accum_steps", 2, "Micro-batches of each DiT train step (the same batch "
+                                   "of 128; faster on CPU).", lower_bound=1)
 # The spec's small model is 128 wide. At width 48 (the quick default until 2026-12-07) the 4-bit weights could not
 # hold the model: seed 0's W4A8 HTG scored FID-digits 4.90 against FP's 2.78 on 5000 samples (+76 %), its error
 # nearly all from the weights (5.06 with its activations in float, FP 3.20, on 1000), and on 1000 per-channel
 # min-max without smoothing (3.66) beat every smoothing method with round-to-nearest weights. At width 96, every
-# other quick setting the same (seed 0, no replicates, 2026-12-07): 1.19 against 1.19 (+0.0 %), and FP 1.52 on
-# 1000; that run took 645 s here, training 290 s.
+# other quick setting the same (3000 steps, seed 0, no replicates, 2026-12-07): 1.19 against 1.19 (+0.0 %), and
+# FP 1.52 on 1000; that run took 645 s here, training 290 s.
 _D_MODEL = flags.DEFINE_integer("d_model", None, "DiT width (quick 96, full 128).")
 _IMAGE_SIZE = flags.DEFINE_enum("image_size", None, ["8", "16"],
                                 "Digit side: 8, or 16 upsampled bilinearly (quick 8, full 16); patches of side/4 "
@@ -135,8 +139,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of training, calibration and sampl
 # At width 48 the W4A8 order of HTG and SmoothQuant-style changed with the training seed, and training is not
 # bit-reproducible across machines: the same code's seed-1 quick model favoured SmoothQuant-style in one session
 # and HTG in the next. So the claim is checked on more than one model: three in either mode (quick mode checked
-# four at width 48). Seed 0's width-96 quick model took 293 s to train and ~350 s to evaluate here, alone; at width
-# 48, 133 s and ~180 s in earlier runs (not side by side).
+# four at width 48). Seed 0's width-96 quick model took 293 s to train (3000 steps in one micro-batch) and ~350 s
+# to evaluate here, alone; at width 48, 133 s and ~180 s in earlier runs (not side by side). The quick run with
+# 6000 steps in two micro-batches took 1684 s in all (2026-12-07), against 1302 s with 3000 in one.
 _REPLICATES = flags.DEFINE_list("replicate_seeds", ["1", "2"], "Further training seeds on which the W4A8 comparison "
                                 "of HTG, naive and SmoothQuant-style is repeated (empty: none).")
 
@@ -532,7 +537,7 @@ def main(argv):
   d_model, depth = common.pick(_D_MODEL, 128, 96), common.pick(_DEPTH, 6, 2)
   side = int(common.pick(_IMAGE_SIZE, "16", "8"))
   config = DiTConfig(image_size=side, patch_size=side // 4, d_model=d_model, depth=depth, n_heads=4)
-  train = DiffusionTrainConfig(steps=common.pick(_TRAIN_STEPS, 6000, 3000), batch_size=128,
+  train = DiffusionTrainConfig(steps=_TRAIN_STEPS.value, batch_size=128, grad_accum_steps=_GRAD_ACCUM.value,
                                learning_rate=_LEARNING_RATE.value, ema_decay=_EMA_DECAY.value)
   n_steps, n_samples, n_compare = common.pick(_SAMPLE_STEPS, 100, 20), _SAMPLES.value, _COMPARISON_SAMPLES.value
   if n_compare < n_samples:
@@ -583,8 +588,8 @@ def main(argv):
 
   def trained_model(seed: int, device: jax.Device | None = None) -> tuple[dict, bool]:
     """The DiT trained from `seed` (on `device`), cached under --results_dir; and whether it came from the cache."""
-    tag = (f"{side}px_d{d_model}_l{depth}_s{train.steps}_{schedule.kind}_lr{train.learning_rate:g}"
-           f"_ema{train.ema_decay:g}_seed{seed}")
+    tag = (f"{side}px_d{d_model}_l{depth}_s{train.steps}_acc{train.grad_accum_steps}_{schedule.kind}"
+           f"_lr{train.learning_rate:g}_ema{train.ema_decay:g}_seed{seed}")
     params, cached = _cached(os.path.join(results_dir, f"dit_ptq_model_{tag}.msgpack"), lambda: train_diffusion(
         train, config, ddpm_loss(config, schedule), images, labels, seed_keys(seed)[0], device=device)[0])
     print(f"seed {seed}: model {'cached' if cached else 'trained'} ({time.perf_counter() - begin:.0f} s)", flush=True)
@@ -825,7 +830,8 @@ def main(argv):
   guidance_text = "given" if candidates is None else "picked on the float model from other noise: " + ", ".join(
       f"{scale} FID {v['fid']:.3g} acc {v['class_acc']:.2f}" for scale, v in candidates.items())
   setup = (f"DiT D={d_model}, depth {depth}, 4 heads, patch {config.patch_size} on {side}x{side} digits"
-           f"{' (upsampled)' if side != 8 else ''}, {train.steps} training steps "
+           f"{' (upsampled)' if side != 8 else ''}, {train.steps} training steps of 128 in "
+           f"{train.grad_accum_steps} micro-batch{'es' if train.grad_accum_steps > 1 else ''} "
            f"through the shared train step (lr {train.learning_rate:g}, {schedule.kind} schedule, EMA "
            f"{train.ema_decay:g}; {'cached' if cached else 'trained this run'}); DDIM T={n_steps} steps, "
            f"CFG {guidance} ({guidance_text}); "
