@@ -60,10 +60,10 @@ from experiments import common
 # The issue trains "until FID-digits flattens". The width-96 quick model of seed 0 (one micro-batch a step): float
 # FID-digits on the 5000 comparison samples at CFG 1 of 1.56 after 2000 steps, 1.19 after 3000 (the quick default
 # until 2026-12-07), 0.95 after 6000: still falling at 3000. So 6000 steps in both modes (not shown flat there
-# either); two micro-batches a step pay for a quarter of them (DiffusionTrainConfig.grad_accum_steps). The verdicts
-# move with it (2026-12-07, seeds 0, 1 and 2 each time): after 3000 steps HTG's W4A8 FID-digits was +0.0 % over FP
-# and HTG beat SmoothQuant-style on seed 0 alone; after 6000, +26.0 % (FP 0.91) and HTG beats it on all three (two
-# by the paired sample MSE, their FID gaps holding 0). Width 64 does not pay for the steps: after 6000 its W4A8 HTG
+# either), each step in two micro-batches, which makes it about a quarter faster (DiffusionTrainConfig.
+# grad_accum_steps). The verdicts move with it (2026-12-07, seeds 0, 1 and 2 each time): after 3000 steps in one
+# micro-batch HTG's W4A8 FID-digits was +0.0 % over FP and HTG beat SmoothQuant-style on seed 0 alone; after 6000 in
+# two, +26.0 % (FP 0.91) and HTG beats it on all three (two by the paired sample MSE, their FID gaps holding 0). Width 64 does not pay for the steps: after 6000 its W4A8 HTG
 # scored +46 % over FP (1.72 vs 1.18) and lost to SmoothQuant-style (seed 0).
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 6000, "DiT training steps.", lower_bound=1)
 _GRAD_ACCUM = flags.DEFINE_integer("grad_accum_steps", 2, "Micro-batches of each DiT train step (the same batch "

@@ -29,8 +29,8 @@ DIFFUSION_BATCH_AXES = {"images": (rules.BATCH, None, None, None), "labels": (ru
 class DiffusionTrainConfig:
   """Attributes: steps, batch_size, peak learning_rate (linear warmup over warmup_steps, then cosine decay to
   0), ema_decay of the weights kept for sampling (0 disables), grad_clip (global norm), adam_b2, and
-  grad_accum_steps: micro-batches the batch's gradient is summed over (the same gradient in expectation; each
-  micro-batch draws its own noise). On XLA:CPU a small DiT's backward pass runs faster on micro-batches whose
+  grad_accum_steps: micro-batches the batch is split into, its gradient the mean of theirs (each micro-batch draws
+  its own noise and timesteps). On XLA:CPU a small DiT's backward pass runs faster on micro-batches whose
   activations stay in cache: the quick width-96 DiT's batch of 128 took 53-57 ms a step in two against 71-76 ms
   whole (2-core AMD EPYC, side by side)."""
 
