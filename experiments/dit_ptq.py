@@ -63,8 +63,9 @@ from experiments import common
 # either), each step in two micro-batches, which makes it about a quarter faster (DiffusionTrainConfig.
 # grad_accum_steps). The verdicts move with it (2026-12-07, seeds 0, 1 and 2 each time): after 3000 steps in one
 # micro-batch HTG's W4A8 FID-digits was +0.0 % over FP and HTG beat SmoothQuant-style on seed 0 alone; after 6000 in
-# two, +26.0 % (FP 0.91) and HTG beats it on all three (two by the paired sample MSE, their FID gaps holding 0). Width 64 does not pay for the steps: after 6000 its W4A8 HTG
-# scored +46 % over FP (1.72 vs 1.18) and lost to SmoothQuant-style (seed 0).
+# two, +26.0 % (FP 0.91) and HTG beats it on all three (two by the paired sample MSE, their FID gaps holding 0).
+# Width 64 does not pay for the steps: after 6000 (one micro-batch) its W4A8 HTG scored +46 % over FP (1.72 vs
+# 1.18) and lost to SmoothQuant-style (seed 0).
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 6000, "DiT training steps.", lower_bound=1)
 _GRAD_ACCUM = flags.DEFINE_integer("grad_accum_steps", 2, "Micro-batches of each DiT train step (the same batch "
                                    "of 128; faster on CPU).", lower_bound=1)
