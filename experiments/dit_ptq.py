@@ -59,9 +59,10 @@ from experiments import common
 
 # The issue trains "until FID-digits flattens". The width-96 quick model of seed 0 (one micro-batch a step): float
 # FID-digits on the 5000 comparison samples at CFG 1 of 1.56 after 2000 steps, 1.19 after 3000 (the quick default
-# until 2026-12-07), 0.95 after 6000: still falling at 3000. So 6000 steps in both modes (not shown flat there
-# either), each step in two micro-batches, which makes it about a quarter faster (DiffusionTrainConfig.
-# grad_accum_steps). The verdicts move with it (2026-12-07, seeds 0, 1 and 2 each time): after 3000 steps in one
+# until 2026-12-07), 0.95 after 6000: still falling at 3000. In two micro-batches a step (DiffusionTrainConfig.
+# grad_accum_steps, about a quarter faster), 0.910 after 6000 and 0.892 after 12000 (-2.0 %; paired-bootstrap gap
+# -0.018 [-0.126, +0.081], 95 %): flat by 6000 (not measured at full size). So 6000 steps in both modes, each in two
+# micro-batches. The verdicts move with the steps (2026-12-07, seeds 0, 1 and 2 each time): after 3000 steps in one
 # micro-batch HTG's W4A8 FID-digits was +0.0 % over FP and HTG beat SmoothQuant-style on seed 0 alone; after 6000 in
 # two, +26.0 % (FP 0.91) and HTG beats it on all three (two by the paired sample MSE, their FID gaps holding 0).
 # Width 64 does not pay for the steps: after 6000 (one micro-batch) its W4A8 HTG scored +46 % over FP (1.72 vs
