@@ -141,10 +141,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of training, calibration and sampl
 # At width 48 the W4A8 order of HTG and SmoothQuant-style changed with the training seed, and training is not
 # bit-reproducible across machines: the same code's seed-1 quick model favoured SmoothQuant-style in one session
 # and HTG in the next. So full mode checks the claim on three models. Quick mode checks it on its one model, for
-# `make repro`'s budget: each further model costs as much training as the main one (6000 steps at 53-57 ms a step
-# here, ~330 s) and ~135 s of evaluation (the main model's ~350 s). With two of them the quick run took 1684 s
-# (2026-12-07) and the report's `make repro` 54 min; claims() gives that run's JSON the same verdicts with the
-# replicates dropped.
+# `make repro`'s budget: each further model costs as much training as the main one (6000 steps: 315-507 s here,
+# 2026-12-07) and ~135 s of evaluation (the main model's ~350 s). In a fresh clone's `make repro`, with two of them
+# dit_ptq took 1721 s (54 min in all); without, 881 s (43 min; the other experiments 1.58x their expected seconds)
+# and wrote the same JSON for the main model, whose verdicts claims() gave with the replicates too.
 _REPLICATES = flags.DEFINE_list("replicate_seeds", None, "Further training seeds on which the W4A8 comparison of "
                                 "HTG, naive and SmoothQuant-style is repeated (quick: none, full: 1 and 2; empty: "
                                 "none).")
