@@ -71,7 +71,8 @@ from experiments import common  # noqa: E402
 # -0.018 [-0.126, +0.081], 95 %): flat by 6000 (not measured at full size). So 6000 steps in both modes, each in two
 # micro-batches. The verdicts move with the steps (2026-12-07, seeds 0, 1 and 2 each time): after 3000 steps in one
 # micro-batch HTG's W4A8 FID-digits was +0.0 % over FP and HTG beat SmoothQuant-style on seed 0 alone; after 6000 in
-# two, +26.0 % (FP 0.91) and HTG beats it on all three (two by the paired sample MSE, their FID gaps holding 0).
+# two (on eight host devices), +26.0 % (FP 0.91) and HTG beat it on all three (two by the paired sample MSE, their
+# FID gaps holding 0).
 # Width 64 does not pay for the steps: after 6000 (one micro-batch) its W4A8 HTG scored +46 % over FP (1.72 vs
 # 1.18) and lost to SmoothQuant-style (seed 0).
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 6000, "DiT training steps.", lower_bound=1)
@@ -149,9 +150,13 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of training, calibration and sampl
 # bit-reproducible across machines: the same code's seed-1 quick model favoured SmoothQuant-style in one session
 # and HTG in the next. So full mode checks the claim on three models. Quick mode checks it on its one model, for
 # `make repro`'s budget: each further model costs as much training as the main one (6000 steps: 315-507 s here,
-# 2026-12-07) and ~135 s of evaluation (the main model's ~350 s). In a fresh clone's `make repro`, with two of them
-# dit_ptq took 1721 s (54 min in all); without, 881 s (43 min; the other experiments 1.58x their expected seconds)
-# and wrote the same JSON for the main model, whose verdicts claims() gave with the replicates too.
+# 2026-12-07) and ~135 s of evaluation. So the quick verdicts are one model's, and they move with its float bits:
+# the seed-0 model trained on two host devices or on eight (the same steps; only float rounding differs, and its
+# float FID-digits 0.918 or 0.910 on 5000) scored W4A8 HTG +61 % or +26 % over FP, and lost to SmoothQuant-style
+# (gap +0.37 [+0.12, +0.56]) or beat it by the paired sample MSE (+0.15 [-0.00, +0.34]), while htg_migration beat
+# it (-0.18 [-0.35, -0.03]) or lost to it (+0.15 [+0.01, +0.28]). In fresh clones' `make repro` runs dit_ptq took
+# 1721 s with two replicate models on eight devices (54 min in all with the venv), 881 s with none (43 min) and 660 s
+# with none on two devices (39 min; the other experiments 1.55x their expected seconds).
 _REPLICATES = flags.DEFINE_list("replicate_seeds", None, "Further training seeds on which the W4A8 comparison of "
                                 "HTG, naive and SmoothQuant-style is repeated (quick: none, full: 1 and 2; empty: "
                                 "none).")

@@ -22,9 +22,9 @@ from experiments import common, xla_host
 
 # (module, what it studies, expected --quick seconds on 2 cores when no previous run says otherwise: measured
 # 2026-12-06 16:16-16:40 in the `make repro` of a fresh clone, rounded: 1421 s in all, 24.2 min with the venv;
-# earlier report runs on the same machine took 1151-1758 s); dit_ptq: 560 s, from 881 s in that of 2026-12-07
-# 21:49-22:31 (width 96, 6000 training steps in two micro-batches, no replicate models; 43.0 min in all with the
-# venv), where the other eleven ran 1.58x their expected seconds.
+# earlier report runs on the same machine took 1151-1758 s); dit_ptq: 430 s, from 660 s in that of 2026-12-07
+# 22:46-23:24 (width 96, 6000 training steps in two micro-batches, no replicate models, two host devices; 39.0 min in
+# all with the venv), where the other eleven ran 1.55x their expected seconds.
 # The benchmarks (`experiments.bench_*`: no paper claim) run on demand: bench_decode and bench_train_step compare
 # against PyTorch (the `bench` extra); bench_moe_layer, bench_moe_routing and bench_attention time kernels and
 # exchanges that only a GPU makes informative (on CPU they cost ~1 min of the quick budget).
@@ -47,7 +47,7 @@ EXPERIMENTS = (
     ("dit_ptq", "HTG: timestep-aware W8A8 / W4A8 post-training quantisation of a small DiT on digits against naive, "
                 "SmoothQuant-style and PTQ4DiT-style PTQ, each also with GPTQ-rounded weights; G sweep and the spec's "
                 "ablations (the first run trains the DiT; re-runs reuse it).",
-     560),
+     430),
     ("embedded_dual", "Pangu Embedded: iterative distillation with merging, then fast / slow / auto modes of a "
                       "byte-level student trained from scratch.", 82),
     ("embedded_rl", "Pangu Embedded: the SSP scheduler with a priority queue under long-tail generation lengths "
